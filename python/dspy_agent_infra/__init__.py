@@ -1,0 +1,30 @@
+"""dspy_agent_infra: the service stack of a DSPy agent, from one line of Python.
+
+    async with AgentInfra.start() as infra:
+        ...
+"""
+
+from ._infra import AgentInfra
+from ._native import ServiceInfo, __version__
+from .errors import (
+    ConfigError,
+    DockerUnavailableError,
+    InfraError,
+    PortInUseError,
+    ServiceStartError,
+    StartCancelledError,
+    UnknownServiceError,
+)
+
+__all__ = [
+    "AgentInfra",
+    "ConfigError",
+    "DockerUnavailableError",
+    "InfraError",
+    "PortInUseError",
+    "ServiceInfo",
+    "ServiceStartError",
+    "StartCancelledError",
+    "UnknownServiceError",
+    "__version__",
+]

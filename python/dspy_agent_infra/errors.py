@@ -1,0 +1,76 @@
+"""Exceptions raised by dspy_agent_infra. Every one derives from :class:`InfraError`."""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigError",
+    "DockerUnavailableError",
+    "InfraError",
+    "PortInUseError",
+    "ServiceStartError",
+    "StartCancelledError",
+    "UnknownServiceError",
+]
+
+
+class InfraError(Exception):
+    """Base class of every error the infrastructure raises."""
+
+
+class ConfigError(InfraError, ValueError):
+    """The configuration (file, environment or arguments) is invalid; the message names the field."""
+
+
+class DockerUnavailableError(InfraError, ConnectionError):
+    """The Docker Engine cannot be reached."""
+
+    def __init__(self, message: str, *, host: str = "") -> None:
+        super().__init__(message)
+        self.host = host
+
+
+class ServiceStartError(InfraError):
+    """A service did not come up; everything the start created has been removed.
+
+    ``service`` names it, ``reason`` says why (the last probe error, the exit code, a missing
+    image) and ``logs`` holds the container's last log lines.
+    """
+
+    def __init__(self, message: str, *, service: str = "", reason: str = "", logs: str = "") -> None:
+        super().__init__(message)
+        self.service = service
+        self.reason = reason
+        self.logs = logs
+
+
+class PortInUseError(ServiceStartError):
+    """A host port a service wants to publish is taken by something else."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        service: str = "",
+        reason: str = "",
+        logs: str = "",
+        port: int = 0,
+        host_ip: str = "",
+    ) -> None:
+        super().__init__(message, service=service, reason=reason, logs=logs)
+        self.port = port
+        self.host_ip = host_ip
+
+
+class UnknownServiceError(InfraError, KeyError):
+    """The stack runs no service of that name."""
+
+    def __init__(self, message: str, *, service: str = "") -> None:
+        super().__init__(message)
+        self.service = service
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class StartCancelledError(InfraError):
+    """The start was cancelled (for example by Ctrl-C); what it started has been removed."""

@@ -1,0 +1,722 @@
+//! Configuration: built-in defaults, then `dspy-agent.toml`, then environment variables, then the
+//! caller's arguments. Every layer has the same shape (`ConfigLayer`) except the environment,
+//! and the result is one validated `Config`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::services::catalog;
+use crate::services::graph;
+use crate::services::spec::{self, Condition, HealthCheck, Probe, Resources, ServiceSpec};
+
+pub const CONFIG_FILE_NAME: &str = "dspy-agent.toml";
+pub const DEFAULT_PROJECT: &str = "dspy-agent";
+pub const DEFAULT_ORCHESTRATOR_ADDR: &str = "127.0.0.1:50052";
+pub const DEFAULT_ENV_MANAGER_ADDR: &str = "127.0.0.1:50051";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{field}: {message}")]
+    Invalid { field: String, message: String },
+    #[error("cannot read config file {path}: {message}")]
+    Read { path: PathBuf, message: String },
+    #[error("config file {path} is not valid: {message}")]
+    Parse { path: String, message: String },
+    #[error("service {service:?} depends on {dependency:?}, which is not defined (defined services: {known})")]
+    UnknownDependency {
+        service: String,
+        dependency: String,
+        known: String,
+    },
+    #[error("unknown service {name:?}; defined services: {known}")]
+    UnknownService { name: String, known: String },
+    #[error("dependency cycle: {}", cycle.join(" -> "))]
+    Cycle { cycle: Vec<String> },
+    #[error("host port {port} is published by both {first:?} and {second:?}; give one of them another port, or 0 for any free port")]
+    DuplicatePort {
+        port: u16,
+        first: String,
+        second: String,
+    },
+}
+
+impl ConfigError {
+    pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError::Invalid {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// A number or a string, for values users write either way (`cpus = 2`, `cpus = "1.5"`).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum Scalar {
+    Int(i64),
+    Float(f64),
+    Str(String),
+}
+
+impl Scalar {
+    fn text(&self) -> String {
+        match self {
+            Scalar::Int(n) => n.to_string(),
+            Scalar::Float(n) => n.to_string(),
+            Scalar::Str(s) => s.clone(),
+        }
+    }
+}
+
+/// `depends_on = ["redis"]` (each must be healthy) or `depends_on = { redis = "started" }`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum DependsOn {
+    List(Vec<String>),
+    Map(BTreeMap<String, Condition>),
+}
+
+impl DependsOn {
+    fn into_map(self) -> BTreeMap<String, Condition> {
+        match self {
+            DependsOn::List(names) => names.into_iter().map(|n| (n, Condition::Healthy)).collect(),
+            DependsOn::Map(map) => map,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HealthPatch {
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    pub port: Option<u16>,
+    pub path: Option<String>,
+    pub status: Option<u16>,
+    pub command: Option<Vec<String>>,
+    pub interval: Option<Scalar>,
+    pub timeout: Option<Scalar>,
+    pub retries: Option<u32>,
+    pub start_period: Option<Scalar>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ResourcesPatch {
+    pub cpus: Option<Scalar>,
+    pub memory: Option<Scalar>,
+    pub gpus: Option<Scalar>,
+}
+
+/// One layer's view of a service; absent fields leave the lower layer's value in place.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ServicePatch {
+    pub enabled: Option<bool>,
+    pub image: Option<String>,
+    pub command: Option<Vec<String>>,
+    pub env: Option<BTreeMap<String, String>>,
+    pub ports: Option<Vec<Scalar>>,
+    pub volumes: Option<Vec<String>>,
+    pub depends_on: Option<DependsOn>,
+    pub healthcheck: Option<HealthPatch>,
+    pub resources: Option<ResourcesPatch>,
+    pub restart: Option<String>,
+    pub pull: Option<String>,
+    pub labels: Option<BTreeMap<String, String>>,
+    pub stop_timeout: Option<Scalar>,
+    pub scheme: Option<String>,
+}
+
+fn merge<T>(lower: &mut Option<T>, upper: Option<T>) {
+    if upper.is_some() {
+        *lower = upper;
+    }
+}
+
+fn merge_map(lower: &mut Option<BTreeMap<String, String>>, upper: Option<BTreeMap<String, String>>) {
+    if let Some(upper) = upper {
+        lower.get_or_insert_with(BTreeMap::new).extend(upper);
+    }
+}
+
+impl ServicePatch {
+    fn apply(&mut self, upper: ServicePatch) {
+        merge(&mut self.enabled, upper.enabled);
+        merge(&mut self.image, upper.image);
+        merge(&mut self.command, upper.command);
+        merge_map(&mut self.env, upper.env);
+        merge(&mut self.ports, upper.ports);
+        merge(&mut self.volumes, upper.volumes);
+        merge(&mut self.depends_on, upper.depends_on);
+        if let Some(h) = upper.healthcheck {
+            let lower = self.healthcheck.get_or_insert_with(HealthPatch::default);
+            if h.kind.is_some() && h.kind != lower.kind {
+                // A new probe type does not inherit the old probe's target.
+                *lower = HealthPatch {
+                    interval: lower.interval.take(),
+                    timeout: lower.timeout.take(),
+                    retries: lower.retries,
+                    start_period: lower.start_period.take(),
+                    ..HealthPatch::default()
+                };
+            }
+            merge(&mut lower.kind, h.kind);
+            merge(&mut lower.port, h.port);
+            merge(&mut lower.path, h.path);
+            merge(&mut lower.status, h.status);
+            merge(&mut lower.command, h.command);
+            merge(&mut lower.interval, h.interval);
+            merge(&mut lower.timeout, h.timeout);
+            merge(&mut lower.retries, h.retries);
+            merge(&mut lower.start_period, h.start_period);
+        }
+        if let Some(r) = upper.resources {
+            let lower = self.resources.get_or_insert_with(ResourcesPatch::default);
+            merge(&mut lower.cpus, r.cpus);
+            merge(&mut lower.memory, r.memory);
+            merge(&mut lower.gpus, r.gpus);
+        }
+        merge(&mut self.restart, upper.restart);
+        merge(&mut self.pull, upper.pull);
+        merge_map(&mut self.labels, upper.labels);
+        merge(&mut self.stop_timeout, upper.stop_timeout);
+        merge(&mut self.scheme, upper.scheme);
+    }
+}
+
+/// The shape of `dspy-agent.toml` and of the `config=` mapping given to `AgentInfra.start()`.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigLayer {
+    pub project: Option<String>,
+    pub state_dir: Option<PathBuf>,
+    pub docker_host: Option<String>,
+    pub orchestrator_addr: Option<String>,
+    pub env_manager_addr: Option<String>,
+    pub keep_running: Option<bool>,
+    /// Host address ports are published on when a mapping names none.
+    pub publish_host_ip: Option<String>,
+    #[serde(default)]
+    pub services: BTreeMap<String, ServicePatch>,
+}
+
+impl ConfigLayer {
+    fn apply(&mut self, upper: ConfigLayer) {
+        merge(&mut self.project, upper.project);
+        merge(&mut self.state_dir, upper.state_dir);
+        merge(&mut self.docker_host, upper.docker_host);
+        merge(&mut self.orchestrator_addr, upper.orchestrator_addr);
+        merge(&mut self.env_manager_addr, upper.env_manager_addr);
+        merge(&mut self.keep_running, upper.keep_running);
+        merge(&mut self.publish_host_ip, upper.publish_host_ip);
+        for (name, patch) in upper.services {
+            self.services.entry(name).or_default().apply(patch);
+        }
+    }
+
+    pub fn from_toml(path_for_errors: &str, text: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path_for_errors.to_string(),
+            message: e.to_string().trim_end().to_string(),
+        })
+    }
+
+    pub fn from_json(value: serde_json::Value) -> Result<Self, ConfigError> {
+        serde_json::from_value(value).map_err(|e| ConfigError::Parse {
+            path: "the config argument".to_string(),
+            message: e.to_string(),
+        })
+    }
+}
+
+/// What the caller asks for, above the file and the environment.
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    /// Explicit config file; otherwise `DSPY_AGENT_CONFIG`, then `./dspy-agent.toml`.
+    pub config_file: Option<PathBuf>,
+    /// The caller's own layer (for Python, the `config=` mapping).
+    pub overlay: Option<ConfigLayer>,
+    /// Services to run (their dependencies come along); `None` = every enabled service.
+    pub services: Option<Vec<String>>,
+    pub project: Option<String>,
+    pub docker_host: Option<String>,
+    pub keep_running: Option<bool>,
+    pub state_dir: Option<PathBuf>,
+    /// Working directory for finding the config file and resolving relative paths.
+    pub cwd: PathBuf,
+    /// Environment snapshot; taken from the process by `LoadOptions::from_process`.
+    pub env: BTreeMap<String, String>,
+}
+
+impl LoadOptions {
+    pub fn from_process() -> Self {
+        LoadOptions {
+            cwd: std::env::current_dir().unwrap_or_else(|_| PathBuf::from(".")),
+            env: std::env::vars().collect(),
+            ..LoadOptions::default()
+        }
+    }
+}
+
+/// The validated configuration the core runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub project: String,
+    pub state_dir: PathBuf,
+    /// `None` = the Engine's usual default (`DOCKER_HOST`, then the local socket).
+    pub docker_host: Option<String>,
+    pub orchestrator_addr: String,
+    pub env_manager_addr: String,
+    pub keep_running: bool,
+    /// The config file that was read, if any.
+    pub config_file: Option<PathBuf>,
+    /// The services to run, dependencies included, in a valid start order.
+    pub services: Vec<ServiceSpec>,
+}
+
+impl Config {
+    pub fn load(options: LoadOptions) -> Result<Config, ConfigError> {
+        let mut layer = catalog::layer();
+
+        let file = match &options.config_file {
+            Some(path) => Some(options.cwd.join(path)),
+            None => match options.env.get("DSPY_AGENT_CONFIG").filter(|v| !v.is_empty()) {
+                Some(path) => Some(options.cwd.join(path)),
+                None => Some(options.cwd.join(CONFIG_FILE_NAME)).filter(|p| p.is_file()),
+            },
+        };
+        if let Some(path) = &file {
+            let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
+            layer.apply(ConfigLayer::from_toml(&path.display().to_string(), &text)?);
+        }
+
+        layer.apply(env_layer(&options.env));
+        if let Some(overlay) = options.overlay.clone() {
+            layer.apply(overlay);
+        }
+        layer.apply(ConfigLayer {
+            project: options.project.clone(),
+            docker_host: options.docker_host.clone(),
+            keep_running: options.keep_running,
+            state_dir: options.state_dir.clone(),
+            ..ConfigLayer::default()
+        });
+
+        let selection = options.services.clone().or_else(|| {
+            options
+                .env
+                .get("DSPY_AGENT_SERVICES")
+                .map(|v| v.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect())
+        });
+
+        let base_dir = file
+            .as_ref()
+            .and_then(|f| f.parent().map(Path::to_path_buf))
+            .unwrap_or_else(|| options.cwd.clone());
+        resolve(layer, selection, file, &base_dir, &options.env)
+    }
+}
+
+fn env_layer(env: &BTreeMap<String, String>) -> ConfigLayer {
+    let get = |key: &str| env.get(key).filter(|v| !v.is_empty()).cloned();
+    ConfigLayer {
+        project: get("DSPY_AGENT_PROJECT"),
+        state_dir: get("DSPY_AGENT_STATE_DIR").map(PathBuf::from),
+        docker_host: get("ENV_MANAGER_DOCKER_HOST").or_else(|| get("DOCKER_HOST")),
+        orchestrator_addr: get("ORCHESTRATOR_GRPC_ADDR"),
+        env_manager_addr: get("ENV_MANAGER_GRPC_ADDR"),
+        ..ConfigLayer::default()
+    }
+}
+
+fn default_state_dir(env: &BTreeMap<String, String>, project: &str) -> PathBuf {
+    let base = env
+        .get("XDG_STATE_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| env.get("HOME").map(|h| Path::new(h).join(".local/state")))
+        .unwrap_or_else(std::env::temp_dir);
+    base.join("dspy-agent").join(project)
+}
+
+fn check_addr(field: &str, addr: &str) -> Result<(), ConfigError> {
+    let (host, port) = addr.rsplit_once(':').ok_or_else(|| {
+        ConfigError::invalid(field, format!("{addr:?} is not HOST:PORT, for example \"127.0.0.1:50052\""))
+    })?;
+    if host.is_empty() || port.parse::<u16>().is_err() {
+        return Err(ConfigError::invalid(
+            field,
+            format!("{addr:?} is not HOST:PORT, for example \"127.0.0.1:50052\""),
+        ));
+    }
+    Ok(())
+}
+
+fn resolve(
+    layer: ConfigLayer,
+    selection: Option<Vec<String>>,
+    config_file: Option<PathBuf>,
+    base_dir: &Path,
+    env: &BTreeMap<String, String>,
+) -> Result<Config, ConfigError> {
+    let project = layer.project.unwrap_or_else(|| DEFAULT_PROJECT.to_string());
+    spec::validate_name("project", &project)?;
+    let orchestrator_addr = layer
+        .orchestrator_addr
+        .unwrap_or_else(|| DEFAULT_ORCHESTRATOR_ADDR.to_string());
+    check_addr("orchestrator_addr", &orchestrator_addr)?;
+    let env_manager_addr = layer
+        .env_manager_addr
+        .unwrap_or_else(|| DEFAULT_ENV_MANAGER_ADDR.to_string());
+    check_addr("env_manager_addr", &env_manager_addr)?;
+    let publish_host_ip = layer
+        .publish_host_ip
+        .unwrap_or_else(|| "127.0.0.1".to_string());
+    if publish_host_ip.parse::<std::net::IpAddr>().is_err() {
+        return Err(ConfigError::invalid(
+            "publish_host_ip",
+            format!("{publish_host_ip:?} is not an IP address"),
+        ));
+    }
+
+    let known: BTreeSet<&String> = layer.services.keys().collect();
+    let known_list = || known.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ");
+    let wanted: BTreeSet<String> = match &selection {
+        Some(names) => {
+            for name in names {
+                if !known.contains(name) {
+                    return Err(ConfigError::UnknownService {
+                        name: name.clone(),
+                        known: known_list(),
+                    });
+                }
+            }
+            names.iter().cloned().collect()
+        }
+        None => layer
+            .services
+            .iter()
+            .filter(|(_, p)| p.enabled.unwrap_or(true))
+            .map(|(n, _)| n.clone())
+            .collect(),
+    };
+
+    // Dependencies of a wanted service come along, as with `docker compose up SERVICE`.
+    let mut specs: BTreeMap<String, ServiceSpec> = BTreeMap::new();
+    let mut queue: Vec<String> = wanted.into_iter().collect();
+    while let Some(name) = queue.pop() {
+        if specs.contains_key(&name) {
+            continue;
+        }
+        let patch = layer.services.get(&name).cloned().unwrap_or_default();
+        let spec = resolve_service(&name, patch, &publish_host_ip, base_dir)?;
+        for dep in spec.depends_on.keys() {
+            if !known.contains(dep) {
+                return Err(ConfigError::UnknownDependency {
+                    service: name.clone(),
+                    dependency: dep.clone(),
+                    known: known_list(),
+                });
+            }
+            queue.push(dep.clone());
+        }
+        specs.insert(name, spec);
+    }
+
+    let services = graph::validate(specs.into_values().collect())?;
+    let state_dir = layer
+        .state_dir
+        .map(|p| base_dir.join(p))
+        .unwrap_or_else(|| default_state_dir(env, &project));
+    Ok(Config {
+        project,
+        state_dir,
+        docker_host: layer.docker_host,
+        orchestrator_addr,
+        env_manager_addr,
+        keep_running: layer.keep_running.unwrap_or(false),
+        config_file,
+        services,
+    })
+}
+
+fn resolve_service(
+    name: &str,
+    patch: ServicePatch,
+    publish_host_ip: &str,
+    base_dir: &Path,
+) -> Result<ServiceSpec, ConfigError> {
+    let field = |f: &str| format!("services.{name}.{f}");
+    spec::validate_name(&format!("services.{name}"), name)?;
+    let image = patch
+        .image
+        .filter(|i| !i.trim().is_empty())
+        .ok_or_else(|| ConfigError::invalid(field("image"), "a service needs an image, for example image = \"redis:7-alpine\""))?;
+    if image.chars().any(char::is_whitespace) {
+        return Err(ConfigError::invalid(field("image"), format!("{image:?} is not an image reference")));
+    }
+
+    let ports = patch
+        .ports
+        .unwrap_or_default()
+        .iter()
+        .map(|p| spec::parse_port(&field("ports"), &p.text(), publish_host_ip))
+        .collect::<Result<Vec<_>, _>>()?;
+    let volumes = patch
+        .volumes
+        .unwrap_or_default()
+        .iter()
+        .map(|v| spec::parse_mount(&field("volumes"), v, base_dir))
+        .collect::<Result<Vec<_>, _>>()?;
+    let depends_on = patch.depends_on.map(DependsOn::into_map).unwrap_or_default();
+    if depends_on.contains_key(name) {
+        return Err(ConfigError::Cycle {
+            cycle: vec![name.to_string(), name.to_string()],
+        });
+    }
+    let env = patch.env.unwrap_or_default();
+    for key in env.keys() {
+        if key.is_empty() || key.contains('=') || key.contains('\0') {
+            return Err(ConfigError::invalid(field("env"), format!("{key:?} is not a variable name")));
+        }
+    }
+
+    let healthcheck = resolve_health(name, patch.healthcheck.unwrap_or_default(), &ports)?;
+
+    let r = patch.resources.unwrap_or_default();
+    let resources = Resources {
+        nano_cpus: r.cpus.map(|c| spec::parse_cpus(&field("resources.cpus"), &c.text())).transpose()?,
+        memory_bytes: r
+            .memory
+            .map(|m| spec::parse_memory(&field("resources.memory"), &m.text()))
+            .transpose()?,
+        gpus: r
+            .gpus
+            .map(|g| spec::parse_gpus(&field("resources.gpus"), &g.text()))
+            .transpose()?
+            .unwrap_or_default(),
+    };
+    let restart = spec::parse_restart(&field("restart"), patch.restart.as_deref().unwrap_or("no"))?;
+    let pull = spec::parse_pull(&field("pull"), patch.pull.as_deref().unwrap_or("missing"))?;
+    let stop_timeout = patch
+        .stop_timeout
+        .map(|t| spec::parse_duration(&field("stop_timeout"), &t.text()))
+        .transpose()?
+        .unwrap_or(Duration::from_secs(10));
+    let scheme = patch.scheme.unwrap_or_else(|| match healthcheck.probe {
+        Probe::Http { .. } => "http".to_string(),
+        Probe::Redis { .. } => "redis".to_string(),
+        _ => "tcp".to_string(),
+    });
+
+    Ok(ServiceSpec {
+        name: name.to_string(),
+        image,
+        command: patch.command,
+        env,
+        ports,
+        volumes,
+        depends_on,
+        healthcheck,
+        resources,
+        restart,
+        pull,
+        labels: patch.labels.unwrap_or_default(),
+        stop_timeout,
+        scheme,
+    })
+}
+
+fn resolve_health(
+    name: &str,
+    h: HealthPatch,
+    ports: &[spec::PortSpec],
+) -> Result<HealthCheck, ConfigError> {
+    let field = |f: &str| format!("services.{name}.healthcheck.{f}");
+    let first_tcp = ports
+        .iter()
+        .find(|p| p.protocol == spec::Protocol::Tcp)
+        .map(|p| p.container_port);
+    let kind = h
+        .kind
+        .clone()
+        .unwrap_or_else(|| if first_tcp.is_some() { "tcp" } else { "none" }.to_string());
+    let probe_port = || -> Result<u16, ConfigError> {
+        let port = h.port.or(first_tcp).ok_or_else(|| {
+            ConfigError::invalid(
+                field("type"),
+                format!("a {kind} probe needs a published TCP port; add one to ports, or use type = \"exec\""),
+            )
+        })?;
+        if !ports.iter().any(|p| p.container_port == port && p.protocol == spec::Protocol::Tcp) {
+            return Err(ConfigError::invalid(
+                field("port"),
+                format!("{port} is not one of the service's published TCP container ports"),
+            ));
+        }
+        Ok(port)
+    };
+    let probe = match kind.as_str() {
+        "tcp" => Probe::Tcp { port: probe_port()? },
+        "http" => {
+            let path = h.path.clone().unwrap_or_else(|| "/health".to_string());
+            if !path.starts_with('/') || path.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(ConfigError::invalid(field("path"), format!("{path:?} must be a URL path starting with '/'")));
+            }
+            let status = h.status.unwrap_or(200);
+            if !(100..=599).contains(&status) {
+                return Err(ConfigError::invalid(field("status"), format!("{status} is not an HTTP status")));
+            }
+            Probe::Http {
+                port: probe_port()?,
+                path,
+                status,
+            }
+        }
+        "redis" => Probe::Redis { port: probe_port()? },
+        "exec" => {
+            let command = h.command.clone().filter(|c| !c.is_empty()).ok_or_else(|| {
+                ConfigError::invalid(field("command"), "an exec probe needs a command, for example [\"redis-cli\", \"ping\"]")
+            })?;
+            Probe::Exec { command }
+        }
+        "docker" => Probe::Docker,
+        "none" => Probe::None,
+        other => {
+            return Err(ConfigError::invalid(
+                field("type"),
+                format!("{other:?} is not a probe type; use tcp, http, redis, exec, docker or none"),
+            ))
+        }
+    };
+    let duration = |f: &str, v: &Option<Scalar>, default: Duration| -> Result<Duration, ConfigError> {
+        v.as_ref()
+            .map(|s| spec::parse_duration(&field(f), &s.text()))
+            .transpose()
+            .map(|d| d.unwrap_or(default))
+    };
+    let interval = duration("interval", &h.interval, Duration::from_millis(250))?;
+    if interval < Duration::from_millis(10) {
+        return Err(ConfigError::invalid(field("interval"), "must be at least 10ms"));
+    }
+    let timeout = duration("timeout", &h.timeout, Duration::from_secs(2))?;
+    if timeout.is_zero() {
+        return Err(ConfigError::invalid(field("timeout"), "must be more than 0"));
+    }
+    Ok(HealthCheck {
+        probe,
+        interval,
+        timeout,
+        retries: h.retries.unwrap_or(3),
+        start_period: duration("start_period", &h.start_period, Duration::from_secs(60))?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options(toml: Option<&str>) -> (tempfile::TempDir, LoadOptions) {
+        let dir = tempfile::tempdir().unwrap();
+        if let Some(text) = toml {
+            std::fs::write(dir.path().join(CONFIG_FILE_NAME), text).unwrap();
+        }
+        let opts = LoadOptions {
+            cwd: dir.path().to_path_buf(),
+            ..LoadOptions::default()
+        };
+        (dir, opts)
+    }
+
+    #[test]
+    fn defaults_run_the_catalogs_enabled_services() {
+        let (_d, opts) = options(None);
+        let cfg = Config::load(opts).unwrap();
+        let names: Vec<_> = cfg.services.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["redis", "infermesh", "reddb"]);
+        assert_eq!(cfg.project, "dspy-agent");
+        assert_eq!(cfg.orchestrator_addr, "127.0.0.1:50052");
+    }
+
+    #[test]
+    fn layers_apply_in_order() {
+        let (_d, mut opts) = options(Some(
+            "project = \"from-file\"\n[services.redis]\nports = [\"16379:6379\"]\nenv = { A = \"1\" }\n",
+        ));
+        opts.env.insert("DSPY_AGENT_PROJECT".into(), "from-env".into());
+        opts.env.insert("DOCKER_HOST".into(), "unix:///fallback.sock".into());
+        opts.env.insert("ENV_MANAGER_DOCKER_HOST".into(), "unix:///preferred.sock".into());
+        opts.services = Some(vec!["redis".into()]);
+        let cfg = Config::load(opts.clone()).unwrap();
+        assert_eq!(cfg.project, "from-env");
+        assert_eq!(cfg.docker_host.as_deref(), Some("unix:///preferred.sock"));
+        assert_eq!(cfg.services[0].ports[0].host_port, 16379);
+        assert_eq!(cfg.services[0].env["A"], "1");
+        opts.project = Some("from-args".into());
+        assert_eq!(Config::load(opts).unwrap().project, "from-args");
+    }
+
+    #[test]
+    fn selecting_a_service_brings_its_dependencies() {
+        let (_d, mut opts) = options(None);
+        opts.services = Some(vec!["reddb".into()]);
+        let cfg = Config::load(opts).unwrap();
+        let names: Vec<_> = cfg.services.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["redis", "reddb"]);
+    }
+
+    #[test]
+    fn bad_input_names_the_field() {
+        let cases = [
+            ("[services.redis]\nports = [\"abc\"]\n", "services.redis.ports"),
+            ("[services.redis]\nresources = { memory = \"lots\" }\n", "services.redis.resources.memory"),
+            ("[services.redis]\nresources = { cpus = -1 }\n", "services.redis.resources.cpus"),
+            ("[services.x]\nenabled = true\n", "services.x.image"),
+            ("[services.\"bad name\"]\nimage = \"a\"\n", "services.bad name"),
+            ("[services.redis]\nhealthcheck = { type = \"smoke\" }\n", "healthcheck.type"),
+            ("[services.redis]\nrestart = \"sometimes\"\n", "services.redis.restart"),
+            ("[services.redis]\nbogus = 1\n", "unknown field `bogus`"),
+            ("[services.redis\n", "line 1"),
+        ];
+        for (text, needle) in cases {
+            let (_d, opts) = options(Some(text));
+            let err = Config::load(opts).unwrap_err().to_string();
+            assert!(err.contains(needle), "{text:?} gave {err:?}");
+        }
+    }
+
+    #[test]
+    fn graph_errors_are_reported() {
+        let (_d, opts) = options(Some(
+            "[services.a]\nimage = \"x\"\ndepends_on = [\"b\"]\n[services.b]\nimage = \"x\"\ndepends_on = [\"c\"]\n[services.c]\nimage = \"x\"\ndepends_on = [\"a\"]\n",
+        ));
+        let err = Config::load(opts).unwrap_err().to_string();
+        assert!(err.contains("cycle") && err.contains("a") && err.contains("b") && err.contains("c"), "{err}");
+
+        let (_d, opts) = options(Some("[services.a]\nimage = \"x\"\ndepends_on = [\"nope\"]\n"));
+        let err = Config::load(opts).unwrap_err().to_string();
+        assert!(err.contains("\"nope\"") && err.contains("\"a\""), "{err}");
+
+        let (_d, opts) = options(Some("[services.a]\nimage = \"x\"\nports = [\"6379:1\"]\n"));
+        let err = Config::load(opts).unwrap_err().to_string();
+        assert!(err.contains("6379") && err.contains("redis") && err.contains("\"a\""), "{err}");
+
+        let (_d, mut opts) = options(None);
+        opts.services = Some(vec!["nosuch".into()]);
+        assert!(Config::load(opts).unwrap_err().to_string().contains("nosuch"));
+    }
+
+    #[test]
+    fn missing_explicit_config_file_is_an_error() {
+        let (_d, mut opts) = options(None);
+        opts.config_file = Some("missing.toml".into());
+        assert!(Config::load(opts).unwrap_err().to_string().contains("missing.toml"));
+    }
+}

@@ -1,0 +1,549 @@
+//! The Docker Engine API: the only module that talks to bollard.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use bollard::container::LogOutput;
+use bollard::exec::{CreateExecOptions, StartExecResults};
+use bollard::models::{
+    ContainerCreateBody, DeviceRequest, EndpointSettings, HostConfig, Mount, MountType,
+    NetworkCreateRequest, NetworkingConfig, PortBinding, RestartPolicy as EngineRestart,
+    RestartPolicyNameEnum,
+};
+use bollard::query_parameters::{
+    CreateContainerOptionsBuilder, CreateImageOptionsBuilder, ListContainersOptionsBuilder,
+    ListNetworksOptionsBuilder, LogsOptionsBuilder, RemoveContainerOptionsBuilder,
+    StopContainerOptionsBuilder,
+};
+use futures_util::StreamExt;
+
+use crate::services::spec::{GpuRequest, MountKind, PullPolicy, RestartPolicy, ServiceSpec};
+
+pub const DEFAULT_HOST: &str = "unix:///var/run/docker.sock";
+
+/// Labels every container of a stack carries.
+pub mod labels {
+    pub const PROJECT: &str = "dspy-agent.project";
+    pub const SERVICE: &str = "dspy-agent.service";
+    pub const CONFIG_HASH: &str = "dspy-agent.config-hash";
+    pub const SESSION: &str = "dspy-agent.session";
+    pub const OWNER_PID: &str = "dspy-agent.owner-pid";
+    pub const KEEP: &str = "dspy-agent.keep-running";
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DockerError {
+    #[error("cannot reach the Docker Engine at {host}: {message}. Start Docker (for example `sudo systemctl start docker`), or point ENV_MANAGER_DOCKER_HOST / DOCKER_HOST at a running Engine")]
+    Unavailable { host: String, message: String },
+    #[error("image {image:?} is not available: {message}")]
+    Image { image: String, message: String },
+    #[error("{context}: {message}")]
+    Api { context: String, message: String },
+}
+
+impl DockerError {
+    fn api(context: impl Into<String>, e: bollard::errors::Error) -> Self {
+        DockerError::Api {
+            context: context.into(),
+            message: engine_message(&e),
+        }
+    }
+}
+
+fn engine_message(e: &bollard::errors::Error) -> String {
+    match e {
+        bollard::errors::Error::DockerResponseServerError { message, .. } => message.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn status_of(e: &bollard::errors::Error) -> Option<u16> {
+    match e {
+        bollard::errors::Error::DockerResponseServerError { status_code, .. } => Some(*status_code),
+        _ => None,
+    }
+}
+
+/// Lifecycle state of a container as the Engine reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunState {
+    Created,
+    Running,
+    Restarting,
+    Paused,
+    Exited,
+    Dead,
+    Other,
+}
+
+impl RunState {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            RunState::Created => "created",
+            RunState::Running => "running",
+            RunState::Restarting => "restarting",
+            RunState::Paused => "paused",
+            RunState::Exited => "exited",
+            RunState::Dead => "dead",
+            RunState::Other => "unknown",
+        }
+    }
+
+    fn parse(s: &str) -> Self {
+        match s {
+            "created" => RunState::Created,
+            "running" => RunState::Running,
+            "restarting" => RunState::Restarting,
+            "paused" => RunState::Paused,
+            "exited" => RunState::Exited,
+            "dead" => RunState::Dead,
+            _ => RunState::Other,
+        }
+    }
+}
+
+/// What the core needs to know about one container.
+#[derive(Debug, Clone)]
+pub struct ContainerInfo {
+    pub id: String,
+    pub labels: BTreeMap<String, String>,
+    pub state: RunState,
+    pub exit_code: Option<i64>,
+    /// The Engine's HEALTHCHECK status, when the image has one.
+    pub engine_health: Option<String>,
+    pub started_at: Option<String>,
+    /// (container port, protocol) → (host ip, host port) for published ports.
+    pub ports: BTreeMap<(u16, String), (String, u16)>,
+    pub restart_count: i64,
+}
+
+/// Result of a command run inside a container.
+#[derive(Debug, Clone)]
+pub struct ExecOutput {
+    pub exit_code: i64,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Everything the core decides about a container besides the service spec itself.
+pub struct ContainerPlan<'a> {
+    pub name: &'a str,
+    pub network: &'a str,
+    pub volume_prefix: &'a str,
+    pub spec: &'a ServiceSpec,
+    pub labels: BTreeMap<String, String>,
+    pub gpus: bool,
+}
+
+#[derive(Clone)]
+pub struct Docker {
+    client: bollard::Docker,
+    host: String,
+}
+
+impl Docker {
+    /// Connects and negotiates the API version; gives up after `timeout` so an absent Engine
+    /// is reported at once instead of hanging.
+    pub async fn connect(host: Option<&str>, timeout: Duration) -> Result<Docker, DockerError> {
+        let host = host.unwrap_or(DEFAULT_HOST).to_string();
+        let unavailable = |message: String| DockerError::Unavailable {
+            host: host.clone(),
+            message,
+        };
+        let client = bollard::Docker::connect_with_host(&host).map_err(|e| unavailable(e.to_string()))?;
+        let client = match tokio::time::timeout(timeout, client.negotiate_version()).await {
+            Ok(Ok(client)) => client,
+            Ok(Err(e)) => return Err(unavailable(engine_message(&e))),
+            Err(_) => return Err(unavailable(format!("no answer within {timeout:?}"))),
+        };
+        Ok(Docker { client, host })
+    }
+
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// Whether the Engine offers the NVIDIA runtime, i.e. whether GPUs can be requested.
+    pub async fn has_gpu_runtime(&self) -> bool {
+        match self.client.info().await {
+            Ok(info) => info.runtimes.is_some_and(|r| r.contains_key("nvidia")),
+            Err(_) => false,
+        }
+    }
+
+    /// Makes `image` present according to `policy`; `progress` receives pull status lines.
+    pub async fn ensure_image(
+        &self,
+        image: &str,
+        policy: PullPolicy,
+        progress: &(dyn Fn(String) + Send + Sync),
+    ) -> Result<(), DockerError> {
+        let present = match self.client.inspect_image(image).await {
+            Ok(_) => true,
+            Err(e) if status_of(&e) == Some(404) => false,
+            Err(e) => return Err(DockerError::api(format!("inspect image {image:?}"), e)),
+        };
+        let pull = match policy {
+            PullPolicy::Always => true,
+            PullPolicy::Missing => !present,
+            PullPolicy::Never if present => false,
+            PullPolicy::Never => {
+                return Err(DockerError::Image {
+                    image: image.to_string(),
+                    message: "it is not present locally and the pull policy is \"never\"; build or load it, or set pull = \"missing\"".into(),
+                })
+            }
+        };
+        if !pull {
+            return Ok(());
+        }
+        progress(format!("pulling {image}"));
+        let options = CreateImageOptionsBuilder::new().from_image(image).build();
+        let mut stream = self.client.create_image(Some(options), None, None);
+        let mut last_status = String::new();
+        while let Some(item) = stream.next().await {
+            match item {
+                Ok(info) => {
+                    if let Some(status) = info.status {
+                        let line = match info.id {
+                            Some(id) => format!("{id}: {status}"),
+                            None => status,
+                        };
+                        if line != last_status {
+                            progress(line.clone());
+                            last_status = line;
+                        }
+                    }
+                }
+                Err(e) if present => {
+                    // `always` with a local copy: keep using it when the registry is away.
+                    tracing::warn!(image, error = %engine_message(&e), "pull failed, using the local image");
+                    return Ok(());
+                }
+                Err(e) => {
+                    return Err(DockerError::Image {
+                        image: image.to_string(),
+                        message: format!(
+                            "it is not present locally and pulling it failed: {}",
+                            engine_message(&e)
+                        ),
+                    })
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Creates the project's network unless it exists.
+    pub async fn ensure_network(&self, name: &str, project: &str) -> Result<(), DockerError> {
+        let filters = HashMap::from([("name", vec![name])]);
+        let existing = self
+            .client
+            .list_networks(Some(ListNetworksOptionsBuilder::new().filters(&filters).build()))
+            .await
+            .map_err(|e| DockerError::api(format!("list networks named {name:?}"), e))?;
+        if existing.iter().any(|n| n.name.as_deref() == Some(name)) {
+            return Ok(());
+        }
+        let request = NetworkCreateRequest {
+            name: name.to_string(),
+            driver: Some("bridge".into()),
+            labels: Some(HashMap::from([(labels::PROJECT.to_string(), project.to_string())])),
+            ..Default::default()
+        };
+        match self.client.create_network(request).await {
+            Ok(_) => Ok(()),
+            // Another start of the same project created it meanwhile.
+            Err(e) if status_of(&e) == Some(409) => Ok(()),
+            Err(e) => Err(DockerError::api(format!("create network {name:?}"), e)),
+        }
+    }
+
+    /// Removes the network; a network still in use by other containers is left alone.
+    pub async fn remove_network(&self, name: &str) {
+        if let Err(e) = self.client.remove_network(name).await {
+            if !matches!(status_of(&e), Some(404) | Some(403) | Some(409)) {
+                tracing::debug!(network = name, error = %engine_message(&e), "network not removed");
+            }
+        }
+    }
+
+    /// Every container (running or not) that carries `label=value`.
+    pub async fn list_by_label(&self, label: &str, value: &str) -> Result<Vec<ContainerInfo>, DockerError> {
+        let filter = format!("{label}={value}");
+        let filters = HashMap::from([("label", vec![filter.as_str()])]);
+        let options = ListContainersOptionsBuilder::new().all(true).filters(&filters).build();
+        let list = self
+            .client
+            .list_containers(Some(options))
+            .await
+            .map_err(|e| DockerError::api("list containers", e))?;
+        Ok(list
+            .into_iter()
+            .map(|c| {
+                let mut ports = BTreeMap::new();
+                for p in c.ports.unwrap_or_default() {
+                    if let Some(public) = p.public_port {
+                        let proto = p.typ.map(|t| t.to_string()).unwrap_or_else(|| "tcp".into());
+                        ports.insert((p.private_port, proto), (p.ip.unwrap_or_default(), public));
+                    }
+                }
+                ContainerInfo {
+                    id: c.id.unwrap_or_default(),
+                    labels: c.labels.unwrap_or_default().into_iter().collect(),
+                    state: RunState::parse(&c.state.map(|s| s.to_string()).unwrap_or_default()),
+                    exit_code: None,
+                    engine_health: None,
+                    started_at: None,
+                    ports,
+                    restart_count: 0,
+                }
+            })
+            .collect())
+    }
+
+    pub async fn inspect(&self, id: &str) -> Result<ContainerInfo, DockerError> {
+        let c = self
+            .client
+            .inspect_container(id, None)
+            .await
+            .map_err(|e| DockerError::api(format!("inspect container {id}"), e))?;
+        let state = c.state.unwrap_or_default();
+        let mut ports = BTreeMap::new();
+        for (key, bindings) in c
+            .network_settings
+            .and_then(|n| n.ports)
+            .unwrap_or_default()
+        {
+            let Some((port, proto)) = key.split_once('/') else { continue };
+            let Ok(port) = port.parse::<u16>() else { continue };
+            if let Some(b) = bindings.unwrap_or_default().into_iter().next() {
+                if let Some(host_port) = b.host_port.and_then(|p| p.parse::<u16>().ok()) {
+                    ports.insert((port, proto.to_string()), (b.host_ip.unwrap_or_default(), host_port));
+                }
+            }
+        }
+        Ok(ContainerInfo {
+            id: c.id.unwrap_or_else(|| id.to_string()),
+            labels: c
+                .config
+                .and_then(|cfg| cfg.labels)
+                .unwrap_or_default()
+                .into_iter()
+                .collect(),
+            state: RunState::parse(&state.status.map(|s| s.to_string()).unwrap_or_default()),
+            exit_code: state.exit_code,
+            engine_health: state
+                .health
+                .and_then(|h| h.status)
+                .map(|s| s.to_string())
+                .filter(|s| !s.is_empty() && s != "none"),
+            started_at: state.started_at,
+            ports,
+            restart_count: c.restart_count.unwrap_or(0),
+        })
+    }
+
+    /// Creates (does not start) a service's container; returns its id.
+    pub async fn create_container(&self, plan: &ContainerPlan<'_>) -> Result<String, DockerError> {
+        let spec = plan.spec;
+        let mut port_bindings = HashMap::new();
+        let mut exposed = Vec::new();
+        for p in &spec.ports {
+            let key = format!("{}/{}", p.container_port, p.protocol);
+            exposed.push(key.clone());
+            port_bindings.insert(
+                key,
+                Some(vec![PortBinding {
+                    host_ip: Some(p.host_ip.clone()),
+                    host_port: Some(if p.host_port == 0 { String::new() } else { p.host_port.to_string() }),
+                }]),
+            );
+        }
+        let mounts = spec
+            .volumes
+            .iter()
+            .map(|m| Mount {
+                target: Some(m.target.clone()),
+                source: Some(match m.kind {
+                    MountKind::Volume => format!("{}_{}", plan.volume_prefix, m.source),
+                    MountKind::Bind => m.source.clone(),
+                }),
+                typ: Some(match m.kind {
+                    MountKind::Volume => MountType::VOLUME,
+                    MountKind::Bind => MountType::BIND,
+                }),
+                read_only: Some(m.read_only),
+                ..Default::default()
+            })
+            .collect();
+        let restart_policy = match spec.restart {
+            RestartPolicy::No => EngineRestart {
+                name: Some(RestartPolicyNameEnum::NO),
+                maximum_retry_count: None,
+            },
+            RestartPolicy::Always => EngineRestart {
+                name: Some(RestartPolicyNameEnum::ALWAYS),
+                maximum_retry_count: None,
+            },
+            RestartPolicy::OnFailure { max_retries } => EngineRestart {
+                name: Some(RestartPolicyNameEnum::ON_FAILURE),
+                maximum_retry_count: max_retries.map(i64::from),
+            },
+        };
+        let device_requests = plan.gpus.then(|| {
+            vec![DeviceRequest {
+                driver: Some("nvidia".into()),
+                count: Some(match spec.resources.gpus {
+                    GpuRequest::Count(n) => i64::from(n),
+                    _ => -1,
+                }),
+                capabilities: Some(vec![vec!["gpu".into()]]),
+                ..Default::default()
+            }]
+        });
+        let host_config = HostConfig {
+            port_bindings: Some(port_bindings),
+            mounts: Some(mounts),
+            restart_policy: Some(restart_policy),
+            nano_cpus: spec.resources.nano_cpus,
+            memory: spec.resources.memory_bytes,
+            device_requests,
+            network_mode: Some(plan.network.to_string()),
+            privileged: Some(false),
+            ..Default::default()
+        };
+        let mut all_labels: HashMap<String, String> = spec.labels.clone().into_iter().collect();
+        all_labels.extend(plan.labels.clone());
+        let body = ContainerCreateBody {
+            image: Some(spec.image.clone()),
+            cmd: spec.command.clone(),
+            env: Some(spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
+            exposed_ports: Some(exposed),
+            hostname: Some(spec.name.replace('_', "-")),
+            labels: Some(all_labels),
+            stop_timeout: Some(spec.stop_timeout.as_secs() as i64),
+            host_config: Some(host_config),
+            networking_config: Some(NetworkingConfig {
+                endpoints_config: Some(HashMap::from([(
+                    plan.network.to_string(),
+                    EndpointSettings {
+                        aliases: Some(vec![spec.name.clone()]),
+                        ..Default::default()
+                    },
+                )])),
+            }),
+            ..Default::default()
+        };
+        let options = CreateContainerOptionsBuilder::new().name(plan.name).build();
+        match self.client.create_container(Some(options.clone()), body.clone()).await {
+            Ok(r) => Ok(r.id),
+            Err(e) if status_of(&e) == Some(409) => {
+                // A leftover container holds the name (for example from a crashed run): replace it.
+                self.remove(plan.name, Duration::ZERO).await?;
+                self.client
+                    .create_container(Some(options), body)
+                    .await
+                    .map(|r| r.id)
+                    .map_err(|e| DockerError::api(format!("create container {:?}", plan.name), e))
+            }
+            Err(e) => Err(DockerError::api(format!("create container {:?}", plan.name), e)),
+        }
+    }
+
+    pub async fn start(&self, id: &str) -> Result<(), DockerError> {
+        match self.client.start_container(id, None).await {
+            Ok(()) => Ok(()),
+            Err(e) if status_of(&e) == Some(304) => Ok(()),
+            Err(e) => Err(DockerError::api("start container", e)),
+        }
+    }
+
+    pub async fn restart(&self, id: &str, timeout: Duration) -> Result<(), DockerError> {
+        let options = bollard::query_parameters::RestartContainerOptionsBuilder::new()
+            .t(timeout.as_secs() as i32)
+            .build();
+        self.client
+            .restart_container(id, Some(options))
+            .await
+            .map_err(|e| DockerError::api("restart container", e))
+    }
+
+    /// Stops (SIGTERM, then SIGKILL after `timeout`) and removes a container with its anonymous
+    /// volumes; named volumes stay. A container that is already gone is not an error.
+    pub async fn remove(&self, id: &str, timeout: Duration) -> Result<(), DockerError> {
+        if !timeout.is_zero() {
+            let options = StopContainerOptionsBuilder::new().t(timeout.as_secs() as i32).build();
+            match self.client.stop_container(id, Some(options)).await {
+                Ok(()) => {}
+                Err(e) if matches!(status_of(&e), Some(304) | Some(404)) => {}
+                Err(e) => tracing::debug!(container = id, error = %engine_message(&e), "stop failed; removing by force"),
+            }
+        }
+        let options = RemoveContainerOptionsBuilder::new().force(true).v(true).build();
+        match self.client.remove_container(id, Some(options)).await {
+            Ok(()) => Ok(()),
+            // 404: gone already; 409: removal already in progress.
+            Err(e) if matches!(status_of(&e), Some(404) | Some(409)) => Ok(()),
+            Err(e) => Err(DockerError::api(format!("remove container {id}"), e)),
+        }
+    }
+
+    /// The last `tail` lines of a container's output, stdout and stderr interleaved.
+    pub async fn logs(&self, id: &str, tail: usize) -> Result<String, DockerError> {
+        let options = LogsOptionsBuilder::new()
+            .stdout(true)
+            .stderr(true)
+            .tail(&tail.to_string())
+            .build();
+        let mut stream = self.client.logs(id, Some(options));
+        let mut out = String::new();
+        while let Some(item) = stream.next().await {
+            let chunk = item.map_err(|e| DockerError::api(format!("logs of container {id}"), e))?;
+            out.push_str(&String::from_utf8_lossy(chunk.as_ref()));
+        }
+        Ok(out)
+    }
+
+    /// Runs `command` in a running container and collects its output.
+    pub async fn exec(&self, id: &str, command: &[String]) -> Result<ExecOutput, DockerError> {
+        let exec = self
+            .client
+            .create_exec(
+                id,
+                CreateExecOptions {
+                    attach_stdout: Some(true),
+                    attach_stderr: Some(true),
+                    cmd: Some(command.to_vec()),
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| DockerError::api(format!("exec in container {id}"), e))?;
+        let mut stdout = String::new();
+        let mut stderr = String::new();
+        if let StartExecResults::Attached { mut output, .. } = self
+            .client
+            .start_exec(&exec.id, None)
+            .await
+            .map_err(|e| DockerError::api(format!("exec in container {id}"), e))?
+        {
+            while let Some(item) = output.next().await {
+                match item.map_err(|e| DockerError::api(format!("exec in container {id}"), e))? {
+                    LogOutput::StdErr { message } => stderr.push_str(&String::from_utf8_lossy(&message)),
+                    other => stdout.push_str(&String::from_utf8_lossy(other.as_ref())),
+                }
+            }
+        }
+        let inspect = self
+            .client
+            .inspect_exec(&exec.id)
+            .await
+            .map_err(|e| DockerError::api(format!("exec in container {id}"), e))?;
+        Ok(ExecOutput {
+            exit_code: inspect.exit_code.unwrap_or(-1),
+            stdout,
+            stderr,
+        })
+    }
+}

@@ -1,0 +1,13 @@
+//! dspy-agent-infra: the Rust core behind the `dspy_agent_infra` Python package.
+//!
+//! Dependency direction: `python → infra → services → {docker, health, config}`.
+
+pub mod config;
+pub mod docker;
+pub mod health;
+pub mod infra;
+pub mod runtime;
+pub mod services;
+
+#[cfg(feature = "python")]
+mod python;

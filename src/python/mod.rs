@@ -1,0 +1,332 @@
+//! PyO3 bindings: thin wrappers that clone a handle, run the core's future on the shared
+//! runtime and map errors to the exceptions of `dspy_agent_infra.errors`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use pyo3::exceptions::PyRuntimeError;
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, ConfigError, ConfigLayer, LoadOptions};
+use crate::docker::DockerError;
+use crate::infra::{Infra, InfraError};
+use crate::services::supervisor::{ServiceState, StackError};
+
+/// Builds an exception of `dspy_agent_infra.errors` with keyword attributes.
+fn py_error(class: &str, message: String, attrs: Vec<(&str, Py<PyAny>)>) -> PyErr {
+    Python::attach(|py| {
+        let build = || -> PyResult<PyErr> {
+            let cls = py.import("dspy_agent_infra.errors")?.getattr(class)?;
+            let kwargs = PyDict::new(py);
+            for (k, v) in attrs {
+                kwargs.set_item(k, v)?;
+            }
+            let exc = cls.call((message.clone(),), Some(&kwargs))?;
+            Ok(PyErr::from_value(exc))
+        };
+        build().unwrap_or_else(|e| e)
+    })
+}
+
+fn to_py_err(error: InfraError) -> PyErr {
+    let message = error.to_string();
+    let s = |v: &str| -> Py<PyAny> { Python::attach(|py| v.into_pyobject(py).map(|o| o.into_any().unbind()).unwrap_or_else(|_| py.None())) };
+    match error {
+        InfraError::Config(_) => py_error("ConfigError", message, vec![]),
+        InfraError::Docker(DockerError::Unavailable { host, .. }) => {
+            py_error("DockerUnavailableError", message, vec![("host", s(&host))])
+        }
+        InfraError::Docker(_) => py_error("InfraError", message, vec![]),
+        InfraError::Stack(StackError::Docker(DockerError::Unavailable { host, .. })) => {
+            py_error("DockerUnavailableError", message, vec![("host", s(&host))])
+        }
+        InfraError::Stack(StackError::ServiceStart { service, reason, logs }) => py_error(
+            "ServiceStartError",
+            message,
+            vec![("service", s(&service)), ("reason", s(&reason)), ("logs", s(&logs))],
+        ),
+        InfraError::Stack(StackError::PortInUse { service, port, host_ip, .. }) => {
+            let port = Python::attach(|py| port.into_pyobject(py).map(|o| o.into_any().unbind()).unwrap_or_else(|_| py.None()));
+            py_error(
+                "PortInUseError",
+                message.clone(),
+                vec![("service", s(&service)), ("reason", s(&message)), ("port", port), ("host_ip", s(&host_ip))],
+            )
+        }
+        InfraError::Stack(StackError::UnknownService { name, .. }) => {
+            py_error("UnknownServiceError", message, vec![("service", s(&name))])
+        }
+        InfraError::Stack(StackError::Cancelled) => py_error("StartCancelledError", message, vec![]),
+        InfraError::Stack(StackError::Docker(_)) => py_error("InfraError", message, vec![]),
+    }
+}
+
+/// One service of a running stack, as Python sees it.
+#[pyclass(frozen, get_all, module = "dspy_agent_infra._native")]
+#[derive(Clone)]
+pub struct ServiceInfo {
+    name: String,
+    status: String,
+    image: String,
+    container_id: Option<String>,
+    host: String,
+    ports: BTreeMap<u16, u16>,
+    url: Option<String>,
+    reused: bool,
+    message: String,
+}
+
+impl From<ServiceState> for ServiceInfo {
+    fn from(s: ServiceState) -> Self {
+        ServiceInfo {
+            url: s.url(),
+            host: s.host(),
+            name: s.name,
+            status: s.phase.as_str().to_string(),
+            image: s.image,
+            container_id: s.container_id,
+            ports: s.ports.iter().map(|(c, (_, h))| (*c, *h)).collect(),
+            reused: s.reused,
+            message: s.message,
+        }
+    }
+}
+
+#[pymethods]
+impl ServiceInfo {
+    fn __repr__(&self) -> String {
+        let quoted = |v: Option<&str>| v.map(|v| format!("'{v}'")).unwrap_or_else(|| "None".into());
+        format!(
+            "ServiceInfo(name='{}', status='{}', url={}, container_id={})",
+            self.name,
+            self.status,
+            quoted(self.url.as_deref()),
+            quoted(self.container_id.as_deref().map(|id| &id[..id.len().min(12)]))
+        )
+    }
+}
+
+struct CoreState {
+    project: String,
+    keep_running: bool,
+    pending: Mutex<Option<Config>>,
+    infra: Mutex<Option<Arc<Infra>>>,
+    cancel: CancellationToken,
+    started: watch::Sender<bool>,
+    pid: u32,
+}
+
+impl CoreState {
+    fn infra(&self) -> PyResult<Arc<Infra>> {
+        self.check_pid()?;
+        self.infra
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .ok_or_else(|| py_error("InfraError", "the stack is not running; use it inside `async with AgentInfra.start() as infra:`".into(), vec![]))
+    }
+
+    fn check_pid(&self) -> PyResult<()> {
+        if std::process::id() != self.pid {
+            return Err(PyRuntimeError::new_err(
+                "this AgentInfra belongs to the parent process; a forked child must start its own",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The native half of `AgentInfra`: configuration loaded at construction, the stack after
+/// `start()`.
+#[pyclass(frozen, module = "dspy_agent_infra._native")]
+pub struct Core {
+    state: Arc<CoreState>,
+}
+
+#[pymethods]
+impl Core {
+    #[new]
+    #[pyo3(signature = (*, services=None, config=None, config_file=None, project=None, docker_host=None, keep_running=None, state_dir=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        services: Option<Vec<String>>,
+        config: Option<Bound<'_, PyAny>>,
+        config_file: Option<PathBuf>,
+        project: Option<String>,
+        docker_host: Option<String>,
+        keep_running: Option<bool>,
+        state_dir: Option<PathBuf>,
+    ) -> PyResult<Self> {
+        let overlay = match config {
+            None => None,
+            Some(mapping) => {
+                let json: String = py
+                    .import("json")?
+                    .call_method1("dumps", (mapping,))
+                    .map_err(|e| py_error("ConfigError", format!("the config argument must be a JSON-like mapping: {e}"), vec![]))?
+                    .extract()?;
+                let value: serde_json::Value = serde_json::from_str(&json)
+                    .map_err(|e| to_py_err(InfraError::Config(ConfigError::invalid("config", e.to_string()))))?;
+                Some(ConfigLayer::from_json(value).map_err(|e| to_py_err(e.into()))?)
+            }
+        };
+        let mut options = LoadOptions::from_process();
+        options.config_file = config_file;
+        options.overlay = overlay;
+        options.services = services;
+        options.project = project;
+        options.docker_host = docker_host;
+        options.keep_running = keep_running;
+        options.state_dir = state_dir;
+        let config = py.detach(|| Config::load(options)).map_err(|e| to_py_err(e.into()))?;
+        let (started, _) = watch::channel(false);
+        Ok(Core {
+            state: Arc::new(CoreState {
+                project: config.project.clone(),
+                keep_running: config.keep_running,
+                pending: Mutex::new(Some(config)),
+                infra: Mutex::new(None),
+                cancel: CancellationToken::new(),
+                started,
+                pid: std::process::id(),
+            }),
+        })
+    }
+
+    #[getter]
+    fn project(&self) -> String {
+        self.state.project.clone()
+    }
+
+    #[getter]
+    fn keep_running(&self) -> bool {
+        self.state.keep_running
+    }
+
+    /// Names of the services this stack will run, dependencies first.
+    #[getter]
+    fn planned_services(&self) -> Vec<String> {
+        let infra = self.state.infra.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        match infra {
+            Some(infra) => infra.config().services.iter().map(|s| s.name.clone()).collect(),
+            None => self
+                .state
+                .pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref()
+                .map(|c| c.services.iter().map(|s| s.name.clone()).collect())
+                .unwrap_or_default(),
+        }
+    }
+
+    fn start<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        self.state.check_pid()?;
+        let config = self
+            .state
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .ok_or_else(|| py_error("InfraError", "this AgentInfra was already started; call AgentInfra.start() again for a new one".into(), vec![]))?;
+        let state = Arc::clone(&self.state);
+        // Spawned, so that a cancelled `await` does not drop a half-started stack: `abort()`
+        // cancels this task and waits for its rollback.
+        let task = crate::runtime::get().spawn(async move {
+            let outcome = match Infra::start(config, state.cancel.clone()).await {
+                Ok(infra) => {
+                    *state.infra.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(infra));
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            };
+            state.started.send_replace(true);
+            outcome
+        });
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            match task.await {
+                Ok(result) => result.map_err(to_py_err),
+                Err(e) => Err(PyRuntimeError::new_err(format!("the start task failed: {e}"))),
+            }
+        })
+    }
+
+    /// Cancels a start in progress and removes what it created; stops a finished one.
+    fn abort<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let state = Arc::clone(&self.state);
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            state.cancel.cancel();
+            let mut started = state.started.subscribe();
+            if state.pending.lock().unwrap_or_else(|e| e.into_inner()).is_none() {
+                let _ = started.wait_for(|done| *done).await;
+            }
+            let infra = state.infra.lock().unwrap_or_else(|e| e.into_inner()).take();
+            if let Some(infra) = infra {
+                infra.shutdown(false).await;
+            }
+            Ok(())
+        })
+    }
+
+    /// Stops and removes the stack's containers unless `keep_running`.
+    fn stop<'py>(&self, py: Python<'py>, keep_running: bool) -> PyResult<Bound<'py, PyAny>> {
+        self.state.check_pid()?;
+        let infra = self.state.infra.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let task = crate::runtime::get().spawn(async move {
+            if let Some(infra) = infra {
+                infra.shutdown(keep_running).await;
+            }
+        });
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            task.await
+                .map_err(|e| PyRuntimeError::new_err(format!("the stop task failed: {e}")))
+        })
+    }
+
+    fn services(&self) -> PyResult<Vec<ServiceInfo>> {
+        Ok(self.state.infra()?.services().into_iter().map(ServiceInfo::from).collect())
+    }
+
+    fn env(&self) -> PyResult<BTreeMap<String, String>> {
+        Ok(self.state.infra()?.env())
+    }
+
+    fn status<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let infra = self.state.infra()?;
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            let services = infra.status().await.map_err(to_py_err)?;
+            Ok(services.into_iter().map(ServiceInfo::from).collect::<Vec<_>>())
+        })
+    }
+
+    fn logs<'py>(&self, py: Python<'py>, service: String, tail: usize) -> PyResult<Bound<'py, PyAny>> {
+        let infra = self.state.infra()?;
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            infra.logs(&service, tail).await.map_err(to_py_err)
+        })
+    }
+
+    fn restart<'py>(&self, py: Python<'py>, service: String) -> PyResult<Bound<'py, PyAny>> {
+        let infra = self.state.infra()?;
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            infra.restart(&service).await.map(ServiceInfo::from).map_err(to_py_err)
+        })
+    }
+}
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    // Rust `log` records (and `tracing` events, through its `log` feature) go to Python's
+    // `logging`, under the `dspy_agent_infra` logger.
+    let _ = pyo3_log::try_init();
+    let _ = pyo3_async_runtimes::tokio::init_with_runtime(crate::runtime::get());
+    m.add_class::<Core>()?;
+    m.add_class::<ServiceInfo>()?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}

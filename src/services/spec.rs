@@ -1,0 +1,485 @@
+//! A service as the core runs it: fully resolved, validated values only.
+//!
+//! The raw, partial form that config layers write (`ServicePatch`) is parsed here into these
+//! types, so every string a user wrote ("512m", "0:6379", "on-failure:3") is checked once, with
+//! an error that names the service and the field.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::ConfigError;
+
+/// A fully resolved service.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ServiceSpec {
+    pub name: String,
+    pub image: String,
+    pub command: Option<Vec<String>>,
+    pub env: BTreeMap<String, String>,
+    pub ports: Vec<PortSpec>,
+    pub volumes: Vec<MountSpec>,
+    pub depends_on: BTreeMap<String, Condition>,
+    pub healthcheck: HealthCheck,
+    pub resources: Resources,
+    pub restart: RestartPolicy,
+    pub pull: PullPolicy,
+    pub labels: BTreeMap<String, String>,
+    #[serde(with = "duration_ms")]
+    pub stop_timeout: Duration,
+    /// URL scheme used for the service's address in `infra.env` and `ServiceInfo.url`.
+    pub scheme: String,
+}
+
+/// `container_port` published on `host_ip:host_port`; host port 0 lets the Engine choose.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PortSpec {
+    pub host_ip: String,
+    pub host_port: u16,
+    pub container_port: u16,
+    pub protocol: Protocol,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        })
+    }
+}
+
+/// A named volume (kept when the stack stops) or a bind mount of a host path.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct MountSpec {
+    pub kind: MountKind,
+    /// Volume name (without the project prefix) or absolute host path.
+    pub source: String,
+    pub target: String,
+    pub read_only: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MountKind {
+    Volume,
+    Bind,
+}
+
+/// What a dependent waits for before it starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Condition {
+    /// The dependency's container is running.
+    Started,
+    /// The dependency passed its health check.
+    Healthy,
+    /// The dependency ran to completion with exit code 0 (a one-shot job).
+    Completed,
+}
+
+impl fmt::Display for Condition {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Condition::Started => "started",
+            Condition::Healthy => "healthy",
+            Condition::Completed => "completed",
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct HealthCheck {
+    pub probe: Probe,
+    /// Cap of the backoff between probes while the service comes up.
+    #[serde(with = "duration_ms")]
+    pub interval: Duration,
+    /// Limit for a single probe.
+    #[serde(with = "duration_ms")]
+    pub timeout: Duration,
+    /// Consecutive failures after the start period before the service counts as failed.
+    pub retries: u32,
+    /// Time the service has to pass its first probe.
+    #[serde(with = "duration_ms")]
+    pub start_period: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum Probe {
+    /// A TCP connect to the published `port` (a container port).
+    Tcp { port: u16 },
+    /// HTTP GET `path` on the published `port`, passing when the status equals `status`.
+    Http { port: u16, path: String, status: u16 },
+    /// Redis `PING` answered by `+PONG` on the published `port`.
+    Redis { port: u16 },
+    /// A command run inside the container, passing on exit code 0.
+    Exec { command: Vec<String> },
+    /// The image's own HEALTHCHECK as reported by the Engine.
+    Docker,
+    /// No probe: the service counts as healthy once it runs.
+    None,
+}
+
+impl Probe {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Probe::Tcp { .. } => "tcp",
+            Probe::Http { .. } => "http",
+            Probe::Redis { .. } => "redis",
+            Probe::Exec { .. } => "exec",
+            Probe::Docker => "docker",
+            Probe::None => "none",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize)]
+pub struct Resources {
+    /// CPU limit in billionths of a CPU (the Engine's NanoCpus).
+    pub nano_cpus: Option<i64>,
+    /// Memory limit in bytes.
+    pub memory_bytes: Option<i64>,
+    pub gpus: GpuRequest,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GpuRequest {
+    #[default]
+    None,
+    /// Every GPU when the Engine offers the NVIDIA runtime, none otherwise.
+    Auto,
+    All,
+    Count(u32),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartPolicy {
+    No,
+    OnFailure { max_retries: Option<u32> },
+    Always,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PullPolicy {
+    /// Pull only when the image is not present locally.
+    Missing,
+    Always,
+    /// Never pull; a missing image is an error.
+    Never,
+}
+
+/// Container names, DNS aliases and label values all accept this shape.
+pub fn validate_name(what: &str, name: &str) -> Result<(), ConfigError> {
+    let valid_first = name
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphanumeric());
+    let valid_rest = name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+    if name.len() > 63 || !valid_first || !valid_rest {
+        return Err(ConfigError::invalid(
+            what,
+            format!(
+                "{name:?} is not a valid name: use 1 to 63 letters, digits, '_', '-' or '.', starting with a letter or digit"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Parses "6379", "0:6379", "16379:6379", "127.0.0.1:16379:6379", each with an optional
+/// "/udp" or "/tcp". A bare container port is published on the same host port.
+pub fn parse_port(field: &str, text: &str, default_host_ip: &str) -> Result<PortSpec, ConfigError> {
+    let bad = |why: &str| {
+        ConfigError::invalid(
+            field,
+            format!("{text:?} is not a port mapping ({why}); write \"CONTAINER\", \"HOST:CONTAINER\" or \"IP:HOST:CONTAINER\", with HOST 0 for any free port"),
+        )
+    };
+    let (mapping, protocol) = match text.rsplit_once('/') {
+        Some((m, "tcp")) => (m, Protocol::Tcp),
+        Some((m, "udp")) => (m, Protocol::Udp),
+        Some(_) => return Err(bad("protocol must be tcp or udp")),
+        None => (text, Protocol::Tcp),
+    };
+    let parts: Vec<&str> = mapping.rsplitn(3, ':').collect();
+    let number = |s: &str, allow_zero: bool| -> Result<u16, ConfigError> {
+        match s.trim().parse::<u16>() {
+            Ok(0) if !allow_zero => Err(bad("container port must be 1 to 65535")),
+            Ok(n) => Ok(n),
+            Err(_) => Err(bad(&format!("{s:?} is not a number from 0 to 65535"))),
+        }
+    };
+    let (host_ip, host_port, container_port) = match parts.as_slice() {
+        [c] => {
+            let c = number(c, false)?;
+            (default_host_ip.to_string(), c, c)
+        }
+        [c, h] => (default_host_ip.to_string(), number(h, true)?, number(c, false)?),
+        [c, h, ip] => {
+            let ip = ip.trim_start_matches('[').trim_end_matches(']');
+            if ip.parse::<std::net::IpAddr>().is_err() {
+                return Err(bad(&format!("{ip:?} is not an IP address")));
+            }
+            (ip.to_string(), number(h, true)?, number(c, false)?)
+        }
+        _ => return Err(bad("too many ':'")),
+    };
+    Ok(PortSpec {
+        host_ip,
+        host_port,
+        container_port,
+        protocol,
+    })
+}
+
+/// Parses "name:/path[:ro|:rw]" (named volume) or "/host/path:/path[:ro|:rw]" (bind mount;
+/// relative host paths start with "./" and are resolved against `base_dir`).
+pub fn parse_mount(
+    field: &str,
+    text: &str,
+    base_dir: &std::path::Path,
+) -> Result<MountSpec, ConfigError> {
+    let bad = |why: &str| {
+        ConfigError::invalid(
+            field,
+            format!("{text:?} is not a volume ({why}); write \"NAME:/container/path\" or \"/host/path:/container/path\", optionally ending in \":ro\""),
+        )
+    };
+    let parts: Vec<&str> = text.split(':').collect();
+    let (source, target, read_only) = match parts.as_slice() {
+        [s, t] => (*s, *t, false),
+        [s, t, "ro"] => (*s, *t, true),
+        [s, t, "rw"] => (*s, *t, false),
+        [_, _, mode] => return Err(bad(&format!("mode {mode:?} must be ro or rw"))),
+        _ => return Err(bad("expected SOURCE:TARGET")),
+    };
+    if !target.starts_with('/') {
+        return Err(bad("the container path must be absolute"));
+    }
+    let (kind, source) = if source.starts_with('/') {
+        (MountKind::Bind, source.to_string())
+    } else if source.starts_with("./") || source.starts_with("../") || source == "." {
+        (
+            MountKind::Bind,
+            base_dir.join(source).to_string_lossy().into_owned(),
+        )
+    } else {
+        validate_name(field, source).map_err(|_| bad("a volume name uses letters, digits, '_', '-', '.'"))?;
+        (MountKind::Volume, source.to_string())
+    };
+    Ok(MountSpec {
+        kind,
+        source,
+        target: target.to_string(),
+        read_only,
+    })
+}
+
+/// Parses "250ms", "2s", "1.5s", "3m", "1h", or a bare number of seconds.
+pub fn parse_duration(field: &str, text: &str) -> Result<Duration, ConfigError> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let scale = match unit.trim() {
+        "ms" => 0.001,
+        "" | "s" => 1.0,
+        "m" => 60.0,
+        "h" => 3600.0,
+        _ => f64::NAN,
+    };
+    match number.parse::<f64>() {
+        Ok(n) if scale.is_finite() && n.is_finite() && n >= 0.0 && n * scale < 1e9 => {
+            Ok(Duration::from_secs_f64(n * scale))
+        }
+        _ => Err(ConfigError::invalid(
+            field,
+            format!("{text:?} is not a duration; write for example \"250ms\", \"5s\" or \"2m\""),
+        )),
+    }
+}
+
+/// Parses memory sizes as Docker does: "512m", "2g", "1.5G", "300k", "1048576" (bytes).
+pub fn parse_memory(field: &str, text: &str) -> Result<i64, ConfigError> {
+    let lower = text.trim().to_ascii_lowercase();
+    let trimmed = lower.trim_end_matches('b');
+    let split = trimmed
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(trimmed.len());
+    let (number, unit) = trimmed.split_at(split);
+    let scale: f64 = match unit {
+        "" => 1.0,
+        "k" => 1024.0,
+        "m" => 1024.0 * 1024.0,
+        "g" => 1024.0 * 1024.0 * 1024.0,
+        "t" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
+        _ => f64::NAN,
+    };
+    // The Engine refuses limits under 6 MiB.
+    const MIN: f64 = 6.0 * 1024.0 * 1024.0;
+    match number.parse::<f64>() {
+        Ok(n) if scale.is_finite() && n * scale >= MIN && n * scale < 9.0e18 => Ok((n * scale) as i64),
+        Ok(n) if scale.is_finite() && n * scale < MIN => Err(ConfigError::invalid(
+            field,
+            format!("{text:?} is below the Docker Engine's minimum of 6m"),
+        )),
+        _ => Err(ConfigError::invalid(
+            field,
+            format!("{text:?} is not a memory size; write for example \"512m\" or \"2g\""),
+        )),
+    }
+}
+
+/// Parses a CPU limit such as "1.5" or 2 into the Engine's NanoCpus.
+pub fn parse_cpus(field: &str, text: &str) -> Result<i64, ConfigError> {
+    match text.trim().parse::<f64>() {
+        Ok(n) if n.is_finite() && n >= 0.01 && n <= 1024.0 => Ok((n * 1e9).round() as i64),
+        _ => Err(ConfigError::invalid(
+            field,
+            format!("{text:?} is not a CPU count; write a number from 0.01 to 1024, for example \"1.5\""),
+        )),
+    }
+}
+
+pub fn parse_gpus(field: &str, text: &str) -> Result<GpuRequest, ConfigError> {
+    match text.trim() {
+        "" | "none" | "0" => Ok(GpuRequest::None),
+        "auto" => Ok(GpuRequest::Auto),
+        "all" => Ok(GpuRequest::All),
+        n => match n.parse::<u32>() {
+            Ok(count) => Ok(GpuRequest::Count(count)),
+            Err(_) => Err(ConfigError::invalid(
+                field,
+                format!("{text:?} is not a GPU request; write \"auto\", \"all\", \"none\" or a count"),
+            )),
+        },
+    }
+}
+
+pub fn parse_restart(field: &str, text: &str) -> Result<RestartPolicy, ConfigError> {
+    let bad = || {
+        ConfigError::invalid(
+            field,
+            format!("{text:?} is not a restart policy; write \"no\", \"on-failure\", \"on-failure:N\" or \"always\""),
+        )
+    };
+    match text.trim() {
+        "no" => Ok(RestartPolicy::No),
+        "always" => Ok(RestartPolicy::Always),
+        "on-failure" => Ok(RestartPolicy::OnFailure { max_retries: None }),
+        other => match other.strip_prefix("on-failure:") {
+            Some(n) => n
+                .parse::<u32>()
+                .map(|n| RestartPolicy::OnFailure {
+                    max_retries: Some(n),
+                })
+                .map_err(|_| bad()),
+            None => Err(bad()),
+        },
+    }
+}
+
+pub fn parse_pull(field: &str, text: &str) -> Result<PullPolicy, ConfigError> {
+    match text.trim() {
+        "missing" => Ok(PullPolicy::Missing),
+        "always" => Ok(PullPolicy::Always),
+        "never" => Ok(PullPolicy::Never),
+        _ => Err(ConfigError::invalid(
+            field,
+            format!("{text:?} is not a pull policy; write \"missing\", \"always\" or \"never\""),
+        )),
+    }
+}
+
+/// Serializes durations as whole milliseconds so the config hash is stable.
+mod duration_ms {
+    use std::time::Duration;
+
+    use serde::Serializer;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(d.as_millis() as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_in_every_form() {
+        let p = parse_port("f", "6379", "127.0.0.1").unwrap();
+        assert_eq!((p.host_port, p.container_port, p.protocol), (6379, 6379, Protocol::Tcp));
+        let p = parse_port("f", "0:6379", "127.0.0.1").unwrap();
+        assert_eq!((p.host_port, p.container_port), (0, 6379));
+        let p = parse_port("f", "0.0.0.0:16379:6379/udp", "127.0.0.1").unwrap();
+        assert_eq!(p.host_ip, "0.0.0.0");
+        assert_eq!((p.host_port, p.container_port, p.protocol), (16379, 6379, Protocol::Udp));
+        for bad in ["", "x", "70000", "1:2:3:4", "6379/sctp", "0", "host:1:2", "1:0"] {
+            assert!(parse_port("svc.ports", bad, "127.0.0.1").is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn mounts() {
+        let base = std::path::Path::new("/proj");
+        let m = parse_mount("f", "data:/data", base).unwrap();
+        assert_eq!((m.kind, m.source.as_str(), m.read_only), (MountKind::Volume, "data", false));
+        let m = parse_mount("f", "./models:/models:ro", base).unwrap();
+        assert_eq!((m.kind, m.source.as_str(), m.read_only), (MountKind::Bind, "/proj/./models", true));
+        for bad in ["data", "data:rel", "a:/b:xx", "bad name:/x"] {
+            assert!(parse_mount("f", bad, base).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn durations_memory_cpus() {
+        assert_eq!(parse_duration("f", "250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("f", "1.5s").unwrap(), Duration::from_millis(1500));
+        assert_eq!(parse_duration("f", "2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("f", "3").unwrap(), Duration::from_secs(3));
+        for bad in ["", "-1s", "5 parsecs", "1e999", "ms"] {
+            assert!(parse_duration("f", bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse_memory("f", "512m").unwrap(), 512 * 1024 * 1024);
+        assert_eq!(parse_memory("f", "2GB").unwrap(), 2 * 1024 * 1024 * 1024);
+        for bad in ["", "lots", "1k", "-5m", "5q"] {
+            assert!(parse_memory("f", bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse_cpus("f", "1.5").unwrap(), 1_500_000_000);
+        for bad in ["0", "-1", "two", "NaN", "inf"] {
+            assert!(parse_cpus("f", bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn policies_and_names() {
+        assert_eq!(
+            parse_restart("f", "on-failure:3").unwrap(),
+            RestartPolicy::OnFailure { max_retries: Some(3) }
+        );
+        assert!(parse_restart("f", "sometimes").is_err());
+        assert_eq!(parse_pull("f", "never").unwrap(), PullPolicy::Never);
+        assert_eq!(parse_gpus("f", "2").unwrap(), GpuRequest::Count(2));
+        assert!(validate_name("f", "model_server").is_ok());
+        for bad in ["", "-x", "a b", "ü", &"x".repeat(64)] {
+            assert!(validate_name("f", bad).is_err(), "{bad}");
+        }
+    }
+}

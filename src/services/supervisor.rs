@@ -1,0 +1,843 @@
+//! Brings a validated stack up and down on the Docker Engine.
+//!
+//! Start walks the dependency graph: every service pulls its image and creates its container at
+//! once, then starts as soon as its own dependencies meet their condition, so independent
+//! services come up in parallel. Stop walks the graph the other way. Containers carry labels
+//! (project, service, config hash, session, owner PID) so a later start can reuse them.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+use tokio::sync::{broadcast, watch};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::docker::{labels, ContainerInfo, ContainerPlan, Docker, DockerError, RunState};
+use crate::health::{self, Backoff};
+use crate::services::graph;
+use crate::services::spec::{Condition, GpuRequest, Probe, ServiceSpec};
+
+/// How many log lines a start error carries.
+const ERROR_LOG_LINES: usize = 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StackError {
+    #[error(transparent)]
+    Docker(#[from] DockerError),
+    #[error("service {service:?} cannot publish {host_ip}:{port}: {message}. Stop what holds it, or give the service another port (0 picks any free port)")]
+    PortInUse {
+        service: String,
+        host_ip: String,
+        port: u16,
+        message: String,
+    },
+    #[error("service {service:?} failed to start: {reason}{}", logs_suffix(logs))]
+    ServiceStart {
+        service: String,
+        reason: String,
+        logs: String,
+    },
+    #[error("unknown service {name:?}; this stack runs: {known}")]
+    UnknownService { name: String, known: String },
+    #[error("start was cancelled; every container it started has been removed")]
+    Cancelled,
+}
+
+fn logs_suffix(logs: &str) -> String {
+    if logs.trim().is_empty() {
+        String::new()
+    } else {
+        format!("\n--- last log lines ---\n{}", logs.trim_end())
+    }
+}
+
+/// Where a service is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Pending,
+    Pulling,
+    Creating,
+    Waiting,
+    Starting,
+    Healthy,
+    Completed,
+    Failed,
+    Stopping,
+    Stopped,
+}
+
+impl Phase {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Phase::Pending => "pending",
+            Phase::Pulling => "pulling",
+            Phase::Creating => "creating",
+            Phase::Waiting => "waiting",
+            Phase::Starting => "starting",
+            Phase::Healthy => "healthy",
+            Phase::Completed => "completed",
+            Phase::Failed => "failed",
+            Phase::Stopping => "stopping",
+            Phase::Stopped => "stopped",
+        }
+    }
+}
+
+/// A progress report; the gRPC streams and the CLI show these.
+#[derive(Debug, Clone)]
+pub struct ServiceEvent {
+    pub service: String,
+    pub phase: Phase,
+    pub message: String,
+}
+
+/// What is known about one service of the running stack.
+#[derive(Debug, Clone)]
+pub struct ServiceState {
+    pub name: String,
+    pub image: String,
+    pub phase: Phase,
+    pub container_id: Option<String>,
+    /// Published TCP ports: container port → (host ip to dial, host port).
+    pub ports: BTreeMap<u16, (String, u16)>,
+    /// The container was already running with this config and was attached to, not recreated.
+    pub reused: bool,
+    pub message: String,
+    pub scheme: String,
+}
+
+impl ServiceState {
+    /// `scheme://host:port` of the first published TCP port.
+    pub fn url(&self) -> Option<String> {
+        self.ports
+            .values()
+            .next()
+            .map(|(host, port)| format!("{}://{}:{}", self.scheme, url_host(host), port))
+    }
+
+    pub fn host(&self) -> String {
+        self.ports
+            .values()
+            .next()
+            .map(|(host, _)| url_host(host))
+            .unwrap_or_else(|| "127.0.0.1".into())
+    }
+}
+
+fn url_host(ip: &str) -> String {
+    let addr = health::probe_addr(ip, 0);
+    match addr.ip() {
+        std::net::IpAddr::V6(v6) => format!("[{v6}]"),
+        v4 => v4.to_string(),
+    }
+}
+
+/// The config hash label: changes whenever anything about the service's container would.
+pub fn config_hash(spec: &ServiceSpec) -> String {
+    let json = serde_json::to_vec(spec).expect("a service spec always serializes");
+    Sha256::digest(&json)
+        .iter()
+        .take(12)
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Readiness a dependent can wait on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Readiness {
+    NotYet,
+    Started,
+    Healthy,
+    Completed,
+    Failed,
+}
+
+impl Readiness {
+    fn satisfies(self, condition: Condition) -> bool {
+        match condition {
+            Condition::Started => matches!(self, Readiness::Started | Readiness::Healthy | Readiness::Completed),
+            Condition::Healthy => matches!(self, Readiness::Healthy | Readiness::Completed),
+            Condition::Completed => self == Readiness::Completed,
+        }
+    }
+}
+
+pub struct Supervisor {
+    docker: Docker,
+    config: Arc<Config>,
+    session: String,
+    network: String,
+    state: Mutex<BTreeMap<String, ServiceState>>,
+    events: broadcast::Sender<ServiceEvent>,
+    gpu_runtime: tokio::sync::OnceCell<bool>,
+}
+
+enum Plan {
+    Reuse(ContainerInfo),
+    Create,
+}
+
+impl Supervisor {
+    pub fn new(docker: Docker, config: Arc<Config>, session: String) -> Self {
+        let network = format!("{}_default", config.project);
+        let state = config
+            .services
+            .iter()
+            .map(|s| {
+                (
+                    s.name.clone(),
+                    ServiceState {
+                        name: s.name.clone(),
+                        image: s.image.clone(),
+                        phase: Phase::Pending,
+                        container_id: None,
+                        ports: BTreeMap::new(),
+                        reused: false,
+                        message: String::new(),
+                        scheme: s.scheme.clone(),
+                    },
+                )
+            })
+            .collect();
+        let (events, _) = broadcast::channel(1024);
+        Supervisor {
+            docker,
+            config,
+            session,
+            network,
+            state: Mutex::new(state),
+            events,
+            gpu_runtime: tokio::sync::OnceCell::new(),
+        }
+    }
+
+    pub fn docker(&self) -> &Docker {
+        &self.docker
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<ServiceEvent> {
+        self.events.subscribe()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, BTreeMap<String, ServiceState>> {
+        // A panic while holding this lock leaves plain data behind; keep using it.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn snapshot(&self) -> Vec<ServiceState> {
+        let state = self.lock();
+        self.config
+            .services
+            .iter()
+            .filter_map(|s| state.get(&s.name).cloned())
+            .collect()
+    }
+
+    fn set_phase(&self, service: &str, phase: Phase, message: impl Into<String>) {
+        let message = message.into();
+        if let Some(s) = self.lock().get_mut(service) {
+            s.phase = phase;
+            s.message = message.clone();
+        }
+        match phase {
+            Phase::Failed => tracing::warn!(service, phase = phase.as_str(), "{message}"),
+            _ => tracing::info!(service, phase = phase.as_str(), "{message}"),
+        }
+        let _ = self.events.send(ServiceEvent {
+            service: service.to_string(),
+            phase,
+            message,
+        });
+    }
+
+    fn spec(&self, name: &str) -> Result<&ServiceSpec, StackError> {
+        self.config
+            .services
+            .iter()
+            .find(|s| s.name == name)
+            .ok_or_else(|| StackError::UnknownService {
+                name: name.to_string(),
+                known: self
+                    .config
+                    .services
+                    .iter()
+                    .map(|s| s.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })
+    }
+
+    fn container_name(&self, service: &str) -> String {
+        format!("{}-{}", self.config.project, service)
+    }
+
+    fn labels_for(&self, spec: &ServiceSpec) -> BTreeMap<String, String> {
+        BTreeMap::from([
+            (labels::PROJECT.to_string(), self.config.project.clone()),
+            (labels::SERVICE.to_string(), spec.name.clone()),
+            (labels::CONFIG_HASH.to_string(), config_hash(spec)),
+            (labels::SESSION.to_string(), self.session.clone()),
+            (labels::OWNER_PID.to_string(), std::process::id().to_string()),
+            (labels::KEEP.to_string(), self.config.keep_running.to_string()),
+        ])
+    }
+
+    /// Brings the stack up. On failure or cancellation every container this call created is
+    /// removed before it returns.
+    pub async fn start(self: &Arc<Self>, cancel: CancellationToken) -> Result<(), StackError> {
+        let began = Instant::now();
+        let existing = self
+            .docker
+            .list_by_label(labels::PROJECT, &self.config.project)
+            .await?;
+        let (plans, stale) = self.plan(existing);
+        self.check_ports(&plans, &stale)?;
+
+        let mut removals = JoinSet::new();
+        for c in &stale {
+            let this = Arc::clone(self);
+            let id = c.id.clone();
+            removals.spawn(async move { this.docker.remove(&id, Duration::from_secs(10)).await });
+        }
+        while let Some(result) = removals.join_next().await {
+            if let Ok(Err(e)) = result {
+                return Err(e.into());
+            }
+        }
+        if plans.values().any(|p| matches!(p, Plan::Create)) {
+            self.docker.ensure_network(&self.network, &self.config.project).await?;
+        }
+
+        let mut ready_tx = BTreeMap::new();
+        let mut ready_rx = BTreeMap::new();
+        for s in &self.config.services {
+            let (tx, rx) = watch::channel(Readiness::NotYet);
+            ready_tx.insert(s.name.clone(), tx);
+            ready_rx.insert(s.name.clone(), rx);
+        }
+        let jobs: BTreeSet<String> = self
+            .config
+            .services
+            .iter()
+            .flat_map(|s| s.depends_on.iter())
+            .filter(|(_, c)| **c == Condition::Completed)
+            .map(|(n, _)| n.clone())
+            .collect();
+
+        let walk = cancel.child_token();
+        let mut tasks = JoinSet::new();
+        let mut plans = plans;
+        for spec in &self.config.services {
+            let plan = plans.remove(&spec.name).unwrap_or(Plan::Create);
+            let deps: Vec<(String, Condition, watch::Receiver<Readiness>)> = spec
+                .depends_on
+                .iter()
+                .map(|(d, c)| (d.clone(), *c, ready_rx[d].clone()))
+                .collect();
+            let tx = ready_tx.remove(&spec.name).expect("one sender per service");
+            let this = Arc::clone(self);
+            let name = spec.name.clone();
+            let is_job = jobs.contains(&spec.name);
+            let walk = walk.clone();
+            tasks.spawn(async move {
+                let result = this.bring_up(&name, plan, deps, &tx, is_job, &walk).await;
+                if result.is_err() {
+                    let _ = tx.send(Readiness::Failed);
+                }
+                (name, result)
+            });
+        }
+
+        let mut failure: Option<StackError> = None;
+        while let Some(joined) = tasks.join_next().await {
+            let (name, result) = match joined {
+                Ok(r) => r,
+                Err(e) => (
+                    "unknown".to_string(),
+                    Err(StackError::ServiceStart {
+                        service: "unknown".into(),
+                        reason: format!("internal error: {e}"),
+                        logs: String::new(),
+                    }),
+                ),
+            };
+            if let Err(e) = result {
+                // Keep the first real failure; cancellations are its echo in the other services.
+                let real = !matches!(e, StackError::Cancelled);
+                if real {
+                    self.set_phase(&name, Phase::Failed, e.to_string());
+                }
+                if failure.is_none() || (real && matches!(failure, Some(StackError::Cancelled))) {
+                    failure = Some(e);
+                }
+                walk.cancel();
+            }
+        }
+
+        match failure {
+            None => {
+                tracing::info!(
+                    project = %self.config.project,
+                    services = self.config.services.len(),
+                    elapsed_ms = began.elapsed().as_millis() as u64,
+                    "stack is up"
+                );
+                Ok(())
+            }
+            Some(e) => {
+                let created: Vec<String> = self
+                    .snapshot()
+                    .into_iter()
+                    .filter(|s| !s.reused && s.container_id.is_some())
+                    .map(|s| s.name)
+                    .collect();
+                self.stop_services(&created, Some(Duration::from_secs(2))).await;
+                Err(if cancel.is_cancelled() { StackError::Cancelled } else { e })
+            }
+        }
+    }
+
+    /// Decides, per service, whether to reuse a running container or create one; returns the
+    /// containers to remove (changed config, not running, or no longer in the config).
+    fn plan(&self, existing: Vec<ContainerInfo>) -> (BTreeMap<String, Plan>, Vec<ContainerInfo>) {
+        let mut by_service: BTreeMap<String, Vec<ContainerInfo>> = BTreeMap::new();
+        for c in existing {
+            let service = c.labels.get(labels::SERVICE).cloned().unwrap_or_default();
+            by_service.entry(service).or_default().push(c);
+        }
+        let mut plans = BTreeMap::new();
+        let mut stale = Vec::new();
+        let mut recreated: BTreeSet<String> = BTreeSet::new();
+        for spec in &self.config.services {
+            let mut found = by_service.remove(&spec.name).unwrap_or_default();
+            let hash = config_hash(spec);
+            let reusable = found.iter().position(|c| {
+                c.state == RunState::Running && c.labels.get(labels::CONFIG_HASH) == Some(&hash)
+            });
+            let deps_recreated = spec.depends_on.keys().any(|d| recreated.contains(d));
+            match reusable {
+                Some(i) if !deps_recreated => {
+                    let c = found.remove(i);
+                    plans.insert(spec.name.clone(), Plan::Reuse(c));
+                }
+                _ => {
+                    if !found.is_empty() {
+                        tracing::info!(service = %spec.name, "config changed or container not running: recreating");
+                    }
+                    recreated.insert(spec.name.clone());
+                    plans.insert(spec.name.clone(), Plan::Create);
+                }
+            }
+            stale.extend(found);
+        }
+        for (service, containers) in by_service {
+            tracing::info!(service = %service, "no longer in the config: removing");
+            stale.extend(containers);
+        }
+        // Dependents of a recreated service are recreated too (they may hold connections to it).
+        for name in recreated.clone() {
+            for dependent in graph::dependents_of(&self.config.services, &name) {
+                if let Some(Plan::Reuse(c)) = plans.insert(dependent, Plan::Create) {
+                    stale.push(c);
+                }
+            }
+        }
+        (plans, stale)
+    }
+
+    fn check_ports(&self, plans: &BTreeMap<String, Plan>, stale: &[ContainerInfo]) -> Result<(), StackError> {
+        let held_by_stale: BTreeSet<u16> = stale
+            .iter()
+            .flat_map(|c| c.ports.values().map(|(_, p)| *p))
+            .collect();
+        for spec in &self.config.services {
+            if !matches!(plans.get(&spec.name), Some(Plan::Create)) {
+                continue;
+            }
+            for p in spec.ports.iter().filter(|p| p.host_port != 0) {
+                if held_by_stale.contains(&p.host_port) {
+                    continue;
+                }
+                let addr = health::probe_addr(&p.host_ip, p.host_port);
+                let bind_addr = std::net::SocketAddr::new(
+                    p.host_ip.parse().unwrap_or(addr.ip()),
+                    p.host_port,
+                );
+                let result = match p.protocol {
+                    crate::services::spec::Protocol::Tcp => std::net::TcpListener::bind(bind_addr).map(drop),
+                    crate::services::spec::Protocol::Udp => std::net::UdpSocket::bind(bind_addr).map(drop),
+                };
+                if let Err(e) = result {
+                    return Err(StackError::PortInUse {
+                        service: spec.name.clone(),
+                        host_ip: p.host_ip.clone(),
+                        port: p.host_port,
+                        message: e.to_string(),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn bring_up(
+        &self,
+        name: &str,
+        plan: Plan,
+        deps: Vec<(String, Condition, watch::Receiver<Readiness>)>,
+        ready: &watch::Sender<Readiness>,
+        is_job: bool,
+        cancel: &CancellationToken,
+    ) -> Result<(), StackError> {
+        let spec = self.spec(name)?.clone();
+        let id = match plan {
+            Plan::Reuse(c) => {
+                self.record_container(name, &c, true);
+                self.set_phase(name, Phase::Starting, "reusing running container");
+                c.id
+            }
+            Plan::Create => {
+                self.set_phase(name, Phase::Pulling, format!("ensuring image {}", spec.image));
+                let progress = |line: String| {
+                    let _ = self.events.send(ServiceEvent {
+                        service: name.to_string(),
+                        phase: Phase::Pulling,
+                        message: line,
+                    });
+                };
+                cancellable(cancel, self.docker.ensure_image(&spec.image, spec.pull, &progress))
+                    .await?
+                    .map_err(|e| self.start_error(name, e.to_string(), String::new()))?;
+                self.set_phase(name, Phase::Creating, "creating container");
+                let gpus = match spec.resources.gpus {
+                    GpuRequest::None => false,
+                    GpuRequest::Auto => {
+                        let has = *self.gpu_runtime.get_or_init(|| self.docker.has_gpu_runtime()).await;
+                        if !has {
+                            tracing::info!(service = name, "no GPU runtime on this Engine: running on CPU");
+                        }
+                        has
+                    }
+                    GpuRequest::All | GpuRequest::Count(_) => true,
+                };
+                let container_name = self.container_name(name);
+                let plan = ContainerPlan {
+                    name: &container_name,
+                    network: &self.network,
+                    volume_prefix: &self.config.project,
+                    spec: &spec,
+                    labels: self.labels_for(&spec),
+                    gpus,
+                };
+                let id = cancellable(cancel, self.docker.create_container(&plan))
+                    .await?
+                    .map_err(|e| self.start_error(name, e.to_string(), String::new()))?;
+                if let Some(s) = self.lock().get_mut(name) {
+                    s.container_id = Some(id.clone());
+                }
+
+                if !deps.is_empty() {
+                    self.set_phase(
+                        name,
+                        Phase::Waiting,
+                        format!(
+                            "waiting for {}",
+                            deps.iter()
+                                .map(|(d, c, _)| format!("{d} ({c})"))
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
+                    );
+                }
+                for (dep, condition, mut rx) in deps {
+                    let reached = cancellable(cancel, rx.wait_for(|r| r.satisfies(condition) || *r == Readiness::Failed))
+                        .await?
+                        .map(|r| *r);
+                    match reached {
+                        Ok(r) if r.satisfies(condition) => {}
+                        _ => return Err(StackError::Cancelled),
+                    }
+                    tracing::debug!(service = name, dependency = %dep, "dependency ready");
+                }
+
+                self.set_phase(name, Phase::Starting, "starting container");
+                cancellable(cancel, self.docker.start(&id))
+                    .await?
+                    .map_err(|e| self.start_error(name, e.to_string(), String::new()))?;
+                let info = cancellable(cancel, self.docker.inspect(&id))
+                    .await?
+                    .map_err(|e| self.start_error(name, e.to_string(), String::new()))?;
+                self.record_container(name, &info, false);
+                id
+            }
+        };
+        let _ = ready.send(Readiness::Started);
+
+        if is_job {
+            self.wait_completed(name, &id, cancel).await?;
+            let _ = ready.send(Readiness::Completed);
+            self.set_phase(name, Phase::Completed, "ran to completion");
+        } else {
+            let began = Instant::now();
+            self.wait_healthy(&spec, &id, cancel).await?;
+            let _ = ready.send(Readiness::Healthy);
+            self.set_phase(
+                name,
+                Phase::Healthy,
+                format!("{} probe passed after {} ms", spec.healthcheck.probe.kind(), began.elapsed().as_millis()),
+            );
+        }
+        Ok(())
+    }
+
+    fn record_container(&self, name: &str, c: &ContainerInfo, reused: bool) {
+        if let Some(s) = self.lock().get_mut(name) {
+            s.container_id = Some(c.id.clone());
+            s.reused = reused;
+            s.ports = c
+                .ports
+                .iter()
+                .filter(|((_, proto), _)| proto == "tcp")
+                .map(|((port, _), (ip, host_port))| (*port, (ip.clone(), *host_port)))
+                .collect();
+        }
+    }
+
+    fn start_error(&self, service: &str, reason: String, logs: String) -> StackError {
+        StackError::ServiceStart {
+            service: service.to_string(),
+            reason,
+            logs,
+        }
+    }
+
+    async fn failure_with_logs(&self, service: &str, id: &str, reason: String) -> StackError {
+        let logs = self.docker.logs(id, ERROR_LOG_LINES).await.unwrap_or_default();
+        self.start_error(service, reason, logs)
+    }
+
+    /// Runs one probe; `Err` carries what went wrong, for the error a user finally sees.
+    async fn probe(&self, spec: &ServiceSpec, id: &str) -> Result<(), String> {
+        let timeout = spec.healthcheck.timeout;
+        let published = |port: u16| -> Result<std::net::SocketAddr, String> {
+            let state = self.lock();
+            let (ip, host_port) = state
+                .get(&spec.name)
+                .and_then(|s| s.ports.get(&port).cloned())
+                .ok_or_else(|| format!("container port {port} is not published"))?;
+            Ok(health::probe_addr(&ip, host_port))
+        };
+        match &spec.healthcheck.probe {
+            Probe::Tcp { port } => health::tcp(published(*port)?, timeout).await,
+            Probe::Http { port, path, status } => health::http(published(*port)?, path, *status, timeout).await,
+            Probe::Redis { port } => health::redis(published(*port)?, timeout).await,
+            Probe::Exec { command } => {
+                match tokio::time::timeout(timeout, self.docker.exec(id, command)).await {
+                    Err(_) => Err(format!("exec {command:?} gave no answer within {timeout:?}")),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Ok(Ok(out)) if out.exit_code == 0 => Ok(()),
+                    Ok(Ok(out)) => Err(format!(
+                        "exec {command:?} exited with {}: {}",
+                        out.exit_code,
+                        format!("{}{}", out.stdout, out.stderr).trim()
+                    )),
+                }
+            }
+            Probe::Docker => {
+                let info = self.docker.inspect(id).await.map_err(|e| e.to_string())?;
+                match info.engine_health.as_deref() {
+                    Some("healthy") => Ok(()),
+                    Some(other) => Err(format!("the image's HEALTHCHECK reports {other}")),
+                    None => Err("the image has no HEALTHCHECK; choose another probe type".to_string()),
+                }
+            }
+            Probe::None => Ok(()),
+        }
+    }
+
+    async fn wait_healthy(&self, spec: &ServiceSpec, id: &str, cancel: &CancellationToken) -> Result<(), StackError> {
+        let deadline = Instant::now() + spec.healthcheck.start_period;
+        let mut backoff = Backoff::new(spec.healthcheck.interval);
+        loop {
+            let last_error = match cancellable(cancel, self.probe(spec, id)).await? {
+                Ok(()) => return Ok(()),
+                Err(e) => e,
+            };
+            let info = self
+                .docker
+                .inspect(id)
+                .await
+                .map_err(|e| self.start_error(&spec.name, e.to_string(), String::new()))?;
+            if matches!(info.state, RunState::Exited | RunState::Dead | RunState::Restarting) {
+                let code = info.exit_code.map(|c| format!(" with code {c}")).unwrap_or_default();
+                return Err(self
+                    .failure_with_logs(&spec.name, id, format!("its container exited{code} before it was healthy"))
+                    .await);
+            }
+            if Instant::now() >= deadline {
+                return Err(self
+                    .failure_with_logs(
+                        &spec.name,
+                        id,
+                        format!(
+                            "not healthy within its start period of {:?}; last {} probe: {last_error}",
+                            spec.healthcheck.start_period,
+                            spec.healthcheck.probe.kind()
+                        ),
+                    )
+                    .await);
+            }
+            cancellable(cancel, tokio::time::sleep(backoff.next_delay())).await?;
+        }
+    }
+
+    async fn wait_completed(&self, name: &str, id: &str, cancel: &CancellationToken) -> Result<(), StackError> {
+        let mut backoff = Backoff::new(Duration::from_millis(250));
+        loop {
+            let info = self
+                .docker
+                .inspect(id)
+                .await
+                .map_err(|e| self.start_error(name, e.to_string(), String::new()))?;
+            match (info.state, info.exit_code) {
+                (RunState::Exited, Some(0)) => return Ok(()),
+                (RunState::Exited | RunState::Dead, code) => {
+                    return Err(self
+                        .failure_with_logs(name, id, format!("it exited with code {} instead of 0", code.unwrap_or(-1)))
+                        .await)
+                }
+                _ => cancellable(cancel, tokio::time::sleep(backoff.next_delay())).await?,
+            }
+        }
+    }
+
+    /// Stops and removes the named services (all when empty), each after its dependents, in
+    /// parallel where the graph allows. `timeout` overrides each service's stop timeout.
+    pub async fn stop_services(self: &Arc<Self>, names: &[String], timeout: Option<Duration>) {
+        let chosen: BTreeSet<String> = if names.is_empty() {
+            self.config.services.iter().map(|s| s.name.clone()).collect()
+        } else {
+            names.iter().cloned().collect()
+        };
+        let mut done_tx = BTreeMap::new();
+        let mut done_rx = BTreeMap::new();
+        for s in &self.config.services {
+            let (tx, rx) = watch::channel(!chosen.contains(&s.name));
+            done_tx.insert(s.name.clone(), tx);
+            done_rx.insert(s.name.clone(), rx);
+        }
+        let mut tasks = JoinSet::new();
+        for spec in self.config.services.iter().filter(|s| chosen.contains(&s.name)) {
+            let dependents: Vec<watch::Receiver<bool>> = self
+                .config
+                .services
+                .iter()
+                .filter(|d| d.depends_on.contains_key(&spec.name))
+                .map(|d| done_rx[&d.name].clone())
+                .collect();
+            let tx = done_tx.remove(&spec.name).expect("one sender per service");
+            let this = Arc::clone(self);
+            let name = spec.name.clone();
+            let stop_timeout = timeout.unwrap_or(spec.stop_timeout);
+            tasks.spawn(async move {
+                for mut rx in dependents {
+                    let _ = rx.wait_for(|done| *done).await;
+                }
+                let id = this.lock().get(&name).and_then(|s| s.container_id.clone());
+                if let Some(id) = id {
+                    this.set_phase(&name, Phase::Stopping, "stopping");
+                    match this.docker.remove(&id, stop_timeout).await {
+                        Ok(()) => this.set_phase(&name, Phase::Stopped, "removed"),
+                        Err(e) => this.set_phase(&name, Phase::Failed, format!("could not remove: {e}")),
+                    }
+                    if let Some(s) = this.lock().get_mut(&name) {
+                        s.container_id = None;
+                        s.ports.clear();
+                    }
+                }
+                let _ = tx.send(true);
+            });
+        }
+        while tasks.join_next().await.is_some() {}
+        if names.is_empty() {
+            self.docker.remove_network(&self.network).await;
+        }
+    }
+
+    /// Restarts one service's container and waits until it is healthy again.
+    pub async fn restart(self: &Arc<Self>, name: &str) -> Result<(), StackError> {
+        let spec = self.spec(name)?.clone();
+        let id = self
+            .lock()
+            .get(name)
+            .and_then(|s| s.container_id.clone())
+            .ok_or_else(|| self.start_error(name, "it has no container (the stack is not up)".into(), String::new()))?;
+        self.set_phase(name, Phase::Starting, "restarting");
+        self.docker
+            .restart(&id, spec.stop_timeout)
+            .await
+            .map_err(|e| self.start_error(name, e.to_string(), String::new()))?;
+        let info = self
+            .docker
+            .inspect(&id)
+            .await
+            .map_err(|e| self.start_error(name, e.to_string(), String::new()))?;
+        self.record_container(name, &info, false);
+        let result = self.wait_healthy(&spec, &id, &CancellationToken::new()).await;
+        match &result {
+            Ok(()) => self.set_phase(name, Phase::Healthy, "healthy after restart"),
+            Err(e) => self.set_phase(name, Phase::Failed, e.to_string()),
+        }
+        result
+    }
+
+    /// Live state from the Engine, merged into the snapshot.
+    pub async fn refresh(&self) -> Result<Vec<ServiceState>, StackError> {
+        let ids: Vec<(String, String)> = self
+            .snapshot()
+            .into_iter()
+            .filter_map(|s| s.container_id.map(|id| (s.name, id)))
+            .collect();
+        for (name, id) in ids {
+            match self.docker.inspect(&id).await {
+                Ok(info) => {
+                    let lost = matches!(info.state, RunState::Exited | RunState::Dead);
+                    let phase = self.lock().get(&name).map(|s| s.phase);
+                    if lost && phase != Some(Phase::Completed) {
+                        let code = info.exit_code.unwrap_or(-1);
+                        self.set_phase(&name, Phase::Failed, format!("container exited with code {code}"));
+                    }
+                }
+                Err(DockerError::Api { message, .. }) if message.contains("No such container") => {
+                    self.set_phase(&name, Phase::Failed, "container is gone");
+                    if let Some(s) = self.lock().get_mut(&name) {
+                        s.container_id = None;
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(self.snapshot())
+    }
+
+    pub async fn logs(&self, name: &str, tail: usize) -> Result<String, StackError> {
+        self.spec(name)?;
+        let id = self.lock().get(name).and_then(|s| s.container_id.clone());
+        match id {
+            Some(id) => Ok(self.docker.logs(&id, tail).await?),
+            None => Ok(String::new()),
+        }
+    }
+}
+
+/// Runs `fut` unless `cancel` fires first.
+async fn cancellable<T>(cancel: &CancellationToken, fut: impl std::future::Future<Output = T>) -> Result<T, StackError> {
+    tokio::select! {
+        biased;
+        _ = cancel.cancelled() => Err(StackError::Cancelled),
+        v = fut => Ok(v),
+    }
+}

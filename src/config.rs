@@ -137,7 +137,10 @@ fn merge<T>(lower: &mut Option<T>, upper: Option<T>) {
     }
 }
 
-fn merge_map(lower: &mut Option<BTreeMap<String, String>>, upper: Option<BTreeMap<String, String>>) {
+fn merge_map(
+    lower: &mut Option<BTreeMap<String, String>>,
+    upper: Option<BTreeMap<String, String>>,
+) {
     if let Some(upper) = upper {
         lower.get_or_insert_with(BTreeMap::new).extend(upper);
     }
@@ -284,7 +287,11 @@ impl Config {
 
         let file = match &options.config_file {
             Some(path) => Some(options.cwd.join(path)),
-            None => match options.env.get("DSPY_AGENT_CONFIG").filter(|v| !v.is_empty()) {
+            None => match options
+                .env
+                .get("DSPY_AGENT_CONFIG")
+                .filter(|v| !v.is_empty())
+            {
                 Some(path) => Some(options.cwd.join(path)),
                 None => Some(options.cwd.join(CONFIG_FILE_NAME)).filter(|p| p.is_file()),
             },
@@ -310,10 +317,13 @@ impl Config {
         });
 
         let selection = options.services.clone().or_else(|| {
-            options
-                .env
-                .get("DSPY_AGENT_SERVICES")
-                .map(|v| v.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect())
+            options.env.get("DSPY_AGENT_SERVICES").map(|v| {
+                v.split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(String::from)
+                    .collect()
+            })
         });
 
         let base_dir = file
@@ -348,7 +358,10 @@ fn default_state_dir(env: &BTreeMap<String, String>, project: &str) -> PathBuf {
 
 fn check_addr(field: &str, addr: &str) -> Result<(), ConfigError> {
     let (host, port) = addr.rsplit_once(':').ok_or_else(|| {
-        ConfigError::invalid(field, format!("{addr:?} is not HOST:PORT, for example \"127.0.0.1:50052\""))
+        ConfigError::invalid(
+            field,
+            format!("{addr:?} is not HOST:PORT, for example \"127.0.0.1:50052\""),
+        )
     })?;
     if host.is_empty() || port.parse::<u16>().is_err() {
         return Err(ConfigError::invalid(
@@ -387,7 +400,13 @@ fn resolve(
     }
 
     let known: BTreeSet<&String> = layer.services.keys().collect();
-    let known_list = || known.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ");
+    let known_list = || {
+        known
+            .iter()
+            .map(|s| s.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     let wanted: BTreeSet<String> = match &selection {
         Some(names) => {
             for name in names {
@@ -458,9 +477,17 @@ fn resolve_service(
     let image = patch
         .image
         .filter(|i| !i.trim().is_empty())
-        .ok_or_else(|| ConfigError::invalid(field("image"), "a service needs an image, for example image = \"redis:7-alpine\""))?;
+        .ok_or_else(|| {
+            ConfigError::invalid(
+                field("image"),
+                "a service needs an image, for example image = \"redis:7-alpine\"",
+            )
+        })?;
     if image.chars().any(char::is_whitespace) {
-        return Err(ConfigError::invalid(field("image"), format!("{image:?} is not an image reference")));
+        return Err(ConfigError::invalid(
+            field("image"),
+            format!("{image:?} is not an image reference"),
+        ));
     }
 
     let ports = patch
@@ -475,7 +502,10 @@ fn resolve_service(
         .iter()
         .map(|v| spec::parse_mount(&field("volumes"), v, base_dir))
         .collect::<Result<Vec<_>, _>>()?;
-    let depends_on = patch.depends_on.map(DependsOn::into_map).unwrap_or_default();
+    let depends_on = patch
+        .depends_on
+        .map(DependsOn::into_map)
+        .unwrap_or_default();
     if depends_on.contains_key(name) {
         return Err(ConfigError::Cycle {
             cycle: vec![name.to_string(), name.to_string()],
@@ -484,7 +514,10 @@ fn resolve_service(
     let env = patch.env.unwrap_or_default();
     for key in env.keys() {
         if key.is_empty() || key.contains('=') || key.contains('\0') {
-            return Err(ConfigError::invalid(field("env"), format!("{key:?} is not a variable name")));
+            return Err(ConfigError::invalid(
+                field("env"),
+                format!("{key:?} is not a variable name"),
+            ));
         }
     }
 
@@ -492,7 +525,10 @@ fn resolve_service(
 
     let r = patch.resources.unwrap_or_default();
     let resources = Resources {
-        nano_cpus: r.cpus.map(|c| spec::parse_cpus(&field("resources.cpus"), &c.text())).transpose()?,
+        nano_cpus: r
+            .cpus
+            .map(|c| spec::parse_cpus(&field("resources.cpus"), &c.text()))
+            .transpose()?,
         memory_bytes: r
             .memory
             .map(|m| spec::parse_memory(&field("resources.memory"), &m.text()))
@@ -555,7 +591,10 @@ fn resolve_health(
                 format!("a {kind} probe needs a published TCP port; add one to ports, or use type = \"exec\""),
             )
         })?;
-        if !ports.iter().any(|p| p.container_port == port && p.protocol == spec::Protocol::Tcp) {
+        if !ports
+            .iter()
+            .any(|p| p.container_port == port && p.protocol == spec::Protocol::Tcp)
+        {
             return Err(ConfigError::invalid(
                 field("port"),
                 format!("{port} is not one of the service's published TCP container ports"),
@@ -564,15 +603,23 @@ fn resolve_health(
         Ok(port)
     };
     let probe = match kind.as_str() {
-        "tcp" => Probe::Tcp { port: probe_port()? },
+        "tcp" => Probe::Tcp {
+            port: probe_port()?,
+        },
         "http" => {
             let path = h.path.clone().unwrap_or_else(|| "/health".to_string());
             if !path.starts_with('/') || path.chars().any(|c| c.is_whitespace() || c.is_control()) {
-                return Err(ConfigError::invalid(field("path"), format!("{path:?} must be a URL path starting with '/'")));
+                return Err(ConfigError::invalid(
+                    field("path"),
+                    format!("{path:?} must be a URL path starting with '/'"),
+                ));
             }
             let status = h.status.unwrap_or(200);
             if !(100..=599).contains(&status) {
-                return Err(ConfigError::invalid(field("status"), format!("{status} is not an HTTP status")));
+                return Err(ConfigError::invalid(
+                    field("status"),
+                    format!("{status} is not an HTTP status"),
+                ));
             }
             Probe::Http {
                 port: probe_port()?,
@@ -580,10 +627,15 @@ fn resolve_health(
                 status,
             }
         }
-        "redis" => Probe::Redis { port: probe_port()? },
+        "redis" => Probe::Redis {
+            port: probe_port()?,
+        },
         "exec" => {
             let command = h.command.clone().filter(|c| !c.is_empty()).ok_or_else(|| {
-                ConfigError::invalid(field("command"), "an exec probe needs a command, for example [\"redis-cli\", \"ping\"]")
+                ConfigError::invalid(
+                    field("command"),
+                    "an exec probe needs a command, for example [\"redis-cli\", \"ping\"]",
+                )
             })?;
             Probe::Exec { command }
         }
@@ -592,23 +644,32 @@ fn resolve_health(
         other => {
             return Err(ConfigError::invalid(
                 field("type"),
-                format!("{other:?} is not a probe type; use tcp, http, redis, exec, docker or none"),
+                format!(
+                    "{other:?} is not a probe type; use tcp, http, redis, exec, docker or none"
+                ),
             ))
         }
     };
-    let duration = |f: &str, v: &Option<Scalar>, default: Duration| -> Result<Duration, ConfigError> {
-        v.as_ref()
-            .map(|s| spec::parse_duration(&field(f), &s.text()))
-            .transpose()
-            .map(|d| d.unwrap_or(default))
-    };
+    let duration =
+        |f: &str, v: &Option<Scalar>, default: Duration| -> Result<Duration, ConfigError> {
+            v.as_ref()
+                .map(|s| spec::parse_duration(&field(f), &s.text()))
+                .transpose()
+                .map(|d| d.unwrap_or(default))
+        };
     let interval = duration("interval", &h.interval, Duration::from_millis(250))?;
     if interval < Duration::from_millis(10) {
-        return Err(ConfigError::invalid(field("interval"), "must be at least 10ms"));
+        return Err(ConfigError::invalid(
+            field("interval"),
+            "must be at least 10ms",
+        ));
     }
     let timeout = duration("timeout", &h.timeout, Duration::from_secs(2))?;
     if timeout.is_zero() {
-        return Err(ConfigError::invalid(field("timeout"), "must be more than 0"));
+        return Err(ConfigError::invalid(
+            field("timeout"),
+            "must be more than 0",
+        ));
     }
     Ok(HealthCheck {
         probe,
@@ -650,9 +711,14 @@ mod tests {
         let (_d, mut opts) = options(Some(
             "project = \"from-file\"\n[services.redis]\nports = [\"16379:6379\"]\nenv = { A = \"1\" }\n",
         ));
-        opts.env.insert("DSPY_AGENT_PROJECT".into(), "from-env".into());
-        opts.env.insert("DOCKER_HOST".into(), "unix:///fallback.sock".into());
-        opts.env.insert("ENV_MANAGER_DOCKER_HOST".into(), "unix:///preferred.sock".into());
+        opts.env
+            .insert("DSPY_AGENT_PROJECT".into(), "from-env".into());
+        opts.env
+            .insert("DOCKER_HOST".into(), "unix:///fallback.sock".into());
+        opts.env.insert(
+            "ENV_MANAGER_DOCKER_HOST".into(),
+            "unix:///preferred.sock".into(),
+        );
         opts.services = Some(vec!["redis".into()]);
         let cfg = Config::load(opts.clone()).unwrap();
         assert_eq!(cfg.project, "from-env");
@@ -675,13 +741,31 @@ mod tests {
     #[test]
     fn bad_input_names_the_field() {
         let cases = [
-            ("[services.redis]\nports = [\"abc\"]\n", "services.redis.ports"),
-            ("[services.redis]\nresources = { memory = \"lots\" }\n", "services.redis.resources.memory"),
-            ("[services.redis]\nresources = { cpus = -1 }\n", "services.redis.resources.cpus"),
+            (
+                "[services.redis]\nports = [\"abc\"]\n",
+                "services.redis.ports",
+            ),
+            (
+                "[services.redis]\nresources = { memory = \"lots\" }\n",
+                "services.redis.resources.memory",
+            ),
+            (
+                "[services.redis]\nresources = { cpus = -1 }\n",
+                "services.redis.resources.cpus",
+            ),
             ("[services.x]\nenabled = true\n", "services.x.image"),
-            ("[services.\"bad name\"]\nimage = \"a\"\n", "services.bad name"),
-            ("[services.redis]\nhealthcheck = { type = \"smoke\" }\n", "healthcheck.type"),
-            ("[services.redis]\nrestart = \"sometimes\"\n", "services.redis.restart"),
+            (
+                "[services.\"bad name\"]\nimage = \"a\"\n",
+                "services.bad name",
+            ),
+            (
+                "[services.redis]\nhealthcheck = { type = \"smoke\" }\n",
+                "healthcheck.type",
+            ),
+            (
+                "[services.redis]\nrestart = \"sometimes\"\n",
+                "services.redis.restart",
+            ),
             ("[services.redis]\nbogus = 1\n", "unknown field `bogus`"),
             ("[services.redis\n", "line 1"),
         ];
@@ -698,25 +782,39 @@ mod tests {
             "[services.a]\nimage = \"x\"\ndepends_on = [\"b\"]\n[services.b]\nimage = \"x\"\ndepends_on = [\"c\"]\n[services.c]\nimage = \"x\"\ndepends_on = [\"a\"]\n",
         ));
         let err = Config::load(opts).unwrap_err().to_string();
-        assert!(err.contains("cycle") && err.contains("a") && err.contains("b") && err.contains("c"), "{err}");
+        assert!(
+            err.contains("cycle") && err.contains("a") && err.contains("b") && err.contains("c"),
+            "{err}"
+        );
 
-        let (_d, opts) = options(Some("[services.a]\nimage = \"x\"\ndepends_on = [\"nope\"]\n"));
+        let (_d, opts) = options(Some(
+            "[services.a]\nimage = \"x\"\ndepends_on = [\"nope\"]\n",
+        ));
         let err = Config::load(opts).unwrap_err().to_string();
         assert!(err.contains("\"nope\"") && err.contains("\"a\""), "{err}");
 
         let (_d, opts) = options(Some("[services.a]\nimage = \"x\"\nports = [\"6379:1\"]\n"));
         let err = Config::load(opts).unwrap_err().to_string();
-        assert!(err.contains("6379") && err.contains("redis") && err.contains("\"a\""), "{err}");
+        assert!(
+            err.contains("6379") && err.contains("redis") && err.contains("\"a\""),
+            "{err}"
+        );
 
         let (_d, mut opts) = options(None);
         opts.services = Some(vec!["nosuch".into()]);
-        assert!(Config::load(opts).unwrap_err().to_string().contains("nosuch"));
+        assert!(Config::load(opts)
+            .unwrap_err()
+            .to_string()
+            .contains("nosuch"));
     }
 
     #[test]
     fn missing_explicit_config_file_is_an_error() {
         let (_d, mut opts) = options(None);
         opts.config_file = Some("missing.toml".into());
-        assert!(Config::load(opts).unwrap_err().to_string().contains("missing.toml"));
+        assert!(Config::load(opts)
+            .unwrap_err()
+            .to_string()
+            .contains("missing.toml"));
     }
 }

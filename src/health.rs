@@ -68,14 +68,21 @@ pub async fn tcp(addr: SocketAddr, timeout: Duration) -> Result<(), String> {
         let mut byte = [0u8; 1];
         match tokio::time::timeout(GRACE, stream.read(&mut byte)).await {
             Err(_) | Ok(Ok(1..)) => Ok(()),
-            Ok(Ok(_)) => Err(format!("TCP connect to {addr}: closed at once (nothing listens behind the port yet)")),
+            Ok(Ok(_)) => Err(format!(
+                "TCP connect to {addr}: closed at once (nothing listens behind the port yet)"
+            )),
             Ok(Err(e)) => Err(format!("TCP connect to {addr}: {e}")),
         }
     })
     .await
 }
 
-pub async fn http(addr: SocketAddr, path: &str, expected: u16, timeout: Duration) -> Result<(), String> {
+pub async fn http(
+    addr: SocketAddr,
+    path: &str,
+    expected: u16,
+    timeout: Duration,
+) -> Result<(), String> {
     let url = format!("http://{addr}{path}");
     within(timeout, &format!("GET {url}"), async {
         let stream = TcpStream::connect(addr)
@@ -91,7 +98,10 @@ pub async fn http(addr: SocketAddr, path: &str, expected: u16, timeout: Duration
             .map_err(|e| format!("GET {url}: {e}"))?;
         let result = sender.send_request(request).await;
         driver.abort();
-        let status = result.map_err(|e| format!("GET {url}: {e}"))?.status().as_u16();
+        let status = result
+            .map_err(|e| format!("GET {url}: {e}"))?
+            .status()
+            .as_u16();
         if status == expected {
             Ok(())
         } else {
@@ -128,7 +138,9 @@ pub async fn redis(addr: SocketAddr, timeout: Duration) -> Result<(), String> {
         if line == "+PONG" || line.starts_with("-NOAUTH") {
             Ok(())
         } else if line.is_empty() {
-            Err(format!("Redis PING to {addr}: connection closed without an answer"))
+            Err(format!(
+                "Redis PING to {addr}: connection closed without an answer"
+            ))
         } else {
             Err(format!("Redis PING to {addr} answered {line:?}"))
         }
@@ -167,12 +179,21 @@ mod tests {
         let addr = serve_once(b"+PONG\r\n").await;
         redis(addr, Duration::from_secs(2)).await.unwrap();
         let addr = serve_once(b"-LOADING dataset\r\n").await;
-        assert!(redis(addr, Duration::from_secs(2)).await.unwrap_err().contains("LOADING"));
+        assert!(redis(addr, Duration::from_secs(2))
+            .await
+            .unwrap_err()
+            .contains("LOADING"));
 
         let addr = serve_once(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
-        http(addr, "/health", 200, Duration::from_secs(2)).await.unwrap();
-        let addr = serve_once(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n").await;
-        assert!(http(addr, "/health", 200, Duration::from_secs(2)).await.unwrap_err().contains("503"));
+        http(addr, "/health", 200, Duration::from_secs(2))
+            .await
+            .unwrap();
+        let addr =
+            serve_once(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n").await;
+        assert!(http(addr, "/health", 200, Duration::from_secs(2))
+            .await
+            .unwrap_err()
+            .contains("503"));
 
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let free = listener.local_addr().unwrap();

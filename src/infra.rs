@@ -40,7 +40,11 @@ impl Infra {
             });
         }
         let docker = Docker::connect(config.docker_host.as_deref(), DOCKER_CONNECT_TIMEOUT).await?;
-        let supervisor = Arc::new(Supervisor::new(docker, Arc::clone(&config), new_session_id()));
+        let supervisor = Arc::new(Supervisor::new(
+            docker,
+            Arc::clone(&config),
+            new_session_id(),
+        ));
         supervisor.start(cancel).await?;
         Ok(Infra {
             config,
@@ -57,7 +61,10 @@ impl Infra {
     }
 
     pub fn services(&self) -> Vec<ServiceState> {
-        self.supervisor.as_ref().map(|s| s.snapshot()).unwrap_or_default()
+        self.supervisor
+            .as_ref()
+            .map(|s| s.snapshot())
+            .unwrap_or_default()
     }
 
     /// Services with their state checked against the Engine now.
@@ -76,7 +83,10 @@ impl Infra {
     }
 
     pub async fn restart(&self, service: &str) -> Result<ServiceState, InfraError> {
-        let s = self.supervisor.as_ref().ok_or_else(|| no_such_service(service))?;
+        let s = self
+            .supervisor
+            .as_ref()
+            .ok_or_else(|| no_such_service(service))?;
         s.restart(service).await?;
         s.snapshot()
             .into_iter()
@@ -89,11 +99,19 @@ impl Infra {
     pub fn env(&self) -> BTreeMap<String, String> {
         let mut env = BTreeMap::new();
         for s in self.services() {
-            let Some((_, (_, port))) = s.ports.iter().next() else { continue };
+            let Some((_, (_, port))) = s.ports.iter().next() else {
+                continue;
+            };
             let key: String = s
                 .name
                 .chars()
-                .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' })
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() {
+                        c.to_ascii_uppercase()
+                    } else {
+                        '_'
+                    }
+                })
                 .collect();
             env.insert(format!("{key}_HOST"), s.host());
             env.insert(format!("{key}_PORT"), port.to_string());

@@ -1,7 +1,7 @@
 """dspy_agent_infra: the service stack of a DSPy agent, from one line of Python.
 
-    async with AgentInfra.start() as infra:
-        ...
+async with AgentInfra.start() as infra:
+    ...
 """
 
 from ._infra import AgentInfra

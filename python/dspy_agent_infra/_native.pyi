@@ -14,7 +14,8 @@ class ServiceInfo:
     def name(self) -> str: ...
     @property
     def status(self) -> str:
-        """pending, pulling, creating, waiting, starting, healthy, completed, failed, stopping or stopped."""
+        """pending, pulling, creating, waiting, starting, healthy, completed, failed,
+        stopping or stopped."""
     @property
     def image(self) -> str: ...
     @property

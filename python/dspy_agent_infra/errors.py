@@ -18,7 +18,8 @@ class InfraError(Exception):
 
 
 class ConfigError(InfraError, ValueError):
-    """The configuration (file, environment or arguments) is invalid; the message names the field."""
+    """The configuration (file, environment or arguments) is invalid; the message names the
+    field at fault."""
 
 
 class DockerUnavailableError(InfraError, ConnectionError):
@@ -36,7 +37,9 @@ class ServiceStartError(InfraError):
     image) and ``logs`` holds the container's last log lines.
     """
 
-    def __init__(self, message: str, *, service: str = "", reason: str = "", logs: str = "") -> None:
+    def __init__(
+        self, message: str, *, service: str = "", reason: str = "", logs: str = ""
+    ) -> None:
         super().__init__(message)
         self.service = service
         self.reason = reason

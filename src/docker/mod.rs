@@ -150,7 +150,8 @@ impl Docker {
             host: host.clone(),
             message,
         };
-        let client = bollard::Docker::connect_with_host(&host).map_err(|e| unavailable(e.to_string()))?;
+        let client =
+            bollard::Docker::connect_with_host(&host).map_err(|e| unavailable(e.to_string()))?;
         let client = match tokio::time::timeout(timeout, client.negotiate_version()).await {
             Ok(Ok(client)) => client,
             Ok(Err(e)) => return Err(unavailable(engine_message(&e))),
@@ -239,7 +240,9 @@ impl Docker {
         let filters = HashMap::from([("name", vec![name])]);
         let existing = self
             .client
-            .list_networks(Some(ListNetworksOptionsBuilder::new().filters(&filters).build()))
+            .list_networks(Some(
+                ListNetworksOptionsBuilder::new().filters(&filters).build(),
+            ))
             .await
             .map_err(|e| DockerError::api(format!("list networks named {name:?}"), e))?;
         if existing.iter().any(|n| n.name.as_deref() == Some(name)) {
@@ -248,7 +251,10 @@ impl Docker {
         let request = NetworkCreateRequest {
             name: name.to_string(),
             driver: Some("bridge".into()),
-            labels: Some(HashMap::from([(labels::PROJECT.to_string(), project.to_string())])),
+            labels: Some(HashMap::from([(
+                labels::PROJECT.to_string(),
+                project.to_string(),
+            )])),
             ..Default::default()
         };
         match self.client.create_network(request).await {
@@ -269,10 +275,17 @@ impl Docker {
     }
 
     /// Every container (running or not) that carries `label=value`.
-    pub async fn list_by_label(&self, label: &str, value: &str) -> Result<Vec<ContainerInfo>, DockerError> {
+    pub async fn list_by_label(
+        &self,
+        label: &str,
+        value: &str,
+    ) -> Result<Vec<ContainerInfo>, DockerError> {
         let filter = format!("{label}={value}");
         let filters = HashMap::from([("label", vec![filter.as_str()])]);
-        let options = ListContainersOptionsBuilder::new().all(true).filters(&filters).build();
+        let options = ListContainersOptionsBuilder::new()
+            .all(true)
+            .filters(&filters)
+            .build();
         let list = self
             .client
             .list_containers(Some(options))
@@ -310,16 +323,19 @@ impl Docker {
             .map_err(|e| DockerError::api(format!("inspect container {id}"), e))?;
         let state = c.state.unwrap_or_default();
         let mut ports = BTreeMap::new();
-        for (key, bindings) in c
-            .network_settings
-            .and_then(|n| n.ports)
-            .unwrap_or_default()
-        {
-            let Some((port, proto)) = key.split_once('/') else { continue };
-            let Ok(port) = port.parse::<u16>() else { continue };
+        for (key, bindings) in c.network_settings.and_then(|n| n.ports).unwrap_or_default() {
+            let Some((port, proto)) = key.split_once('/') else {
+                continue;
+            };
+            let Ok(port) = port.parse::<u16>() else {
+                continue;
+            };
             if let Some(b) = bindings.unwrap_or_default().into_iter().next() {
                 if let Some(host_port) = b.host_port.and_then(|p| p.parse::<u16>().ok()) {
-                    ports.insert((port, proto.to_string()), (b.host_ip.unwrap_or_default(), host_port));
+                    ports.insert(
+                        (port, proto.to_string()),
+                        (b.host_ip.unwrap_or_default(), host_port),
+                    );
                 }
             }
         }
@@ -356,7 +372,11 @@ impl Docker {
                 key,
                 Some(vec![PortBinding {
                     host_ip: Some(p.host_ip.clone()),
-                    host_port: Some(if p.host_port == 0 { String::new() } else { p.host_port.to_string() }),
+                    host_port: Some(if p.host_port == 0 {
+                        String::new()
+                    } else {
+                        p.host_port.to_string()
+                    }),
                 }]),
             );
         }
@@ -436,7 +456,11 @@ impl Docker {
             ..Default::default()
         };
         let options = CreateContainerOptionsBuilder::new().name(plan.name).build();
-        match self.client.create_container(Some(options.clone()), body.clone()).await {
+        match self
+            .client
+            .create_container(Some(options.clone()), body.clone())
+            .await
+        {
             Ok(r) => Ok(r.id),
             Err(e) if status_of(&e) == Some(409) => {
                 // A leftover container holds the name (for example from a crashed run): replace it.
@@ -447,7 +471,10 @@ impl Docker {
                     .map(|r| r.id)
                     .map_err(|e| DockerError::api(format!("create container {:?}", plan.name), e))
             }
-            Err(e) => Err(DockerError::api(format!("create container {:?}", plan.name), e)),
+            Err(e) => Err(DockerError::api(
+                format!("create container {:?}", plan.name),
+                e,
+            )),
         }
     }
 
@@ -473,14 +500,21 @@ impl Docker {
     /// volumes; named volumes stay. A container that is already gone is not an error.
     pub async fn remove(&self, id: &str, timeout: Duration) -> Result<(), DockerError> {
         if !timeout.is_zero() {
-            let options = StopContainerOptionsBuilder::new().t(timeout.as_secs() as i32).build();
+            let options = StopContainerOptionsBuilder::new()
+                .t(timeout.as_secs() as i32)
+                .build();
             match self.client.stop_container(id, Some(options)).await {
                 Ok(()) => {}
                 Err(e) if matches!(status_of(&e), Some(304) | Some(404)) => {}
-                Err(e) => tracing::debug!(container = id, error = %engine_message(&e), "stop failed; removing by force"),
+                Err(e) => {
+                    tracing::debug!(container = id, error = %engine_message(&e), "stop failed; removing by force")
+                }
             }
         }
-        let options = RemoveContainerOptionsBuilder::new().force(true).v(true).build();
+        let options = RemoveContainerOptionsBuilder::new()
+            .force(true)
+            .v(true)
+            .build();
         match self.client.remove_container(id, Some(options)).await {
             Ok(()) => Ok(()),
             // 404: gone already; 409: removal already in progress.
@@ -530,7 +564,9 @@ impl Docker {
         {
             while let Some(item) = output.next().await {
                 match item.map_err(|e| DockerError::api(format!("exec in container {id}"), e))? {
-                    LogOutput::StdErr { message } => stderr.push_str(&String::from_utf8_lossy(&message)),
+                    LogOutput::StdErr { message } => {
+                        stderr.push_str(&String::from_utf8_lossy(&message))
+                    }
                     other => stdout.push_str(&String::from_utf8_lossy(other.as_ref())),
                 }
             }

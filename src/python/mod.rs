@@ -34,7 +34,13 @@ fn py_error(class: &str, message: String, attrs: Vec<(&str, Py<PyAny>)>) -> PyEr
 
 fn to_py_err(error: InfraError) -> PyErr {
     let message = error.to_string();
-    let s = |v: &str| -> Py<PyAny> { Python::attach(|py| v.into_pyobject(py).map(|o| o.into_any().unbind()).unwrap_or_else(|_| py.None())) };
+    let s = |v: &str| -> Py<PyAny> {
+        Python::attach(|py| {
+            v.into_pyobject(py)
+                .map(|o| o.into_any().unbind())
+                .unwrap_or_else(|_| py.None())
+        })
+    };
     match error {
         InfraError::Config(_) => py_error("ConfigError", message, vec![]),
         InfraError::Docker(DockerError::Unavailable { host, .. }) => {
@@ -44,23 +50,47 @@ fn to_py_err(error: InfraError) -> PyErr {
         InfraError::Stack(StackError::Docker(DockerError::Unavailable { host, .. })) => {
             py_error("DockerUnavailableError", message, vec![("host", s(&host))])
         }
-        InfraError::Stack(StackError::ServiceStart { service, reason, logs }) => py_error(
+        InfraError::Stack(StackError::ServiceStart {
+            service,
+            reason,
+            logs,
+        }) => py_error(
             "ServiceStartError",
             message,
-            vec![("service", s(&service)), ("reason", s(&reason)), ("logs", s(&logs))],
+            vec![
+                ("service", s(&service)),
+                ("reason", s(&reason)),
+                ("logs", s(&logs)),
+            ],
         ),
-        InfraError::Stack(StackError::PortInUse { service, port, host_ip, .. }) => {
-            let port = Python::attach(|py| port.into_pyobject(py).map(|o| o.into_any().unbind()).unwrap_or_else(|_| py.None()));
+        InfraError::Stack(StackError::PortInUse {
+            service,
+            port,
+            host_ip,
+            ..
+        }) => {
+            let port = Python::attach(|py| {
+                port.into_pyobject(py)
+                    .map(|o| o.into_any().unbind())
+                    .unwrap_or_else(|_| py.None())
+            });
             py_error(
                 "PortInUseError",
                 message.clone(),
-                vec![("service", s(&service)), ("reason", s(&message)), ("port", port), ("host_ip", s(&host_ip))],
+                vec![
+                    ("service", s(&service)),
+                    ("reason", s(&message)),
+                    ("port", port),
+                    ("host_ip", s(&host_ip)),
+                ],
             )
         }
         InfraError::Stack(StackError::UnknownService { name, .. }) => {
             py_error("UnknownServiceError", message, vec![("service", s(&name))])
         }
-        InfraError::Stack(StackError::Cancelled) => py_error("StartCancelledError", message, vec![]),
+        InfraError::Stack(StackError::Cancelled) => {
+            py_error("StartCancelledError", message, vec![])
+        }
         InfraError::Stack(StackError::Docker(_)) => py_error("InfraError", message, vec![]),
     }
 }
@@ -105,10 +135,18 @@ impl ServiceInfo {
             self.name,
             self.status,
             quoted(self.url.as_deref()),
-            quoted(self.container_id.as_deref().map(|id| &id[..id.len().min(12)]))
+            quoted(
+                self.container_id
+                    .as_deref()
+                    .map(|id| &id[..id.len().min(12)])
+            )
         )
     }
 }
+
+/// Python's logging levels are cached on the Rust side; each new `Core` picks up changes made
+/// since (users configure logging before they start a stack).
+static LOG_RESET: std::sync::OnceLock<pyo3_log::ResetHandle> = std::sync::OnceLock::new();
 
 struct CoreState {
     project: String,
@@ -168,13 +206,26 @@ impl Core {
                 let json: String = py
                     .import("json")?
                     .call_method1("dumps", (mapping,))
-                    .map_err(|e| py_error("ConfigError", format!("the config argument must be a JSON-like mapping: {e}"), vec![]))?
+                    .map_err(|e| {
+                        py_error(
+                            "ConfigError",
+                            format!("the config argument must be a JSON-like mapping: {e}"),
+                            vec![],
+                        )
+                    })?
                     .extract()?;
-                let value: serde_json::Value = serde_json::from_str(&json)
-                    .map_err(|e| to_py_err(InfraError::Config(ConfigError::invalid("config", e.to_string()))))?;
+                let value: serde_json::Value = serde_json::from_str(&json).map_err(|e| {
+                    to_py_err(InfraError::Config(ConfigError::invalid(
+                        "config",
+                        e.to_string(),
+                    )))
+                })?;
                 Some(ConfigLayer::from_json(value).map_err(|e| to_py_err(e.into()))?)
             }
         };
+        if let Some(handle) = LOG_RESET.get() {
+            handle.reset();
+        }
         let mut options = LoadOptions::from_process();
         options.config_file = config_file;
         options.overlay = overlay;
@@ -183,7 +234,9 @@ impl Core {
         options.docker_host = docker_host;
         options.keep_running = keep_running;
         options.state_dir = state_dir;
-        let config = py.detach(|| Config::load(options)).map_err(|e| to_py_err(e.into()))?;
+        let config = py
+            .detach(|| Config::load(options))
+            .map_err(|e| to_py_err(e.into()))?;
         let (started, _) = watch::channel(false);
         Ok(Core {
             state: Arc::new(CoreState {
@@ -211,9 +264,19 @@ impl Core {
     /// Names of the services this stack will run, dependencies first.
     #[getter]
     fn planned_services(&self) -> Vec<String> {
-        let infra = self.state.infra.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let infra = self
+            .state
+            .infra
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         match infra {
-            Some(infra) => infra.config().services.iter().map(|s| s.name.clone()).collect(),
+            Some(infra) => infra
+                .config()
+                .services
+                .iter()
+                .map(|s| s.name.clone())
+                .collect(),
             None => self
                 .state
                 .pending
@@ -251,7 +314,9 @@ impl Core {
         pyo3_async_runtimes::tokio::future_into_py(py, async move {
             match task.await {
                 Ok(result) => result.map_err(to_py_err),
-                Err(e) => Err(PyRuntimeError::new_err(format!("the start task failed: {e}"))),
+                Err(e) => Err(PyRuntimeError::new_err(format!(
+                    "the start task failed: {e}"
+                ))),
             }
         })
     }
@@ -262,7 +327,12 @@ impl Core {
         pyo3_async_runtimes::tokio::future_into_py(py, async move {
             state.cancel.cancel();
             let mut started = state.started.subscribe();
-            if state.pending.lock().unwrap_or_else(|e| e.into_inner()).is_none() {
+            if state
+                .pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_none()
+            {
                 let _ = started.wait_for(|done| *done).await;
             }
             let infra = state.infra.lock().unwrap_or_else(|e| e.into_inner()).take();
@@ -276,7 +346,12 @@ impl Core {
     /// Stops and removes the stack's containers unless `keep_running`.
     fn stop<'py>(&self, py: Python<'py>, keep_running: bool) -> PyResult<Bound<'py, PyAny>> {
         self.state.check_pid()?;
-        let infra = self.state.infra.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let infra = self
+            .state
+            .infra
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
         let task = crate::runtime::get().spawn(async move {
             if let Some(infra) = infra {
                 infra.shutdown(keep_running).await;
@@ -289,7 +364,13 @@ impl Core {
     }
 
     fn services(&self) -> PyResult<Vec<ServiceInfo>> {
-        Ok(self.state.infra()?.services().into_iter().map(ServiceInfo::from).collect())
+        Ok(self
+            .state
+            .infra()?
+            .services()
+            .into_iter()
+            .map(ServiceInfo::from)
+            .collect())
     }
 
     fn env(&self) -> PyResult<BTreeMap<String, String>> {
@@ -300,11 +381,19 @@ impl Core {
         let infra = self.state.infra()?;
         pyo3_async_runtimes::tokio::future_into_py(py, async move {
             let services = infra.status().await.map_err(to_py_err)?;
-            Ok(services.into_iter().map(ServiceInfo::from).collect::<Vec<_>>())
+            Ok(services
+                .into_iter()
+                .map(ServiceInfo::from)
+                .collect::<Vec<_>>())
         })
     }
 
-    fn logs<'py>(&self, py: Python<'py>, service: String, tail: usize) -> PyResult<Bound<'py, PyAny>> {
+    fn logs<'py>(
+        &self,
+        py: Python<'py>,
+        service: String,
+        tail: usize,
+    ) -> PyResult<Bound<'py, PyAny>> {
         let infra = self.state.infra()?;
         pyo3_async_runtimes::tokio::future_into_py(py, async move {
             infra.logs(&service, tail).await.map_err(to_py_err)
@@ -314,7 +403,11 @@ impl Core {
     fn restart<'py>(&self, py: Python<'py>, service: String) -> PyResult<Bound<'py, PyAny>> {
         let infra = self.state.infra()?;
         pyo3_async_runtimes::tokio::future_into_py(py, async move {
-            infra.restart(&service).await.map(ServiceInfo::from).map_err(to_py_err)
+            infra
+                .restart(&service)
+                .await
+                .map(ServiceInfo::from)
+                .map_err(to_py_err)
         })
     }
 }
@@ -322,8 +415,14 @@ impl Core {
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     // Rust `log` records (and `tracing` events, through its `log` feature) go to Python's
-    // `logging`, under the `dspy_agent_infra` logger.
-    let _ = pyo3_log::try_init();
+    // `logging`, under the `dspy_agent_infra` logger; other crates only from warnings up.
+    if let Ok(handle) = pyo3_log::Logger::new(m.py(), pyo3_log::Caching::LoggersAndLevels)?
+        .filter(log::LevelFilter::Warn)
+        .filter_target("dspy_agent_infra".to_string(), log::LevelFilter::Debug)
+        .install()
+    {
+        let _ = LOG_RESET.set(handle);
+    }
     let _ = pyo3_async_runtimes::tokio::init_with_runtime(crate::runtime::get());
     m.add_class::<Core>()?;
     m.add_class::<ServiceInfo>()?;

@@ -62,7 +62,9 @@ pub fn validate(services: Vec<ServiceSpec>) -> Result<Vec<ServiceSpec>, ConfigEr
     while let Some(name) = ready.pop_first() {
         order.push(name.to_string());
         for s in by_name.values().filter(|s| s.depends_on.contains_key(name)) {
-            let n = missing.get_mut(s.name.as_str()).expect("every service has a count");
+            let n = missing
+                .get_mut(s.name.as_str())
+                .expect("every service has a count");
             *n -= 1;
             if *n == 0 {
                 ready.insert(s.name.as_str());
@@ -125,7 +127,10 @@ pub fn dependents_of(services: &[ServiceSpec], name: &str) -> BTreeSet<String> {
     let mut found = BTreeSet::new();
     let mut queue = vec![name.to_string()];
     while let Some(current) = queue.pop() {
-        for s in services.iter().filter(|s| s.depends_on.contains_key(&current)) {
+        for s in services
+            .iter()
+            .filter(|s| s.depends_on.contains_key(&current))
+        {
             if found.insert(s.name.clone()) {
                 queue.push(s.name.clone());
             }
@@ -156,7 +161,10 @@ mod tests {
                 .into_iter()
                 .collect(),
             volumes: vec![],
-            depends_on: deps.iter().map(|d| (d.to_string(), Condition::Healthy)).collect(),
+            depends_on: deps
+                .iter()
+                .map(|d| (d.to_string(), Condition::Healthy))
+                .collect(),
             healthcheck: HealthCheck {
                 probe: Probe::None,
                 interval: Duration::from_millis(100),
@@ -225,7 +233,12 @@ mod tests {
 
     #[test]
     fn transitive_dependents() {
-        let all = vec![svc("a", &[], None), svc("b", &["a"], None), svc("c", &["b"], None), svc("d", &[], None)];
+        let all = vec![
+            svc("a", &[], None),
+            svc("b", &["a"], None),
+            svc("c", &["b"], None),
+            svc("d", &[], None),
+        ];
         let deps = dependents_of(&all, "a");
         assert_eq!(deps.into_iter().collect::<Vec<_>>(), ["b", "c"]);
     }

@@ -119,7 +119,11 @@ pub enum Probe {
     /// A TCP connect to the published `port` (a container port).
     Tcp { port: u16 },
     /// HTTP GET `path` on the published `port`, passing when the status equals `status`.
-    Http { port: u16, path: String, status: u16 },
+    Http {
+        port: u16,
+        path: String,
+        status: u16,
+    },
     /// Redis `PING` answered by `+PONG` on the published `port`.
     Redis { port: u16 },
     /// A command run inside the container, passing on exit code 0.
@@ -229,7 +233,11 @@ pub fn parse_port(field: &str, text: &str, default_host_ip: &str) -> Result<Port
             let c = number(c, false)?;
             (default_host_ip.to_string(), c, c)
         }
-        [c, h] => (default_host_ip.to_string(), number(h, true)?, number(c, false)?),
+        [c, h] => (
+            default_host_ip.to_string(),
+            number(h, true)?,
+            number(c, false)?,
+        ),
         [c, h, ip] => {
             let ip = ip.trim_start_matches('[').trim_end_matches(']');
             if ip.parse::<std::net::IpAddr>().is_err() {
@@ -279,7 +287,8 @@ pub fn parse_mount(
             base_dir.join(source).to_string_lossy().into_owned(),
         )
     } else {
-        validate_name(field, source).map_err(|_| bad("a volume name uses letters, digits, '_', '-', '.'"))?;
+        validate_name(field, source)
+            .map_err(|_| bad("a volume name uses letters, digits, '_', '-', '.'"))?;
         (MountKind::Volume, source.to_string())
     };
     Ok(MountSpec {
@@ -334,7 +343,9 @@ pub fn parse_memory(field: &str, text: &str) -> Result<i64, ConfigError> {
     // The Engine refuses limits under 6 MiB.
     const MIN: f64 = 6.0 * 1024.0 * 1024.0;
     match number.parse::<f64>() {
-        Ok(n) if scale.is_finite() && n * scale >= MIN && n * scale < 9.0e18 => Ok((n * scale) as i64),
+        Ok(n) if scale.is_finite() && n * scale >= MIN && n * scale < 9.0e18 => {
+            Ok((n * scale) as i64)
+        }
         Ok(n) if scale.is_finite() && n * scale < MIN => Err(ConfigError::invalid(
             field,
             format!("{text:?} is below the Docker Engine's minimum of 6m"),
@@ -349,7 +360,7 @@ pub fn parse_memory(field: &str, text: &str) -> Result<i64, ConfigError> {
 /// Parses a CPU limit such as "1.5" or 2 into the Engine's NanoCpus.
 pub fn parse_cpus(field: &str, text: &str) -> Result<i64, ConfigError> {
     match text.trim().parse::<f64>() {
-        Ok(n) if n.is_finite() && n >= 0.01 && n <= 1024.0 => Ok((n * 1e9).round() as i64),
+        Ok(n) if (0.01..=1024.0).contains(&n) => Ok((n * 1e9).round() as i64),
         _ => Err(ConfigError::invalid(
             field,
             format!("{text:?} is not a CPU count; write a number from 0.01 to 1024, for example \"1.5\""),
@@ -366,7 +377,9 @@ pub fn parse_gpus(field: &str, text: &str) -> Result<GpuRequest, ConfigError> {
             Ok(count) => Ok(GpuRequest::Count(count)),
             Err(_) => Err(ConfigError::invalid(
                 field,
-                format!("{text:?} is not a GPU request; write \"auto\", \"all\", \"none\" or a count"),
+                format!(
+                    "{text:?} is not a GPU request; write \"auto\", \"all\", \"none\" or a count"
+                ),
             )),
         },
     }
@@ -425,13 +438,28 @@ mod tests {
     #[test]
     fn ports_in_every_form() {
         let p = parse_port("f", "6379", "127.0.0.1").unwrap();
-        assert_eq!((p.host_port, p.container_port, p.protocol), (6379, 6379, Protocol::Tcp));
+        assert_eq!(
+            (p.host_port, p.container_port, p.protocol),
+            (6379, 6379, Protocol::Tcp)
+        );
         let p = parse_port("f", "0:6379", "127.0.0.1").unwrap();
         assert_eq!((p.host_port, p.container_port), (0, 6379));
         let p = parse_port("f", "0.0.0.0:16379:6379/udp", "127.0.0.1").unwrap();
         assert_eq!(p.host_ip, "0.0.0.0");
-        assert_eq!((p.host_port, p.container_port, p.protocol), (16379, 6379, Protocol::Udp));
-        for bad in ["", "x", "70000", "1:2:3:4", "6379/sctp", "0", "host:1:2", "1:0"] {
+        assert_eq!(
+            (p.host_port, p.container_port, p.protocol),
+            (16379, 6379, Protocol::Udp)
+        );
+        for bad in [
+            "",
+            "x",
+            "70000",
+            "1:2:3:4",
+            "6379/sctp",
+            "0",
+            "host:1:2",
+            "1:0",
+        ] {
             assert!(parse_port("svc.ports", bad, "127.0.0.1").is_err(), "{bad}");
         }
     }
@@ -440,9 +468,15 @@ mod tests {
     fn mounts() {
         let base = std::path::Path::new("/proj");
         let m = parse_mount("f", "data:/data", base).unwrap();
-        assert_eq!((m.kind, m.source.as_str(), m.read_only), (MountKind::Volume, "data", false));
+        assert_eq!(
+            (m.kind, m.source.as_str(), m.read_only),
+            (MountKind::Volume, "data", false)
+        );
         let m = parse_mount("f", "./models:/models:ro", base).unwrap();
-        assert_eq!((m.kind, m.source.as_str(), m.read_only), (MountKind::Bind, "/proj/./models", true));
+        assert_eq!(
+            (m.kind, m.source.as_str(), m.read_only),
+            (MountKind::Bind, "/proj/./models", true)
+        );
         for bad in ["data", "data:rel", "a:/b:xx", "bad name:/x"] {
             assert!(parse_mount("f", bad, base).is_err(), "{bad}");
         }
@@ -450,8 +484,14 @@ mod tests {
 
     #[test]
     fn durations_memory_cpus() {
-        assert_eq!(parse_duration("f", "250ms").unwrap(), Duration::from_millis(250));
-        assert_eq!(parse_duration("f", "1.5s").unwrap(), Duration::from_millis(1500));
+        assert_eq!(
+            parse_duration("f", "250ms").unwrap(),
+            Duration::from_millis(250)
+        );
+        assert_eq!(
+            parse_duration("f", "1.5s").unwrap(),
+            Duration::from_millis(1500)
+        );
         assert_eq!(parse_duration("f", "2m").unwrap(), Duration::from_secs(120));
         assert_eq!(parse_duration("f", "3").unwrap(), Duration::from_secs(3));
         for bad in ["", "-1s", "5 parsecs", "1e999", "ms"] {
@@ -472,7 +512,9 @@ mod tests {
     fn policies_and_names() {
         assert_eq!(
             parse_restart("f", "on-failure:3").unwrap(),
-            RestartPolicy::OnFailure { max_retries: Some(3) }
+            RestartPolicy::OnFailure {
+                max_retries: Some(3)
+            }
         );
         assert!(parse_restart("f", "sometimes").is_err());
         assert_eq!(parse_pull("f", "never").unwrap(), PullPolicy::Never);

@@ -158,7 +158,10 @@ enum Readiness {
 impl Readiness {
     fn satisfies(self, condition: Condition) -> bool {
         match condition {
-            Condition::Started => matches!(self, Readiness::Started | Readiness::Healthy | Readiness::Completed),
+            Condition::Started => matches!(
+                self,
+                Readiness::Started | Readiness::Healthy | Readiness::Completed
+            ),
             Condition::Healthy => matches!(self, Readiness::Healthy | Readiness::Completed),
             Condition::Completed => self == Readiness::Completed,
         }
@@ -280,8 +283,14 @@ impl Supervisor {
             (labels::SERVICE.to_string(), spec.name.clone()),
             (labels::CONFIG_HASH.to_string(), config_hash(spec)),
             (labels::SESSION.to_string(), self.session.clone()),
-            (labels::OWNER_PID.to_string(), std::process::id().to_string()),
-            (labels::KEEP.to_string(), self.config.keep_running.to_string()),
+            (
+                labels::OWNER_PID.to_string(),
+                std::process::id().to_string(),
+            ),
+            (
+                labels::KEEP.to_string(),
+                self.config.keep_running.to_string(),
+            ),
         ])
     }
 
@@ -308,7 +317,9 @@ impl Supervisor {
             }
         }
         if plans.values().any(|p| matches!(p, Plan::Create)) {
-            self.docker.ensure_network(&self.network, &self.config.project).await?;
+            self.docker
+                .ensure_network(&self.network, &self.config.project)
+                .await?;
         }
 
         let mut ready_tx = BTreeMap::new();
@@ -394,8 +405,13 @@ impl Supervisor {
                     .filter(|s| !s.reused && s.container_id.is_some())
                     .map(|s| s.name)
                     .collect();
-                self.stop_services(&created, Some(Duration::from_secs(2))).await;
-                Err(if cancel.is_cancelled() { StackError::Cancelled } else { e })
+                self.stop_services(&created, Some(Duration::from_secs(2)))
+                    .await;
+                Err(if cancel.is_cancelled() {
+                    StackError::Cancelled
+                } else {
+                    e
+                })
             }
         }
     }
@@ -448,7 +464,11 @@ impl Supervisor {
         (plans, stale)
     }
 
-    fn check_ports(&self, plans: &BTreeMap<String, Plan>, stale: &[ContainerInfo]) -> Result<(), StackError> {
+    fn check_ports(
+        &self,
+        plans: &BTreeMap<String, Plan>,
+        stale: &[ContainerInfo],
+    ) -> Result<(), StackError> {
         let held_by_stale: BTreeSet<u16> = stale
             .iter()
             .flat_map(|c| c.ports.values().map(|(_, p)| *p))
@@ -462,13 +482,15 @@ impl Supervisor {
                     continue;
                 }
                 let addr = health::probe_addr(&p.host_ip, p.host_port);
-                let bind_addr = std::net::SocketAddr::new(
-                    p.host_ip.parse().unwrap_or(addr.ip()),
-                    p.host_port,
-                );
+                let bind_addr =
+                    std::net::SocketAddr::new(p.host_ip.parse().unwrap_or(addr.ip()), p.host_port);
                 let result = match p.protocol {
-                    crate::services::spec::Protocol::Tcp => std::net::TcpListener::bind(bind_addr).map(drop),
-                    crate::services::spec::Protocol::Udp => std::net::UdpSocket::bind(bind_addr).map(drop),
+                    crate::services::spec::Protocol::Tcp => {
+                        std::net::TcpListener::bind(bind_addr).map(drop)
+                    }
+                    crate::services::spec::Protocol::Udp => {
+                        std::net::UdpSocket::bind(bind_addr).map(drop)
+                    }
                 };
                 if let Err(e) = result {
                     return Err(StackError::PortInUse {
@@ -500,7 +522,11 @@ impl Supervisor {
                 c.id
             }
             Plan::Create => {
-                self.set_phase(name, Phase::Pulling, format!("ensuring image {}", spec.image));
+                self.set_phase(
+                    name,
+                    Phase::Pulling,
+                    format!("ensuring image {}", spec.image),
+                );
                 let progress = |line: String| {
                     let _ = self.events.send(ServiceEvent {
                         service: name.to_string(),
@@ -508,16 +534,25 @@ impl Supervisor {
                         message: line,
                     });
                 };
-                cancellable(cancel, self.docker.ensure_image(&spec.image, spec.pull, &progress))
-                    .await?
-                    .map_err(|e| self.start_error(name, e.to_string(), String::new()))?;
+                cancellable(
+                    cancel,
+                    self.docker.ensure_image(&spec.image, spec.pull, &progress),
+                )
+                .await?
+                .map_err(|e| self.start_error(name, e.to_string(), String::new()))?;
                 self.set_phase(name, Phase::Creating, "creating container");
                 let gpus = match spec.resources.gpus {
                     GpuRequest::None => false,
                     GpuRequest::Auto => {
-                        let has = *self.gpu_runtime.get_or_init(|| self.docker.has_gpu_runtime()).await;
+                        let has = *self
+                            .gpu_runtime
+                            .get_or_init(|| self.docker.has_gpu_runtime())
+                            .await;
                         if !has {
-                            tracing::info!(service = name, "no GPU runtime on this Engine: running on CPU");
+                            tracing::info!(
+                                service = name,
+                                "no GPU runtime on this Engine: running on CPU"
+                            );
                         }
                         has
                     }
@@ -553,9 +588,12 @@ impl Supervisor {
                     );
                 }
                 for (dep, condition, mut rx) in deps {
-                    let reached = cancellable(cancel, rx.wait_for(|r| r.satisfies(condition) || *r == Readiness::Failed))
-                        .await?
-                        .map(|r| *r);
+                    let reached = cancellable(
+                        cancel,
+                        rx.wait_for(|r| r.satisfies(condition) || *r == Readiness::Failed),
+                    )
+                    .await?
+                    .map(|r| *r);
                     match reached {
                         Ok(r) if r.satisfies(condition) => {}
                         _ => return Err(StackError::Cancelled),
@@ -587,7 +625,11 @@ impl Supervisor {
             self.set_phase(
                 name,
                 Phase::Healthy,
-                format!("{} probe passed after {} ms", spec.healthcheck.probe.kind(), began.elapsed().as_millis()),
+                format!(
+                    "{} probe passed after {} ms",
+                    spec.healthcheck.probe.kind(),
+                    began.elapsed().as_millis()
+                ),
             );
         }
         Ok(())
@@ -615,7 +657,11 @@ impl Supervisor {
     }
 
     async fn failure_with_logs(&self, service: &str, id: &str, reason: String) -> StackError {
-        let logs = self.docker.logs(id, ERROR_LOG_LINES).await.unwrap_or_default();
+        let logs = self
+            .docker
+            .logs(id, ERROR_LOG_LINES)
+            .await
+            .unwrap_or_default();
         self.start_error(service, reason, logs)
     }
 
@@ -632,11 +678,15 @@ impl Supervisor {
         };
         match &spec.healthcheck.probe {
             Probe::Tcp { port } => health::tcp(published(*port)?, timeout).await,
-            Probe::Http { port, path, status } => health::http(published(*port)?, path, *status, timeout).await,
+            Probe::Http { port, path, status } => {
+                health::http(published(*port)?, path, *status, timeout).await
+            }
             Probe::Redis { port } => health::redis(published(*port)?, timeout).await,
             Probe::Exec { command } => {
                 match tokio::time::timeout(timeout, self.docker.exec(id, command)).await {
-                    Err(_) => Err(format!("exec {command:?} gave no answer within {timeout:?}")),
+                    Err(_) => Err(format!(
+                        "exec {command:?} gave no answer within {timeout:?}"
+                    )),
                     Ok(Err(e)) => Err(e.to_string()),
                     Ok(Ok(out)) if out.exit_code == 0 => Ok(()),
                     Ok(Ok(out)) => Err(format!(
@@ -651,14 +701,21 @@ impl Supervisor {
                 match info.engine_health.as_deref() {
                     Some("healthy") => Ok(()),
                     Some(other) => Err(format!("the image's HEALTHCHECK reports {other}")),
-                    None => Err("the image has no HEALTHCHECK; choose another probe type".to_string()),
+                    None => {
+                        Err("the image has no HEALTHCHECK; choose another probe type".to_string())
+                    }
                 }
             }
             Probe::None => Ok(()),
         }
     }
 
-    async fn wait_healthy(&self, spec: &ServiceSpec, id: &str, cancel: &CancellationToken) -> Result<(), StackError> {
+    async fn wait_healthy(
+        &self,
+        spec: &ServiceSpec,
+        id: &str,
+        cancel: &CancellationToken,
+    ) -> Result<(), StackError> {
         let deadline = Instant::now() + spec.healthcheck.start_period;
         let mut backoff = Backoff::new(spec.healthcheck.interval);
         loop {
@@ -671,10 +728,20 @@ impl Supervisor {
                 .inspect(id)
                 .await
                 .map_err(|e| self.start_error(&spec.name, e.to_string(), String::new()))?;
-            if matches!(info.state, RunState::Exited | RunState::Dead | RunState::Restarting) {
-                let code = info.exit_code.map(|c| format!(" with code {c}")).unwrap_or_default();
+            if matches!(
+                info.state,
+                RunState::Exited | RunState::Dead | RunState::Restarting
+            ) {
+                let code = info
+                    .exit_code
+                    .map(|c| format!(" with code {c}"))
+                    .unwrap_or_default();
                 return Err(self
-                    .failure_with_logs(&spec.name, id, format!("its container exited{code} before it was healthy"))
+                    .failure_with_logs(
+                        &spec.name,
+                        id,
+                        format!("its container exited{code} before it was healthy"),
+                    )
                     .await);
             }
             if Instant::now() >= deadline {
@@ -694,7 +761,12 @@ impl Supervisor {
         }
     }
 
-    async fn wait_completed(&self, name: &str, id: &str, cancel: &CancellationToken) -> Result<(), StackError> {
+    async fn wait_completed(
+        &self,
+        name: &str,
+        id: &str,
+        cancel: &CancellationToken,
+    ) -> Result<(), StackError> {
         let mut backoff = Backoff::new(Duration::from_millis(250));
         loop {
             let info = self
@@ -706,7 +778,11 @@ impl Supervisor {
                 (RunState::Exited, Some(0)) => return Ok(()),
                 (RunState::Exited | RunState::Dead, code) => {
                     return Err(self
-                        .failure_with_logs(name, id, format!("it exited with code {} instead of 0", code.unwrap_or(-1)))
+                        .failure_with_logs(
+                            name,
+                            id,
+                            format!("it exited with code {} instead of 0", code.unwrap_or(-1)),
+                        )
                         .await)
                 }
                 _ => cancellable(cancel, tokio::time::sleep(backoff.next_delay())).await?,
@@ -718,7 +794,11 @@ impl Supervisor {
     /// parallel where the graph allows. `timeout` overrides each service's stop timeout.
     pub async fn stop_services(self: &Arc<Self>, names: &[String], timeout: Option<Duration>) {
         let chosen: BTreeSet<String> = if names.is_empty() {
-            self.config.services.iter().map(|s| s.name.clone()).collect()
+            self.config
+                .services
+                .iter()
+                .map(|s| s.name.clone())
+                .collect()
         } else {
             names.iter().cloned().collect()
         };
@@ -730,7 +810,12 @@ impl Supervisor {
             done_rx.insert(s.name.clone(), rx);
         }
         let mut tasks = JoinSet::new();
-        for spec in self.config.services.iter().filter(|s| chosen.contains(&s.name)) {
+        for spec in self
+            .config
+            .services
+            .iter()
+            .filter(|s| chosen.contains(&s.name))
+        {
             let dependents: Vec<watch::Receiver<bool>> = self
                 .config
                 .services
@@ -751,7 +836,9 @@ impl Supervisor {
                     this.set_phase(&name, Phase::Stopping, "stopping");
                     match this.docker.remove(&id, stop_timeout).await {
                         Ok(()) => this.set_phase(&name, Phase::Stopped, "removed"),
-                        Err(e) => this.set_phase(&name, Phase::Failed, format!("could not remove: {e}")),
+                        Err(e) => {
+                            this.set_phase(&name, Phase::Failed, format!("could not remove: {e}"))
+                        }
                     }
                     if let Some(s) = this.lock().get_mut(&name) {
                         s.container_id = None;
@@ -774,7 +861,13 @@ impl Supervisor {
             .lock()
             .get(name)
             .and_then(|s| s.container_id.clone())
-            .ok_or_else(|| self.start_error(name, "it has no container (the stack is not up)".into(), String::new()))?;
+            .ok_or_else(|| {
+                self.start_error(
+                    name,
+                    "it has no container (the stack is not up)".into(),
+                    String::new(),
+                )
+            })?;
         self.set_phase(name, Phase::Starting, "restarting");
         self.docker
             .restart(&id, spec.stop_timeout)
@@ -786,7 +879,9 @@ impl Supervisor {
             .await
             .map_err(|e| self.start_error(name, e.to_string(), String::new()))?;
         self.record_container(name, &info, false);
-        let result = self.wait_healthy(&spec, &id, &CancellationToken::new()).await;
+        let result = self
+            .wait_healthy(&spec, &id, &CancellationToken::new())
+            .await;
         match &result {
             Ok(()) => self.set_phase(name, Phase::Healthy, "healthy after restart"),
             Err(e) => self.set_phase(name, Phase::Failed, e.to_string()),
@@ -808,7 +903,11 @@ impl Supervisor {
                     let phase = self.lock().get(&name).map(|s| s.phase);
                     if lost && phase != Some(Phase::Completed) {
                         let code = info.exit_code.unwrap_or(-1);
-                        self.set_phase(&name, Phase::Failed, format!("container exited with code {code}"));
+                        self.set_phase(
+                            &name,
+                            Phase::Failed,
+                            format!("container exited with code {code}"),
+                        );
                     }
                 }
                 Err(DockerError::Api { message, .. }) if message.contains("No such container") => {
@@ -834,7 +933,10 @@ impl Supervisor {
 }
 
 /// Runs `fut` unless `cancel` fires first.
-async fn cancellable<T>(cancel: &CancellationToken, fut: impl std::future::Future<Output = T>) -> Result<T, StackError> {
+async fn cancellable<T>(
+    cancel: &CancellationToken,
+    fut: impl std::future::Future<Output = T>,
+) -> Result<T, StackError> {
     tokio::select! {
         biased;
         _ = cancel.cancelled() => Err(StackError::Cancelled),

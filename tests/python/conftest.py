@@ -1,0 +1,32 @@
+"""Shared fixtures: a real Docker Engine, local images built from host binaries, and a unique
+project per test so that leaks are counted exactly."""
+
+from __future__ import annotations
+
+import subprocess
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from helpers import BUSYBOX, REDIS, ROOT, containers, docker
+
+
+@pytest.fixture(scope="session", autouse=True)
+def images() -> None:
+    try:
+        docker("info")
+    except (OSError, subprocess.CalledProcessError) as e:
+        pytest.exit(f"no Docker Engine: run scripts/provision.sh first ({e})", returncode=2)
+    missing = [i for i in (BUSYBOX, REDIS) if not docker("images", "-q", i).strip()]
+    if missing:
+        subprocess.run(["bash", str(ROOT / "tests/images/build.sh")], check=True)
+
+
+@pytest.fixture
+def project() -> Iterator[str]:
+    name = f"t-{uuid.uuid4().hex[:10]}"
+    yield name
+    # Safety net so one failing test does not leak into the next; tests assert leaks themselves.
+    for cid in containers(name):
+        subprocess.run(["docker", "rm", "-f", "-v", cid], capture_output=True)
+    subprocess.run(["docker", "network", "rm", f"{name}_default"], capture_output=True)

@@ -12,7 +12,6 @@ from .errors import (
     InfraError,
     PortInUseError,
     ServiceStartError,
-    StartCancelledError,
     UnknownServiceError,
 )
 
@@ -24,7 +23,6 @@ __all__ = [
     "PortInUseError",
     "ServiceInfo",
     "ServiceStartError",
-    "StartCancelledError",
     "UnknownServiceError",
     "__version__",
 ]

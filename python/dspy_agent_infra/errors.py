@@ -8,7 +8,6 @@ __all__ = [
     "InfraError",
     "PortInUseError",
     "ServiceStartError",
-    "StartCancelledError",
     "UnknownServiceError",
 ]
 
@@ -73,7 +72,3 @@ class UnknownServiceError(InfraError, KeyError):
 
     def __str__(self) -> str:
         return str(self.args[0])
-
-
-class StartCancelledError(InfraError):
-    """The start was cancelled (for example by Ctrl-C); what it started has been removed."""

@@ -88,10 +88,9 @@ fn to_py_err(error: InfraError) -> PyErr {
         InfraError::Stack(StackError::UnknownService { name, .. }) => {
             py_error("UnknownServiceError", message, vec![("service", s(&name))])
         }
-        InfraError::Stack(StackError::Cancelled) => {
-            py_error("StartCancelledError", message, vec![])
+        InfraError::Stack(StackError::Cancelled | StackError::Docker(_)) => {
+            py_error("InfraError", message, vec![])
         }
-        InfraError::Stack(StackError::Docker(_)) => py_error("InfraError", message, vec![]),
     }
 }
 

@@ -7,12 +7,11 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 
-busybox=$(command -v busybox || true)
-if [ -z "$busybox" ] || ! file -L "$busybox" 2>/dev/null | grep -q "statically linked"; then
-    for candidate in /bin/busybox /usr/bin/busybox; do
-        if file -L "$candidate" 2>/dev/null | grep -q "statically linked"; then busybox=$candidate; fi
-    done
-fi
+is_static() { [ -x "$1" ] && ! ldd "$1" >/dev/null 2>&1; }
+busybox=""
+for candidate in "$(command -v busybox || true)" /bin/busybox /usr/bin/busybox; do
+    if [ -n "$candidate" ] && is_static "$candidate"; then busybox=$candidate; break; fi
+done
 [ -n "$busybox" ] || { echo "build.sh: a static busybox is needed (apt-get install busybox-static)" >&2; exit 1; }
 redis=$(command -v redis-server || true)
 [ -n "$redis" ] || { echo "build.sh: redis-server is needed (apt-get install redis-server)" >&2; exit 1; }

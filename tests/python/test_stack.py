@@ -169,12 +169,12 @@ async def test_unreachable_registry_names_image_and_service(project: str) -> Non
 async def test_warm_start_reuses_running_containers(project: str) -> None:
     services = {"cache": redis_service(), "web": http_service(depends_on=["cache"])}
     async with start(project, services, keep_running=True) as infra:
-        first = {n: s.container_id for n, s in infra.services.items()}
+        first = {n: s.container_id or "" for n, s in infra.services.items()}
         assert not any(s.reused for s in infra.services.values())
     assert sorted(containers(project)) == sorted(first.values())
 
     async with start(project, services) as infra:
-        assert {n: s.container_id for n, s in infra.services.items()} == first
+        assert {n: s.container_id or "" for n, s in infra.services.items()} == first
         assert all(s.reused for s in infra.services.values())
         assert infra.service("web").status == "healthy"
     assert containers(project) == []
@@ -190,11 +190,11 @@ async def test_changed_config_recreates_only_changed_services_and_dependents(
         "side": http_service(),
     }
     async with start(project, services, keep_running=True) as infra:
-        before = {n: s.container_id for n, s in infra.services.items()}
+        before = {n: s.container_id or "" for n, s in infra.services.items()}
 
     services["mid"] = http_service(depends_on=["base"], env={"CHANGED": "1"})
     async with start(project, services, keep_running=True) as infra:
-        after = {n: s.container_id for n, s in infra.services.items()}
+        after = {n: s.container_id or "" for n, s in infra.services.items()}
     assert after["base"] == before["base"] and after["side"] == before["side"]
     assert after["mid"] != before["mid"] and after["top"] != before["top"]
     assert sorted(containers(project)) == sorted(after.values())

@@ -15,5 +15,5 @@ cargo clippy --features python -- -D warnings
 cargo test
 ruff check .
 ruff format --check .
-mypy --strict python/dspy_agent_infra tests/python examples
+mypy --strict python/dspy_agent_infra tests/python examples bench
 python3 -m pytest

@@ -407,6 +407,19 @@ impl Supervisor {
                     .collect();
                 self.stop_services(&created, Some(Duration::from_secs(2)))
                     .await;
+                // A create cut short by cancellation may have left a container whose id never
+                // reached us: sweep by this session's label.
+                if let Ok(left) = self
+                    .docker
+                    .list_by_label(labels::SESSION, &self.session)
+                    .await
+                {
+                    for c in left {
+                        let _ = self.docker.remove(&c.id, Duration::ZERO).await;
+                    }
+                }
+                // Fails harmlessly while reused containers still use it.
+                self.docker.remove_network(&self.network).await;
                 Err(if cancel.is_cancelled() {
                     StackError::Cancelled
                 } else {

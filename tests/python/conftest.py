@@ -30,3 +30,6 @@ def project() -> Iterator[str]:
     for cid in containers(name):
         subprocess.run(["docker", "rm", "-f", "-v", cid], capture_output=True)
     subprocess.run(["docker", "network", "rm", f"{name}_default"], capture_output=True)
+    volumes = docker("volume", "ls", "-q", "--filter", f"name={name}_").split()
+    if volumes:
+        subprocess.run(["docker", "volume", "rm", *volumes], capture_output=True)

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import socket
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,7 +17,7 @@ from dspy_agent_infra import (
     ServiceStartError,
     UnknownServiceError,
 )
-from helpers import BUSYBOX, containers, http_service, inspect, redis_service
+from helpers import BUSYBOX, containers, docker, http_service, inspect, redis_service
 
 
 def started_at(container_id: str) -> datetime:
@@ -306,4 +307,39 @@ def test_config_errors_name_what_is_wrong(project: str) -> None:
         AgentInfra.start(project=project, services=["nosuch"])
     with pytest.raises(TypeError):
         AgentInfra.start(services="redis")  # type: ignore[arg-type]
+    assert containers(project) == []
+
+
+async def test_container_settings_reach_the_engine(project: str, tmp_path: Path) -> None:
+    (tmp_path / "marker").write_text("from the host")
+    services = {
+        "web": http_service(
+            command=["sh", "-c", "date >> /data/runs; exec /serve"],
+            volumes=["data:/data", f"{tmp_path}:/mnt/host:ro"],
+            healthcheck={
+                "type": "exec",
+                "command": ["grep", "-q", "from the host", "/mnt/host/marker"],
+            },
+            resources={"cpus": "0.5", "memory": "64m"},
+            restart="on-failure:2",
+            labels={"team": "agents"},
+        )
+    }
+    for _ in range(2):
+        async with start(project, services) as infra:
+            c = inspect(infra.service("web").container_id or "")
+            host = c["HostConfig"]
+            assert host["NanoCpus"] == 500_000_000 and host["Memory"] == 64 * 1024 * 1024
+            assert host["RestartPolicy"] == {"Name": "on-failure", "MaximumRetryCount": 2}
+            assert host["Privileged"] is False
+            assert host["PortBindings"]["8000/tcp"][0]["HostIp"] == "127.0.0.1"
+            labels = c["Config"]["Labels"]
+            assert labels["team"] == "agents" and labels["dspy-agent.service"] == "web"
+            assert labels["dspy-agent.project"] == project
+            assert f"{project}_default" in c["NetworkSettings"]["Networks"]
+    # The named volume outlived both stacks and kept what each run wrote.
+    out = docker(
+        "run", "--rm", "-v", f"{project}_data:/data", BUSYBOX, "sh", "-c", "cat /data/runs"
+    )
+    assert len(out.splitlines()) == 2
     assert containers(project) == []

@@ -1,0 +1,314 @@
+"""Start-time benchmark: dspy_agent_infra against docker-compose and the floor, in one run.
+
+The stack has five services and a three-deep dependency chain, on the local test images
+(tests/images/build.sh), each with a real protocol check:
+
+    redis, ollama                 (level 1)
+    reddb, infermesh  -> redis    (level 2)
+    model_server      -> reddb, infermesh (level 3)
+
+Measured, each as the median of --runs runs:
+  cold      AgentInfra.start() entered, every service healthy, from no containers
+  warm      the same with the containers already running (keep_running=True before): attach
+  compose   `docker-compose up -d` (Debian's package) with equivalent in-container health checks
+            and `condition: service_healthy`, until every container reports healthy
+  floor     plain `docker run -d` per dependency level, in parallel within a level, with the same
+            host-side probes between levels: the least any tool must spend on this Engine
+
+Usage: python bench/startup.py [--runs 5] [--write docs/BENCHMARKS.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from dspy_agent_infra import AgentInfra
+
+BUSYBOX = "dspy-agent-test/busybox:latest"
+REDIS = "dspy-agent-test/redis:latest"
+ROOT = Path(__file__).resolve().parents[1]
+
+# name -> (image, container port, probe kind, dependencies)
+STACK: dict[str, tuple[str, int, str, list[str]]] = {
+    "redis": (REDIS, 6379, "redis", []),
+    "ollama": (BUSYBOX, 11434, "http", []),
+    "reddb": (BUSYBOX, 6380, "http", ["redis"]),
+    "infermesh": (BUSYBOX, 8000, "http", ["redis"]),
+    "model_server": (BUSYBOX, 8001, "http", ["reddb", "infermesh"]),
+}
+LEVELS = [["redis", "ollama"], ["reddb", "infermesh"], ["model_server"]]
+
+
+def sh(*args: str) -> str:
+    return subprocess.run(args, check=True, capture_output=True, text=True).stdout
+
+
+def ours_config() -> dict[str, Any]:
+    services: dict[str, Any] = {}
+    for name, (image, port, probe, deps) in STACK.items():
+        services[name] = {
+            "image": image,
+            "pull": "never",
+            "ports": [f"0:{port}"],
+            "env": {"PORTS": str(port)},
+            "depends_on": deps,
+            "healthcheck": {"type": probe, "start_period": "60s"},
+            "stop_timeout": "5s",
+        }
+    return {"services": services}
+
+
+async def ours_cold(project: str) -> float:
+    config = ours_config()
+    began = time.perf_counter()
+    async with AgentInfra.start(project=project, services=list(STACK), config=config):
+        elapsed = time.perf_counter() - began
+    return elapsed
+
+
+async def ours_warm(project: str, runs: int) -> list[float]:
+    config = ours_config()
+    async with AgentInfra.start(
+        project=project, services=list(STACK), config=config, keep_running=True
+    ):
+        pass
+    times = []
+    for i in range(runs):
+        last = i == runs - 1
+        began = time.perf_counter()
+        async with AgentInfra.start(
+            project=project, services=list(STACK), config=config, keep_running=not last
+        ) as infra:
+            times.append(time.perf_counter() - began)
+            assert all(s.reused for s in infra.services.values()), "warm start recreated"
+    return times
+
+
+def probe(kind: str, port: int) -> bool:
+    try:
+        if kind == "redis":
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                s.sendall(b"*1\r\n$4\r\nPING\r\n")
+                return s.recv(16).startswith(b"+PONG")
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
+            return bool(r.status == 200)
+    except OSError:
+        return False
+
+
+def wait_until(check: Callable[[], bool], what: str, limit: float = 60) -> None:
+    delay, deadline = 0.005, time.monotonic() + limit
+    while not check():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} not ready within {limit} s")
+        time.sleep(delay)
+        delay = min(delay * 1.5, 0.25)
+
+
+def floor_run(project: str) -> float:
+    network = f"{project}_net"
+    began = time.perf_counter()
+    sh("docker", "network", "create", network)
+    ids: list[str] = []
+    try:
+        for level in LEVELS:
+
+            def run(name: str) -> tuple[str, str, int]:
+                image, port, probe_kind, _ = STACK[name]
+                cid = sh(
+                    "docker",
+                    "run",
+                    "-d",
+                    "--name",
+                    f"{project}-{name}",
+                    "--network",
+                    network,
+                    "--network-alias",
+                    name,
+                    "-e",
+                    f"PORTS={port}",
+                    "-p",
+                    f"127.0.0.1::{port}",
+                    "--label",
+                    f"bench={project}",
+                    image,
+                ).strip()
+                host_port = int(sh("docker", "port", cid, f"{port}/tcp").split(":")[-1])
+                return cid, probe_kind, host_port
+
+            with ThreadPoolExecutor(len(level)) as pool:
+                started = list(pool.map(run, level))
+            for cid, probe_kind, host_port in started:
+                ids.append(cid)
+                wait_until(functools.partial(probe, probe_kind, host_port), cid)
+        return time.perf_counter() - began
+    finally:
+        if ids:
+            subprocess.run(["docker", "rm", "-f", *ids], capture_output=True)
+        subprocess.run(["docker", "network", "rm", network], capture_output=True)
+
+
+def compose_file() -> str:
+    lines = ["version: '2.4'", "services:"]
+    for name, (image, port, probe_kind, deps) in STACK.items():
+        if probe_kind == "redis":
+            test = f"echo PING | nc 127.0.0.1 {port} | grep -q PONG"
+        else:
+            test = f"wget -q -O /dev/null http://127.0.0.1:{port}/health"
+        lines += [
+            f"  {name}:",
+            f"    image: {image}",
+            f"    environment: {{PORTS: '{port}'}}",
+            f"    ports: ['127.0.0.1::{port}']",
+            "    stop_grace_period: 5s",
+            "    healthcheck:",
+            f"      test: ['CMD', 'sh', '-c', '{test}']",
+            "      interval: 1s",
+            "      timeout: 1s",
+            "      retries: 60",
+        ]
+        if deps:
+            lines.append("    depends_on:")
+            for d in deps:
+                lines += [f"      {d}:", "        condition: service_healthy"]
+    return "\n".join(lines) + "\n"
+
+
+def compose_run(project: str, workdir: Path) -> float:
+    base = ["docker-compose", "-p", project, "-f", str(workdir / "docker-compose.yml")]
+    began = time.perf_counter()
+    try:
+        sh(*base, "up", "-d")
+
+        def all_healthy() -> bool:
+            label = f"label=com.docker.compose.project={project}"
+            ids = sh("docker", "ps", "-q", "--filter", label)
+            states = json.loads(sh("docker", "inspect", *ids.split())) if ids.strip() else []
+            return len(states) == len(STACK) and all(
+                s["State"].get("Health", {}).get("Status") == "healthy" for s in states
+            )
+
+        wait_until(all_healthy, "compose stack", limit=120)
+        return time.perf_counter() - began
+    finally:
+        subprocess.run([*base, "down", "-v", "-t", "5"], capture_output=True)
+
+
+def median_ms(values: list[float]) -> float:
+    return statistics.median(values) * 1000
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--write", type=Path, help="write the results as Markdown to this file")
+    args = parser.parse_args()
+
+    tag = uuid.uuid4().hex[:6]
+    results: dict[str, list[float]] = {"cold": [], "warm": [], "floor": [], "compose": []}
+    have_compose = shutil.which("docker-compose") is not None
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        (workdir / "docker-compose.yml").write_text(compose_file())
+        # Interleaved, so that drift in the Engine's speed hits every contender alike.
+        for i in range(args.runs):
+            results["cold"].append(asyncio.run(ours_cold(f"bench-{tag}-c{i}")))
+            results["floor"].append(floor_run(f"bench-{tag}-f{i}"))
+            if have_compose:
+                results["compose"].append(compose_run(f"bench{tag}k{i}", workdir))
+            print(f"run {i + 1}/{args.runs} done", file=sys.stderr)
+        results["warm"] = asyncio.run(ours_warm(f"bench-{tag}-w", args.runs))
+
+    cold = median_ms(results["cold"])
+    rows = [
+        ("dspy_agent_infra, cold start", cold, "1.00"),
+        (
+            "dspy_agent_infra, warm attach",
+            median_ms(results["warm"]),
+            f"{median_ms(results['warm']) / cold:.3f}",
+        ),
+        (
+            "floor: docker run per level",
+            median_ms(results["floor"]),
+            f"{median_ms(results['floor']) / cold:.2f}",
+        ),
+    ]
+    if have_compose:
+        rows.append(
+            (
+                "docker-compose 1.29 (healthcheck interval 1s)",
+                median_ms(results["compose"]),
+                f"{median_ms(results['compose']) / cold:.2f}",
+            )
+        )
+    engine = sh("docker", "version", "--format", "{{.Server.Version}}").strip()
+    table = "\n".join(
+        ["| contender | median ms | ratio to our cold start |", "| --- | ---: | ---: |"]
+        + [f"| {name} | {ms:.0f} | {ratio} |" for name, ms, ratio in rows]
+    )
+    report = (
+        textwrap.dedent(
+            f"""\
+        ## Start to all-healthy: 5 services, 3-deep dependency chain
+
+        `python bench/startup.py --runs {args.runs}` on {platform.machine()}, {_cpus()} CPUs,
+        Docker Engine {engine}, median of {args.runs} runs each, contenders interleaved.
+        Stack: redis and ollama; reddb and infermesh after redis; model_server after both
+        (local images from `tests/images/build.sh`; Redis PING and HTTP `/health` checks).
+
+        """
+        )
+        + table
+        + "\n"
+    )
+    print(report)
+    if args.write:
+        args.write.parent.mkdir(parents=True, exist_ok=True)
+        args.write.write_text(_benchmarks_page(report))
+
+
+def _cpus() -> int:
+    return os.cpu_count() or 0
+
+
+def _benchmarks_page(report: str) -> str:
+    return (
+        "# Benchmarks\n\n"
+        "Speed is measured here, never asserted in tests: every figure is a ratio against peers\n"
+        "measured in the same run on the same machine. Regenerate with the command shown.\n\n"
+        + report
+        + textwrap.dedent(
+            """
+            What the contenders do: *cold start* creates the network and five containers and
+            probes each from the host with a backoff starting at 5 ms; each service starts the
+            moment its own dependencies are healthy. *Warm attach* finds the running
+            containers by label and config hash and probes them once. *floor* is a hand-written
+            script that knows the levels in advance and does nothing else. *docker-compose*
+            relies on the Engine's in-container HEALTHCHECK, whose interval (1 s here, already
+            aggressive; 5 to 30 s is common) paces every level of the chain.
+            """
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

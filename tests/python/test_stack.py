@@ -343,3 +343,16 @@ async def test_container_settings_reach_the_engine(project: str, tmp_path: Path)
     )
     assert len(out.splitlines()) == 2
     assert containers(project) == []
+
+
+async def test_gpu_requests_on_an_engine_without_gpus(project: str) -> None:
+    # "auto" asks for GPUs only when the Engine offers the NVIDIA runtime; this one does not.
+    async with start(project, {"llm": http_service(resources={"gpus": "auto"})}) as infra:
+        c = inspect(infra.service("llm").container_id or "")
+        assert not c["HostConfig"].get("DeviceRequests")
+    # An explicit request the Engine cannot meet fails with the service named.
+    with pytest.raises(ServiceStartError) as err:
+        async with start(project, {"llm": http_service(resources={"gpus": "all"})}):
+            pytest.fail("no GPU here")
+    assert err.value.service == "llm"
+    assert containers(project) == []

@@ -1,6 +1,6 @@
 //! dspy-agent-infra: the Rust core behind the `dspy_agent_infra` Python package.
 //!
-//! Dependency direction: `python → infra → services → {docker, health, config}`.
+//! Dependency direction: `python → infra → {services, tasks} → {docker, health, config}`.
 
 pub mod config;
 pub mod docker;
@@ -8,6 +8,7 @@ pub mod health;
 pub mod infra;
 pub mod runtime;
 pub mod services;
+pub mod tasks;
 
 #[cfg(feature = "python")]
 mod python;

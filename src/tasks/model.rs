@@ -1,0 +1,223 @@
+//! Tasks as clients submit them and as the store keeps them.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+
+/// Longest task id or type accepted, in bytes.
+pub const MAX_ID_BYTES: usize = 256;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TaskError {
+    #[error("{field}: {message}")]
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
+    #[error("task {task_id:?} already exists with different content; submit it under a new id")]
+    Conflict { task_id: String },
+    #[error("no task {task_id:?}")]
+    NotFound { task_id: String },
+    #[error("task store at {path}: {message}")]
+    Store { path: String, message: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TaskState {
+    Pending,
+    Running,
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+impl TaskState {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            TaskState::Pending => "PENDING",
+            TaskState::Running => "RUNNING",
+            TaskState::Completed => "COMPLETED",
+            TaskState::Failed => "FAILED",
+            TaskState::Cancelled => "CANCELLED",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<TaskState> {
+        Some(match s {
+            "PENDING" => TaskState::Pending,
+            "RUNNING" => TaskState::Running,
+            "COMPLETED" => TaskState::Completed,
+            "FAILED" => TaskState::Failed,
+            "CANCELLED" => TaskState::Cancelled,
+            _ => return None,
+        })
+    }
+
+    pub fn is_final(&self) -> bool {
+        matches!(
+            self,
+            TaskState::Completed | TaskState::Failed | TaskState::Cancelled
+        )
+    }
+}
+
+impl fmt::Display for TaskState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A task as a client submits it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewTask {
+    pub task_id: String,
+    pub task_type: String,
+    pub payload: Vec<u8>,
+    pub metadata: BTreeMap<String, String>,
+    pub priority: i32,
+    pub timeout: Option<Duration>,
+    pub max_retries: u32,
+}
+
+impl NewTask {
+    /// Checks the fields a client controls; the message names the field.
+    pub fn validate(&self) -> Result<(), TaskError> {
+        validate_id("task_id", &self.task_id)?;
+        validate_id("task_type", &self.task_type)?;
+        if self.timeout.is_some_and(|t| t.is_zero()) {
+            return Err(TaskError::Invalid {
+                field: "timeout",
+                message: "must be more than 0 (leave it out for no timeout)".into(),
+            });
+        }
+        if self.max_retries > 100 {
+            return Err(TaskError::Invalid {
+                field: "max_retries",
+                message: format!("{} is more than the limit of 100", self.max_retries),
+            });
+        }
+        for key in self.metadata.keys() {
+            if key.is_empty() {
+                return Err(TaskError::Invalid {
+                    field: "metadata",
+                    message: "keys must not be empty".into(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Identifies the content, so that a repeated submit is recognised as the same task.
+    pub fn content_hash(&self) -> String {
+        let mut h = Sha256::new();
+        for part in [self.task_type.as_bytes(), &self.payload] {
+            h.update((part.len() as u64).to_le_bytes());
+            h.update(part);
+        }
+        for (k, v) in &self.metadata {
+            for part in [k.as_bytes(), v.as_bytes()] {
+                h.update((part.len() as u64).to_le_bytes());
+                h.update(part);
+            }
+        }
+        h.update(self.priority.to_le_bytes());
+        h.update(
+            self.timeout
+                .map(|t| t.as_millis() as u64)
+                .unwrap_or(0)
+                .to_le_bytes(),
+        );
+        h.update(self.max_retries.to_le_bytes());
+        h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+fn validate_id(field: &'static str, id: &str) -> Result<(), TaskError> {
+    let problem = if id.is_empty() {
+        Some("must not be empty".to_string())
+    } else if id.len() > MAX_ID_BYTES {
+        Some(format!(
+            "is {} bytes long; the limit is {MAX_ID_BYTES}",
+            id.len()
+        ))
+    } else if id.chars().any(char::is_control) {
+        Some("must not contain control characters".to_string())
+    } else {
+        None
+    };
+    match problem {
+        Some(message) => Err(TaskError::Invalid { field, message }),
+        None => Ok(()),
+    }
+}
+
+/// A task as the store keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskRecord {
+    pub task: NewTask,
+    pub state: TaskState,
+    /// Attempts started so far; a result is accepted only from the latest one.
+    pub attempt: u32,
+    pub result: Option<Vec<u8>>,
+    pub error: Option<String>,
+    /// Milliseconds since the Unix epoch.
+    pub created_at_ms: i64,
+    pub started_at_ms: Option<i64>,
+    pub finished_at_ms: Option<i64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn task(id: &str) -> NewTask {
+        NewTask {
+            task_id: id.into(),
+            task_type: "test".into(),
+            payload: b"{}".to_vec(),
+            metadata: BTreeMap::new(),
+            priority: 0,
+            timeout: None,
+            max_retries: 0,
+        }
+    }
+
+    #[test]
+    fn ids_are_checked() {
+        assert!(task("ok-1").validate().is_ok());
+        for bad in ["", "a\nb", &"x".repeat(MAX_ID_BYTES + 1)] {
+            assert!(
+                matches!(
+                    task(bad).validate(),
+                    Err(TaskError::Invalid {
+                        field: "task_id",
+                        ..
+                    })
+                ),
+                "{bad:?}"
+            );
+        }
+        let mut t = task("a");
+        t.timeout = Some(Duration::ZERO);
+        assert!(t.validate().is_err());
+    }
+
+    #[test]
+    fn content_hash_sees_every_field() {
+        let base = task("a");
+        let mut other = base.clone();
+        other.task_id = "b".into();
+        assert_eq!(
+            base.content_hash(),
+            other.content_hash(),
+            "the id is not content"
+        );
+        other.payload = b"{\"x\":1}".to_vec();
+        assert_ne!(base.content_hash(), other.content_hash());
+        let mut other = base.clone();
+        other.priority = 1;
+        assert_ne!(base.content_hash(), other.content_hash());
+    }
+}

@@ -1,0 +1,723 @@
+//! The durable task store: SQLite in WAL mode, one writer thread with grouped commits.
+//!
+//! Every write is a closure run by the writer thread inside a shared transaction (each in its own
+//! savepoint, so one failing write does not undo the others). The writer takes whatever writes
+//! are queued, commits them together and only then answers each caller, so an answered write is
+//! on disk while a thousand concurrent writers share one fsync.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Duration;
+
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Row, Transaction};
+use tokio::sync::oneshot;
+
+use crate::tasks::model::{NewTask, TaskError, TaskRecord, TaskState};
+
+/// Most writes committed together.
+const MAX_BATCH: usize = 4096;
+
+type Reply = Box<dyn FnOnce(Result<(), String>) + Send>;
+type Job = Box<dyn FnOnce(&Transaction<'_>) -> (bool, Reply) + Send>;
+
+/// How an attempt ended, as reported to `finish`.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    Completed(Vec<u8>),
+    Failed(String),
+}
+
+/// What `recover` did with tasks that were running when the last process stopped.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Recovered {
+    pub requeued: usize,
+    pub failed: usize,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ListFilter {
+    pub state: Option<TaskState>,
+    pub task_type: Option<String>,
+    pub limit: usize,
+    /// Return tasks created after this one (by insertion order): the page token.
+    pub after: Option<String>,
+}
+
+#[derive(Clone)]
+pub struct TaskStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    writer: Mutex<mpsc::Sender<Job>>,
+    reader: Mutex<Connection>,
+    location: String,
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Delay before retry `attempt` (1-based): 100 ms doubling, at most 30 s.
+pub fn retry_backoff(attempt: u32) -> Duration {
+    Duration::from_millis(100u64.saturating_mul(1 << attempt.saturating_sub(1).min(20)))
+        .min(Duration::from_secs(30))
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS tasks (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    task_id TEXT NOT NULL UNIQUE,
+    task_type TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    metadata TEXT NOT NULL,
+    priority INTEGER NOT NULL,
+    timeout_ms INTEGER,
+    max_retries INTEGER NOT NULL,
+    content_hash TEXT NOT NULL,
+    state TEXT NOT NULL,
+    attempt INTEGER NOT NULL DEFAULT 0,
+    result BLOB,
+    error TEXT,
+    created_at INTEGER NOT NULL,
+    started_at INTEGER,
+    finished_at INTEGER,
+    not_before INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS tasks_ready ON tasks (state, priority DESC, seq);
+";
+
+const COLUMNS: &str = "task_id, task_type, payload, metadata, priority, timeout_ms, max_retries, \
+                       state, attempt, result, error, created_at, started_at, finished_at";
+
+fn record(row: &Row<'_>) -> rusqlite::Result<TaskRecord> {
+    let metadata: String = row.get(3)?;
+    let state: String = row.get(7)?;
+    Ok(TaskRecord {
+        task: NewTask {
+            task_id: row.get(0)?,
+            task_type: row.get(1)?,
+            payload: row.get(2)?,
+            metadata: serde_json::from_str(&metadata).unwrap_or_default(),
+            priority: row.get(4)?,
+            timeout: row
+                .get::<_, Option<i64>>(5)?
+                .map(|ms| Duration::from_millis(ms as u64)),
+            max_retries: row.get(6)?,
+        },
+        state: TaskState::parse(&state).unwrap_or(TaskState::Failed),
+        attempt: row.get(8)?,
+        result: row.get(9)?,
+        error: row.get(10)?,
+        created_at_ms: row.get(11)?,
+        started_at_ms: row.get(12)?,
+        finished_at_ms: row.get(13)?,
+    })
+}
+
+fn get_in(conn: &Connection, task_id: &str) -> rusqlite::Result<Option<TaskRecord>> {
+    conn.query_row(
+        &format!("SELECT {COLUMNS} FROM tasks WHERE task_id = ?1"),
+        [task_id],
+        record,
+    )
+    .optional()
+}
+
+impl TaskStore {
+    /// Opens (creating if needed) the store at `path`, or a private in-memory store for `None`.
+    pub fn open(path: Option<&Path>) -> Result<TaskStore, TaskError> {
+        let (location, uri) = match path {
+            Some(p) => (p.display().to_string(), None),
+            None => {
+                // A shared-cache memory database, unique to this store, so reader and writer see
+                // the same data.
+                static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+                let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let uri = format!(
+                    "file:dspy-tasks-{}-{n}?mode=memory&cache=shared",
+                    std::process::id()
+                );
+                ("memory".to_string(), Some(uri))
+            }
+        };
+        let store_error = |e: &dyn std::fmt::Display| TaskError::Store {
+            path: location.clone(),
+            message: e.to_string(),
+        };
+        let open = || -> rusqlite::Result<Connection> {
+            let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+                | OpenFlags::SQLITE_OPEN_CREATE
+                | OpenFlags::SQLITE_OPEN_URI
+                | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+            let conn = match (&uri, path) {
+                (Some(uri), _) => Connection::open_with_flags(uri, flags)?,
+                (None, Some(p)) => Connection::open_with_flags(p, flags)?,
+                (None, None) => unreachable!("either a path or a memory uri"),
+            };
+            conn.busy_timeout(Duration::from_secs(5))?;
+            Ok(conn)
+        };
+        if let Some(parent) = path
+            .and_then(Path::parent)
+            .filter(|p| !p.as_os_str().is_empty())
+        {
+            std::fs::create_dir_all(parent).map_err(|e| store_error(&e))?;
+        }
+        let writer_conn = open().map_err(|e| store_error(&e))?;
+        if path.is_some() {
+            // WAL: readers never block the writer; FULL: a committed batch survives power loss.
+            writer_conn
+                .pragma_update(None, "journal_mode", "WAL")
+                .and_then(|_| writer_conn.pragma_update(None, "synchronous", "FULL"))
+                .map_err(|e| store_error(&e))?;
+        }
+        writer_conn
+            .execute_batch(SCHEMA)
+            .map_err(|e| store_error(&e))?;
+        let reader = open().map_err(|e| store_error(&e))?;
+
+        let (tx, rx) = mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("dspy-task-store".into())
+            .spawn(move || writer_loop(writer_conn, rx))
+            .map_err(|e| store_error(&e))?;
+        Ok(TaskStore {
+            inner: Arc::new(Inner {
+                writer: Mutex::new(tx),
+                reader: Mutex::new(reader),
+                location,
+            }),
+        })
+    }
+
+    pub fn location(&self) -> &str {
+        &self.inner.location
+    }
+
+    fn store_error(&self, e: impl std::fmt::Display) -> TaskError {
+        TaskError::Store {
+            path: self.inner.location.clone(),
+            message: e.to_string(),
+        }
+    }
+
+    /// Runs `f` in the writer's next batch; resolves after that batch is committed.
+    async fn write<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Transaction<'_>) -> Result<T, TaskError> + Send + 'static,
+    ) -> Result<T, TaskError> {
+        let (tx, rx) = oneshot::channel::<Result<T, TaskError>>();
+        let location = self.inner.location.clone();
+        let job: Job = Box::new(move |txn| {
+            let result = f(txn).map_err(|e| match e {
+                TaskError::Store { path, message } if path.is_empty() => TaskError::Store {
+                    path: location.clone(),
+                    message,
+                },
+                other => other,
+            });
+            let ok = result.is_ok();
+            let reply: Reply = Box::new(move |commit| {
+                let _ = tx.send(match commit {
+                    Ok(()) => result,
+                    Err(message) => Err(TaskError::Store {
+                        path: location,
+                        message,
+                    }),
+                });
+            });
+            (ok, reply)
+        });
+        self.inner
+            .writer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send(job)
+            .map_err(|_| self.store_error("the writer thread has stopped"))?;
+        rx.await
+            .map_err(|_| self.store_error("the writer thread has stopped"))?
+    }
+
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T, TaskError> {
+        let inner = Arc::clone(&self.inner);
+        tokio::task::spawn_blocking(move || {
+            let conn = inner.reader.lock().unwrap_or_else(|e| e.into_inner());
+            f(&conn)
+        })
+        .await
+        .map_err(|e| self.store_error(e))?
+        .map_err(|e| self.store_error(e))
+    }
+
+    /// Stores a new task. Submitting an id again with the same content returns the stored task
+    /// (`false`: nothing new); with different content it is refused.
+    pub async fn submit(&self, task: NewTask) -> Result<(TaskRecord, bool), TaskError> {
+        task.validate()?;
+        self.write(move |txn| {
+            let hash = task.content_hash();
+            let existing: Option<String> = txn
+                .query_row("SELECT content_hash FROM tasks WHERE task_id = ?1", [&task.task_id], |r| r.get(0))
+                .optional()
+                .map_err(sql)?;
+            if let Some(existing) = existing {
+                if existing != hash {
+                    return Err(TaskError::Conflict { task_id: task.task_id });
+                }
+                let record = get_in(txn, &task.task_id).map_err(sql)?.ok_or_else(|| TaskError::NotFound {
+                    task_id: task.task_id.clone(),
+                })?;
+                return Ok((record, false));
+            }
+            let now = now_ms();
+            txn.execute(
+                "INSERT INTO tasks (task_id, task_type, payload, metadata, priority, timeout_ms, \
+                 max_retries, content_hash, state, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'PENDING', ?9)",
+                params![
+                    task.task_id,
+                    task.task_type,
+                    task.payload,
+                    serde_json::to_string(&task.metadata).unwrap_or_else(|_| "{}".into()),
+                    task.priority,
+                    task.timeout.map(|t| t.as_millis() as i64),
+                    task.max_retries,
+                    hash,
+                    now
+                ],
+            )
+            .map_err(sql)?;
+            Ok((
+                TaskRecord {
+                    task,
+                    state: TaskState::Pending,
+                    attempt: 0,
+                    result: None,
+                    error: None,
+                    created_at_ms: now,
+                    started_at_ms: None,
+                    finished_at_ms: None,
+                },
+                true,
+            ))
+        })
+        .await
+    }
+
+    /// Moves up to `limit` ready PENDING tasks of the given types (all when `None`) to RUNNING,
+    /// highest priority first, and returns them with their new attempt number.
+    pub async fn claim(
+        &self,
+        types: Option<Vec<String>>,
+        limit: usize,
+    ) -> Result<Vec<TaskRecord>, TaskError> {
+        self.write(move |txn| {
+            let now = now_ms();
+            let mut ids: Vec<String> = Vec::new();
+            {
+                let mut stmt = txn
+                    .prepare_cached(
+                        "SELECT task_id, task_type FROM tasks WHERE state = 'PENDING' AND not_before <= ?1 \
+                         ORDER BY priority DESC, seq LIMIT ?2",
+                    )
+                    .map_err(sql)?;
+                // Over-fetch when filtering by type, then keep what this caller serves.
+                let fetch = if types.is_some() { limit.saturating_mul(8).max(64) } else { limit };
+                let rows = stmt
+                    .query_map(params![now, fetch as i64], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+                    .map_err(sql)?;
+                for row in rows {
+                    let (id, task_type) = row.map_err(sql)?;
+                    if types.as_ref().is_none_or(|t| t.contains(&task_type)) {
+                        ids.push(id);
+                        if ids.len() == limit {
+                            break;
+                        }
+                    }
+                }
+            }
+            let mut claimed = Vec::with_capacity(ids.len());
+            for id in ids {
+                txn.execute(
+                    "UPDATE tasks SET state = 'RUNNING', attempt = attempt + 1, started_at = ?2 WHERE task_id = ?1",
+                    params![id, now],
+                )
+                .map_err(sql)?;
+                if let Some(r) = get_in(txn, &id).map_err(sql)? {
+                    claimed.push(r);
+                }
+            }
+            Ok(claimed)
+        })
+        .await
+    }
+
+    /// Records how attempt `attempt` ended. Returns `None` when the result is stale (the task was
+    /// cancelled, or a newer attempt owns it) and was therefore ignored. A failure with retries
+    /// left puts the task back as PENDING after a backoff.
+    pub async fn finish(
+        &self,
+        task_id: &str,
+        attempt: u32,
+        outcome: Outcome,
+    ) -> Result<Option<TaskRecord>, TaskError> {
+        let task_id = task_id.to_string();
+        self.write(move |txn| {
+            let Some(current) = get_in(txn, &task_id).map_err(sql)? else {
+                return Err(TaskError::NotFound { task_id });
+            };
+            if current.state != TaskState::Running || current.attempt != attempt {
+                return Ok(None);
+            }
+            let now = now_ms();
+            match outcome {
+                Outcome::Completed(result) => {
+                    txn.execute(
+                        "UPDATE tasks SET state = 'COMPLETED', result = ?2, error = NULL, finished_at = ?3 WHERE task_id = ?1",
+                        params![task_id, result, now],
+                    )
+                    .map_err(sql)?;
+                }
+                Outcome::Failed(error) if attempt <= current.task.max_retries => {
+                    let not_before = now + retry_backoff(attempt).as_millis() as i64;
+                    txn.execute(
+                        "UPDATE tasks SET state = 'PENDING', error = ?2, not_before = ?3 WHERE task_id = ?1",
+                        params![task_id, error, not_before],
+                    )
+                    .map_err(sql)?;
+                }
+                Outcome::Failed(error) => {
+                    txn.execute(
+                        "UPDATE tasks SET state = 'FAILED', error = ?2, finished_at = ?3 WHERE task_id = ?1",
+                        params![task_id, error, now],
+                    )
+                    .map_err(sql)?;
+                }
+            }
+            get_in(txn, &task_id).map_err(sql)
+        })
+        .await
+    }
+
+    /// Cancels a PENDING or RUNNING task; a finished task is returned unchanged.
+    pub async fn cancel(&self, task_id: &str) -> Result<TaskRecord, TaskError> {
+        let task_id = task_id.to_string();
+        self.write(move |txn| {
+            txn.execute(
+                "UPDATE tasks SET state = 'CANCELLED', finished_at = ?2 WHERE task_id = ?1 AND state IN ('PENDING', 'RUNNING')",
+                params![task_id, now_ms()],
+            )
+            .map_err(sql)?;
+            get_in(txn, &task_id).map_err(sql)?.ok_or(TaskError::NotFound { task_id })
+        })
+        .await
+    }
+
+    /// After a restart: tasks left RUNNING by a process that died go back to PENDING while they
+    /// have retries left, and become FAILED otherwise. Their old attempt can no longer report.
+    pub async fn recover(&self) -> Result<Recovered, TaskError> {
+        self.write(|txn| {
+            let now = now_ms();
+            let failed = txn
+                .execute(
+                    "UPDATE tasks SET state = 'FAILED', finished_at = ?1, \
+                     error = 'interrupted: the process running it stopped, and its retries are used up' \
+                     WHERE state = 'RUNNING' AND attempt > max_retries",
+                    [now],
+                )
+                .map_err(sql)?;
+            let requeued = txn
+                .execute(
+                    "UPDATE tasks SET state = 'PENDING', error = 'interrupted: the process running it stopped' \
+                     WHERE state = 'RUNNING'",
+                    [],
+                )
+                .map_err(sql)?;
+            Ok(Recovered { requeued, failed })
+        })
+        .await
+    }
+
+    pub async fn get(&self, task_id: &str) -> Result<Option<TaskRecord>, TaskError> {
+        let task_id = task_id.to_string();
+        self.read(move |conn| get_in(conn, &task_id)).await
+    }
+
+    pub async fn list(&self, filter: ListFilter) -> Result<Vec<TaskRecord>, TaskError> {
+        self.read(move |conn| {
+            let after_seq: i64 = match &filter.after {
+                Some(id) => conn
+                    .query_row("SELECT seq FROM tasks WHERE task_id = ?1", [id], |r| {
+                        r.get(0)
+                    })
+                    .optional()?
+                    .unwrap_or(0),
+                None => 0,
+            };
+            let mut stmt = conn.prepare_cached(&format!(
+                "SELECT {COLUMNS} FROM tasks WHERE seq > ?1 AND (?2 IS NULL OR state = ?2) \
+                 AND (?3 IS NULL OR task_type = ?3) ORDER BY seq LIMIT ?4"
+            ))?;
+            let rows = stmt.query_map(
+                params![
+                    after_seq,
+                    filter.state.map(|s| s.as_str()),
+                    filter.task_type,
+                    filter.limit.max(1) as i64
+                ],
+                record,
+            )?;
+            rows.collect()
+        })
+        .await
+    }
+
+    /// Task counts by state.
+    pub async fn counts(&self) -> Result<BTreeMap<String, u64>, TaskError> {
+        self.read(|conn| {
+            let mut stmt =
+                conn.prepare_cached("SELECT state, COUNT(*) FROM tasks GROUP BY state")?;
+            let rows = stmt.query_map([], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
+            })?;
+            rows.collect()
+        })
+        .await
+    }
+}
+
+fn sql(e: rusqlite::Error) -> TaskError {
+    TaskError::Store {
+        path: String::new(),
+        message: e.to_string(),
+    }
+}
+
+fn writer_loop(mut conn: Connection, jobs: mpsc::Receiver<Job>) {
+    while let Ok(first) = jobs.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match jobs.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let txn = match conn.transaction() {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::error!(error = %e, "task store: cannot begin a transaction");
+                continue;
+            }
+        };
+        let mut replies = Vec::with_capacity(batch.len());
+        for job in batch {
+            if let Err(e) = txn.execute_batch("SAVEPOINT job") {
+                tracing::error!(error = %e, "task store: savepoint failed");
+            }
+            let (ok, reply) = job(&txn);
+            let end = if ok {
+                "RELEASE job"
+            } else {
+                "ROLLBACK TO job; RELEASE job"
+            };
+            if let Err(e) = txn.execute_batch(end) {
+                tracing::error!(error = %e, "task store: savepoint end failed");
+            }
+            replies.push(reply);
+        }
+        let committed = txn.commit().map_err(|e| e.to_string());
+        if let Err(e) = &committed {
+            tracing::error!(error = %e, "task store: commit failed; the batch is lost and its callers are told");
+        }
+        for reply in replies {
+            reply(committed.clone());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn task(id: &str, retries: u32) -> NewTask {
+        NewTask {
+            task_id: id.into(),
+            task_type: "test".into(),
+            payload: b"{}".to_vec(),
+            metadata: BTreeMap::from([("user".to_string(), "alice".to_string())]),
+            priority: 0,
+            timeout: None,
+            max_retries: retries,
+        }
+    }
+
+    #[tokio::test]
+    async fn submit_is_idempotent_and_refuses_changed_content() {
+        let store = TaskStore::open(None).unwrap();
+        let (first, created) = store.submit(task("a", 0)).await.unwrap();
+        assert!(created && first.state == TaskState::Pending);
+        let (again, created) = store.submit(task("a", 0)).await.unwrap();
+        assert!(!created);
+        assert_eq!(again.created_at_ms, first.created_at_ms);
+        let mut changed = task("a", 0);
+        changed.payload = b"{\"other\":1}".to_vec();
+        assert_eq!(
+            store.submit(changed).await.unwrap_err(),
+            TaskError::Conflict {
+                task_id: "a".into()
+            }
+        );
+        assert_eq!(
+            store.get("a").await.unwrap().unwrap().task.metadata["user"],
+            "alice"
+        );
+    }
+
+    #[tokio::test]
+    async fn priority_order_retries_and_stale_results() {
+        let store = TaskStore::open(None).unwrap();
+        store.submit(task("low", 1)).await.unwrap();
+        let mut high = task("high", 0);
+        high.priority = 5;
+        store.submit(high).await.unwrap();
+        let claimed = store.claim(None, 1).await.unwrap();
+        assert_eq!(claimed[0].task.task_id, "high");
+        assert_eq!(claimed[0].attempt, 1);
+
+        let low = store.claim(Some(vec!["test".into()]), 10).await.unwrap();
+        assert_eq!(low.len(), 1);
+        let retried = store
+            .finish("low", 1, Outcome::Failed("boom".into()))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(retried.state, TaskState::Pending);
+        // A second report of the same attempt is stale.
+        assert!(store
+            .finish("low", 1, Outcome::Completed(b"late".to_vec()))
+            .await
+            .unwrap()
+            .is_none());
+        tokio::time::sleep(retry_backoff(1)).await;
+        let second = store.claim(None, 10).await.unwrap();
+        assert_eq!(second[0].attempt, 2);
+        let failed = store
+            .finish("low", 2, Outcome::Failed("boom again".into()))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (failed.state, failed.error.as_deref()),
+            (TaskState::Failed, Some("boom again"))
+        );
+
+        let done = store
+            .finish("high", 1, Outcome::Completed(b"ok".to_vec()))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (done.state, done.result.as_deref()),
+            (TaskState::Completed, Some(&b"ok"[..]))
+        );
+    }
+
+    #[tokio::test]
+    async fn cancel_pending_and_running() {
+        let store = TaskStore::open(None).unwrap();
+        store.submit(task("p", 0)).await.unwrap();
+        assert_eq!(store.cancel("p").await.unwrap().state, TaskState::Cancelled);
+        store.submit(task("r", 0)).await.unwrap();
+        store.claim(None, 10).await.unwrap();
+        assert_eq!(store.cancel("r").await.unwrap().state, TaskState::Cancelled);
+        // The cancelled attempt's late result does not overwrite the cancellation.
+        assert!(store
+            .finish("r", 1, Outcome::Completed(vec![]))
+            .await
+            .unwrap()
+            .is_none());
+        assert!(matches!(
+            store.cancel("nope").await,
+            Err(TaskError::NotFound { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn running_tasks_come_back_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state/tasks.db");
+        {
+            let store = TaskStore::open(Some(&path)).unwrap();
+            store.submit(task("retry-left", 1)).await.unwrap();
+            store.submit(task("no-retries", 0)).await.unwrap();
+            store.submit(task("done", 0)).await.unwrap();
+            store.claim(None, 10).await.unwrap();
+            store
+                .finish("done", 1, Outcome::Completed(b"kept".to_vec()))
+                .await
+                .unwrap();
+        }
+        let store = TaskStore::open(Some(&path)).unwrap();
+        assert_eq!(
+            store.recover().await.unwrap(),
+            Recovered {
+                requeued: 1,
+                failed: 1
+            }
+        );
+        let get = |id: &'static str| {
+            let store = store.clone();
+            async move { store.get(id).await.unwrap().unwrap() }
+        };
+        assert_eq!(get("retry-left").await.state, TaskState::Pending);
+        assert_eq!(get("no-retries").await.state, TaskState::Failed);
+        assert_eq!(get("done").await.result.as_deref(), Some(&b"kept"[..]));
+        // The dead process's attempt 1 can no longer report.
+        assert!(store
+            .finish("retry-left", 1, Outcome::Completed(vec![]))
+            .await
+            .unwrap()
+            .is_none());
+    }
+
+    #[tokio::test]
+    async fn concurrent_submits_share_commits_and_list_pages() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = TaskStore::open(Some(&dir.path().join("tasks.db"))).unwrap();
+        let mut handles = Vec::new();
+        for i in 0..500 {
+            let store = store.clone();
+            handles.push(tokio::spawn(async move {
+                store.submit(task(&format!("t{i:03}"), 0)).await
+            }));
+        }
+        for h in handles {
+            assert!(h.await.unwrap().unwrap().1);
+        }
+        let first = store
+            .list(ListFilter {
+                limit: 200,
+                ..ListFilter::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(first.len(), 200);
+        let rest = store
+            .list(ListFilter {
+                limit: 1000,
+                after: Some(first.last().unwrap().task.task_id.clone()),
+                state: Some(TaskState::Pending),
+                ..ListFilter::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(rest.len(), 300);
+        assert_eq!(store.counts().await.unwrap()["PENDING"], 500);
+    }
+}

@@ -298,15 +298,16 @@ def _benchmarks_page(report: str) -> str:
         + report
         + textwrap.dedent(
             """
-            What the contenders do: *cold start* creates all five containers up front, while the
-            dependencies come up, so only `start` and the probe stay on the critical path; each
-            service starts the moment its own dependencies are healthy, and probes run from the
-            host with a backoff starting at 5 ms. That is how it beats the floor, which creates a
-            level's containers only once the level before is healthy. *Warm attach* finds the running
-            containers by label and config hash and probes them once. *floor* is a hand-written
-            script that knows the levels in advance and does nothing else. *docker-compose*
-            relies on the Engine's in-container HEALTHCHECK, whose interval (1 s here, already
-            aggressive; 5 to 30 s is common) paces every level of the chain.
+            What the contenders do: *cold start* creates all five containers up front, while
+            the dependencies come up, so only `start` and the probe stay on the critical
+            path; each service starts the moment its own dependencies are healthy, and
+            probes run from the host with a backoff starting at 5 ms. That is how it beats
+            the floor, which creates a level's containers only once the level before is
+            healthy. *Warm attach* finds the running containers by label and config hash and
+            probes them once. *floor* is a hand-written script that knows the levels in
+            advance and does nothing else. *docker-compose* relies on the Engine's in-
+            container HEALTHCHECK, whose interval (1 s here, already aggressive; 5 to 30 s
+            is common) paces every level of the chain.
             """
         )
     )

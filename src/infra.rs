@@ -137,7 +137,7 @@ impl Infra {
 fn no_such_service(name: &str) -> InfraError {
     InfraError::Stack(StackError::UnknownService {
         name: name.to_string(),
-        known: String::new(),
+        known: "none".to_string(),
     })
 }
 

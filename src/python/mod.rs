@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
@@ -143,6 +143,11 @@ impl ServiceInfo {
     }
 }
 
+/// Locks `m`; a panic elsewhere while it was held leaves plain data behind, still usable.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Python's logging levels are cached on the Rust side; each new `Core` picks up changes made
 /// since (users configure logging before they start a stack).
 static LOG_RESET: std::sync::OnceLock<pyo3_log::ResetHandle> = std::sync::OnceLock::new();
@@ -160,11 +165,14 @@ struct CoreState {
 impl CoreState {
     fn infra(&self) -> PyResult<Arc<Infra>> {
         self.check_pid()?;
-        self.infra
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-            .ok_or_else(|| py_error("InfraError", "the stack is not running; use it inside `async with AgentInfra.start() as infra:`".into(), vec![]))
+        lock(&self.infra).clone().ok_or_else(|| {
+            py_error(
+                "InfraError",
+                "the stack is not running; use it inside `async with AgentInfra.start() as infra:`"
+                    .into(),
+                vec![],
+            )
+        })
     }
 
     fn check_pid(&self) -> PyResult<()> {
@@ -263,12 +271,7 @@ impl Core {
     /// Names of the services this stack will run, dependencies first.
     #[getter]
     fn planned_services(&self) -> Vec<String> {
-        let infra = self
-            .state
-            .infra
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let infra = lock(&self.state.infra).clone();
         match infra {
             Some(infra) => infra
                 .config()
@@ -276,11 +279,7 @@ impl Core {
                 .iter()
                 .map(|s| s.name.clone())
                 .collect(),
-            None => self
-                .state
-                .pending
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
+            None => lock(&self.state.pending)
                 .as_ref()
                 .map(|c| c.services.iter().map(|s| s.name.clone()).collect())
                 .unwrap_or_default(),
@@ -289,20 +288,21 @@ impl Core {
 
     fn start<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         self.state.check_pid()?;
-        let config = self
-            .state
-            .pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-            .ok_or_else(|| py_error("InfraError", "this AgentInfra was already started; call AgentInfra.start() again for a new one".into(), vec![]))?;
+        let config = lock(&self.state.pending).take().ok_or_else(|| {
+            py_error(
+                "InfraError",
+                "this AgentInfra was already started; call AgentInfra.start() again for a new one"
+                    .into(),
+                vec![],
+            )
+        })?;
         let state = Arc::clone(&self.state);
         // Spawned, so that a cancelled `await` does not drop a half-started stack: `abort()`
         // cancels this task and waits for its rollback.
         let task = crate::runtime::get().spawn(async move {
             let outcome = match Infra::start(config, state.cancel.clone()).await {
                 Ok(infra) => {
-                    *state.infra.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(infra));
+                    *lock(&state.infra) = Some(Arc::new(infra));
                     Ok(())
                 }
                 Err(e) => Err(e),
@@ -326,15 +326,10 @@ impl Core {
         pyo3_async_runtimes::tokio::future_into_py(py, async move {
             state.cancel.cancel();
             let mut started = state.started.subscribe();
-            if state
-                .pending
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .is_none()
-            {
+            if lock(&state.pending).is_none() {
                 let _ = started.wait_for(|done| *done).await;
             }
-            let infra = state.infra.lock().unwrap_or_else(|e| e.into_inner()).take();
+            let infra = lock(&state.infra).take();
             if let Some(infra) = infra {
                 infra.shutdown(false).await;
             }
@@ -345,12 +340,7 @@ impl Core {
     /// Stops and removes the stack's containers unless `keep_running`.
     fn stop<'py>(&self, py: Python<'py>, keep_running: bool) -> PyResult<Bound<'py, PyAny>> {
         self.state.check_pid()?;
-        let infra = self
-            .state
-            .infra
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
+        let infra = lock(&self.state.infra).take();
         let task = crate::runtime::get().spawn(async move {
             if let Some(infra) = infra {
                 infra.shutdown(keep_running).await;

@@ -18,7 +18,7 @@ use crate::config::Config;
 use crate::docker::{labels, ContainerInfo, ContainerPlan, Docker, DockerError, RunState};
 use crate::health::{self, Backoff};
 use crate::services::graph;
-use crate::services::spec::{Condition, GpuRequest, Probe, ServiceSpec};
+use crate::services::spec::{Condition, GpuRequest, Probe, Protocol, ServiceSpec};
 
 /// How many log lines a start error carries.
 const ERROR_LOG_LINES: usize = 20;
@@ -494,16 +494,12 @@ impl Supervisor {
                 if held_by_stale.contains(&p.host_port) {
                     continue;
                 }
-                let addr = health::probe_addr(&p.host_ip, p.host_port);
-                let bind_addr =
-                    std::net::SocketAddr::new(p.host_ip.parse().unwrap_or(addr.ip()), p.host_port);
+                // Config parsing guarantees an IP address here.
+                let ip: std::net::IpAddr = p.host_ip.parse().unwrap_or([127, 0, 0, 1].into());
+                let bind_addr = std::net::SocketAddr::new(ip, p.host_port);
                 let result = match p.protocol {
-                    crate::services::spec::Protocol::Tcp => {
-                        std::net::TcpListener::bind(bind_addr).map(drop)
-                    }
-                    crate::services::spec::Protocol::Udp => {
-                        std::net::UdpSocket::bind(bind_addr).map(drop)
-                    }
+                    Protocol::Tcp => std::net::TcpListener::bind(bind_addr).map(drop),
+                    Protocol::Udp => std::net::UdpSocket::bind(bind_addr).map(drop),
                 };
                 if let Err(e) = result {
                     return Err(StackError::PortInUse {

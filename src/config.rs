@@ -191,6 +191,17 @@ impl ServicePatch {
     }
 }
 
+/// The `[tasks]` table: where the queue keeps tasks and how many run at once.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TasksPatch {
+    /// SQLite file (relative to the state folder), or ":memory:" for a throwaway queue.
+    pub store: Option<String>,
+    /// Tasks of one type running at once, unless `limits` says otherwise.
+    pub concurrency: Option<usize>,
+    pub limits: Option<BTreeMap<String, usize>>,
+}
+
 /// The shape of `dspy-agent.toml` and of the `config=` mapping given to `AgentInfra.start()`.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -203,6 +214,7 @@ pub struct ConfigLayer {
     pub keep_running: Option<bool>,
     /// Host address ports are published on when a mapping names none.
     pub publish_host_ip: Option<String>,
+    pub tasks: Option<TasksPatch>,
     #[serde(default)]
     pub services: BTreeMap<String, ServicePatch>,
 }
@@ -216,6 +228,17 @@ impl ConfigLayer {
         merge(&mut self.env_manager_addr, upper.env_manager_addr);
         merge(&mut self.keep_running, upper.keep_running);
         merge(&mut self.publish_host_ip, upper.publish_host_ip);
+        if let Some(t) = upper.tasks {
+            let lower = self.tasks.get_or_insert_with(TasksPatch::default);
+            merge(&mut lower.store, t.store);
+            merge(&mut lower.concurrency, t.concurrency);
+            if let Some(limits) = t.limits {
+                lower
+                    .limits
+                    .get_or_insert_with(BTreeMap::new)
+                    .extend(limits);
+            }
+        }
         for (name, patch) in upper.services {
             self.services.entry(name).or_default().apply(patch);
         }
@@ -265,6 +288,15 @@ impl LoadOptions {
     }
 }
 
+/// Where tasks are kept and how many run at once.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TasksConfig {
+    /// `None` = in memory (lost when the process ends).
+    pub store: Option<PathBuf>,
+    pub concurrency: usize,
+    pub limits: BTreeMap<String, usize>,
+}
+
 /// The validated configuration the core runs with.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -277,6 +309,7 @@ pub struct Config {
     pub keep_running: bool,
     /// The config file that was read, if any.
     pub config_file: Option<PathBuf>,
+    pub tasks: TasksConfig,
     /// The services to run, dependencies included, in a valid start order.
     pub services: Vec<ServiceSpec>,
 }
@@ -342,6 +375,10 @@ fn env_layer(env: &BTreeMap<String, String>) -> ConfigLayer {
         docker_host: get("ENV_MANAGER_DOCKER_HOST").or_else(|| get("DOCKER_HOST")),
         orchestrator_addr: get("ORCHESTRATOR_GRPC_ADDR"),
         env_manager_addr: get("ENV_MANAGER_GRPC_ADDR"),
+        tasks: get("DSPY_AGENT_TASK_STORE").map(|store| TasksPatch {
+            store: Some(store),
+            ..TasksPatch::default()
+        }),
         ..ConfigLayer::default()
     }
 }
@@ -454,6 +491,7 @@ fn resolve(
         .state_dir
         .map(|p| base_dir.join(p))
         .unwrap_or_else(|| default_state_dir(env, &project));
+    let tasks = resolve_tasks(layer.tasks.unwrap_or_default(), &state_dir)?;
     Ok(Config {
         project,
         state_dir,
@@ -462,7 +500,43 @@ fn resolve(
         env_manager_addr,
         keep_running: layer.keep_running.unwrap_or(false),
         config_file,
+        tasks,
         services,
+    })
+}
+
+fn resolve_tasks(t: TasksPatch, state_dir: &Path) -> Result<TasksConfig, ConfigError> {
+    let store = match t.store.as_deref().map(str::trim) {
+        Some(":memory:") => None,
+        Some("") => {
+            return Err(ConfigError::invalid(
+                "tasks.store",
+                "must be a file path or \":memory:\"",
+            ))
+        }
+        Some(path) => Some(state_dir.join(path)),
+        None => Some(state_dir.join("tasks.db")),
+    };
+    let concurrency = t.concurrency.unwrap_or(64);
+    if concurrency == 0 || concurrency > 100_000 {
+        return Err(ConfigError::invalid(
+            "tasks.concurrency",
+            format!("{concurrency} must be from 1 to 100000"),
+        ));
+    }
+    let limits = t.limits.unwrap_or_default();
+    for (task_type, n) in &limits {
+        if *n == 0 || *n > 100_000 {
+            return Err(ConfigError::invalid(
+                format!("tasks.limits.{task_type}"),
+                format!("{n} must be from 1 to 100000"),
+            ));
+        }
+    }
+    Ok(TasksConfig {
+        store,
+        concurrency,
+        limits,
     })
 }
 

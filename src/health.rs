@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::Empty;
+use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -77,38 +77,62 @@ pub async fn tcp(addr: SocketAddr, timeout: Duration) -> Result<(), String> {
     .await
 }
 
+/// One HTTP/1.1 request; returns the status and the body.
+pub async fn request(
+    addr: SocketAddr,
+    method: hyper::Method,
+    path: &str,
+    body: Bytes,
+    timeout: Duration,
+) -> Result<(u16, Bytes), String> {
+    let url = format!("http://{addr}{path}");
+    within(timeout, &format!("{method} {url}"), async {
+        let fail = |e: &dyn std::fmt::Display| format!("{method} {url}: {e}");
+        let stream = TcpStream::connect(addr).await.map_err(|e| fail(&e))?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| fail(&e))?;
+        let driver = tokio::spawn(conn);
+        let mut builder = hyper::Request::builder()
+            .method(method.clone())
+            .uri(path)
+            .header(hyper::header::HOST, addr.to_string());
+        if !body.is_empty() {
+            builder = builder.header(hyper::header::CONTENT_TYPE, "application/json");
+        }
+        let request = builder.body(Full::new(body)).map_err(|e| fail(&e))?;
+        let result = async {
+            let response = sender.send_request(request).await.map_err(|e| fail(&e))?;
+            let status = response.status().as_u16();
+            let body = response
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| fail(&e))?
+                .to_bytes();
+            Ok((status, body))
+        }
+        .await;
+        driver.abort();
+        result
+    })
+    .await
+}
+
 pub async fn http(
     addr: SocketAddr,
     path: &str,
     expected: u16,
     timeout: Duration,
 ) -> Result<(), String> {
-    let url = format!("http://{addr}{path}");
-    within(timeout, &format!("GET {url}"), async {
-        let stream = TcpStream::connect(addr)
-            .await
-            .map_err(|e| format!("GET {url}: {e}"))?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| format!("GET {url}: {e}"))?;
-        let driver = tokio::spawn(conn);
-        let request = hyper::Request::get(path)
-            .header(hyper::header::HOST, addr.to_string())
-            .body(Empty::<Bytes>::new())
-            .map_err(|e| format!("GET {url}: {e}"))?;
-        let result = sender.send_request(request).await;
-        driver.abort();
-        let status = result
-            .map_err(|e| format!("GET {url}: {e}"))?
-            .status()
-            .as_u16();
-        if status == expected {
-            Ok(())
-        } else {
-            Err(format!("GET {url} answered {status}, expected {expected}"))
-        }
-    })
-    .await
+    let (status, _) = request(addr, hyper::Method::GET, path, Bytes::new(), timeout).await?;
+    if status == expected {
+        Ok(())
+    } else {
+        Err(format!(
+            "GET http://{addr}{path} answered {status}, expected {expected}"
+        ))
+    }
 }
 
 pub async fn redis(addr: SocketAddr, timeout: Duration) -> Result<(), String> {

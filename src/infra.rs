@@ -1,14 +1,21 @@
 //! The assembled core: the one entry point for the bindings, the command line and the daemon.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ConfigError};
 use crate::docker::{Docker, DockerError};
+use crate::grpc::{self, GrpcError};
+use crate::health;
 use crate::services::supervisor::{ServiceState, StackError, Supervisor};
+use crate::tasks::handlers::{self, Handler, ServiceDirectory};
+use crate::tasks::model::TaskError;
+use crate::tasks::queue::TaskQueue;
+use crate::tasks::store::TaskStore;
 
 /// How long to wait for the Docker Engine before reporting it unavailable.
 pub const DOCKER_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -21,35 +28,144 @@ pub enum InfraError {
     Docker(#[from] DockerError),
     #[error(transparent)]
     Stack(#[from] StackError),
+    #[error(transparent)]
+    Task(#[from] TaskError),
+    #[error(transparent)]
+    Grpc(#[from] GrpcError),
 }
 
-/// A running stack (possibly of zero services).
+/// The stack's services as the task handlers see them.
+struct Directory(Arc<Supervisor>);
+
+impl ServiceDirectory for Directory {
+    fn container_id(&self, service: &str) -> Option<String> {
+        self.0
+            .snapshot()
+            .into_iter()
+            .find(|s| s.name == service)
+            .and_then(|s| s.container_id)
+    }
+
+    fn address(&self, service: &str, port: Option<u16>) -> Option<SocketAddr> {
+        let state = self.0.snapshot().into_iter().find(|s| s.name == service)?;
+        let (ip, host_port) = match port {
+            Some(p) => state.ports.get(&p)?.clone(),
+            None => state.ports.values().next()?.clone(),
+        };
+        Some(health::probe_addr(&ip, host_port))
+    }
+
+    fn services(&self) -> Vec<String> {
+        self.0.snapshot().into_iter().map(|s| s.name).collect()
+    }
+}
+
+/// A running stack (possibly of zero services) with its task queue and orchestrator port.
 pub struct Infra {
     config: Arc<Config>,
     supervisor: Option<Arc<Supervisor>>,
+    queue: TaskQueue,
+    grpc: Mutex<Option<grpc::Server>>,
+    orchestrator_addr: SocketAddr,
 }
 
 impl Infra {
-    /// Connects to the Engine (only when there is a service to run) and brings the stack up.
+    /// Opens the task queue, serves the orchestrator port, connects to the Engine (only when
+    /// there is a service to run) and brings the stack up. A failure undoes what was started.
     pub async fn start(config: Config, cancel: CancellationToken) -> Result<Infra, InfraError> {
         let config = Arc::new(config);
+        let store_path = config.tasks.store.clone();
+        let store = tokio::task::spawn_blocking(move || TaskStore::open(store_path.as_deref()))
+            .await
+            .map_err(|e| TaskError::Store {
+                path: String::new(),
+                message: e.to_string(),
+            })??;
+        let queue = TaskQueue::start(store, config.tasks.concurrency).await?;
+        let limit = |t: &str| config.tasks.limits.get(t).copied();
+        for t in ["ping", "test", "echo"] {
+            queue.register(t, Arc::new(handlers::Builtin(t)), limit(t));
+        }
+        let served = grpc::serve_orchestrator(
+            &config.orchestrator_addr,
+            queue.clone(),
+            config.project.clone(),
+        )
+        .await;
+        let server = match served {
+            Ok(s) => s,
+            Err(e) => {
+                queue.shutdown();
+                return Err(e.into());
+            }
+        };
+        let orchestrator_addr = server.addr;
+
+        let supervisor = match Self::start_services(&config, &queue, cancel).await {
+            Ok(s) => s,
+            Err(e) => {
+                queue.shutdown();
+                server.shutdown().await;
+                return Err(e);
+            }
+        };
+        Ok(Infra {
+            config,
+            supervisor,
+            queue,
+            grpc: Mutex::new(Some(server)),
+            orchestrator_addr,
+        })
+    }
+
+    async fn start_services(
+        config: &Arc<Config>,
+        queue: &TaskQueue,
+        cancel: CancellationToken,
+    ) -> Result<Option<Arc<Supervisor>>, InfraError> {
         if config.services.is_empty() {
-            return Ok(Infra {
-                config,
-                supervisor: None,
-            });
+            return Ok(None);
         }
         let docker = Docker::connect(config.docker_host.as_deref(), DOCKER_CONNECT_TIMEOUT).await?;
         let supervisor = Arc::new(Supervisor::new(
-            docker,
-            Arc::clone(&config),
+            docker.clone(),
+            Arc::clone(config),
             new_session_id(),
         ));
+        let directory: Arc<dyn ServiceDirectory> = Arc::new(Directory(Arc::clone(&supervisor)));
+        let limit = |t: &str| config.tasks.limits.get(t).copied();
+        let exec = handlers::Exec {
+            docker: docker.clone(),
+            directory: Arc::clone(&directory),
+        };
+        queue.register("exec", Arc::new(exec), limit("exec"));
+        let container = handlers::Container {
+            docker,
+            project: config.project.clone(),
+        };
+        queue.register("container", Arc::new(container), limit("container"));
+        let http = handlers::Http {
+            directory,
+            timeout: Duration::from_secs(300),
+        };
+        queue.register("http", Arc::new(http), limit("http"));
         supervisor.start(cancel).await?;
-        Ok(Infra {
-            config,
-            supervisor: Some(supervisor),
-        })
+        Ok(Some(supervisor))
+    }
+
+    pub fn queue(&self) -> &TaskQueue {
+        &self.queue
+    }
+
+    /// Where the orchestrator gRPC service listens (the real port when 0 was asked for).
+    pub fn orchestrator_addr(&self) -> SocketAddr {
+        self.orchestrator_addr
+    }
+
+    /// Serves `task_type` with `handler`, with the configured concurrency limit.
+    pub fn register_handler(&self, task_type: &str, handler: Arc<dyn Handler>) {
+        let limit = self.config.tasks.limits.get(task_type).copied();
+        self.queue.register(task_type, handler, limit);
     }
 
     pub fn config(&self) -> &Config {
@@ -97,7 +213,10 @@ impl Infra {
     /// Addresses of the running services as environment variables: for each service `NAME`,
     /// `NAME_HOST`, `NAME_PORT` and `NAME_URL` (e.g. `REDIS_URL=redis://127.0.0.1:6379`).
     pub fn env(&self) -> BTreeMap<String, String> {
-        let mut env = BTreeMap::new();
+        let mut env = BTreeMap::from([(
+            "ORCHESTRATOR_GRPC_ADDR".to_string(),
+            self.orchestrator_addr.to_string(),
+        )]);
         for s in self.services() {
             let Some((_, (_, port))) = s.ports.iter().next() else {
                 continue;
@@ -122,8 +241,14 @@ impl Infra {
         env
     }
 
-    /// Stops and removes the stack's containers (named volumes stay), unless `keep_running`.
+    /// Stops the task queue and the orchestrator port, then stops and removes the stack's
+    /// containers (named volumes stay) unless `keep_running`.
     pub async fn shutdown(&self, keep_running: bool) {
+        self.queue.shutdown();
+        let server = self.grpc.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(server) = server {
+            server.shutdown().await;
+        }
         if let Some(s) = &self.supervisor {
             if keep_running {
                 tracing::info!(project = %self.config.project, "leaving the stack running");

@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod docker;
+pub mod grpc;
 pub mod health;
 pub mod infra;
 pub mod runtime;

@@ -5,14 +5,21 @@ async with AgentInfra.start() as infra:
 """
 
 from ._infra import AgentInfra
-from ._native import ServiceInfo, __version__
+from ._native import ServiceInfo, SubmitResponse, Task, TaskInfo, __version__
+from ._tasks import OrchestratorClient, Payload, TaskStatus
 from .errors import (
     ConfigError,
     DockerUnavailableError,
     InfraError,
+    InvalidTaskError,
+    OrchestratorUnavailableError,
     PortInUseError,
     ServiceStartError,
+    TaskConflictError,
+    TaskError,
+    TaskNotFoundError,
     UnknownServiceError,
+    UnknownTaskTypeError,
 )
 
 __all__ = [
@@ -20,9 +27,21 @@ __all__ = [
     "ConfigError",
     "DockerUnavailableError",
     "InfraError",
+    "InvalidTaskError",
+    "OrchestratorClient",
+    "OrchestratorUnavailableError",
+    "Payload",
     "PortInUseError",
     "ServiceInfo",
     "ServiceStartError",
+    "SubmitResponse",
+    "Task",
+    "TaskConflictError",
+    "TaskError",
+    "TaskInfo",
+    "TaskNotFoundError",
+    "TaskStatus",
     "UnknownServiceError",
+    "UnknownTaskTypeError",
     "__version__",
 ]

@@ -3,18 +3,28 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import warnings
-from collections.abc import Awaitable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from types import TracebackType
 from typing import Any, TypeVar
 
-from ._native import Core, ServiceInfo
+from ._native import Core, ServiceInfo, SubmitResponse, Task, TaskInfo
+from ._tasks import (
+    OrchestratorClient,
+    Payload,
+    check_metadata,
+    encode_payload,
+    iterate,
+    wait_final,
+)
 from .errors import InfraError, UnknownServiceError
 
 __all__ = ["AgentInfra"]
 
 _T = TypeVar("_T")
+_H = TypeVar("_H", bound=Callable[[Task], Any])
 
 
 async def _finish(awaitable: Awaitable[_T]) -> _T:
@@ -49,6 +59,7 @@ class AgentInfra:
     def __init__(self, core: Core) -> None:
         self._core = core
         self._keep_running = core.keep_running
+        self._client: OrchestratorClient | None = None
 
     @classmethod
     def start(
@@ -160,6 +171,86 @@ class AgentInfra:
     async def restart(self, name: str) -> ServiceInfo:
         """Restarts a service and waits until it is healthy again."""
         return await self._core.restart(name)
+
+    @property
+    def orchestrator_addr(self) -> str:
+        """``host:port`` of the orchestrator gRPC service (the real port when 0 was asked for)."""
+        return self._core.orchestrator_addr
+
+    @property
+    def orchestrator_client(self) -> OrchestratorClient:
+        """A gRPC client of this stack's orchestrator, as other processes would use it."""
+        if self._client is None:
+            host, _, port = self.orchestrator_addr.rpartition(":")
+            self._client = OrchestratorClient(host=host.strip("[]"), port=int(port))
+        return self._client
+
+    def task_handler(self, task_type: str) -> Callable[[_H], _H]:
+        """Serves ``task_type`` with the decorated function, which receives a
+        :class:`~dspy_agent_infra.Task` and returns bytes, str or a JSON-able value (the result
+        payload); an exception fails the attempt with its message. Coroutine functions run on
+        the event loop that entered the stack, plain functions in a worker thread::
+
+            @infra.task_handler("rl_training")
+            async def train(task: Task) -> dict[str, float]:
+                config = task.json()
+                ...
+        """
+
+        def register(handler: _H) -> _H:
+            is_async = inspect.iscoroutinefunction(handler)
+            self._core.register_handler(task_type, handler, is_async)
+            return handler
+
+        return register
+
+    async def submit_task(
+        self,
+        task_id: str,
+        task_type: str,
+        payload: Payload = None,
+        metadata: Mapping[str, str] | None = None,
+        priority: int = 0,
+        timeout: float | None = None,
+        max_retries: int = 0,
+    ) -> SubmitResponse:
+        """Queues a task durably; returns once it is on disk. The payload is sent as bytes
+        (bytes as they are, str as UTF-8, anything else as JSON). Resubmitting the same id with
+        the same content is harmless (``duplicate`` is True); with other content it raises
+        :class:`~dspy_agent_infra.errors.TaskConflictError`."""
+        return await self._core.submit_task(
+            task_id,
+            task_type,
+            encode_payload(payload),
+            check_metadata(metadata),
+            priority,
+            timeout,
+            max_retries,
+        )
+
+    async def get_task_status(self, task_id: str) -> TaskInfo:
+        """The task's status, result payload, error and attempts."""
+        return await self._core.get_task_status(task_id)
+
+    async def wait_for_task(self, task_id: str, timeout: float | None = None) -> TaskInfo:
+        """Waits until the task is COMPLETED, FAILED or CANCELLED; ``TimeoutError`` after
+        ``timeout`` seconds."""
+        watch = await self._core.watch_tasks([task_id], True)
+        return await wait_final(watch, task_id, timeout)
+
+    async def cancel_task(self, task_id: str) -> bool:
+        """Cancels a PENDING task at once and a RUNNING one by cancelling its handler; False
+        when the task had already finished."""
+        cancelled, _ = await self._core.cancel_task(task_id)
+        return cancelled
+
+    async def watch_tasks(
+        self, task_ids: list[str] | None = None, *, include_current: bool = True
+    ) -> AsyncIterator[TaskInfo]:
+        """Every state change of the given tasks (of all tasks when None), as it happens."""
+        watch = await self._core.watch_tasks(list(task_ids or []), include_current)
+        async for info in iterate(watch):
+            yield info
 
     def __repr__(self) -> str:
         try:

@@ -1,8 +1,10 @@
 """Type stubs for the compiled core (``dspy_agent_infra._native``)."""
 
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from os import PathLike
 from typing import Any, final
+
+from ._tasks import TaskStatus
 
 __version__: str
 
@@ -61,3 +63,119 @@ class Core:
     def status(self) -> Awaitable[list[ServiceInfo]]: ...
     def logs(self, service: str, tail: int) -> Awaitable[str]: ...
     def restart(self, service: str) -> Awaitable[ServiceInfo]: ...
+    @property
+    def orchestrator_addr(self) -> str: ...
+    def register_handler(
+        self, task_type: str, func: Callable[[Task], Any], is_async: bool
+    ) -> None: ...
+    def submit_task(
+        self,
+        task_id: str,
+        task_type: str,
+        payload: bytes,
+        metadata: dict[str, str] | None,
+        priority: int,
+        timeout: float | None,
+        max_retries: int,
+    ) -> Awaitable[SubmitResponse]: ...
+    def get_task_status(self, task_id: str) -> Awaitable[TaskInfo]: ...
+    def cancel_task(self, task_id: str) -> Awaitable[tuple[bool, TaskInfo]]: ...
+    def watch_tasks(self, task_ids: list[str], include_current: bool) -> Awaitable[TaskWatch]: ...
+
+@final
+class TaskInfo:
+    """A task's state, result and timing."""
+
+    @property
+    def task_id(self) -> str: ...
+    @property
+    def task_type(self) -> str: ...
+    @property
+    def status(self) -> TaskStatus: ...
+    @property
+    def status_name(self) -> str: ...
+    @property
+    def result_payload(self) -> bytes:
+        """The handler's result (empty until COMPLETED)."""
+    @property
+    def error(self) -> str:
+        """Why the last attempt failed (empty when none did)."""
+    @property
+    def attempts(self) -> int: ...
+    @property
+    def created_at(self) -> float | None:
+        """Seconds since the Unix epoch."""
+    @property
+    def started_at(self) -> float | None: ...
+    @property
+    def finished_at(self) -> float | None: ...
+    @property
+    def metadata(self) -> dict[str, str]: ...
+    @property
+    def priority(self) -> int: ...
+
+@final
+class SubmitResponse:
+    @property
+    def success(self) -> bool: ...
+    @property
+    def task_id(self) -> str: ...
+    @property
+    def error(self) -> str: ...
+    @property
+    def duplicate(self) -> bool:
+        """The id was already queued with the same content; nothing new was queued."""
+
+@final
+class Task:
+    """A task as a handler receives it."""
+
+    @property
+    def task_id(self) -> str: ...
+    @property
+    def task_type(self) -> str: ...
+    @property
+    def payload(self) -> bytes: ...
+    @property
+    def metadata(self) -> dict[str, str]: ...
+    @property
+    def priority(self) -> int: ...
+    @property
+    def attempt(self) -> int:
+        """1 for the first attempt, 2 for the first retry, ..."""
+    def json(self) -> Any:
+        """The payload decoded as JSON."""
+
+@final
+class TaskWatch:
+    def next(self) -> Awaitable[TaskInfo | None]: ...
+
+@final
+class GrpcClient:
+    def __new__(cls, host: str, port: int) -> GrpcClient: ...
+    @property
+    def target(self) -> str: ...
+    def submit_task(
+        self,
+        task_id: str,
+        task_type: str,
+        payload: bytes,
+        metadata: dict[str, str] | None,
+        priority: int,
+        timeout: float | None,
+        max_retries: int,
+    ) -> Awaitable[SubmitResponse]: ...
+    def get_task_status(self, task_id: str) -> Awaitable[TaskInfo]: ...
+    def cancel_task(self, task_id: str) -> Awaitable[tuple[bool, TaskInfo | None]]: ...
+    def list_tasks(
+        self,
+        status: str | None = None,
+        task_type: str | None = None,
+        page_size: int = 100,
+        page_token: str | None = None,
+    ) -> Awaitable[tuple[list[TaskInfo], str | None]]: ...
+    def watch_tasks(self, task_ids: list[str], include_current: bool) -> Awaitable[TaskWatch]: ...
+    def health(self) -> Awaitable[tuple[bool, str, str]]: ...
+    def metrics(
+        self,
+    ) -> Awaitable[tuple[dict[str, int], int, int, int, int, int, list[str]]]: ...

@@ -6,9 +6,15 @@ __all__ = [
     "ConfigError",
     "DockerUnavailableError",
     "InfraError",
+    "InvalidTaskError",
+    "OrchestratorUnavailableError",
     "PortInUseError",
     "ServiceStartError",
+    "TaskConflictError",
+    "TaskError",
+    "TaskNotFoundError",
     "UnknownServiceError",
+    "UnknownTaskTypeError",
 ]
 
 
@@ -63,12 +69,41 @@ class PortInUseError(ServiceStartError):
         self.host_ip = host_ip
 
 
-class UnknownServiceError(InfraError, KeyError):
+class _PlainKeyError(KeyError):
+    """A KeyError whose message prints as written (KeyError alone would quote it)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class UnknownServiceError(InfraError, _PlainKeyError):
     """The stack runs no service of that name."""
 
     def __init__(self, message: str, *, service: str = "") -> None:
         super().__init__(message)
         self.service = service
 
-    def __str__(self) -> str:
-        return str(self.args[0])
+
+class TaskError(InfraError):
+    """A task request was refused, or the task store failed."""
+
+
+class InvalidTaskError(TaskError, ValueError):
+    """A task field is invalid (empty or over-long id, bad timeout, payload too large or not
+    encodable); the message names the field."""
+
+
+class TaskConflictError(TaskError):
+    """The task id is already taken by a task with different content."""
+
+
+class UnknownTaskTypeError(TaskError):
+    """No handler serves the task type; register one with ``@infra.task_handler(...)``."""
+
+
+class TaskNotFoundError(TaskError, _PlainKeyError):
+    """No task has that id."""
+
+
+class OrchestratorUnavailableError(TaskError, ConnectionError):
+    """The orchestrator's gRPC port does not answer."""

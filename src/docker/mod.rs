@@ -539,6 +539,69 @@ impl Docker {
         Ok(out)
     }
 
+    /// Runs a one-off container to completion and returns its exit code and output; the
+    /// container is removed afterwards, also when the caller stops waiting (cancellation).
+    pub async fn run_once(
+        &self,
+        image: &str,
+        command: Option<Vec<String>>,
+        env: Vec<String>,
+        labels: HashMap<String, String>,
+    ) -> Result<ExecOutput, DockerError> {
+        let body = ContainerCreateBody {
+            image: Some(image.to_string()),
+            cmd: command,
+            env: Some(env),
+            labels: Some(labels),
+            host_config: Some(HostConfig {
+                privileged: Some(false),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let id = self
+            .client
+            .create_container(None, body)
+            .await
+            .map_err(|e| match status_of(&e) {
+                Some(404) => DockerError::Image {
+                    image: image.to_string(),
+                    message: "it is not present locally".into(),
+                },
+                _ => DockerError::api(format!("create a container from {image:?}"), e),
+            })?
+            .id;
+        let guard = RemoveOnDrop {
+            docker: self.clone(),
+            id: Some(id.clone()),
+        };
+        self.start(&id).await?;
+        let mut wait = self.client.wait_container(&id, None);
+        let exit_code = match wait.next().await {
+            Some(Ok(r)) => r.status_code,
+            Some(Err(bollard::errors::Error::DockerContainerWaitError { code, .. })) => code,
+            Some(Err(e)) => return Err(DockerError::api(format!("wait for container {id}"), e)),
+            None => -1,
+        };
+        let options = LogsOptionsBuilder::new().stdout(true).stderr(true).build();
+        let mut logs = self.client.logs(&id, Some(options));
+        let (mut stdout, mut stderr) = (String::new(), String::new());
+        while let Some(item) = logs.next().await {
+            match item.map_err(|e| DockerError::api(format!("logs of container {id}"), e))? {
+                LogOutput::StdErr { message } => {
+                    stderr.push_str(&String::from_utf8_lossy(&message))
+                }
+                other => stdout.push_str(&String::from_utf8_lossy(other.as_ref())),
+            }
+        }
+        drop(guard);
+        Ok(ExecOutput {
+            exit_code,
+            stdout,
+            stderr,
+        })
+    }
+
     /// Runs `command` in a running container and collects its output.
     pub async fn exec(&self, id: &str, command: &[String]) -> Result<ExecOutput, DockerError> {
         let exec = self
@@ -581,5 +644,22 @@ impl Docker {
             stdout,
             stderr,
         })
+    }
+}
+
+/// Removes a one-off container when dropped, whether its run finished or was abandoned.
+struct RemoveOnDrop {
+    docker: Docker,
+    id: Option<String>,
+}
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if let (Some(id), Ok(handle)) = (self.id.take(), tokio::runtime::Handle::try_current()) {
+            let docker = self.docker.clone();
+            handle.spawn(async move {
+                let _ = docker.remove(&id, Duration::ZERO).await;
+            });
+        }
     }
 }

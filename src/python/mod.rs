@@ -11,6 +11,8 @@ use pyo3::types::PyDict;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+mod tasks;
+
 use crate::config::{Config, ConfigError, ConfigLayer, LoadOptions};
 use crate::docker::DockerError;
 use crate::infra::{Infra, InfraError};
@@ -91,6 +93,29 @@ fn to_py_err(error: InfraError) -> PyErr {
         InfraError::Stack(StackError::Cancelled | StackError::Docker(_)) => {
             py_error("InfraError", message, vec![])
         }
+        InfraError::Task(e) => tasks::task_error(e),
+        InfraError::Grpc(crate::grpc::GrpcError::Bind { addr, .. }) => {
+            let port = addr
+                .rsplit(':')
+                .next()
+                .and_then(|p| p.parse::<u16>().ok())
+                .unwrap_or(0);
+            let port = Python::attach(|py| {
+                port.into_pyobject(py)
+                    .map(|o| o.into_any().unbind())
+                    .unwrap_or_else(|_| py.None())
+            });
+            py_error(
+                "PortInUseError",
+                message.clone(),
+                vec![
+                    ("service", s("orchestrator")),
+                    ("reason", s(&message)),
+                    ("port", port),
+                    ("host_ip", s(&addr)),
+                ],
+            )
+        }
     }
 }
 
@@ -160,6 +185,8 @@ struct CoreState {
     cancel: CancellationToken,
     started: watch::Sender<bool>,
     pid: u32,
+    /// The event loop that entered the stack: Python coroutine handlers run on it.
+    locals: Mutex<Option<Arc<pyo3_async_runtimes::TaskLocals>>>,
 }
 
 impl CoreState {
@@ -254,6 +281,7 @@ impl Core {
                 cancel: CancellationToken::new(),
                 started,
                 pid: std::process::id(),
+                locals: Mutex::new(None),
             }),
         })
     }
@@ -296,6 +324,9 @@ impl Core {
                 vec![],
             )
         })?;
+        *lock(&self.state.locals) = Some(Arc::new(pyo3_async_runtimes::tokio::get_current_locals(
+            py,
+        )?));
         let state = Arc::clone(&self.state);
         // Spawned, so that a cancelled `await` does not drop a half-started stack: `abort()`
         // cancels this task and waits for its rollback.
@@ -349,6 +380,120 @@ impl Core {
         pyo3_async_runtimes::tokio::future_into_py(py, async move {
             task.await
                 .map_err(|e| PyRuntimeError::new_err(format!("the stop task failed: {e}")))
+        })
+    }
+
+    /// "host:port" of the orchestrator gRPC service.
+    #[getter]
+    fn orchestrator_addr(&self) -> PyResult<String> {
+        Ok(self.state.infra()?.orchestrator_addr().to_string())
+    }
+
+    /// Serves `task_type` with a Python function (a coroutine function runs on the event loop
+    /// that entered the stack; a plain one in a worker thread).
+    fn register_handler(&self, task_type: String, func: Py<PyAny>, is_async: bool) -> PyResult<()> {
+        let infra = self.state.infra()?;
+        let locals = lock(&self.state.locals).clone().ok_or_else(|| {
+            py_error(
+                "InfraError",
+                "the stack was not started from an event loop".into(),
+                vec![],
+            )
+        })?;
+        crate::tasks::model::NewTask {
+            task_id: "-".into(),
+            task_type: task_type.clone(),
+            payload: Vec::new(),
+            metadata: BTreeMap::new(),
+            priority: 0,
+            timeout: None,
+            max_retries: 0,
+        }
+        .validate()
+        .map_err(tasks::task_error)?;
+        infra.register_handler(
+            &task_type,
+            Arc::new(tasks::PythonHandler {
+                func,
+                is_async,
+                locals,
+            }),
+        );
+        Ok(())
+    }
+
+    #[pyo3(signature = (task_id, task_type, payload, metadata, priority, timeout, max_retries))]
+    #[allow(clippy::too_many_arguments)]
+    fn submit_task<'py>(
+        &self,
+        py: Python<'py>,
+        task_id: String,
+        task_type: String,
+        payload: Vec<u8>,
+        metadata: Option<BTreeMap<String, String>>,
+        priority: i32,
+        timeout: Option<f64>,
+        max_retries: u32,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let infra = self.state.infra()?;
+        let task = tasks::new_task(
+            task_id,
+            task_type,
+            payload,
+            metadata,
+            priority,
+            timeout,
+            max_retries,
+        )?;
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            let (record, created) = infra
+                .queue()
+                .submit(task)
+                .await
+                .map_err(tasks::task_error)?;
+            Ok(tasks::submit_response(record, created))
+        })
+    }
+
+    fn get_task_status<'py>(
+        &self,
+        py: Python<'py>,
+        task_id: String,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let infra = self.state.infra()?;
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            let record = infra
+                .queue()
+                .get(&task_id)
+                .await
+                .map_err(tasks::task_error)?;
+            Ok(tasks::TaskInfo::from(record))
+        })
+    }
+
+    fn cancel_task<'py>(&self, py: Python<'py>, task_id: String) -> PyResult<Bound<'py, PyAny>> {
+        let infra = self.state.infra()?;
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            let (record, cancelled) = infra
+                .queue()
+                .cancel(&task_id)
+                .await
+                .map_err(tasks::task_error)?;
+            Ok((cancelled, tasks::TaskInfo::from(record)))
+        })
+    }
+
+    fn watch_tasks<'py>(
+        &self,
+        py: Python<'py>,
+        task_ids: Vec<String>,
+        include_current: bool,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let infra = self.state.infra()?;
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            tasks::TaskWatch::local(infra.queue().clone(), task_ids, include_current)
+                .await
+                .map_err(tasks::task_error)
         })
     }
 
@@ -415,6 +560,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let _ = pyo3_async_runtimes::tokio::init_with_runtime(crate::runtime::get());
     m.add_class::<Core>()?;
     m.add_class::<ServiceInfo>()?;
+    tasks::register(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

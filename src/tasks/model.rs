@@ -18,6 +18,8 @@ pub enum TaskError {
     },
     #[error("task {task_id:?} already exists with different content; submit it under a new id")]
     Conflict { task_id: String },
+    #[error("no handler serves task type {task_type:?}; registered types: {known}. Register one with @infra.task_handler({task_type:?})")]
+    UnknownType { task_type: String, known: String },
     #[error("no task {task_id:?}")]
     NotFound { task_id: String },
     #[error("task store at {path}: {message}")]

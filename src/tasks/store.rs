@@ -51,11 +51,14 @@ pub struct TaskStore {
 
 struct Inner {
     writer: Mutex<mpsc::Sender<Job>>,
-    reader: Mutex<Connection>,
+    /// A second connection for reads (WAL lets it read beside the writer); `None` for an
+    /// in-memory store, whose shared cache would make readers and the writer lock each other out,
+    /// so reads go through the writer there.
+    reader: Option<Mutex<Connection>>,
     location: String,
 }
 
-fn now_ms() -> i64 {
+pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
@@ -88,7 +91,7 @@ CREATE TABLE IF NOT EXISTS tasks (
     finished_at INTEGER,
     not_before INTEGER NOT NULL DEFAULT 0
 );
-CREATE INDEX IF NOT EXISTS tasks_ready ON tasks (state, priority DESC, seq);
+CREATE INDEX IF NOT EXISTS tasks_ready ON tasks (state, task_type, priority DESC, seq);
 ";
 
 const COLUMNS: &str = "task_id, task_type, payload, metadata, priority, timeout_ms, max_retries, \
@@ -179,7 +182,10 @@ impl TaskStore {
         writer_conn
             .execute_batch(SCHEMA)
             .map_err(|e| store_error(&e))?;
-        let reader = open().map_err(|e| store_error(&e))?;
+        let reader = match path {
+            Some(_) => Some(Mutex::new(open().map_err(|e| store_error(&e))?)),
+            None => None,
+        };
 
         let (tx, rx) = mpsc::channel::<Job>();
         std::thread::Builder::new()
@@ -189,7 +195,7 @@ impl TaskStore {
         Ok(TaskStore {
             inner: Arc::new(Inner {
                 writer: Mutex::new(tx),
-                reader: Mutex::new(reader),
+                reader,
                 location,
             }),
         })
@@ -247,10 +253,13 @@ impl TaskStore {
         &self,
         f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
     ) -> Result<T, TaskError> {
+        if self.inner.reader.is_none() {
+            return self.write(move |txn| f(txn).map_err(sql)).await;
+        }
         let inner = Arc::clone(&self.inner);
-        tokio::task::spawn_blocking(move || {
-            let conn = inner.reader.lock().unwrap_or_else(|e| e.into_inner());
-            f(&conn)
+        tokio::task::spawn_blocking(move || match &inner.reader {
+            Some(reader) => f(&reader.lock().unwrap_or_else(|e| e.into_inner())),
+            None => unreachable!("checked above"),
         })
         .await
         .map_err(|e| self.store_error(e))?
@@ -310,38 +319,24 @@ impl TaskStore {
         .await
     }
 
-    /// Moves up to `limit` ready PENDING tasks of the given types (all when `None`) to RUNNING,
-    /// highest priority first, and returns them with their new attempt number.
-    pub async fn claim(
-        &self,
-        types: Option<Vec<String>>,
-        limit: usize,
-    ) -> Result<Vec<TaskRecord>, TaskError> {
+    /// Moves up to `limit` ready PENDING tasks of `task_type` to RUNNING, highest priority
+    /// first, and returns them with their new attempt number.
+    pub async fn claim(&self, task_type: &str, limit: usize) -> Result<Vec<TaskRecord>, TaskError> {
+        let task_type = task_type.to_string();
         self.write(move |txn| {
             let now = now_ms();
-            let mut ids: Vec<String> = Vec::new();
-            {
+            let ids: Vec<String> = {
                 let mut stmt = txn
                     .prepare_cached(
-                        "SELECT task_id, task_type FROM tasks WHERE state = 'PENDING' AND not_before <= ?1 \
-                         ORDER BY priority DESC, seq LIMIT ?2",
+                        "SELECT task_id FROM tasks WHERE state = 'PENDING' AND task_type = ?1 \
+                         AND not_before <= ?2 ORDER BY priority DESC, seq LIMIT ?3",
                     )
                     .map_err(sql)?;
-                // Over-fetch when filtering by type, then keep what this caller serves.
-                let fetch = if types.is_some() { limit.saturating_mul(8).max(64) } else { limit };
                 let rows = stmt
-                    .query_map(params![now, fetch as i64], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+                    .query_map(params![task_type, now, limit as i64], |r| r.get(0))
                     .map_err(sql)?;
-                for row in rows {
-                    let (id, task_type) = row.map_err(sql)?;
-                    if types.as_ref().is_none_or(|t| t.contains(&task_type)) {
-                        ids.push(id);
-                        if ids.len() == limit {
-                            break;
-                        }
-                    }
-                }
-            }
+                rows.collect::<rusqlite::Result<_>>().map_err(sql)?
+            };
             let mut claimed = Vec::with_capacity(ids.len());
             for id in ids {
                 txn.execute(
@@ -354,6 +349,18 @@ impl TaskStore {
                 }
             }
             Ok(claimed)
+        })
+        .await
+    }
+
+    /// Earliest time (ms since the epoch) a PENDING task becomes ready, if any is waiting.
+    pub async fn next_ready_ms(&self) -> Result<Option<i64>, TaskError> {
+        self.read(|conn| {
+            conn.query_row(
+                "SELECT MIN(not_before) FROM tasks WHERE state = 'PENDING'",
+                [],
+                |r| r.get(0),
+            )
         })
         .await
     }
@@ -586,11 +593,12 @@ mod tests {
         let mut high = task("high", 0);
         high.priority = 5;
         store.submit(high).await.unwrap();
-        let claimed = store.claim(None, 1).await.unwrap();
+        let claimed = store.claim("test", 1).await.unwrap();
         assert_eq!(claimed[0].task.task_id, "high");
         assert_eq!(claimed[0].attempt, 1);
 
-        let low = store.claim(Some(vec!["test".into()]), 10).await.unwrap();
+        assert!(store.claim("other", 10).await.unwrap().is_empty());
+        let low = store.claim("test", 10).await.unwrap();
         assert_eq!(low.len(), 1);
         let retried = store
             .finish("low", 1, Outcome::Failed("boom".into()))
@@ -605,7 +613,7 @@ mod tests {
             .unwrap()
             .is_none());
         tokio::time::sleep(retry_backoff(1)).await;
-        let second = store.claim(None, 10).await.unwrap();
+        let second = store.claim("test", 10).await.unwrap();
         assert_eq!(second[0].attempt, 2);
         let failed = store
             .finish("low", 2, Outcome::Failed("boom again".into()))
@@ -634,7 +642,7 @@ mod tests {
         store.submit(task("p", 0)).await.unwrap();
         assert_eq!(store.cancel("p").await.unwrap().state, TaskState::Cancelled);
         store.submit(task("r", 0)).await.unwrap();
-        store.claim(None, 10).await.unwrap();
+        store.claim("test", 10).await.unwrap();
         assert_eq!(store.cancel("r").await.unwrap().state, TaskState::Cancelled);
         // The cancelled attempt's late result does not overwrite the cancellation.
         assert!(store
@@ -657,7 +665,7 @@ mod tests {
             store.submit(task("retry-left", 1)).await.unwrap();
             store.submit(task("no-retries", 0)).await.unwrap();
             store.submit(task("done", 0)).await.unwrap();
-            store.claim(None, 10).await.unwrap();
+            store.claim("test", 10).await.unwrap();
             store
                 .finish("done", 1, Outcome::Completed(b"kept".to_vec()))
                 .await

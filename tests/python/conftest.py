@@ -22,6 +22,12 @@ def images() -> None:
         subprocess.run(["bash", str(ROOT / "tests/images/build.sh")], check=True)
 
 
+@pytest.fixture(autouse=True)
+def state_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test keeps its task store and other state in a folder of its own."""
+    monkeypatch.setenv("DSPY_AGENT_STATE_DIR", str(tmp_path_factory.mktemp("state")))
+
+
 @pytest.fixture
 def project() -> Iterator[str]:
     name = f"t-{uuid.uuid4().hex[:10]}"

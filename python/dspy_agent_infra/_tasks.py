@@ -1,0 +1,182 @@
+"""Tasks: ``TaskStatus``, payload encoding and ``OrchestratorClient``."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import json
+from collections.abc import AsyncIterator, Mapping
+from types import TracebackType
+from typing import Any, Union
+
+from ._native import GrpcClient, SubmitResponse, TaskInfo, TaskWatch
+from .errors import InvalidTaskError
+
+__all__ = ["OrchestratorClient", "Payload", "TaskStatus"]
+
+#: What a task payload may be: bytes as they are, str as UTF-8, anything else as JSON.
+Payload = Union[
+    bytes, bytearray, memoryview, str, Mapping[str, Any], list[Any], int, float, bool, None
+]
+
+
+class TaskStatus(str, enum.Enum):
+    """The state of a task."""
+
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+    @property
+    def is_final(self) -> bool:
+        """COMPLETED, FAILED and CANCELLED do not change any more."""
+        return self in (TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED)
+
+
+def encode_payload(payload: Payload) -> bytes:
+    """Bytes as they are, str as UTF-8, None as empty, anything else as JSON."""
+    if isinstance(payload, (bytes, bytearray, memoryview)):
+        return bytes(payload)
+    if isinstance(payload, str):
+        return payload.encode()
+    if payload is None:
+        return b""
+    try:
+        return json.dumps(payload, allow_nan=False).encode()
+    except (TypeError, ValueError) as e:
+        raise InvalidTaskError(f"payload: {e}; pass bytes, str or a JSON-serialisable value") from e
+
+
+def check_metadata(metadata: Mapping[str, str] | None) -> dict[str, str] | None:
+    if metadata is None:
+        return None
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise InvalidTaskError("metadata: keys and values must be strings")
+    return dict(metadata)
+
+
+async def iterate(watch: TaskWatch) -> AsyncIterator[TaskInfo]:
+    while True:
+        info = await watch.next()
+        if info is None:
+            return
+        yield info
+
+
+async def wait_final(watch: TaskWatch, task_id: str, timeout: float | None) -> TaskInfo:
+    async def first_final() -> TaskInfo:
+        async for info in iterate(watch):
+            if info.task_id == task_id and info.status.is_final:
+                return info
+        raise InvalidTaskError(f"the watch on task {task_id!r} ended before it finished")
+
+    try:
+        return await asyncio.wait_for(first_final(), timeout)
+    except asyncio.TimeoutError:
+        raise TimeoutError(f"task {task_id!r} did not finish within {timeout} s") from None
+
+
+class OrchestratorClient:
+    """An async client of any running orchestrator (``AgentInfra.start()`` or the
+    ``dspy-agent`` daemon), from any Python process, over gRPC::
+
+        client = OrchestratorClient(host="localhost", port=50052)
+        await client.submit_task("task-1", "inference", {"prompt": "hello"})
+        status = await client.get_task_status("task-1")
+
+    Connecting is lazy: an unreachable orchestrator raises
+    :class:`~dspy_agent_infra.errors.OrchestratorUnavailableError` on the first call.
+    """
+
+    def __init__(self, host: str = "localhost", port: int = 50052) -> None:
+        if not 0 < port < 65536:
+            raise ValueError(f"port {port} is not from 1 to 65535")
+        self._grpc = GrpcClient(host, port)
+
+    @property
+    def target(self) -> str:
+        return self._grpc.target
+
+    async def submit_task(
+        self,
+        task_id: str,
+        task_type: str,
+        payload: Payload = None,
+        metadata: Mapping[str, str] | None = None,
+        priority: int = 0,
+        timeout: float | None = None,
+        max_retries: int = 0,
+    ) -> SubmitResponse:
+        """Queues a task; resubmitting the same id with the same content is harmless."""
+        return await self._grpc.submit_task(
+            task_id,
+            task_type,
+            encode_payload(payload),
+            check_metadata(metadata),
+            priority,
+            timeout,
+            max_retries,
+        )
+
+    async def get_task_status(self, task_id: str) -> TaskInfo:
+        return await self._grpc.get_task_status(task_id)
+
+    async def wait_for_task(self, task_id: str, timeout: float | None = None) -> TaskInfo:
+        """Waits until the task is COMPLETED, FAILED or CANCELLED; ``TimeoutError`` after
+        ``timeout`` seconds."""
+        watch = await self._grpc.watch_tasks([task_id], True)
+        return await wait_final(watch, task_id, timeout)
+
+    async def cancel_task(self, task_id: str) -> bool:
+        """Cancels the task; False when it had already finished."""
+        cancelled, _ = await self._grpc.cancel_task(task_id)
+        return cancelled
+
+    async def list_tasks(
+        self,
+        status: TaskStatus | None = None,
+        task_type: str | None = None,
+        limit: int = 100,
+    ) -> list[TaskInfo]:
+        """Tasks in submission order, at most ``limit``."""
+        found: list[TaskInfo] = []
+        token: str | None = None
+        while len(found) < limit:
+            page, token = await self._grpc.list_tasks(
+                status.value if status else None, task_type, min(1000, limit - len(found)), token
+            )
+            found.extend(page)
+            if token is None:
+                break
+        return found
+
+    async def watch_tasks(
+        self, task_ids: list[str] | None = None, *, include_current: bool = True
+    ) -> AsyncIterator[TaskInfo]:
+        """Every state change of the given tasks (of all tasks when None), as it happens."""
+        watch = await self._grpc.watch_tasks(list(task_ids or []), include_current)
+        async for info in iterate(watch):
+            yield info
+
+    async def health(self) -> bool:
+        healthy, _, _ = await self._grpc.health()
+        return healthy
+
+    async def close(self) -> None:
+        """Nothing to release: the channel closes with the client. For ``async with``."""
+
+    async def __aenter__(self) -> OrchestratorClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        return f"OrchestratorClient({self.target!r})"

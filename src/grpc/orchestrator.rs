@@ -1,0 +1,222 @@
+//! The OrchestratorService: the task queue over gRPC.
+
+use std::collections::HashSet;
+use std::pin::Pin;
+use std::time::Duration;
+
+use futures_util::{Stream, StreamExt};
+use tokio_stream::wrappers::BroadcastStream;
+use tonic::{Request, Response, Status};
+
+use crate::grpc::{pb, status};
+use crate::tasks::model::{NewTask, TaskRecord, TaskState};
+use crate::tasks::queue::TaskQueue;
+use crate::tasks::store::ListFilter;
+
+pub struct Orchestrator {
+    queue: TaskQueue,
+    project: String,
+}
+
+impl Orchestrator {
+    pub fn new(queue: TaskQueue, project: String) -> Self {
+        Orchestrator { queue, project }
+    }
+}
+
+pub fn state_to_pb(s: TaskState) -> pb::TaskState {
+    match s {
+        TaskState::Pending => pb::TaskState::Pending,
+        TaskState::Running => pb::TaskState::Running,
+        TaskState::Completed => pb::TaskState::Completed,
+        TaskState::Failed => pb::TaskState::Failed,
+        TaskState::Cancelled => pb::TaskState::Cancelled,
+    }
+}
+
+fn state_from_pb(value: i32) -> Result<Option<TaskState>, Status> {
+    match pb::TaskState::try_from(value) {
+        Ok(pb::TaskState::Unspecified) => Ok(None),
+        Ok(pb::TaskState::Pending) => Ok(Some(TaskState::Pending)),
+        Ok(pb::TaskState::Running) => Ok(Some(TaskState::Running)),
+        Ok(pb::TaskState::Completed) => Ok(Some(TaskState::Completed)),
+        Ok(pb::TaskState::Failed) => Ok(Some(TaskState::Failed)),
+        Ok(pb::TaskState::Cancelled) => Ok(Some(TaskState::Cancelled)),
+        Err(_) => Err(Status::invalid_argument(format!(
+            "status: {value} is not a TaskState"
+        ))),
+    }
+}
+
+pub fn info(r: TaskRecord) -> pb::TaskInfo {
+    pb::TaskInfo {
+        status: state_to_pb(r.state) as i32,
+        task_id: r.task.task_id,
+        task_type: r.task.task_type,
+        result_payload: r.result.unwrap_or_default(),
+        error: r.error.unwrap_or_default(),
+        attempts: r.attempt,
+        created_at_ms: r.created_at_ms,
+        started_at_ms: r.started_at_ms.unwrap_or(0),
+        finished_at_ms: r.finished_at_ms.unwrap_or(0),
+        metadata: r.task.metadata.into_iter().collect(),
+        priority: r.task.priority,
+    }
+}
+
+type TaskStream = Pin<Box<dyn Stream<Item = Result<pb::TaskInfo, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::orchestrator_service_server::OrchestratorService for Orchestrator {
+    async fn submit_task(
+        &self,
+        request: Request<pb::SubmitTaskRequest>,
+    ) -> Result<Response<pb::SubmitTaskResponse>, Status> {
+        let r = request.into_inner();
+        let task = NewTask {
+            task_id: r.task_id,
+            task_type: r.task_type,
+            payload: r.payload,
+            metadata: r.metadata.into_iter().collect(),
+            priority: r.priority,
+            timeout: (r.timeout_ms > 0).then(|| Duration::from_millis(r.timeout_ms)),
+            max_retries: r.max_retries,
+        };
+        let (record, created) = self.queue.submit(task).await.map_err(status)?;
+        Ok(Response::new(pb::SubmitTaskResponse {
+            success: true,
+            status: state_to_pb(record.state) as i32,
+            task_id: record.task.task_id,
+            error: String::new(),
+            duplicate: !created,
+        }))
+    }
+
+    async fn get_task_status(
+        &self,
+        request: Request<pb::GetTaskStatusRequest>,
+    ) -> Result<Response<pb::TaskInfo>, Status> {
+        let record = self
+            .queue
+            .get(&request.into_inner().task_id)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(info(record)))
+    }
+
+    async fn cancel_task(
+        &self,
+        request: Request<pb::CancelTaskRequest>,
+    ) -> Result<Response<pb::CancelTaskResponse>, Status> {
+        let (record, cancelled) = self
+            .queue
+            .cancel(&request.into_inner().task_id)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::CancelTaskResponse {
+            cancelled,
+            task: Some(info(record)),
+        }))
+    }
+
+    async fn list_tasks(
+        &self,
+        request: Request<pb::ListTasksRequest>,
+    ) -> Result<Response<pb::ListTasksResponse>, Status> {
+        let r = request.into_inner();
+        let limit = match r.page_size {
+            0 => 100,
+            n @ 1..=1000 => n as usize,
+            n => {
+                return Err(Status::invalid_argument(format!(
+                    "page_size: {n} is more than 1000"
+                )))
+            }
+        };
+        let tasks = self
+            .queue
+            .list(ListFilter {
+                state: state_from_pb(r.status)?,
+                task_type: Some(r.task_type).filter(|t| !t.is_empty()),
+                limit,
+                after: Some(r.page_token).filter(|t| !t.is_empty()),
+            })
+            .await
+            .map_err(status)?;
+        let next_page_token = if tasks.len() == limit {
+            tasks
+                .last()
+                .map(|t| t.task.task_id.clone())
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(pb::ListTasksResponse {
+            tasks: tasks.into_iter().map(info).collect(),
+            next_page_token,
+        }))
+    }
+
+    type StreamTaskResultsStream = TaskStream;
+
+    async fn stream_task_results(
+        &self,
+        request: Request<pb::StreamTaskResultsRequest>,
+    ) -> Result<Response<Self::StreamTaskResultsStream>, Status> {
+        let r = request.into_inner();
+        // Subscribe before reading current states, so no change falls between the two.
+        let events = BroadcastStream::new(self.queue.subscribe());
+        let ids: HashSet<String> = r.task_ids.into_iter().collect();
+        let mut current = Vec::new();
+        if r.include_current {
+            for id in &ids {
+                match self.queue.get(id).await {
+                    Ok(record) => current.push(Ok(info(record))),
+                    Err(e) => return Err(status(e)),
+                }
+            }
+        }
+        let live = events.filter_map(move |event| {
+            let item = match event {
+                Ok(record) if ids.is_empty() || ids.contains(&record.task.task_id) => Some(Ok(info(record))),
+                Ok(_) => None,
+                // A slow reader missed changes: say so instead of pretending the stream is whole.
+                Err(tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(n)) => Some(Err(
+                    Status::data_loss(format!("this stream fell behind and missed {n} changes; reopen it with include_current")),
+                )),
+            };
+            std::future::ready(item)
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::iter(current).chain(live),
+        )))
+    }
+
+    async fn get_metrics(
+        &self,
+        _: Request<pb::GetMetricsRequest>,
+    ) -> Result<Response<pb::Metrics>, Status> {
+        let m = self.queue.metrics().await.map_err(status)?;
+        Ok(Response::new(pb::Metrics {
+            tasks_by_status: m.by_state.into_iter().collect(),
+            submitted: m.submitted,
+            completed: m.completed,
+            failed: m.failed,
+            cancelled: m.cancelled,
+            running: m.running,
+            uptime_seconds: m.uptime.as_secs_f64(),
+            task_types: m.task_types,
+        }))
+    }
+
+    async fn health(
+        &self,
+        _: Request<pb::HealthRequest>,
+    ) -> Result<Response<pb::HealthResponse>, Status> {
+        Ok(Response::new(pb::HealthResponse {
+            healthy: true,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            project: self.project.clone(),
+        }))
+    }
+}

@@ -1,0 +1,672 @@
+//! Task bindings: the objects Python sees (tasks, statuses, submit answers), Python handlers,
+//! task watches, and the gRPC client behind `OrchestratorClient`.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyString};
+use pyo3_async_runtimes::TaskLocals;
+use tokio::sync::{broadcast, oneshot};
+
+use crate::grpc::pb;
+use crate::grpc::pb::orchestrator_service_client::OrchestratorServiceClient;
+use crate::tasks::handlers::{Handler, HandlerFuture};
+use crate::tasks::model::{NewTask, TaskError, TaskRecord};
+use crate::tasks::queue::TaskQueue;
+
+use super::{lock, py_error};
+
+pub fn task_error(e: TaskError) -> PyErr {
+    let message = e.to_string();
+    let class = match &e {
+        TaskError::Invalid { .. } => "InvalidTaskError",
+        TaskError::Conflict { .. } => "TaskConflictError",
+        TaskError::UnknownType { .. } => "UnknownTaskTypeError",
+        TaskError::NotFound { .. } => "TaskNotFoundError",
+        TaskError::Store { .. } => "TaskError",
+    };
+    py_error(class, message, vec![])
+}
+
+fn status_error(s: tonic::Status) -> PyErr {
+    let message = s.message().to_string();
+    let class = match s.code() {
+        tonic::Code::InvalidArgument | tonic::Code::ResourceExhausted | tonic::Code::OutOfRange => {
+            "InvalidTaskError"
+        }
+        tonic::Code::AlreadyExists => "TaskConflictError",
+        tonic::Code::FailedPrecondition => "UnknownTaskTypeError",
+        tonic::Code::NotFound => "TaskNotFoundError",
+        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => "OrchestratorUnavailableError",
+        _ => "TaskError",
+    };
+    let message = if class == "OrchestratorUnavailableError" {
+        format!("the orchestrator is not reachable: {message}")
+    } else {
+        message
+    };
+    py_error(class, message, vec![])
+}
+
+fn ms_to_seconds(ms: i64) -> Option<f64> {
+    (ms > 0).then(|| ms as f64 / 1000.0)
+}
+
+/// A task's state as Python sees it: `status` is a `TaskStatus` member.
+#[pyclass(frozen, get_all, module = "dspy_agent_infra._native")]
+#[derive(Clone)]
+pub struct TaskInfo {
+    task_id: String,
+    task_type: String,
+    status_name: String,
+    result_payload: Vec<u8>,
+    error: String,
+    attempts: u32,
+    created_at: Option<f64>,
+    started_at: Option<f64>,
+    finished_at: Option<f64>,
+    metadata: BTreeMap<String, String>,
+    priority: i32,
+}
+
+impl From<TaskRecord> for TaskInfo {
+    fn from(r: TaskRecord) -> Self {
+        crate::grpc::orchestrator::info(r).into()
+    }
+}
+
+impl From<pb::TaskInfo> for TaskInfo {
+    fn from(i: pb::TaskInfo) -> Self {
+        let status_name = pb::TaskState::try_from(i.status)
+            .map(|s| s.as_str_name().to_string())
+            .unwrap_or_else(|_| "TASK_STATE_UNSPECIFIED".to_string());
+        TaskInfo {
+            task_id: i.task_id,
+            task_type: i.task_type,
+            status_name,
+            result_payload: i.result_payload,
+            error: i.error,
+            attempts: i.attempts,
+            created_at: ms_to_seconds(i.created_at_ms),
+            started_at: ms_to_seconds(i.started_at_ms),
+            finished_at: ms_to_seconds(i.finished_at_ms),
+            metadata: i.metadata.into_iter().collect(),
+            priority: i.priority,
+        }
+    }
+}
+
+#[pymethods]
+impl TaskInfo {
+    /// The state as a `TaskStatus` member.
+    #[getter]
+    fn status(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        let enum_class = py
+            .import("dspy_agent_infra._tasks")?
+            .getattr("TaskStatus")?;
+        Ok(enum_class.getattr(self.status_name.as_str())?.unbind())
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "TaskInfo(task_id={:?}, task_type={:?}, status={}, attempts={}, error={:?})",
+            self.task_id, self.task_type, self.status_name, self.attempts, self.error
+        )
+    }
+}
+
+/// The answer to a submit.
+#[pyclass(frozen, get_all, module = "dspy_agent_infra._native")]
+pub struct SubmitResponse {
+    success: bool,
+    task_id: String,
+    error: String,
+    /// The id was already queued with the same content; nothing new was queued.
+    duplicate: bool,
+}
+
+#[pymethods]
+impl SubmitResponse {
+    fn __repr__(&self) -> String {
+        format!(
+            "SubmitResponse(success={}, task_id={:?}, duplicate={})",
+            if self.success { "True" } else { "False" },
+            self.task_id,
+            if self.duplicate { "True" } else { "False" }
+        )
+    }
+}
+
+/// A task as a Python handler receives it.
+#[pyclass(frozen, get_all, module = "dspy_agent_infra._native")]
+pub struct Task {
+    task_id: String,
+    task_type: String,
+    payload: Vec<u8>,
+    metadata: BTreeMap<String, String>,
+    priority: i32,
+    attempt: u32,
+}
+
+#[pymethods]
+impl Task {
+    /// The payload decoded as JSON.
+    fn json(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        let text = String::from_utf8_lossy(&self.payload).into_owned();
+        Ok(py.import("json")?.call_method1("loads", (text,))?.unbind())
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "Task(task_id={:?}, task_type={:?}, attempt={})",
+            self.task_id, self.task_type, self.attempt
+        )
+    }
+}
+
+/// Turns what a handler returned into the result payload: bytes as they are, str as UTF-8,
+/// None as empty, anything else as JSON.
+fn encode_result(value: &Bound<'_, PyAny>) -> Result<Vec<u8>, String> {
+    if value.is_none() {
+        return Ok(Vec::new());
+    }
+    if let Ok(b) = value.cast::<PyBytes>() {
+        return Ok(b.as_bytes().to_vec());
+    }
+    if value.is_instance_of::<PyString>() {
+        return value
+            .extract::<String>()
+            .map(String::into_bytes)
+            .map_err(|e| e.to_string());
+    }
+    let py = value.py();
+    let encoded = py
+        .import("json")
+        .and_then(|json| json.call_method1("dumps", (value,)))
+        .and_then(|s| s.extract::<String>());
+    match encoded {
+        Ok(s) => Ok(s.into_bytes()),
+        Err(e) => Err(format!(
+            "the handler returned a {} that cannot be encoded (return bytes, str or a JSON-able value): {e}",
+            value.get_type().name().map(|n| n.to_string()).unwrap_or_default()
+        )),
+    }
+}
+
+fn describe(py: Python<'_>, e: PyErr) -> String {
+    let name = e
+        .get_type(py)
+        .name()
+        .map(|n| n.to_string())
+        .unwrap_or_else(|_| "Exception".into());
+    let text = e.value(py).str().map(|s| s.to_string()).unwrap_or_default();
+    if text.is_empty() {
+        name
+    } else {
+        format!("{name}: {text}")
+    }
+}
+
+/// The result payload, or the error text that fails the attempt.
+type HandlerResult = Result<Vec<u8>, String>;
+
+/// Called on the event loop when a handler's coroutine finishes.
+#[pyclass]
+struct Done {
+    tx: Mutex<Option<oneshot::Sender<HandlerResult>>>,
+}
+
+#[pymethods]
+impl Done {
+    fn __call__(&self, future: &Bound<'_, PyAny>) {
+        let py = future.py();
+        let outcome = if future
+            .call_method0("cancelled")
+            .and_then(|c| c.is_truthy())
+            .unwrap_or(false)
+        {
+            Err("the handler was cancelled".to_string())
+        } else {
+            match future.call_method0("result") {
+                Ok(value) => encode_result(&value),
+                Err(e) => Err(describe(py, e)),
+            }
+        };
+        if let Some(tx) = lock(&self.tx).take() {
+            let _ = tx.send(outcome);
+        }
+    }
+}
+
+/// Cancels the handler's coroutine if its Rust side stops waiting (timeout, cancel, shutdown).
+struct CancelOnDrop(Option<Py<PyAny>>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if let Some(future) = self.0.take() {
+            Python::attach(|py| {
+                let _ = future.call_method0(py, "cancel");
+            });
+        }
+    }
+}
+
+/// A Python function serving a task type: coroutine functions run on the event loop that
+/// entered the stack; plain functions run in a worker thread.
+pub struct PythonHandler {
+    pub func: Py<PyAny>,
+    pub is_async: bool,
+    pub locals: Arc<TaskLocals>,
+}
+
+fn py_task(record: &TaskRecord) -> Task {
+    Task {
+        task_id: record.task.task_id.clone(),
+        task_type: record.task.task_type.clone(),
+        payload: record.task.payload.clone(),
+        metadata: record.task.metadata.clone(),
+        priority: record.task.priority,
+        attempt: record.attempt,
+    }
+}
+
+impl Handler for PythonHandler {
+    fn run(&self, record: TaskRecord) -> HandlerFuture {
+        let func = Python::attach(|py| self.func.clone_ref(py));
+        let locals = Arc::clone(&self.locals);
+        let is_async = self.is_async;
+        Box::pin(async move {
+            let task = py_task(&record);
+            if !is_async {
+                return tokio::task::spawn_blocking(move || {
+                    Python::attach(|py| match func.call1(py, (task,)) {
+                        Ok(value) => encode_result(value.bind(py)),
+                        Err(e) => Err(describe(py, e)),
+                    })
+                })
+                .await
+                .map_err(|e| format!("the handler thread failed: {e}"))?;
+            }
+            let (tx, rx) = oneshot::channel();
+            let scheduled = Python::attach(|py| -> PyResult<Py<PyAny>> {
+                let coroutine = func.call1(py, (task,))?;
+                let future = py.import("asyncio")?.call_method1(
+                    "run_coroutine_threadsafe",
+                    (coroutine, locals.event_loop(py)),
+                )?;
+                future.call_method1(
+                    "add_done_callback",
+                    (Done {
+                        tx: Mutex::new(Some(tx)),
+                    },),
+                )?;
+                Ok(future.unbind())
+            });
+            let future = scheduled.map_err(|e| Python::attach(|py| describe(py, e)))?;
+            let mut guard = CancelOnDrop(Some(future));
+            let outcome = rx
+                .await
+                .unwrap_or_else(|_| Err("the event loop running the handler closed".into()));
+            guard.0 = None;
+            outcome
+        })
+    }
+}
+
+/// An open watch on task state changes; `next()` resolves to the next change, or None when the
+/// queue has stopped.
+#[pyclass(module = "dspy_agent_infra._native")]
+pub struct TaskWatch {
+    state: Arc<tokio::sync::Mutex<WatchState>>,
+}
+
+enum WatchSource {
+    Local {
+        queue: TaskQueue,
+        events: broadcast::Receiver<TaskRecord>,
+    },
+    Remote(Box<tonic::Streaming<pb::TaskInfo>>),
+}
+
+struct WatchState {
+    pending: VecDeque<TaskInfo>,
+    ids: HashSet<String>,
+    source: WatchSource,
+}
+
+impl TaskWatch {
+    pub async fn local(
+        queue: TaskQueue,
+        ids: Vec<String>,
+        include_current: bool,
+    ) -> Result<TaskWatch, TaskError> {
+        let events = queue.subscribe();
+        let mut pending = VecDeque::new();
+        if include_current {
+            for id in &ids {
+                pending.push_back(queue.get(id).await?.into());
+            }
+        }
+        Ok(TaskWatch {
+            state: Arc::new(tokio::sync::Mutex::new(WatchState {
+                pending,
+                ids: ids.into_iter().collect(),
+                source: WatchSource::Local { queue, events },
+            })),
+        })
+    }
+
+    fn remote(stream: tonic::Streaming<pb::TaskInfo>) -> TaskWatch {
+        TaskWatch {
+            state: Arc::new(tokio::sync::Mutex::new(WatchState {
+                pending: VecDeque::new(),
+                ids: HashSet::new(),
+                source: WatchSource::Remote(Box::new(stream)),
+            })),
+        }
+    }
+}
+
+#[pymethods]
+impl TaskWatch {
+    fn next<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let state = Arc::clone(&self.state);
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            let mut s = state.lock().await;
+            if let Some(info) = s.pending.pop_front() {
+                return Ok(Some(info));
+            }
+            let ids = s.ids.clone();
+            match &mut s.source {
+                WatchSource::Local { queue, events } => loop {
+                    match events.recv().await {
+                        Ok(r) if ids.is_empty() || ids.contains(&r.task.task_id) => {
+                            return Ok(Some(r.into()))
+                        }
+                        Ok(_) => {}
+                        Err(broadcast::error::RecvError::Lagged(_)) => {
+                            // Missed changes: report the watched tasks' current states instead.
+                            let mut current = VecDeque::new();
+                            for id in &ids {
+                                current.push_back(queue.get(id).await.map_err(task_error)?.into());
+                            }
+                            if let Some(first) = current.pop_front() {
+                                s.pending = current;
+                                return Ok(Some(first));
+                            }
+                        }
+                        Err(broadcast::error::RecvError::Closed) => return Ok(None),
+                    }
+                },
+                WatchSource::Remote(stream) => match stream.message().await {
+                    Ok(Some(info)) => Ok(Some(TaskInfo::from(info))),
+                    Ok(None) => Ok(None),
+                    Err(e) => Err(status_error(e)),
+                },
+            }
+        })
+    }
+}
+
+pub fn new_task(
+    task_id: String,
+    task_type: String,
+    payload: Vec<u8>,
+    metadata: Option<BTreeMap<String, String>>,
+    priority: i32,
+    timeout: Option<f64>,
+    max_retries: u32,
+) -> PyResult<NewTask> {
+    let timeout = match timeout {
+        None => None,
+        Some(t) if t.is_finite() && t > 0.0 && t < 1e9 => Some(Duration::from_secs_f64(t)),
+        Some(t) => {
+            return Err(task_error(TaskError::Invalid {
+                field: "timeout",
+                message: format!("{t} is not a number of seconds above 0"),
+            }))
+        }
+    };
+    Ok(NewTask {
+        task_id,
+        task_type,
+        payload,
+        metadata: metadata.unwrap_or_default(),
+        priority,
+        timeout,
+        max_retries,
+    })
+}
+
+pub fn submit_response(record: TaskRecord, created: bool) -> SubmitResponse {
+    SubmitResponse {
+        success: true,
+        task_id: record.task.task_id,
+        error: String::new(),
+        duplicate: !created,
+    }
+}
+
+/// The transport behind `OrchestratorClient`: a lazily connected gRPC channel.
+#[pyclass(frozen, module = "dspy_agent_infra._native")]
+pub struct GrpcClient {
+    client: OrchestratorServiceClient<tonic::transport::Channel>,
+    target: String,
+}
+
+impl GrpcClient {
+    fn client(&self) -> OrchestratorServiceClient<tonic::transport::Channel> {
+        self.client.clone()
+    }
+}
+
+#[pymethods]
+impl GrpcClient {
+    #[new]
+    fn new(host: &str, port: u16) -> PyResult<Self> {
+        let host = if host.contains(':') && !host.starts_with('[') {
+            format!("[{host}]")
+        } else {
+            host.to_string()
+        };
+        let target = format!("http://{host}:{port}");
+        let endpoint = tonic::transport::Endpoint::from_shared(target.clone())
+            .map_err(|e| {
+                py_error(
+                    "InfraError",
+                    format!("{target} is not a valid address: {e}"),
+                    vec![],
+                )
+            })?
+            .connect_timeout(Duration::from_secs(2));
+        // The channel needs the runtime's reactor even though it connects lazily.
+        let _guard = crate::runtime::get().enter();
+        let channel = endpoint.connect_lazy();
+        let client = OrchestratorServiceClient::new(channel)
+            .max_decoding_message_size(crate::grpc::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(crate::grpc::MAX_MESSAGE_BYTES);
+        Ok(GrpcClient { client, target })
+    }
+
+    #[getter]
+    fn target(&self) -> String {
+        self.target.clone()
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn submit_task<'py>(
+        &self,
+        py: Python<'py>,
+        task_id: String,
+        task_type: String,
+        payload: Vec<u8>,
+        metadata: Option<BTreeMap<String, String>>,
+        priority: i32,
+        timeout: Option<f64>,
+        max_retries: u32,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let task = new_task(
+            task_id,
+            task_type,
+            payload,
+            metadata,
+            priority,
+            timeout,
+            max_retries,
+        )?;
+        let mut client = self.client();
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            let request = pb::SubmitTaskRequest {
+                task_id: task.task_id,
+                task_type: task.task_type,
+                payload: task.payload,
+                metadata: task.metadata.into_iter().collect::<HashMap<_, _>>(),
+                priority: task.priority,
+                timeout_ms: task
+                    .timeout
+                    .map(|t| t.as_millis().max(1) as u64)
+                    .unwrap_or(0),
+                max_retries: task.max_retries,
+            };
+            let r = client
+                .submit_task(request)
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            Ok(SubmitResponse {
+                success: r.success,
+                task_id: r.task_id,
+                error: r.error,
+                duplicate: r.duplicate,
+            })
+        })
+    }
+
+    fn get_task_status<'py>(
+        &self,
+        py: Python<'py>,
+        task_id: String,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let mut client = self.client();
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            let r = client
+                .get_task_status(pb::GetTaskStatusRequest { task_id })
+                .await
+                .map_err(status_error)?;
+            Ok(TaskInfo::from(r.into_inner()))
+        })
+    }
+
+    fn cancel_task<'py>(&self, py: Python<'py>, task_id: String) -> PyResult<Bound<'py, PyAny>> {
+        let mut client = self.client();
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            let r = client
+                .cancel_task(pb::CancelTaskRequest { task_id })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            Ok((r.cancelled, r.task.map(TaskInfo::from)))
+        })
+    }
+
+    #[pyo3(signature = (status=None, task_type=None, page_size=100, page_token=None))]
+    fn list_tasks<'py>(
+        &self,
+        py: Python<'py>,
+        status: Option<String>,
+        task_type: Option<String>,
+        page_size: u32,
+        page_token: Option<String>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let status = match status.as_deref() {
+            None => pb::TaskState::Unspecified,
+            Some(name) => pb::TaskState::from_str_name(name).ok_or_else(|| {
+                py_error(
+                    "InvalidTaskError",
+                    format!("{name:?} is not a task status"),
+                    vec![],
+                )
+            })?,
+        };
+        let mut client = self.client();
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            let r = client
+                .list_tasks(pb::ListTasksRequest {
+                    status: status as i32,
+                    task_type: task_type.unwrap_or_default(),
+                    page_size,
+                    page_token: page_token.unwrap_or_default(),
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            let tasks: Vec<TaskInfo> = r.tasks.into_iter().map(TaskInfo::from).collect();
+            Ok((tasks, Some(r.next_page_token).filter(|t| !t.is_empty())))
+        })
+    }
+
+    fn watch_tasks<'py>(
+        &self,
+        py: Python<'py>,
+        task_ids: Vec<String>,
+        include_current: bool,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let mut client = self.client();
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            let stream = client
+                .stream_task_results(pb::StreamTaskResultsRequest {
+                    task_ids,
+                    include_current,
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            Ok(TaskWatch::remote(stream))
+        })
+    }
+
+    fn health<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let mut client = self.client();
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            let r = client
+                .health(pb::HealthRequest {})
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            Ok((r.healthy, r.version, r.project))
+        })
+    }
+
+    fn metrics<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let mut client = self.client();
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            let m = client
+                .get_metrics(pb::GetMetricsRequest {})
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            let by_status: BTreeMap<String, u64> = m.tasks_by_status.into_iter().collect();
+            Ok((
+                by_status,
+                m.submitted,
+                m.completed,
+                m.failed,
+                m.cancelled,
+                m.running,
+                m.task_types,
+            ))
+        })
+    }
+}
+
+/// Adds the task classes to the module.
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<TaskInfo>()?;
+    m.add_class::<SubmitResponse>()?;
+    m.add_class::<Task>()?;
+    m.add_class::<TaskWatch>()?;
+    m.add_class::<GrpcClient>()?;
+    Ok(())
+}

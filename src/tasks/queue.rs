@@ -1,0 +1,485 @@
+//! The queue: submits into the store, dispatches ready tasks to their handlers with per-type
+//! concurrency limits and timeouts, cancels, and broadcasts every state change.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{broadcast, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use crate::tasks::handlers::Handler;
+use crate::tasks::model::{NewTask, TaskError, TaskRecord, TaskState};
+use crate::tasks::store::{now_ms, ListFilter, Outcome, TaskStore};
+
+/// Largest payload accepted, in bytes (the gRPC message limit is set a little above it).
+pub const MAX_PAYLOAD_BYTES: usize = 16 * 1024 * 1024;
+
+struct Registered {
+    handler: Arc<dyn Handler>,
+    slots: Arc<Semaphore>,
+}
+
+#[derive(Default)]
+struct Counters {
+    submitted: AtomicU64,
+    completed: AtomicU64,
+    failed: AtomicU64,
+    cancelled: AtomicU64,
+}
+
+/// Figures for `GetMetrics`.
+#[derive(Debug, Clone)]
+pub struct QueueMetrics {
+    pub by_state: BTreeMap<String, u64>,
+    pub submitted: u64,
+    pub completed: u64,
+    pub failed: u64,
+    pub cancelled: u64,
+    pub running: u64,
+    pub uptime: Duration,
+    pub task_types: Vec<String>,
+}
+
+struct Inner {
+    store: TaskStore,
+    handlers: RwLock<BTreeMap<String, Registered>>,
+    events: broadcast::Sender<TaskRecord>,
+    wake: Notify,
+    running: Mutex<HashMap<String, CancellationToken>>,
+    counters: Counters,
+    started: Instant,
+    shutdown: CancellationToken,
+    default_concurrency: usize,
+}
+
+#[derive(Clone)]
+pub struct TaskQueue {
+    inner: Arc<Inner>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl TaskQueue {
+    /// Recovers what a previous process left running and starts dispatching.
+    pub async fn start(
+        store: TaskStore,
+        default_concurrency: usize,
+    ) -> Result<TaskQueue, TaskError> {
+        let recovered = store.recover().await?;
+        if recovered.requeued + recovered.failed > 0 {
+            tracing::warn!(
+                requeued = recovered.requeued,
+                failed = recovered.failed,
+                "tasks left running by a process that stopped were recovered"
+            );
+        }
+        let (events, _) = broadcast::channel(65_536);
+        let queue = TaskQueue {
+            inner: Arc::new(Inner {
+                store,
+                handlers: RwLock::new(BTreeMap::new()),
+                events,
+                wake: Notify::new(),
+                running: Mutex::new(HashMap::new()),
+                counters: Counters::default(),
+                started: Instant::now(),
+                shutdown: CancellationToken::new(),
+                default_concurrency: default_concurrency.max(1),
+            }),
+        };
+        let dispatcher = queue.clone();
+        tokio::spawn(async move { dispatcher.dispatch().await });
+        Ok(queue)
+    }
+
+    /// Serves `task_type` with `handler`, at most `concurrency` at a time; replaces an earlier
+    /// handler of that type.
+    pub fn register(&self, task_type: &str, handler: Arc<dyn Handler>, concurrency: Option<usize>) {
+        let slots = Arc::new(Semaphore::new(
+            concurrency.unwrap_or(self.inner.default_concurrency).max(1),
+        ));
+        self.inner
+            .handlers
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(task_type.to_string(), Registered { handler, slots });
+        self.inner.wake.notify_one();
+    }
+
+    pub fn task_types(&self) -> Vec<String> {
+        self.inner
+            .handlers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    pub fn store(&self) -> &TaskStore {
+        &self.inner.store
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<TaskRecord> {
+        self.inner.events.subscribe()
+    }
+
+    fn emit(&self, record: TaskRecord) {
+        let _ = self.inner.events.send(record);
+    }
+
+    /// Queues a task; returns it and whether it is new (`false`: an identical resubmission).
+    pub async fn submit(&self, task: NewTask) -> Result<(TaskRecord, bool), TaskError> {
+        task.validate()?;
+        if !self
+            .inner
+            .handlers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(&task.task_type)
+        {
+            return Err(TaskError::UnknownType {
+                task_type: task.task_type,
+                known: self.task_types().join(", "),
+            });
+        }
+        if task.payload.len() > MAX_PAYLOAD_BYTES {
+            return Err(TaskError::Invalid {
+                field: "payload",
+                message: format!(
+                    "is {} bytes; the limit is {MAX_PAYLOAD_BYTES}",
+                    task.payload.len()
+                ),
+            });
+        }
+        let (record, created) = self.inner.store.submit(task).await?;
+        if created {
+            self.inner
+                .counters
+                .submitted
+                .fetch_add(1, Ordering::Relaxed);
+            self.emit(record.clone());
+            self.inner.wake.notify_one();
+        }
+        Ok((record, created))
+    }
+
+    pub async fn get(&self, task_id: &str) -> Result<TaskRecord, TaskError> {
+        self.inner
+            .store
+            .get(task_id)
+            .await?
+            .ok_or_else(|| TaskError::NotFound {
+                task_id: task_id.to_string(),
+            })
+    }
+
+    pub async fn list(&self, filter: ListFilter) -> Result<Vec<TaskRecord>, TaskError> {
+        self.inner.store.list(filter).await
+    }
+
+    /// Cancels a PENDING task at once and a RUNNING one by cancelling its handler. Returns the
+    /// task and whether this call cancelled it (`false`: it had already finished).
+    pub async fn cancel(&self, task_id: &str) -> Result<(TaskRecord, bool), TaskError> {
+        let before = self.get(task_id).await?;
+        if before.state.is_final() {
+            return Ok((before, false));
+        }
+        let record = self.inner.store.cancel(task_id).await?;
+        let cancelled = record.state == TaskState::Cancelled && !before.state.is_final();
+        if cancelled {
+            if let Some(token) = lock(&self.inner.running).remove(task_id) {
+                token.cancel();
+            }
+            self.inner
+                .counters
+                .cancelled
+                .fetch_add(1, Ordering::Relaxed);
+            self.emit(record.clone());
+        }
+        Ok((record, cancelled))
+    }
+
+    /// Waits until the task reaches a final state (COMPLETED, FAILED or CANCELLED).
+    pub async fn wait(
+        &self,
+        task_id: &str,
+        timeout: Option<Duration>,
+    ) -> Result<Option<TaskRecord>, TaskError> {
+        let mut events = self.subscribe();
+        let wait = async {
+            let current = self.get(task_id).await?;
+            if current.state.is_final() {
+                return Ok(current);
+            }
+            loop {
+                match events.recv().await {
+                    Ok(r) if r.task.task_id == task_id && r.state.is_final() => return Ok(r),
+                    Ok(_) => {}
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        let current = self.get(task_id).await?;
+                        if current.state.is_final() {
+                            return Ok(current);
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return self.get(task_id).await,
+                }
+            }
+        };
+        match timeout {
+            Some(t) => tokio::time::timeout(t, wait).await.ok().transpose(),
+            None => wait.await.map(Some),
+        }
+    }
+
+    pub async fn metrics(&self) -> Result<QueueMetrics, TaskError> {
+        let by_state = self.inner.store.counts().await?;
+        let c = &self.inner.counters;
+        Ok(QueueMetrics {
+            running: lock(&self.inner.running).len() as u64,
+            by_state,
+            submitted: c.submitted.load(Ordering::Relaxed),
+            completed: c.completed.load(Ordering::Relaxed),
+            failed: c.failed.load(Ordering::Relaxed),
+            cancelled: c.cancelled.load(Ordering::Relaxed),
+            uptime: self.inner.started.elapsed(),
+            task_types: self.task_types(),
+        })
+    }
+
+    /// Stops dispatching and cancels running handlers; their tasks stay RUNNING in the store
+    /// and are recovered (retried) by the next process that opens it.
+    pub fn shutdown(&self) {
+        self.inner.shutdown.cancel();
+        for (_, token) in lock(&self.inner.running).drain() {
+            token.cancel();
+        }
+    }
+
+    async fn dispatch(self) {
+        // Safety net for retries whose backoff ends while nothing else wakes the dispatcher.
+        const IDLE_CHECK: Duration = Duration::from_millis(500);
+        loop {
+            let free: Vec<(String, Arc<dyn Handler>, Arc<Semaphore>)> = self
+                .inner
+                .handlers
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .filter(|(_, r)| r.slots.available_permits() > 0)
+                .map(|(t, r)| (t.clone(), Arc::clone(&r.handler), Arc::clone(&r.slots)))
+                .collect();
+            let mut claimed_any = false;
+            let claims = free.iter().map(|(task_type, _, slots)| {
+                self.inner
+                    .store
+                    .claim(task_type, slots.available_permits().min(1024))
+            });
+            let results = futures_util::future::join_all(claims).await;
+            for ((_, handler, slots), result) in free.into_iter().zip(results) {
+                match result {
+                    Ok(tasks) => {
+                        for task in tasks {
+                            claimed_any = true;
+                            let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
+                                // Only this loop takes permits, and it claimed no more than were free.
+                                tracing::error!(task_id = %task.task.task_id, "no free slot for a claimed task");
+                                continue;
+                            };
+                            let this = self.clone();
+                            let handler = Arc::clone(&handler);
+                            tokio::spawn(async move { this.run(task, handler, permit).await });
+                        }
+                    }
+                    Err(e) => tracing::error!(error = %e, "claiming tasks failed"),
+                }
+            }
+            if claimed_any {
+                continue;
+            }
+            let next_ready = self.inner.store.next_ready_ms().await.ok().flatten();
+            let sleep = match next_ready {
+                Some(at) => Duration::from_millis((at - now_ms()).clamp(1, 500) as u64),
+                None => IDLE_CHECK,
+            };
+            tokio::select! {
+                _ = self.inner.shutdown.cancelled() => return,
+                _ = self.inner.wake.notified() => {}
+                _ = tokio::time::sleep(sleep) => {}
+            }
+        }
+    }
+
+    async fn run(&self, task: TaskRecord, handler: Arc<dyn Handler>, permit: OwnedSemaphorePermit) {
+        let task_id = task.task.task_id.clone();
+        let attempt = task.attempt;
+        let token = self.inner.shutdown.child_token();
+        lock(&self.inner.running).insert(task_id.clone(), token.clone());
+        self.emit(task.clone());
+        let timeout = task.task.timeout;
+        let work = handler.run(task);
+        let outcome = tokio::select! {
+            _ = token.cancelled() => None,
+            result = async {
+                match timeout {
+                    Some(t) => tokio::time::timeout(t, work)
+                        .await
+                        .unwrap_or_else(|_| Err(format!("timed out after {t:?}"))),
+                    None => work.await,
+                }
+            } => Some(result),
+        };
+        lock(&self.inner.running).remove(&task_id);
+        drop(permit);
+        self.inner.wake.notify_one();
+        let Some(result) = outcome else { return };
+        let outcome = match result {
+            Ok(bytes) => Outcome::Completed(bytes),
+            Err(error) => Outcome::Failed(error),
+        };
+        match self.inner.store.finish(&task_id, attempt, outcome).await {
+            Ok(Some(record)) => {
+                match record.state {
+                    TaskState::Completed => self
+                        .inner
+                        .counters
+                        .completed
+                        .fetch_add(1, Ordering::Relaxed),
+                    TaskState::Failed => self.inner.counters.failed.fetch_add(1, Ordering::Relaxed),
+                    _ => 0,
+                };
+                self.emit(record);
+            }
+            Ok(None) => tracing::debug!(task_id, attempt, "stale result ignored"),
+            Err(e) => tracing::error!(task_id, error = %e, "recording a task's result failed"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tasks::handlers::{Builtin, HandlerFuture};
+
+    /// Sleeps for the payload's number of milliseconds, or fails when the payload says "fail".
+    struct Sleeper;
+
+    impl Handler for Sleeper {
+        fn run(&self, task: TaskRecord) -> HandlerFuture {
+            Box::pin(async move {
+                let text = String::from_utf8_lossy(&task.task.payload).to_string();
+                if text == "fail" {
+                    return Err("asked to fail".into());
+                }
+                let ms: u64 = text.parse().unwrap_or(0);
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                Ok(format!("slept {ms}").into_bytes())
+            })
+        }
+    }
+
+    fn task(id: &str, task_type: &str, payload: &str) -> NewTask {
+        NewTask {
+            task_id: id.into(),
+            task_type: task_type.into(),
+            payload: payload.as_bytes().to_vec(),
+            metadata: BTreeMap::new(),
+            priority: 0,
+            timeout: None,
+            max_retries: 0,
+        }
+    }
+
+    async fn queue() -> TaskQueue {
+        let q = TaskQueue::start(TaskStore::open(None).unwrap(), 4)
+            .await
+            .unwrap();
+        q.register("ping", Arc::new(Builtin("ping")), None);
+        q.register("sleep", Arc::new(Sleeper), Some(2));
+        q
+    }
+
+    #[tokio::test]
+    async fn runs_builtin_and_refuses_unknown_types() {
+        let q = queue().await;
+        q.submit(task("p", "ping", "")).await.unwrap();
+        let done = q
+            .wait("p", Some(Duration::from_secs(5)))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (done.state, done.result.as_deref()),
+            (TaskState::Completed, Some(&b"pong"[..]))
+        );
+        let err = q.submit(task("x", "nosuch", "")).await.unwrap_err();
+        assert!(err.to_string().contains("nosuch") && err.to_string().contains("ping"));
+    }
+
+    #[tokio::test]
+    async fn timeout_retry_and_cancel() {
+        let q = queue().await;
+        let mut slow = task("slow", "sleep", "10000");
+        slow.timeout = Some(Duration::from_millis(50));
+        q.submit(slow).await.unwrap();
+        let r = q
+            .wait("slow", Some(Duration::from_secs(5)))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.state, TaskState::Failed);
+        assert!(r.error.unwrap().contains("timed out"));
+
+        let mut flaky = task("flaky", "sleep", "fail");
+        flaky.max_retries = 1;
+        q.submit(flaky).await.unwrap();
+        let r = q
+            .wait("flaky", Some(Duration::from_secs(5)))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((r.state, r.attempt), (TaskState::Failed, 2));
+
+        q.submit(task("long", "sleep", "10000")).await.unwrap();
+        let mut events = q.subscribe();
+        while !matches!(events.recv().await, Ok(r) if r.task.task_id == "long" && r.state == TaskState::Running)
+        {
+        }
+        let (r, cancelled) = q.cancel("long").await.unwrap();
+        assert!(cancelled && r.state == TaskState::Cancelled);
+        let (_, again) = q.cancel("long").await.unwrap();
+        assert!(!again);
+        assert_eq!(q.metrics().await.unwrap().running, 0);
+    }
+
+    #[tokio::test]
+    async fn concurrency_limit_per_type() {
+        let q = queue().await;
+        let mut events = q.subscribe();
+        for i in 0..6 {
+            q.submit(task(&format!("s{i}"), "sleep", "100"))
+                .await
+                .unwrap();
+        }
+        let mut running = 0i32;
+        let mut peak = 0;
+        let mut done = 0;
+        while done < 6 {
+            let r = events.recv().await.unwrap();
+            match r.state {
+                TaskState::Running => running += 1,
+                TaskState::Completed => {
+                    running -= 1;
+                    done += 1;
+                }
+                _ => {}
+            }
+            peak = peak.max(running);
+        }
+        assert_eq!(peak, 2);
+    }
+}

@@ -8,6 +8,7 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
+
 from helpers import BUSYBOX, REDIS, ROOT, containers, docker
 
 

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from dspy_agent_infra import AgentInfra, ConfigError, DockerUnavailableError, InfraError
 from helpers import containers
 

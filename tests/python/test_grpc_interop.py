@@ -1,0 +1,207 @@
+"""The orchestrator port driven by grpcio with stubs generated from proto/ at test time: a
+client nobody here wrote."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import shutil
+import sys
+from collections.abc import AsyncIterator, Iterator
+from types import ModuleType
+from typing import Any
+
+import pytest
+from grpc_tools import protoc
+
+import grpc
+from dspy_agent_infra import AgentInfra, Task
+from helpers import ROOT
+
+# The standard health service's definition (grpc/health/v1/health.proto), for a generated
+# client of it.
+HEALTH_PROTO = """
+syntax = "proto3";
+package grpc.health.v1;
+message HealthCheckRequest { string service = 1; }
+message HealthCheckResponse {
+  enum ServingStatus { UNKNOWN = 0; SERVING = 1; NOT_SERVING = 2; SERVICE_UNKNOWN = 3; }
+  ServingStatus status = 1;
+}
+service Health {
+  rpc Check(HealthCheckRequest) returns (HealthCheckResponse);
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def pb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, ModuleType]]:
+    out = tmp_path_factory.mktemp("stubs")
+    # protoc names Python modules after the file; a dot in the name would not import.
+    shutil.copy(ROOT / "proto" / "orchestrator.v1.proto", out / "orchestrator_v1.proto")
+    (out / "health.proto").write_text(HEALTH_PROTO)
+    for name in ("orchestrator_v1.proto", "health.proto"):
+        code = protoc.main(
+            ["protoc", f"-I{out}", f"--python_out={out}", f"--grpc_python_out={out}", name]
+        )
+        assert code == 0, f"protoc failed on {name}"
+    sys.path.insert(0, str(out))
+    try:
+        yield {
+            name: importlib.import_module(name)
+            for name in (
+                "orchestrator_v1_pb2",
+                "orchestrator_v1_pb2_grpc",
+                "health_pb2",
+                "health_pb2_grpc",
+            )
+        }
+    finally:
+        sys.path.remove(str(out))
+
+
+@pytest.fixture
+async def channel() -> AsyncIterator[tuple[AgentInfra, grpc.aio.Channel]]:
+    async with AgentInfra.start(services=[], config={"orchestrator_addr": "127.0.0.1:0"}) as infra:
+
+        @infra.task_handler("hang")
+        async def hang(task: Task) -> None:
+            await asyncio.sleep(3600)
+
+        async with grpc.aio.insecure_channel(
+            infra.orchestrator_addr, options=[("grpc.max_send_message_length", 64 << 20)]
+        ) as ch:
+            yield infra, ch
+
+
+async def test_submit_status_cancel_and_stream(
+    pb: dict[str, Any], channel: tuple[AgentInfra, grpc.aio.Channel]
+) -> None:
+    _, ch = channel
+    o = pb["orchestrator_v1_pb2"]
+    stub = pb["orchestrator_v1_pb2_grpc"].OrchestratorServiceStub(ch)
+
+    stream = stub.StreamTaskResults(o.StreamTaskResultsRequest(task_ids=["e1"]))
+    submitted = await stub.SubmitTask(
+        o.SubmitTaskRequest(task_id="e1", task_type="echo", payload=b"hi", metadata={"k": "v"})
+    )
+    assert submitted.success and not submitted.duplicate
+    states = []
+    async for info in stream:
+        states.append(o.TaskState.Name(info.status))
+        if info.status == o.COMPLETED:
+            assert info.result_payload == b"hi" and dict(info.metadata) == {"k": "v"}
+            break
+    stream.cancel()
+    assert states == ["PENDING", "RUNNING", "COMPLETED"]
+
+    again = await stub.SubmitTask(
+        o.SubmitTaskRequest(task_id="e1", task_type="echo", payload=b"hi", metadata={"k": "v"})
+    )
+    assert again.duplicate
+    status = await stub.GetTaskStatus(o.GetTaskStatusRequest(task_id="e1"))
+    assert status.status == o.COMPLETED and status.attempts == 1
+
+    await stub.SubmitTask(o.SubmitTaskRequest(task_id="h1", task_type="hang"))
+    current = stub.StreamTaskResults(
+        o.StreamTaskResultsRequest(task_ids=["h1"], include_current=True)
+    )
+    async for info in current:
+        if info.status == o.RUNNING:
+            break
+    cancelled = await stub.CancelTask(o.CancelTaskRequest(task_id="h1"))
+    assert cancelled.cancelled and cancelled.task.status == o.CANCELLED
+    # The current state and a change made meanwhile may both show RUNNING; then CANCELLED.
+    async for info in current:
+        assert info.status in (o.RUNNING, o.CANCELLED)
+        if info.status == o.CANCELLED:
+            break
+    current.cancel()
+
+    listed = await stub.ListTasks(o.ListTasksRequest(page_size=1))
+    assert [t.task_id for t in listed.tasks] == ["e1"] and listed.next_page_token == "e1"
+    rest = await stub.ListTasks(o.ListTasksRequest(page_size=10, page_token=listed.next_page_token))
+    assert [t.task_id for t in rest.tasks] == ["h1"] and rest.next_page_token == ""
+    metrics = await stub.GetMetrics(o.GetMetricsRequest())
+    assert metrics.completed == 1 and metrics.cancelled == 1 and "echo" in metrics.task_types
+    assert (await stub.Health(o.HealthRequest())).healthy
+
+
+async def test_errors_map_to_status_codes(
+    pb: dict[str, Any], channel: tuple[AgentInfra, grpc.aio.Channel]
+) -> None:
+    _, ch = channel
+    o = pb["orchestrator_v1_pb2"]
+    stub = pb["orchestrator_v1_pb2_grpc"].OrchestratorServiceStub(ch)
+
+    async def code_of(call: Any) -> grpc.StatusCode:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await call
+        return err.value.code()
+
+    assert (
+        await code_of(stub.GetTaskStatus(o.GetTaskStatusRequest(task_id="nope")))
+        == grpc.StatusCode.NOT_FOUND
+    )
+    assert (
+        await code_of(stub.SubmitTask(o.SubmitTaskRequest(task_id="", task_type="echo")))
+        == grpc.StatusCode.INVALID_ARGUMENT
+    )
+    assert (
+        await code_of(stub.SubmitTask(o.SubmitTaskRequest(task_id="x", task_type="nosuch")))
+        == grpc.StatusCode.FAILED_PRECONDITION
+    )
+    await stub.SubmitTask(o.SubmitTaskRequest(task_id="c", task_type="echo", payload=b"1"))
+    assert (
+        await code_of(
+            stub.SubmitTask(o.SubmitTaskRequest(task_id="c", task_type="echo", payload=b"2"))
+        )
+        == grpc.StatusCode.ALREADY_EXISTS
+    )
+    assert (
+        await code_of(stub.ListTasks(o.ListTasksRequest(page_size=5000)))
+        == grpc.StatusCode.INVALID_ARGUMENT
+    )
+    assert (
+        await code_of(stub.ListTasks(o.ListTasksRequest(status=99)))
+        == grpc.StatusCode.INVALID_ARGUMENT
+    )
+    big = o.SubmitTaskRequest(task_id="big", task_type="echo", payload=b"x" * (17 * 1024 * 1024))
+    with pytest.raises(grpc.aio.AioRpcError) as too_big:
+        await stub.SubmitTask(big)
+    # tonic reports an over-limit message as OUT_OF_RANGE, with the sizes in the text.
+    assert too_big.value.code() in (
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.OUT_OF_RANGE,
+    )
+    assert "message" in (too_big.value.details() or "")
+
+    # A task_id that is not UTF-8, sent as raw protobuf bytes (field 1 and field 2).
+    raw = ch.unary_unary(
+        "/orchestrator.v1.OrchestratorService/SubmitTask",
+        request_serializer=lambda b: b,
+        response_deserializer=lambda b: b,
+    )
+    bad = b"\x0a\x02\xff\xfe" + b"\x12\x04echo"
+    code = await code_of(raw(bad))
+    assert code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.INTERNAL)
+    # Garbage that is not protobuf at all.
+    assert await code_of(raw(b"\xff" * 64)) in (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.INTERNAL,
+    )
+
+    # The server survived all of it.
+    assert (await stub.Health(o.HealthRequest())).healthy
+
+
+async def test_standard_health_service(
+    pb: dict[str, Any], channel: tuple[AgentInfra, grpc.aio.Channel]
+) -> None:
+    _, ch = channel
+    h = pb["health_pb2"]
+    stub = pb["health_pb2_grpc"].HealthStub(ch)
+    overall = await stub.Check(h.HealthCheckRequest(service=""))
+    assert overall.status == h.HealthCheckResponse.SERVING
+    named = await stub.Check(h.HealthCheckRequest(service="orchestrator.v1.OrchestratorService"))
+    assert named.status == h.HealthCheckResponse.SERVING

@@ -1,0 +1,267 @@
+"""The task queue through AgentInfra and OrchestratorClient: the hand-off's examples, handlers
+that fail, hang or misbehave, cancellation, retries and idempotency."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from typing import Any
+
+import pytest
+
+from dspy_agent_infra import (
+    AgentInfra,
+    InvalidTaskError,
+    OrchestratorClient,
+    OrchestratorUnavailableError,
+    PortInUseError,
+    Task,
+    TaskConflictError,
+    TaskNotFoundError,
+    TaskStatus,
+    UnknownTaskTypeError,
+)
+
+
+def tasks_only(**config: Any) -> AgentInfra:
+    """A stack with no containers: just the queue and the orchestrator port."""
+    return AgentInfra.start(services=[], config=config or None)
+
+
+async def test_handoff_submit_test_task_over_grpc() -> None:
+    # The hand-off's own test, with only the import changed.
+    async with tasks_only():
+        client = OrchestratorClient(host="localhost", port=50052)
+        response = await client.submit_task(
+            task_id="test-1", task_type="test", payload={"data": "value"}
+        )
+        assert response.success
+        status = await client.wait_for_task("test-1", timeout=10)
+        assert status.status == TaskStatus.COMPLETED
+        assert (await client.get_task_status("test-1")).status == TaskStatus.COMPLETED
+
+
+async def test_handoff_full_startup_ping() -> None:
+    async with AgentInfra.start(services=[]) as infra:
+        assert infra.orchestrator_client is not None
+        response = await infra.submit_task("startup-test", "ping", {})
+        assert response.success
+        status = await infra.wait_for_task("startup-test", timeout=10)
+        assert status.result_payload == b"pong"
+
+
+async def test_handoff_training_polling_loop() -> None:
+    async with tasks_only() as infra:
+
+        @infra.task_handler("rl_training")
+        async def train(task: Task) -> dict[str, Any]:
+            config = task.json()
+            await asyncio.sleep(0.05)
+            return {"trained": config["model_config"], "episodes": config["episodes"]}
+
+        task_id = "train-42"
+        await infra.submit_task(
+            task_id=task_id,
+            task_type="rl_training",
+            payload={"model_config": "gpt2", "episodes": 1000, "checkpoint_dir": "/data"},
+        )
+        while True:
+            status = await infra.get_task_status(task_id)
+            if status.status == TaskStatus.COMPLETED:
+                result = json.loads(status.result_payload.decode("utf-8"))
+                break
+            if status.status == TaskStatus.FAILED:
+                raise RuntimeError(status.error)
+            await asyncio.sleep(0.01)
+        assert result == {"trained": "gpt2", "episodes": 1000}
+
+
+async def test_handler_results_and_failures() -> None:
+    async with tasks_only() as infra:
+        seen_attempts: list[int] = []
+
+        @infra.task_handler("raises")
+        async def raises(task: Task) -> None:
+            raise ValueError("bad model config")
+
+        @infra.task_handler("unencodable")
+        async def unencodable(task: Task) -> object:
+            return object()
+
+        @infra.task_handler("flaky")
+        async def flaky(task: Task) -> str:
+            seen_attempts.append(task.attempt)
+            if task.attempt == 1:
+                raise RuntimeError("first try fails")
+            return "second try works"
+
+        @infra.task_handler("threaded")
+        def threaded(task: Task) -> bytes:
+            return task.payload[::-1]
+
+        await infra.submit_task("r", "raises", {})
+        await infra.submit_task("u", "unencodable", {})
+        await infra.submit_task("f", "flaky", {}, max_retries=2)
+        await infra.submit_task("t", "threaded", b"abc")
+
+        r = await infra.wait_for_task("r", timeout=10)
+        assert r.status == TaskStatus.FAILED and r.error == "ValueError: bad model config"
+        u = await infra.wait_for_task("u", timeout=10)
+        assert u.status == TaskStatus.FAILED and "cannot be encoded" in u.error
+        f = await infra.wait_for_task("f", timeout=10)
+        assert (f.status, f.attempts, f.result_payload) == (
+            TaskStatus.COMPLETED,
+            2,
+            b"second try works",
+        )
+        assert seen_attempts == [1, 2]
+        t = await infra.wait_for_task("t", timeout=10)
+        assert t.result_payload == b"cba"
+
+
+async def test_timeout_and_cancel_reach_the_handler() -> None:
+    async with tasks_only() as infra:
+        cancelled: list[str] = []
+        started = asyncio.Event()
+
+        @infra.task_handler("hang")
+        async def hang(task: Task) -> None:
+            started.set()
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                cancelled.append(task.task_id)
+                raise
+
+        await infra.submit_task("slow", "hang", {}, timeout=0.2)
+        timed_out = await infra.wait_for_task("slow", timeout=10)
+        assert timed_out.status == TaskStatus.FAILED and "timed out" in timed_out.error
+
+        started.clear()
+        await infra.submit_task("stuck", "hang", {})
+        await asyncio.wait_for(started.wait(), 10)
+        assert await infra.cancel_task("stuck")
+        assert (await infra.wait_for_task("stuck", timeout=10)).status == TaskStatus.CANCELLED
+        for _ in range(100):
+            if "stuck" in cancelled:
+                break
+            await asyncio.sleep(0.01)
+        assert cancelled == ["slow", "stuck"]
+        assert not await infra.cancel_task("stuck")
+
+
+async def test_pending_task_cancels_at_once() -> None:
+    async with tasks_only(tasks={"limits": {"one": 1}}) as infra:
+        release = asyncio.Event()
+
+        @infra.task_handler("one")
+        async def one(task: Task) -> str:
+            await release.wait()
+            return "done"
+
+        await infra.submit_task("first", "one", {})
+        await infra.submit_task("queued", "one", {})
+        assert (await infra.get_task_status("queued")).status == TaskStatus.PENDING
+        assert await infra.cancel_task("queued")
+        assert (await infra.get_task_status("queued")).status == TaskStatus.CANCELLED
+        release.set()
+        assert (await infra.wait_for_task("first", timeout=10)).status == TaskStatus.COMPLETED
+        assert (await infra.get_task_status("queued")).attempts == 0
+
+
+async def test_submit_is_idempotent_and_refuses_bad_input() -> None:
+    async with tasks_only() as infra:
+        first = await infra.submit_task("same", "echo", {"a": 1})
+        again = await infra.submit_task("same", "echo", {"a": 1})
+        assert not first.duplicate and again.duplicate
+        done = await infra.wait_for_task("same", timeout=10)
+        assert done.attempts == 1 and json.loads(done.result_payload) == {"a": 1}
+
+        with pytest.raises(TaskConflictError, match="same"):
+            await infra.submit_task("same", "echo", {"a": 2})
+        with pytest.raises(UnknownTaskTypeError, match="rl_training"):
+            await infra.submit_task("x", "rl_training", {})
+        with pytest.raises(InvalidTaskError, match="task_id"):
+            await infra.submit_task("", "echo", {})
+        with pytest.raises(InvalidTaskError, match="256"):
+            await infra.submit_task("x" * 300, "echo", {})
+        with pytest.raises(InvalidTaskError, match="payload"):
+            await infra.submit_task("y", "echo", {"not": object()})
+        with pytest.raises(InvalidTaskError, match="payload"):
+            await infra.submit_task("y", "echo", {"nan": float("nan")})
+        with pytest.raises(InvalidTaskError, match="timeout"):
+            await infra.submit_task("y", "echo", {}, timeout=-1)
+        with pytest.raises(InvalidTaskError, match="payload"):
+            await infra.submit_task("big", "echo", b"x" * (16 * 1024 * 1024 + 1))
+        with pytest.raises(TaskNotFoundError, match="nope"):
+            await infra.get_task_status("nope")
+        with pytest.raises(InvalidTaskError, match="task_type"):
+            infra.task_handler("")(lambda task: None)
+
+
+async def test_watch_tasks_streams_every_transition() -> None:
+    async with tasks_only() as infra:
+        gate = asyncio.Event()
+
+        @infra.task_handler("gated")
+        async def gated(task: Task) -> str:
+            await gate.wait()
+            return "through"
+
+        seen: list[TaskStatus] = []
+
+        async def watch() -> None:
+            async for info in infra.watch_tasks(["w"], include_current=False):
+                seen.append(info.status)
+                if info.status.is_final:
+                    return
+
+        watcher = asyncio.ensure_future(watch())
+        await asyncio.sleep(0.05)
+        await infra.submit_task("w", "gated", {})
+        await asyncio.sleep(0.1)
+        gate.set()
+        await asyncio.wait_for(watcher, 10)
+        assert seen == [TaskStatus.PENDING, TaskStatus.RUNNING, TaskStatus.COMPLETED]
+
+
+async def test_orchestrator_address_and_client_errors() -> None:
+    async with AgentInfra.start(services=[], config={"orchestrator_addr": "127.0.0.1:0"}) as infra:
+        host, _, port = infra.orchestrator_addr.rpartition(":")
+        assert host == "127.0.0.1" and int(port) != 0
+        assert await infra.orchestrator_client.health()
+        with pytest.raises(TaskNotFoundError):
+            await infra.orchestrator_client.get_task_status("missing")
+        with pytest.raises(UnknownTaskTypeError):
+            await infra.orchestrator_client.submit_task("a", "nosuch", {})
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        busy = holder.getsockname()[1]
+        with pytest.raises(PortInUseError) as err:
+            async with AgentInfra.start(
+                services=[], config={"orchestrator_addr": f"127.0.0.1:{busy}"}
+            ):
+                pytest.fail("the port is taken")
+        assert err.value.service == "orchestrator" and err.value.port == busy
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        free = probe.getsockname()[1]
+    with pytest.raises(OrchestratorUnavailableError):
+        await OrchestratorClient(port=free).get_task_status("x")
+
+
+async def test_list_tasks_pages_through_the_queue() -> None:
+    async with tasks_only() as infra:
+        for i in range(25):
+            await infra.submit_task(f"l{i:02}", "echo", {"i": i})
+        for i in range(25):
+            await infra.wait_for_task(f"l{i:02}", timeout=10)
+        client = infra.orchestrator_client
+        listed = await client.list_tasks(task_type="echo", limit=1000)
+        assert [t.task_id for t in listed] == [f"l{i:02}" for i in range(25)]
+        assert len(await client.list_tasks(status=TaskStatus.COMPLETED, limit=10)) == 10
+        assert await client.list_tasks(status=TaskStatus.FAILED) == []

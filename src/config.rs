@@ -200,6 +200,9 @@ pub struct TasksPatch {
     /// Tasks of one type running at once, unless `limits` says otherwise.
     pub concurrency: Option<usize>,
     pub limits: Option<BTreeMap<String, usize>>,
+    /// "process" (default): committed tasks survive the process being killed; "power": every
+    /// commit is also fsynced, so they survive a power cut.
+    pub durability: Option<String>,
 }
 
 /// The shape of `dspy-agent.toml` and of the `config=` mapping given to `AgentInfra.start()`.
@@ -232,6 +235,7 @@ impl ConfigLayer {
             let lower = self.tasks.get_or_insert_with(TasksPatch::default);
             merge(&mut lower.store, t.store);
             merge(&mut lower.concurrency, t.concurrency);
+            merge(&mut lower.durability, t.durability);
             if let Some(limits) = t.limits {
                 lower
                     .limits
@@ -288,6 +292,17 @@ impl LoadOptions {
     }
 }
 
+/// When a commit reaches the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Durability {
+    /// Committed work survives the process being killed (SIGKILL, a crash); a power cut may
+    /// lose the last moments. Commits cost no fsync.
+    #[default]
+    Process,
+    /// Every commit is fsynced: committed work also survives a power cut.
+    Power,
+}
+
 /// Where tasks are kept and how many run at once.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TasksConfig {
@@ -295,6 +310,7 @@ pub struct TasksConfig {
     pub store: Option<PathBuf>,
     pub concurrency: usize,
     pub limits: BTreeMap<String, usize>,
+    pub durability: Durability,
 }
 
 /// The validated configuration the core runs with.
@@ -533,10 +549,21 @@ fn resolve_tasks(t: TasksPatch, state_dir: &Path) -> Result<TasksConfig, ConfigE
             ));
         }
     }
+    let durability = match t.durability.as_deref() {
+        None | Some("process") => Durability::Process,
+        Some("power") => Durability::Power,
+        Some(other) => {
+            return Err(ConfigError::invalid(
+                "tasks.durability",
+                format!("{other:?} is not a durability; write \"process\" or \"power\""),
+            ))
+        }
+    };
     Ok(TasksConfig {
         store,
         concurrency,
         limits,
+        durability,
     })
 }
 

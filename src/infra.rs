@@ -75,12 +75,14 @@ impl Infra {
     pub async fn start(config: Config, cancel: CancellationToken) -> Result<Infra, InfraError> {
         let config = Arc::new(config);
         let store_path = config.tasks.store.clone();
-        let store = tokio::task::spawn_blocking(move || TaskStore::open(store_path.as_deref()))
-            .await
-            .map_err(|e| TaskError::Store {
-                path: String::new(),
-                message: e.to_string(),
-            })??;
+        let durability = config.tasks.durability;
+        let store =
+            tokio::task::spawn_blocking(move || TaskStore::open(store_path.as_deref(), durability))
+                .await
+                .map_err(|e| TaskError::Store {
+                    path: String::new(),
+                    message: e.to_string(),
+                })??;
         let queue = TaskQueue::start(store, config.tasks.concurrency).await?;
         let limit = |t: &str| config.tasks.limits.get(t).copied();
         for t in ["ping", "test", "echo"] {

@@ -160,6 +160,29 @@ class OrchestratorClient:
         async for info in iterate(watch):
             yield info
 
+    async def metrics(self) -> dict[str, Any]:
+        """Task counts: ``by_status`` (stored tasks per state), and since the orchestrator
+        started ``submitted``, ``completed``, ``failed``, ``cancelled``; ``running`` now; the
+        served ``task_types``."""
+        (
+            by_status,
+            submitted,
+            completed,
+            failed,
+            cancelled,
+            running,
+            types,
+        ) = await self._grpc.metrics()
+        return {
+            "by_status": by_status,
+            "submitted": submitted,
+            "completed": completed,
+            "failed": failed,
+            "cancelled": cancelled,
+            "running": running,
+            "task_types": types,
+        }
+
     async def health(self) -> bool:
         healthy, _, _ = await self._grpc.health()
         return healthy

@@ -11,6 +11,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::tasks::handlers::Handler;
 use crate::tasks::model::{NewTask, TaskError, TaskRecord, TaskState};
+#[cfg(test)]
+use crate::tasks::store::Durability;
 use crate::tasks::store::{now_ms, ListFilter, Outcome, TaskStore};
 
 /// Largest payload accepted, in bytes (the gRPC message limit is set a little above it).
@@ -395,7 +397,7 @@ mod tests {
     }
 
     async fn queue() -> TaskQueue {
-        let q = TaskQueue::start(TaskStore::open(None).unwrap(), 4)
+        let q = TaskQueue::start(TaskStore::open(None, Durability::default()).unwrap(), 4)
             .await
             .unwrap();
         q.register("ping", Arc::new(Builtin("ping")), None);

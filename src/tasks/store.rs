@@ -13,6 +13,7 @@ use std::time::Duration;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Row, Transaction};
 use tokio::sync::oneshot;
 
+pub use crate::config::Durability;
 use crate::tasks::model::{NewTask, TaskError, TaskRecord, TaskState};
 
 /// Most writes committed together.
@@ -133,7 +134,7 @@ fn get_in(conn: &Connection, task_id: &str) -> rusqlite::Result<Option<TaskRecor
 
 impl TaskStore {
     /// Opens (creating if needed) the store at `path`, or a private in-memory store for `None`.
-    pub fn open(path: Option<&Path>) -> Result<TaskStore, TaskError> {
+    pub fn open(path: Option<&Path>, durability: Durability) -> Result<TaskStore, TaskError> {
         let (location, uri) = match path {
             Some(p) => (p.display().to_string(), None),
             None => {
@@ -173,10 +174,15 @@ impl TaskStore {
         }
         let writer_conn = open().map_err(|e| store_error(&e))?;
         if path.is_some() {
-            // WAL: readers never block the writer; FULL: a committed batch survives power loss.
+            // WAL: readers never block the writer. In WAL mode NORMAL keeps every commit across a
+            // process crash; FULL adds an fsync per (grouped) commit for power cuts.
+            let synchronous = match durability {
+                Durability::Process => "NORMAL",
+                Durability::Power => "FULL",
+            };
             writer_conn
                 .pragma_update(None, "journal_mode", "WAL")
-                .and_then(|_| writer_conn.pragma_update(None, "synchronous", "FULL"))
+                .and_then(|_| writer_conn.pragma_update(None, "synchronous", synchronous))
                 .map_err(|e| store_error(&e))?;
         }
         writer_conn
@@ -325,29 +331,20 @@ impl TaskStore {
         let task_type = task_type.to_string();
         self.write(move |txn| {
             let now = now_ms();
-            let ids: Vec<String> = {
-                let mut stmt = txn
-                    .prepare_cached(
-                        "SELECT task_id FROM tasks WHERE state = 'PENDING' AND task_type = ?1 \
-                         AND not_before <= ?2 ORDER BY priority DESC, seq LIMIT ?3",
-                    )
-                    .map_err(sql)?;
-                let rows = stmt
-                    .query_map(params![task_type, now, limit as i64], |r| r.get(0))
-                    .map_err(sql)?;
-                rows.collect::<rusqlite::Result<_>>().map_err(sql)?
-            };
-            let mut claimed = Vec::with_capacity(ids.len());
-            for id in ids {
-                txn.execute(
-                    "UPDATE tasks SET state = 'RUNNING', attempt = attempt + 1, started_at = ?2 WHERE task_id = ?1",
-                    params![id, now],
-                )
+            let mut stmt = txn
+                .prepare_cached(&format!(
+                    "UPDATE tasks SET state = 'RUNNING', attempt = attempt + 1, started_at = ?1 \
+                     WHERE seq IN (SELECT seq FROM tasks WHERE state = 'PENDING' AND task_type = ?2 \
+                     AND not_before <= ?1 ORDER BY priority DESC, seq LIMIT ?3) RETURNING {COLUMNS}, seq"
+                ))
                 .map_err(sql)?;
-                if let Some(r) = get_in(txn, &id).map_err(sql)? {
-                    claimed.push(r);
-                }
-            }
+            let rows = stmt
+                .query_map(params![now, task_type, limit as i64], |r| Ok((r.get::<_, i64>(14)?, record(r)?)))
+                .map_err(sql)?;
+            let mut claimed = rows.collect::<rusqlite::Result<Vec<_>>>().map_err(sql)?;
+            // RETURNING gives no order: restore priority, then submission order.
+            claimed.sort_by_key(|(seq, r)| (std::cmp::Reverse(r.task.priority), *seq));
+            let claimed: Vec<TaskRecord> = claimed.into_iter().map(|(_, r)| r).collect();
             Ok(claimed)
         })
         .await
@@ -566,7 +563,7 @@ mod tests {
 
     #[tokio::test]
     async fn submit_is_idempotent_and_refuses_changed_content() {
-        let store = TaskStore::open(None).unwrap();
+        let store = TaskStore::open(None, Durability::default()).unwrap();
         let (first, created) = store.submit(task("a", 0)).await.unwrap();
         assert!(created && first.state == TaskState::Pending);
         let (again, created) = store.submit(task("a", 0)).await.unwrap();
@@ -588,7 +585,7 @@ mod tests {
 
     #[tokio::test]
     async fn priority_order_retries_and_stale_results() {
-        let store = TaskStore::open(None).unwrap();
+        let store = TaskStore::open(None, Durability::default()).unwrap();
         store.submit(task("low", 1)).await.unwrap();
         let mut high = task("high", 0);
         high.priority = 5;
@@ -638,7 +635,7 @@ mod tests {
 
     #[tokio::test]
     async fn cancel_pending_and_running() {
-        let store = TaskStore::open(None).unwrap();
+        let store = TaskStore::open(None, Durability::default()).unwrap();
         store.submit(task("p", 0)).await.unwrap();
         assert_eq!(store.cancel("p").await.unwrap().state, TaskState::Cancelled);
         store.submit(task("r", 0)).await.unwrap();
@@ -661,7 +658,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state/tasks.db");
         {
-            let store = TaskStore::open(Some(&path)).unwrap();
+            let store = TaskStore::open(Some(&path), Durability::Power).unwrap();
             store.submit(task("retry-left", 1)).await.unwrap();
             store.submit(task("no-retries", 0)).await.unwrap();
             store.submit(task("done", 0)).await.unwrap();
@@ -671,7 +668,7 @@ mod tests {
                 .await
                 .unwrap();
         }
-        let store = TaskStore::open(Some(&path)).unwrap();
+        let store = TaskStore::open(Some(&path), Durability::Power).unwrap();
         assert_eq!(
             store.recover().await.unwrap(),
             Recovered {
@@ -697,7 +694,8 @@ mod tests {
     #[tokio::test]
     async fn concurrent_submits_share_commits_and_list_pages() {
         let dir = tempfile::tempdir().unwrap();
-        let store = TaskStore::open(Some(&dir.path().join("tasks.db"))).unwrap();
+        let store =
+            TaskStore::open(Some(&dir.path().join("tasks.db")), Durability::default()).unwrap();
         let mut handles = Vec::new();
         for i in 0..500 {
             let store = store.clone();

@@ -41,6 +41,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from report import write_section
+
 from dspy_agent_infra import AgentInfra
 
 BUSYBOX = "dspy-agent-test/busybox:latest"
@@ -282,35 +284,25 @@ def main() -> None:
     )
     print(report)
     if args.write:
-        args.write.parent.mkdir(parents=True, exist_ok=True)
-        args.write.write_text(_benchmarks_page(report))
+        write_section(args.write, "startup", report + EXPLANATION)
 
 
 def _cpus() -> int:
     return os.cpu_count() or 0
 
 
-def _benchmarks_page(report: str) -> str:
-    return (
-        "# Benchmarks\n\n"
-        "Speed is measured here, never asserted in tests: every figure is a ratio against peers\n"
-        "measured in the same run on the same machine. Regenerate with the command shown.\n\n"
-        + report
-        + textwrap.dedent(
-            """
-            What the contenders do: *cold start* creates all five containers up front, while
-            the dependencies come up, so only `start` and the probe stay on the critical
-            path; each service starts the moment its own dependencies are healthy, and
-            probes run from the host with a backoff starting at 5 ms. That is how it beats
-            the floor, which creates a level's containers only once the level before is
-            healthy. *Warm attach* finds the running containers by label and config hash and
-            probes them once. *floor* is a hand-written script that knows the levels in
-            advance and does nothing else. *docker-compose* relies on the Engine's in-
-            container HEALTHCHECK, whose interval (1 s here, already aggressive; 5 to 30 s
-            is common) paces every level of the chain.
-            """
-        )
-    )
+EXPLANATION = """
+What the contenders do: *cold start* creates all five containers up front, while
+the dependencies come up, so only `start` and the probe stay on the critical
+path; each service starts the moment its own dependencies are healthy, and
+probes run from the host with a backoff starting at 5 ms. That is how it beats
+the floor, which creates a level's containers only once the level before is
+healthy. *Warm attach* finds the running containers by label and config hash and
+probes them once. *floor* is a hand-written script that knows the levels in
+advance and does nothing else. *docker-compose* relies on the Engine's
+in-container HEALTHCHECK, whose interval (1 s here, already aggressive; 5 to 30 s
+is common) paces every level of the chain.
+"""
 
 
 if __name__ == "__main__":

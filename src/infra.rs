@@ -174,10 +174,6 @@ impl Infra {
         &self.config
     }
 
-    pub fn supervisor(&self) -> Option<&Arc<Supervisor>> {
-        self.supervisor.as_ref()
-    }
-
     pub fn services(&self) -> Vec<ServiceState> {
         self.supervisor
             .as_ref()

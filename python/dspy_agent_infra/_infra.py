@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
+import logging
 import os
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -23,6 +25,7 @@ from .errors import InfraError, UnknownServiceError
 
 __all__ = ["AgentInfra"]
 
+_log = logging.getLogger("dspy_agent_infra")
 _T = TypeVar("_T")
 _H = TypeVar("_H", bound=Callable[[Task], Any])
 
@@ -60,6 +63,10 @@ class AgentInfra:
         self._core = core
         self._keep_running = core.keep_running
         self._client: OrchestratorClient | None = None
+        self._handlers: dict[str, Callable[[Task], Any]] = {}
+        self._submits: dict[int, asyncio.Future[SubmitResponse]] = {}
+        self._runs: dict[int, asyncio.Task[None]] = {}
+        self._pump_task: asyncio.Task[None] | None = None
 
     @classmethod
     def start(
@@ -113,6 +120,7 @@ class AgentInfra:
             # Failure, Ctrl-C or cancellation: remove whatever the start created.
             await _finish(self._core.abort())
             raise
+        self._pump_task = asyncio.ensure_future(self._pump())
         return self
 
     async def __aexit__(
@@ -121,7 +129,62 @@ class AgentInfra:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await _finish(self._core.stop(self._keep_running))
+        try:
+            await _finish(self._core.stop(self._keep_running))
+        finally:
+            self._stop_pump()
+
+    async def _pump(self) -> None:
+        """Carries the core's messages into this event loop, a batch per wake-up: handler runs
+        to start or cancel, and submits that finished."""
+        while True:
+            for kind, token, item in await self._core.next_messages():
+                if kind == "run":
+                    assert isinstance(item, Task)
+                    run = asyncio.ensure_future(self._run(token, item))
+                    self._runs[token] = run
+                    run.add_done_callback(functools.partial(self._forget_run, token))
+                elif kind == "cancel":
+                    running = self._runs.get(token)
+                    if running is not None:
+                        running.cancel()
+                else:
+                    future = self._submits.pop(token, None)
+                    if future is None or future.done():
+                        continue
+                    if isinstance(item, BaseException):
+                        future.set_exception(item)
+                    else:
+                        future.set_result(item)
+
+    def _forget_run(self, token: int, _: asyncio.Future[None]) -> None:
+        self._runs.pop(token, None)
+
+    async def _run(self, token: int, task: Task) -> None:
+        handler = self._handlers[task.task_type]
+        try:
+            value = await handler(task)
+        except asyncio.CancelledError:
+            self._core.complete(token, None, "the handler was cancelled")
+            raise
+        except Exception as e:
+            self._core.complete(
+                token, None, f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+            )
+        else:
+            self._core.complete(token, value)
+
+    def _stop_pump(self) -> None:
+        if self._pump_task is not None:
+            self._pump_task.cancel()
+            self._pump_task = None
+        for run in list(self._runs.values()):
+            run.cancel()
+        stopped = InfraError("the stack stopped before the submit was answered")
+        for future in self._submits.values():
+            if not future.done():
+                future.set_exception(stopped)
+        self._submits.clear()
 
     @property
     def project(self) -> str:
@@ -200,6 +263,7 @@ class AgentInfra:
         def register(handler: _H) -> _H:
             is_async = inspect.iscoroutinefunction(handler)
             self._core.register_handler(task_type, handler, is_async)
+            self._handlers[task_type] = handler
             return handler
 
         return register
@@ -218,7 +282,7 @@ class AgentInfra:
         (bytes as they are, str as UTF-8, anything else as JSON). Resubmitting the same id with
         the same content is harmless (``duplicate`` is True); with other content it raises
         :class:`~dspy_agent_infra.errors.TaskConflictError`."""
-        return await self._core.submit_task(
+        token = self._core.submit_nowait(
             task_id,
             task_type,
             encode_payload(payload),
@@ -227,6 +291,9 @@ class AgentInfra:
             timeout,
             max_retries,
         )
+        future: asyncio.Future[SubmitResponse] = asyncio.get_running_loop().create_future()
+        self._submits[token] = future
+        return await future
 
     async def get_task_status(self, task_id: str) -> TaskInfo:
         """The task's status, result payload, error and attempts."""

@@ -11,6 +11,7 @@ use pyo3::types::PyDict;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+mod bridge;
 mod tasks;
 
 use crate::config::{Config, ConfigError, ConfigLayer, LoadOptions};
@@ -185,8 +186,8 @@ struct CoreState {
     cancel: CancellationToken,
     started: watch::Sender<bool>,
     pid: u32,
-    /// The event loop that entered the stack: Python coroutine handlers run on it.
-    locals: Mutex<Option<Arc<pyo3_async_runtimes::TaskLocals>>>,
+    /// Handler runs and finished submits on their way to the event loop's pump.
+    bridge: Arc<bridge::Bridge>,
 }
 
 impl CoreState {
@@ -281,7 +282,7 @@ impl Core {
                 cancel: CancellationToken::new(),
                 started,
                 pid: std::process::id(),
-                locals: Mutex::new(None),
+                bridge: bridge::Bridge::new(),
             }),
         })
     }
@@ -324,9 +325,6 @@ impl Core {
                 vec![],
             )
         })?;
-        *lock(&self.state.locals) = Some(Arc::new(pyo3_async_runtimes::tokio::get_current_locals(
-            py,
-        )?));
         let state = Arc::clone(&self.state);
         // Spawned, so that a cancelled `await` does not drop a half-started stack: `abort()`
         // cancels this task and waits for its rollback.
@@ -389,17 +387,11 @@ impl Core {
         Ok(self.state.infra()?.orchestrator_addr().to_string())
     }
 
-    /// Serves `task_type` with a Python function (a coroutine function runs on the event loop
-    /// that entered the stack; a plain one in a worker thread).
+    /// Serves `task_type` with a Python function: a coroutine function is run by the pump on
+    /// the event loop that entered the stack (the pump looks it up by task type); a plain one in
+    /// a worker thread.
     fn register_handler(&self, task_type: String, func: Py<PyAny>, is_async: bool) -> PyResult<()> {
         let infra = self.state.infra()?;
-        let locals = lock(&self.state.locals).clone().ok_or_else(|| {
-            py_error(
-                "InfraError",
-                "the stack was not started from an event loop".into(),
-                vec![],
-            )
-        })?;
         crate::tasks::model::NewTask {
             task_id: "-".into(),
             task_type: task_type.clone(),
@@ -411,22 +403,23 @@ impl Core {
         }
         .validate()
         .map_err(tasks::task_error)?;
-        infra.register_handler(
-            &task_type,
-            Arc::new(tasks::PythonHandler {
-                func,
-                is_async,
-                locals,
-            }),
-        );
+        let handler: Arc<dyn crate::tasks::handlers::Handler> = if is_async {
+            Arc::new(bridge::BridgedHandler {
+                bridge: Arc::clone(&self.state.bridge),
+            })
+        } else {
+            Arc::new(tasks::ThreadHandler { func })
+        };
+        infra.register_handler(&task_type, handler);
         Ok(())
     }
 
+    /// Queues a task without waiting; returns the token under which the pump will receive the
+    /// answer. Invalid input is refused here, at once.
     #[pyo3(signature = (task_id, task_type, payload, metadata, priority, timeout, max_retries))]
     #[allow(clippy::too_many_arguments)]
-    fn submit_task<'py>(
+    fn submit_nowait(
         &self,
-        py: Python<'py>,
         task_id: String,
         task_type: String,
         payload: Vec<u8>,
@@ -434,7 +427,7 @@ impl Core {
         priority: i32,
         timeout: Option<f64>,
         max_retries: u32,
-    ) -> PyResult<Bound<'py, PyAny>> {
+    ) -> PyResult<u64> {
         let infra = self.state.infra()?;
         let task = tasks::new_task(
             task_id,
@@ -445,14 +438,42 @@ impl Core {
             timeout,
             max_retries,
         )?;
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
-            let (record, created) = infra
+        task.validate().map_err(tasks::task_error)?;
+        let bridge = Arc::clone(&self.state.bridge);
+        let token = bridge.token();
+        crate::runtime::get().spawn(async move {
+            let result = infra
                 .queue()
                 .submit(task)
                 .await
-                .map_err(tasks::task_error)?;
-            Ok(tasks::submit_response(record, created))
+                .map(|(record, created)| tasks::submit_response(record, created));
+            bridge.send(bridge::Message::Submitted { token, result });
+        });
+        Ok(token)
+    }
+
+    /// The next batch of messages for the pump (waits for at least one).
+    fn next_messages<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let bridge = Arc::clone(&self.state.bridge);
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            let batch = bridge.next_batch().await;
+            Python::attach(|py| {
+                batch
+                    .into_iter()
+                    .map(|m| bridge::to_python(py, m))
+                    .collect::<PyResult<Vec<_>>>()
+            })
         })
+    }
+
+    /// A coroutine handler finished run `token` with `value`, or failed with `error`.
+    #[pyo3(signature = (token, value, error=None))]
+    fn complete(&self, token: u64, value: Bound<'_, PyAny>, error: Option<String>) {
+        let result = match error {
+            Some(e) => Err(e),
+            None => tasks::encode_result(&value),
+        };
+        self.state.bridge.complete(token, result);
     }
 
     fn get_task_status<'py>(

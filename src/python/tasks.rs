@@ -2,13 +2,12 @@
 //! task watches, and the gRPC client behind `OrchestratorClient`.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyString};
-use pyo3_async_runtimes::TaskLocals;
-use tokio::sync::{broadcast, oneshot};
+use tokio::sync::broadcast;
 
 use crate::grpc::pb;
 use crate::grpc::pb::orchestrator_service_client::OrchestratorServiceClient;
@@ -16,7 +15,7 @@ use crate::tasks::handlers::{Handler, HandlerFuture};
 use crate::tasks::model::{NewTask, TaskError, TaskRecord};
 use crate::tasks::queue::TaskQueue;
 
-use super::{lock, py_error};
+use super::py_error;
 
 pub fn task_error(e: TaskError) -> PyErr {
     let message = e.to_string();
@@ -168,7 +167,7 @@ impl Task {
 
 /// Turns what a handler returned into the result payload: bytes as they are, str as UTF-8,
 /// None as empty, anything else as JSON.
-fn encode_result(value: &Bound<'_, PyAny>) -> Result<Vec<u8>, String> {
+pub fn encode_result(value: &Bound<'_, PyAny>) -> Result<Vec<u8>, String> {
     if value.is_none() {
         return Ok(Vec::new());
     }
@@ -209,59 +208,12 @@ fn describe(py: Python<'_>, e: PyErr) -> String {
     }
 }
 
-/// The result payload, or the error text that fails the attempt.
-type HandlerResult = Result<Vec<u8>, String>;
-
-/// Called on the event loop when a handler's coroutine finishes.
-#[pyclass]
-struct Done {
-    tx: Mutex<Option<oneshot::Sender<HandlerResult>>>,
-}
-
-#[pymethods]
-impl Done {
-    fn __call__(&self, future: &Bound<'_, PyAny>) {
-        let py = future.py();
-        let outcome = if future
-            .call_method0("cancelled")
-            .and_then(|c| c.is_truthy())
-            .unwrap_or(false)
-        {
-            Err("the handler was cancelled".to_string())
-        } else {
-            match future.call_method0("result") {
-                Ok(value) => encode_result(&value),
-                Err(e) => Err(describe(py, e)),
-            }
-        };
-        if let Some(tx) = lock(&self.tx).take() {
-            let _ = tx.send(outcome);
-        }
-    }
-}
-
-/// Cancels the handler's coroutine if its Rust side stops waiting (timeout, cancel, shutdown).
-struct CancelOnDrop(Option<Py<PyAny>>);
-
-impl Drop for CancelOnDrop {
-    fn drop(&mut self) {
-        if let Some(future) = self.0.take() {
-            Python::attach(|py| {
-                let _ = future.call_method0(py, "cancel");
-            });
-        }
-    }
-}
-
-/// A Python function serving a task type: coroutine functions run on the event loop that
-/// entered the stack; plain functions run in a worker thread.
-pub struct PythonHandler {
+/// A plain (not async) Python function serving a task type: it runs in a worker thread.
+pub struct ThreadHandler {
     pub func: Py<PyAny>,
-    pub is_async: bool,
-    pub locals: Arc<TaskLocals>,
 }
 
-fn py_task(record: &TaskRecord) -> Task {
+pub fn py_task(record: &TaskRecord) -> Task {
     Task {
         task_id: record.task.task_id.clone(),
         task_type: record.task.task_type.clone(),
@@ -272,45 +224,19 @@ fn py_task(record: &TaskRecord) -> Task {
     }
 }
 
-impl Handler for PythonHandler {
+impl Handler for ThreadHandler {
     fn run(&self, record: TaskRecord) -> HandlerFuture {
         let func = Python::attach(|py| self.func.clone_ref(py));
-        let locals = Arc::clone(&self.locals);
-        let is_async = self.is_async;
         Box::pin(async move {
             let task = py_task(&record);
-            if !is_async {
-                return tokio::task::spawn_blocking(move || {
-                    Python::attach(|py| match func.call1(py, (task,)) {
-                        Ok(value) => encode_result(value.bind(py)),
-                        Err(e) => Err(describe(py, e)),
-                    })
+            tokio::task::spawn_blocking(move || {
+                Python::attach(|py| match func.call1(py, (task,)) {
+                    Ok(value) => encode_result(value.bind(py)),
+                    Err(e) => Err(describe(py, e)),
                 })
-                .await
-                .map_err(|e| format!("the handler thread failed: {e}"))?;
-            }
-            let (tx, rx) = oneshot::channel();
-            let scheduled = Python::attach(|py| -> PyResult<Py<PyAny>> {
-                let coroutine = func.call1(py, (task,))?;
-                let future = py.import("asyncio")?.call_method1(
-                    "run_coroutine_threadsafe",
-                    (coroutine, locals.event_loop(py)),
-                )?;
-                future.call_method1(
-                    "add_done_callback",
-                    (Done {
-                        tx: Mutex::new(Some(tx)),
-                    },),
-                )?;
-                Ok(future.unbind())
-            });
-            let future = scheduled.map_err(|e| Python::attach(|py| describe(py, e)))?;
-            let mut guard = CancelOnDrop(Some(future));
-            let outcome = rx
-                .await
-                .unwrap_or_else(|_| Err("the event loop running the handler closed".into()));
-            guard.0 = None;
-            outcome
+            })
+            .await
+            .map_err(|e| format!("the handler thread failed: {e}"))?
         })
     }
 }

@@ -217,10 +217,6 @@ impl Supervisor {
         }
     }
 
-    pub fn docker(&self) -> &Docker {
-        &self.docker
-    }
-
     pub fn subscribe(&self) -> broadcast::Receiver<ServiceEvent> {
         self.events.subscribe()
     }

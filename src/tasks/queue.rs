@@ -122,10 +122,6 @@ impl TaskQueue {
             .collect()
     }
 
-    pub fn store(&self) -> &TaskStore {
-        &self.inner.store
-    }
-
     pub fn subscribe(&self) -> broadcast::Receiver<TaskRecord> {
         self.inner.events.subscribe()
     }

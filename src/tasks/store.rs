@@ -207,10 +207,6 @@ impl TaskStore {
         })
     }
 
-    pub fn location(&self) -> &str {
-        &self.inner.location
-    }
-
     fn store_error(&self, e: impl std::fmt::Display) -> TaskError {
         TaskError::Store {
             path: self.inner.location.clone(),

@@ -3,9 +3,9 @@ file finds every acknowledged task, none lost and none completed twice."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -41,10 +41,22 @@ WORKER = textwrap.dedent(
 ).replace("__N__", str(N))
 
 
-def completed(db: Path) -> dict[str, bytes]:
-    with sqlite3.connect(db) as conn:
-        rows = conn.execute("SELECT task_id, result FROM tasks WHERE state = 'COMPLETED'")
-        return {task_id: result for task_id, result in rows}
+READER = """
+import json, sqlite3, sys
+conn = sqlite3.connect(sys.argv[1])
+rows = conn.execute("SELECT task_id, result FROM tasks WHERE state = 'COMPLETED'")
+print(json.dumps({task_id: result.decode() for task_id, result in rows}))
+"""
+
+
+def completed(db: Path) -> dict[str, str]:
+    """The COMPLETED tasks and their results, read from the file by another process: two copies
+    of SQLite in one process (Python's and the core's) must not share a database file."""
+    out = subprocess.run(
+        [sys.executable, "-c", READER, str(db)], check=True, capture_output=True, text=True
+    ).stdout
+    result: dict[str, str] = json.loads(out)
+    return result
 
 
 async def test_sigkill_loses_no_acknowledged_task(tmp_path: Path) -> None:
@@ -84,6 +96,6 @@ async def test_sigkill_loses_no_acknowledged_task(tmp_path: Path) -> None:
     assert sorted(after) == sorted(acknowledged)
     # What completed before the kill kept its result (from the killed process) ...
     for task_id, result in before.items():
-        assert after[task_id] == result and str(proc.pid).encode() in result
+        assert after[task_id] == result and str(proc.pid) in result
     # ... and only the rest ran again, each once.
     assert sorted(runs) == sorted(set(acknowledged) - set(before))

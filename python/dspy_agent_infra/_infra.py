@@ -19,7 +19,6 @@ from ._tasks import (
     check_metadata,
     encode_payload,
     iterate,
-    wait_final,
 )
 from .errors import InfraError, UnknownServiceError
 
@@ -64,7 +63,7 @@ class AgentInfra:
         self._keep_running = core.keep_running
         self._client: OrchestratorClient | None = None
         self._handlers: dict[str, Callable[[Task], Any]] = {}
-        self._submits: dict[int, asyncio.Future[SubmitResponse]] = {}
+        self._replies: dict[int, asyncio.Future[Any]] = {}
         self._runs: dict[int, asyncio.Task[None]] = {}
         self._pump_task: asyncio.Task[None] | None = None
 
@@ -149,7 +148,7 @@ class AgentInfra:
                     if running is not None:
                         running.cancel()
                 else:
-                    future = self._submits.pop(token, None)
+                    future = self._replies.pop(token, None)
                     if future is None or future.done():
                         continue
                     if isinstance(item, BaseException):
@@ -180,11 +179,17 @@ class AgentInfra:
             self._pump_task = None
         for run in list(self._runs.values()):
             run.cancel()
-        stopped = InfraError("the stack stopped before the submit was answered")
-        for future in self._submits.values():
+        stopped = InfraError("the stack stopped before the call was answered")
+        for future in self._replies.values():
             if not future.done():
                 future.set_exception(stopped)
-        self._submits.clear()
+        self._replies.clear()
+
+    async def _reply(self, token: int) -> Any:
+        """The pump's answer to the call registered under ``token``."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._replies[token] = future
+        return await future
 
     @property
     def project(self) -> str:
@@ -291,9 +296,8 @@ class AgentInfra:
             timeout,
             max_retries,
         )
-        future: asyncio.Future[SubmitResponse] = asyncio.get_running_loop().create_future()
-        self._submits[token] = future
-        return await future
+        response: SubmitResponse = await self._reply(token)
+        return response
 
     async def get_task_status(self, task_id: str) -> TaskInfo:
         """The task's status, result payload, error and attempts."""
@@ -302,8 +306,10 @@ class AgentInfra:
     async def wait_for_task(self, task_id: str, timeout: float | None = None) -> TaskInfo:
         """Waits until the task is COMPLETED, FAILED or CANCELLED; ``TimeoutError`` after
         ``timeout`` seconds."""
-        watch = await self._core.watch_tasks([task_id], True)
-        return await wait_final(watch, task_id, timeout)
+        info: TaskInfo | None = await self._reply(self._core.wait_nowait(task_id, timeout))
+        if info is None:
+            raise TimeoutError(f"task {task_id!r} did not finish within {timeout} s")
+        return info
 
     async def cancel_task(self, task_id: str) -> bool:
         """Cancels a PENDING task at once and a RUNNING one by cancelling its handler; False

@@ -17,7 +17,7 @@ use crate::tasks::handlers::{Handler, HandlerFuture};
 use crate::tasks::model::{TaskError, TaskRecord};
 
 use super::lock;
-use super::tasks::{py_task, SubmitResponse};
+use super::tasks::{py_task, SubmitResponse, TaskInfo};
 
 /// Most messages handed to the pump at once.
 const MAX_BATCH: usize = 4096;
@@ -30,11 +30,17 @@ pub enum Message {
     Run { token: u64, record: TaskRecord },
     /// The core stopped waiting for run `token` (timeout, cancel, shutdown): cancel it.
     Cancel { token: u64 },
-    /// Submit `token` finished.
-    Submitted {
+    /// The call behind `token` (a submit, a wait) has its answer.
+    Reply {
         token: u64,
-        result: Result<SubmitResponse, TaskError>,
+        result: Result<Reply, TaskError>,
     },
+}
+
+pub enum Reply {
+    Submitted(SubmitResponse),
+    /// The waited-for task reached a final state; `None` when the wait timed out.
+    Finished(Option<TaskInfo>),
 }
 
 pub struct Bridge {
@@ -131,17 +137,19 @@ impl Handler for BridgedHandler {
 }
 
 /// One message as the pump sees it: `("run", token, Task)`, `("cancel", token, None)`, or
-/// `("submitted", token, SubmitResponse | exception)`.
+/// `("reply", token, SubmitResponse | TaskInfo | None | exception)`.
 pub fn to_python(py: Python<'_>, message: Message) -> PyResult<(&'static str, u64, Py<PyAny>)> {
     Ok(match message {
         Message::Run { token, record } => ("run", token, Py::new(py, py_task(&record))?.into_any()),
         Message::Cancel { token } => ("cancel", token, py.None()),
-        Message::Submitted { token, result } => {
+        Message::Reply { token, result } => {
             let value = match result {
-                Ok(response) => Py::new(py, response)?.into_any(),
+                Ok(Reply::Submitted(response)) => Py::new(py, response)?.into_any(),
+                Ok(Reply::Finished(Some(info))) => Py::new(py, info)?.into_any(),
+                Ok(Reply::Finished(None)) => py.None(),
                 Err(e) => super::tasks::task_error(e).into_value(py).into_any(),
             };
-            ("submitted", token, value)
+            ("reply", token, value)
         }
     })
 }

@@ -442,12 +442,39 @@ impl Core {
         let bridge = Arc::clone(&self.state.bridge);
         let token = bridge.token();
         crate::runtime::get().spawn(async move {
+            let result = infra.queue().submit(task).await.map(|(record, created)| {
+                bridge::Reply::Submitted(tasks::submit_response(record, created))
+            });
+            bridge.send(bridge::Message::Reply { token, result });
+        });
+        Ok(token)
+    }
+
+    /// Waits, without blocking the caller, until the task reaches a final state; the pump
+    /// receives the `TaskInfo` (None after `timeout` seconds) under the returned token.
+    #[pyo3(signature = (task_id, timeout=None))]
+    fn wait_nowait(&self, task_id: String, timeout: Option<f64>) -> PyResult<u64> {
+        let infra = self.state.infra()?;
+        let timeout = match timeout {
+            None => None,
+            Some(t) if t.is_finite() && t >= 0.0 => {
+                Some(std::time::Duration::from_secs_f64(t.min(1e9)))
+            }
+            Some(t) => {
+                return Err(pyo3::exceptions::PyValueError::new_err(format!(
+                    "timeout {t} must be 0 or more seconds"
+                )))
+            }
+        };
+        let bridge = Arc::clone(&self.state.bridge);
+        let token = bridge.token();
+        crate::runtime::get().spawn(async move {
             let result = infra
                 .queue()
-                .submit(task)
+                .wait(&task_id, timeout)
                 .await
-                .map(|(record, created)| tasks::submit_response(record, created));
-            bridge.send(bridge::Message::Submitted { token, result });
+                .map(|r| bridge::Reply::Finished(r.map(tasks::TaskInfo::from)));
+            bridge.send(bridge::Message::Reply { token, result });
         });
         Ok(token)
     }

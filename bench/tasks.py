@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import platform
@@ -221,21 +222,41 @@ async def bench_arq(n: int) -> dict[str, float] | None:
         redis.wait()
 
 
+def run_one(name: str, n: int) -> dict[str, float] | None:
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        if name == "ours":
+            return asyncio.run(bench_ours(n, workdir))
+        if name == "taskito":
+            return bench_taskito(n, workdir)
+        return asyncio.run(bench_arq(n))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, default=20000)
     parser.add_argument("--write", type=Path)
+    parser.add_argument("--only", choices=["ours", "taskito", "arq"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     n = args.tasks
+    if args.only:
+        print(json.dumps(run_one(args.only, n)))
+        return
 
-    with tempfile.TemporaryDirectory() as tmp:
-        workdir = Path(tmp)
-        ours = asyncio.run(bench_ours(n, workdir))
-        print("ours", ours, file=sys.stderr)
-        taskito = bench_taskito(n, workdir)
-        print("taskito", taskito, file=sys.stderr)
-        arq = asyncio.run(bench_arq(n))
-        print("arq", arq, file=sys.stderr)
+    # Each contender in a fresh process, so none inherits another's threads or memory.
+    results: dict[str, dict[str, float] | None] = {}
+    for name in ("ours", "taskito", "arq"):
+        out = subprocess.run(
+            [sys.executable, __file__, "--only", name, "--tasks", str(n)],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+        results[name] = json.loads(out.strip().splitlines()[-1])
+        print(name, results[name], file=sys.stderr)
+    ours = results["ours"]
+    assert ours is not None
+    taskito, arq = results["taskito"], results["arq"]
 
     rows = [("dspy_agent_infra (SQLite, Python async handler)", ours)]
     if taskito:
@@ -257,10 +278,10 @@ def main() -> None:
             ## Task queue: no-op tasks through a durable queue
 
             `python bench/tasks.py --tasks {n}` on {platform.machine()}, {os.cpu_count()} CPUs,
-            Python {platform.python_version()}. Throughput: {n} tasks submitted with 1,000 in
-            flight, until every one is complete. Latency: one task at a time, submit until
-            its result is seen ({LATENCY_SAMPLES} samples). Each worker runs in the submitting
-            process.
+            Python {platform.python_version()}, each contender in a fresh process. Throughput:
+            {n} tasks submitted with 1,000 in flight, until every one is complete. Latency: one
+            task at a time, submit until its result is seen ({LATENCY_SAMPLES} samples). Each
+            worker runs in the submitting process.
 
             """
         )

@@ -29,6 +29,10 @@ add_busybox() {
     echo "root:x:0:0:root:/:/bin/sh" > "$root/etc/passwd"
     echo "ok" > "$root/www/health"
     echo '{"models":[]}' > "$root/www/api/tags"
+    # POST /cgi-bin/echo answers with the request body (for the http task handler's tests).
+    mkdir -p "$root/www/cgi-bin"
+    printf '#!/bin/sh\nprintf "Content-Type: application/json\\r\\n\\r\\n"\nhead -c "${CONTENT_LENGTH:-0}"\n' > "$root/www/cgi-bin/echo"
+    chmod +x "$root/www/cgi-bin/echo"
     chmod 1777 "$root/tmp"
 }
 

@@ -22,6 +22,7 @@ from dspy_agent_infra import (
     TaskStatus,
     UnknownTaskTypeError,
 )
+from helpers import BUSYBOX, containers, http_service
 
 
 def tasks_only(**config: Any) -> AgentInfra:
@@ -265,3 +266,59 @@ async def test_list_tasks_pages_through_the_queue() -> None:
         assert [t.task_id for t in listed] == [f"l{i:02}" for i in range(25)]
         assert len(await client.list_tasks(status=TaskStatus.COMPLETED, limit=10)) == 10
         assert await client.list_tasks(status=TaskStatus.FAILED) == []
+
+
+async def test_exec_container_and_http_handlers(project: str) -> None:
+    services = {"web": http_service()}
+    async with AgentInfra.start(
+        project=project, services=["web"], config={"services": services}
+    ) as infra:
+        await infra.submit_task("x", "exec", {"service": "web", "command": ["cat", "/www/health"]})
+        done = await infra.wait_for_task("x", timeout=30)
+        assert done.status == TaskStatus.COMPLETED, done.error
+        assert json.loads(done.result_payload) == {"exit_code": 0, "stdout": "ok\n", "stderr": ""}
+
+        await infra.submit_task(
+            "c",
+            "container",
+            {
+                "image": BUSYBOX,
+                "command": ["sh", "-c", "echo $TASK_ID $TASK_INPUT"],
+                "input": {"n": 1},
+            },
+        )
+        done = await infra.wait_for_task("c", timeout=60)
+        assert done.status == TaskStatus.COMPLETED, done.error
+        assert json.loads(done.result_payload)["stdout"] == 'c {"n":1}\n'
+        await infra.submit_task(
+            "c-fail",
+            "container",
+            {"image": BUSYBOX, "command": ["sh", "-c", "echo oops >&2; exit 4"]},
+        )
+        failed = await infra.wait_for_task("c-fail", timeout=60)
+        assert failed.status == TaskStatus.FAILED
+        assert "exited with code 4" in failed.error and "oops" in failed.error
+
+        await infra.submit_task(
+            "h", "http", {"service": "web", "path": "/cgi-bin/echo", "body": {"prompt": "hello"}}
+        )
+        done = await infra.wait_for_task("h", timeout=30)
+        assert done.status == TaskStatus.COMPLETED, done.error
+        assert json.loads(done.result_payload) == {"prompt": "hello"}
+
+        bad: list[tuple[str, str, dict[str, Any]]] = [
+            ("bad-service", "exec", {"service": "nope", "command": ["true"]}),
+            ("bad-payload", "http", {"url": "http://example"}),
+            ("bad-path", "http", {"service": "web", "path": "/missing"}),
+        ]
+        for task_id, task_type, payload in bad:
+            await infra.submit_task(task_id, task_type, payload)
+            failed = await infra.wait_for_task(task_id, timeout=30)
+            assert failed.status == TaskStatus.FAILED, task_id
+        assert "no running service" in (await infra.get_task_status("bad-service")).error
+        assert "payload must be JSON like" in (await infra.get_task_status("bad-payload")).error
+        # busybox httpd refuses a POST outside cgi-bin with 501; the status reaches the error.
+        assert "answered 501" in (await infra.get_task_status("bad-path")).error
+        # One-off containers are removed once they ran: only the service's container is left.
+        assert len(containers(project)) == 1
+    assert containers(project) == []

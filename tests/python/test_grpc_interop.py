@@ -34,13 +34,43 @@ service Health {
 """
 
 
+# The part of grpc/reflection/v1/reflection.proto a `list` and a `describe` need (same field
+# numbers), for a generated reflection client: what grpcurl does without the proto file.
+REFLECTION_PROTO = """
+syntax = "proto3";
+package grpc.reflection.v1;
+service ServerReflection {
+  rpc ServerReflectionInfo(stream ServerReflectionRequest)
+      returns (stream ServerReflectionResponse);
+}
+message ServerReflectionRequest {
+  string host = 1;
+  oneof message_request {
+    string file_containing_symbol = 4;
+    string list_services = 7;
+  }
+}
+message ServerReflectionResponse {
+  string valid_host = 1;
+  oneof message_response {
+    FileDescriptorResponse file_descriptor_response = 4;
+    ListServiceResponse list_services_response = 6;
+  }
+}
+message FileDescriptorResponse { repeated bytes file_descriptor_proto = 1; }
+message ListServiceResponse { repeated ServiceResponse service = 1; }
+message ServiceResponse { string name = 1; }
+"""
+
+
 @pytest.fixture(scope="module")
 def pb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, ModuleType]]:
     out = tmp_path_factory.mktemp("stubs")
     # protoc names Python modules after the file; a dot in the name would not import.
     shutil.copy(ROOT / "proto" / "orchestrator.v1.proto", out / "orchestrator_v1.proto")
     (out / "health.proto").write_text(HEALTH_PROTO)
-    for name in ("orchestrator_v1.proto", "health.proto"):
+    (out / "reflection.proto").write_text(REFLECTION_PROTO)
+    for name in ("orchestrator_v1.proto", "health.proto", "reflection.proto"):
         code = protoc.main(
             ["protoc", f"-I{out}", f"--python_out={out}", f"--grpc_python_out={out}", name]
         )
@@ -54,6 +84,8 @@ def pb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, ModuleTyp
                 "orchestrator_v1_pb2_grpc",
                 "health_pb2",
                 "health_pb2_grpc",
+                "reflection_pb2",
+                "reflection_pb2_grpc",
             )
         }
     finally:
@@ -205,3 +237,20 @@ async def test_standard_health_service(
     assert overall.status == h.HealthCheckResponse.SERVING
     named = await stub.Check(h.HealthCheckRequest(service="orchestrator.v1.OrchestratorService"))
     assert named.status == h.HealthCheckResponse.SERVING
+
+
+async def test_reflection_lists_and_describes_services(
+    pb: dict[str, Any], channel: tuple[AgentInfra, grpc.aio.Channel]
+) -> None:
+    _, ch = channel
+    r = pb["reflection_pb2"]
+    stub = pb["reflection_pb2_grpc"].ServerReflectionStub(ch)
+    requests = [
+        r.ServerReflectionRequest(list_services=""),
+        r.ServerReflectionRequest(file_containing_symbol="orchestrator.v1.OrchestratorService"),
+    ]
+    answers = [answer async for answer in stub.ServerReflectionInfo(iter(requests))]
+    names = {s.name for s in answers[0].list_services_response.service}
+    assert {"orchestrator.v1.OrchestratorService", "grpc.health.v1.Health"} <= names
+    descriptor = answers[1].file_descriptor_response.file_descriptor_proto[0]
+    assert b"SubmitTask" in descriptor and b"orchestrator.v1" in descriptor

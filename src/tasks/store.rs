@@ -369,38 +369,35 @@ impl TaskStore {
     ) -> Result<Option<TaskRecord>, TaskError> {
         let task_id = task_id.to_string();
         self.write(move |txn| {
-            let Some(current) = get_in(txn, &task_id).map_err(sql)? else {
-                return Err(TaskError::NotFound { task_id });
-            };
-            if current.state != TaskState::Running || current.attempt != attempt {
-                return Ok(None);
-            }
             let now = now_ms();
-            match outcome {
-                Outcome::Completed(result) => {
-                    txn.execute(
-                        "UPDATE tasks SET state = 'COMPLETED', result = ?2, error = NULL, finished_at = ?3 WHERE task_id = ?1",
-                        params![task_id, result, now],
-                    )
-                    .map_err(sql)?;
-                }
-                Outcome::Failed(error) if attempt <= current.task.max_retries => {
-                    let not_before = now + retry_backoff(attempt).as_millis() as i64;
-                    txn.execute(
-                        "UPDATE tasks SET state = 'PENDING', error = ?2, not_before = ?3 WHERE task_id = ?1",
-                        params![task_id, error, not_before],
-                    )
-                    .map_err(sql)?;
-                }
+            // Guarded by state and attempt, so a stale report changes nothing.
+            let updated = match outcome {
+                Outcome::Completed(result) => txn
+                    .prepare_cached(&format!(
+                        "UPDATE tasks SET state = 'COMPLETED', result = ?3, error = NULL, finished_at = ?4 \
+                         WHERE task_id = ?1 AND state = 'RUNNING' AND attempt = ?2 RETURNING {COLUMNS}"
+                    ))
+                    .and_then(|mut stmt| stmt.query_row(params![task_id, attempt, result, now], record).optional()),
                 Outcome::Failed(error) => {
-                    txn.execute(
-                        "UPDATE tasks SET state = 'FAILED', error = ?2, finished_at = ?3 WHERE task_id = ?1",
-                        params![task_id, error, now],
-                    )
-                    .map_err(sql)?;
+                    let not_before = now + retry_backoff(attempt).as_millis() as i64;
+                    txn.prepare_cached(&format!(
+                        "UPDATE tasks SET error = ?3, \
+                         state = CASE WHEN attempt <= max_retries THEN 'PENDING' ELSE 'FAILED' END, \
+                         not_before = CASE WHEN attempt <= max_retries THEN ?4 ELSE not_before END, \
+                         finished_at = CASE WHEN attempt <= max_retries THEN finished_at ELSE ?5 END \
+                         WHERE task_id = ?1 AND state = 'RUNNING' AND attempt = ?2 RETURNING {COLUMNS}"
+                    ))
+                    .and_then(|mut stmt| {
+                        stmt.query_row(params![task_id, attempt, error, not_before, now], record)
+                            .optional()
+                    })
                 }
             }
-            get_in(txn, &task_id).map_err(sql)
+            .map_err(sql)?;
+            if updated.is_none() && get_in(txn, &task_id).map_err(sql)?.is_none() {
+                return Err(TaskError::NotFound { task_id });
+            }
+            Ok(updated)
         })
         .await
     }
@@ -499,6 +496,11 @@ fn sql(e: rusqlite::Error) -> TaskError {
     }
 }
 
+/// Runs a statement kept prepared: the writer runs its savepoint statements for every write.
+fn run_cached(conn: &Connection, statement: &str) -> rusqlite::Result<usize> {
+    conn.prepare_cached(statement)?.execute([])
+}
+
 fn writer_loop(mut conn: Connection, jobs: mpsc::Receiver<Job>) {
     while let Ok(first) = jobs.recv() {
         let mut batch = vec![first];
@@ -517,16 +519,16 @@ fn writer_loop(mut conn: Connection, jobs: mpsc::Receiver<Job>) {
         };
         let mut replies = Vec::with_capacity(batch.len());
         for job in batch {
-            if let Err(e) = txn.execute_batch("SAVEPOINT job") {
+            if let Err(e) = run_cached(&txn, "SAVEPOINT job") {
                 tracing::error!(error = %e, "task store: savepoint failed");
             }
             let (ok, reply) = job(&txn);
             let end = if ok {
-                "RELEASE job"
+                run_cached(&txn, "RELEASE job")
             } else {
-                "ROLLBACK TO job; RELEASE job"
+                run_cached(&txn, "ROLLBACK TO job").and_then(|_| run_cached(&txn, "RELEASE job"))
             };
-            if let Err(e) = txn.execute_batch(end) {
+            if let Err(e) = end {
                 tracing::error!(error = %e, "task store: savepoint end failed");
             }
             replies.push(reply);

@@ -19,14 +19,23 @@ use crate::docker::DockerError;
 use crate::infra::{Infra, InfraError};
 use crate::services::supervisor::{ServiceState, StackError};
 
+/// A keyword attribute of an exception.
+enum Attr {
+    Text(String),
+    Port(u16),
+}
+
 /// Builds an exception of `dspy_agent_infra.errors` with keyword attributes.
-fn py_error(class: &str, message: String, attrs: Vec<(&str, Py<PyAny>)>) -> PyErr {
+fn py_error(class: &str, message: String, attrs: Vec<(&str, Attr)>) -> PyErr {
     Python::attach(|py| {
         let build = || -> PyResult<PyErr> {
             let cls = py.import("dspy_agent_infra.errors")?.getattr(class)?;
             let kwargs = PyDict::new(py);
             for (k, v) in attrs {
-                kwargs.set_item(k, v)?;
+                match v {
+                    Attr::Text(t) => kwargs.set_item(k, t)?,
+                    Attr::Port(p) => kwargs.set_item(k, p)?,
+                }
             }
             let exc = cls.call((message.clone(),), Some(&kwargs))?;
             Ok(PyErr::from_value(exc))
@@ -35,24 +44,29 @@ fn py_error(class: &str, message: String, attrs: Vec<(&str, Py<PyAny>)>) -> PyEr
     })
 }
 
+fn port_in_use(message: String, service: String, port: u16, host_ip: String) -> PyErr {
+    py_error(
+        "PortInUseError",
+        message.clone(),
+        vec![
+            ("service", Attr::Text(service)),
+            ("reason", Attr::Text(message)),
+            ("port", Attr::Port(port)),
+            ("host_ip", Attr::Text(host_ip)),
+        ],
+    )
+}
+
 fn to_py_err(error: InfraError) -> PyErr {
     let message = error.to_string();
-    let s = |v: &str| -> Py<PyAny> {
-        Python::attach(|py| {
-            v.into_pyobject(py)
-                .map(|o| o.into_any().unbind())
-                .unwrap_or_else(|_| py.None())
-        })
-    };
     match error {
         InfraError::Config(_) => py_error("ConfigError", message, vec![]),
-        InfraError::Docker(DockerError::Unavailable { host, .. }) => {
-            py_error("DockerUnavailableError", message, vec![("host", s(&host))])
-        }
-        InfraError::Docker(_) => py_error("InfraError", message, vec![]),
-        InfraError::Stack(StackError::Docker(DockerError::Unavailable { host, .. })) => {
-            py_error("DockerUnavailableError", message, vec![("host", s(&host))])
-        }
+        InfraError::Docker(DockerError::Unavailable { host, .. })
+        | InfraError::Stack(StackError::Docker(DockerError::Unavailable { host, .. })) => py_error(
+            "DockerUnavailableError",
+            message,
+            vec![("host", Attr::Text(host))],
+        ),
         InfraError::Stack(StackError::ServiceStart {
             service,
             reason,
@@ -61,9 +75,9 @@ fn to_py_err(error: InfraError) -> PyErr {
             "ServiceStartError",
             message,
             vec![
-                ("service", s(&service)),
-                ("reason", s(&reason)),
-                ("logs", s(&logs)),
+                ("service", Attr::Text(service)),
+                ("reason", Attr::Text(reason)),
+                ("logs", Attr::Text(logs)),
             ],
         ),
         InfraError::Stack(StackError::PortInUse {
@@ -71,27 +85,14 @@ fn to_py_err(error: InfraError) -> PyErr {
             port,
             host_ip,
             ..
-        }) => {
-            let port = Python::attach(|py| {
-                port.into_pyobject(py)
-                    .map(|o| o.into_any().unbind())
-                    .unwrap_or_else(|_| py.None())
-            });
-            py_error(
-                "PortInUseError",
-                message.clone(),
-                vec![
-                    ("service", s(&service)),
-                    ("reason", s(&message)),
-                    ("port", port),
-                    ("host_ip", s(&host_ip)),
-                ],
-            )
-        }
-        InfraError::Stack(StackError::UnknownService { name, .. }) => {
-            py_error("UnknownServiceError", message, vec![("service", s(&name))])
-        }
-        InfraError::Stack(StackError::Cancelled | StackError::Docker(_)) => {
+        }) => port_in_use(message, service, port, host_ip),
+        InfraError::Stack(StackError::UnknownService { name, .. }) => py_error(
+            "UnknownServiceError",
+            message,
+            vec![("service", Attr::Text(name))],
+        ),
+        InfraError::Docker(_)
+        | InfraError::Stack(StackError::Cancelled | StackError::Docker(_)) => {
             py_error("InfraError", message, vec![])
         }
         InfraError::Task(e) => tasks::task_error(e),
@@ -99,23 +100,9 @@ fn to_py_err(error: InfraError) -> PyErr {
             let port = addr
                 .rsplit(':')
                 .next()
-                .and_then(|p| p.parse::<u16>().ok())
+                .and_then(|p| p.parse().ok())
                 .unwrap_or(0);
-            let port = Python::attach(|py| {
-                port.into_pyobject(py)
-                    .map(|o| o.into_any().unbind())
-                    .unwrap_or_else(|_| py.None())
-            });
-            py_error(
-                "PortInUseError",
-                message.clone(),
-                vec![
-                    ("service", s("orchestrator")),
-                    ("reason", s(&message)),
-                    ("port", port),
-                    ("host_ip", s(&addr)),
-                ],
-            )
+            port_in_use(message, "orchestrator".into(), port, addr)
         }
     }
 }

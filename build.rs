@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/orchestrator.v1.proto"];
+    let protos = ["proto/orchestrator.v1.proto", "proto/env_manager.v1.proto"];
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");
     }

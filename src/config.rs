@@ -330,11 +330,24 @@ pub struct Config {
     pub services: Vec<ServiceSpec>,
 }
 
+/// The merged layers and what they were read from, before validation.
+struct Layered {
+    layer: ConfigLayer,
+    selection: Option<Vec<String>>,
+    file: Option<PathBuf>,
+    base_dir: PathBuf,
+}
+
 impl Config {
     pub fn load(options: LoadOptions) -> Result<Config, ConfigError> {
-        let mut layer = catalog::layer();
+        let l = layered(&options)?;
+        resolve(l.layer, l.selection, l.file, &l.base_dir, &options.env)
+    }
 
-        let file = match &options.config_file {
+    /// The config file in use: the explicit one, `DSPY_AGENT_CONFIG`, or `./dspy-agent.toml`
+    /// when it exists.
+    pub fn file_for(options: &LoadOptions) -> Option<PathBuf> {
+        match &options.config_file {
             Some(path) => Some(options.cwd.join(path)),
             None => match options
                 .env
@@ -344,43 +357,142 @@ impl Config {
                 Some(path) => Some(options.cwd.join(path)),
                 None => Some(options.cwd.join(CONFIG_FILE_NAME)).filter(|p| p.is_file()),
             },
-        };
-        if let Some(path) = &file {
-            let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
-                path: path.clone(),
-                message: e.to_string(),
-            })?;
-            layer.apply(ConfigLayer::from_toml(&path.display().to_string(), &text)?);
         }
-
-        layer.apply(env_layer(&options.env));
-        if let Some(overlay) = options.overlay.clone() {
-            layer.apply(overlay);
-        }
-        layer.apply(ConfigLayer {
-            project: options.project.clone(),
-            docker_host: options.docker_host.clone(),
-            keep_running: options.keep_running,
-            state_dir: options.state_dir.clone(),
-            ..ConfigLayer::default()
-        });
-
-        let selection = options.services.clone().or_else(|| {
-            options.env.get("DSPY_AGENT_SERVICES").map(|v| {
-                v.split(',')
-                    .map(str::trim)
-                    .filter(|s| !s.is_empty())
-                    .map(String::from)
-                    .collect()
-            })
-        });
-
-        let base_dir = file
-            .as_ref()
-            .and_then(|f| f.parent().map(Path::to_path_buf))
-            .unwrap_or_else(|| options.cwd.clone());
-        resolve(layer, selection, file, &base_dir, &options.env)
     }
+
+    /// Every problem of the configuration, not only the first: each service (enabled or not),
+    /// the addresses, the task settings and the dependency graph are checked on their own.
+    pub fn problems(options: &LoadOptions) -> Vec<ConfigError> {
+        let l = match layered(options) {
+            Ok(l) => l,
+            Err(e) => return vec![e],
+        };
+        let layer = l.layer;
+        let mut found = Vec::new();
+        let project = layer
+            .project
+            .clone()
+            .unwrap_or_else(|| DEFAULT_PROJECT.to_string());
+        if let Err(e) = spec::validate_name("project", &project) {
+            found.push(e);
+        }
+        for (field, addr, default) in [
+            (
+                "orchestrator_addr",
+                &layer.orchestrator_addr,
+                DEFAULT_ORCHESTRATOR_ADDR,
+            ),
+            (
+                "env_manager_addr",
+                &layer.env_manager_addr,
+                DEFAULT_ENV_MANAGER_ADDR,
+            ),
+        ] {
+            if let Err(e) = check_addr(field, addr.as_deref().unwrap_or(default)) {
+                found.push(e);
+            }
+        }
+        let publish_host_ip = layer
+            .publish_host_ip
+            .clone()
+            .unwrap_or_else(|| "127.0.0.1".to_string());
+        if publish_host_ip.parse::<std::net::IpAddr>().is_err() {
+            found.push(ConfigError::invalid(
+                "publish_host_ip",
+                format!("{publish_host_ip:?} is not an IP address"),
+            ));
+        }
+        let state_dir = layer
+            .state_dir
+            .clone()
+            .map(|p| l.base_dir.join(p))
+            .unwrap_or_else(|| default_state_dir(&options.env, &project));
+        if let Err(e) = resolve_tasks(layer.tasks.clone().unwrap_or_default(), &state_dir) {
+            found.push(e);
+        }
+        let known: Vec<&String> = layer.services.keys().collect();
+        let known_list = known
+            .iter()
+            .map(|s| s.as_str())
+            .collect::<Vec<_>>()
+            .join(", ");
+        for (name, patch) in &layer.services {
+            match resolve_service(name, patch.clone(), &publish_host_ip, &l.base_dir) {
+                Ok(spec) => {
+                    for dep in spec.depends_on.keys() {
+                        if !layer.services.contains_key(dep) {
+                            found.push(ConfigError::UnknownDependency {
+                                service: name.clone(),
+                                dependency: dep.clone(),
+                                known: known_list.clone(),
+                            });
+                        }
+                    }
+                }
+                Err(e) => found.push(e),
+            }
+        }
+        for name in l.selection.iter().flatten() {
+            if !layer.services.contains_key(name) {
+                found.push(ConfigError::UnknownService {
+                    name: name.clone(),
+                    known: known_list.clone(),
+                });
+            }
+        }
+        // The graph (cycles, shared host ports) can only be checked once every part is valid.
+        if found.is_empty() {
+            if let Err(e) = resolve(layer, l.selection, l.file, &l.base_dir, &options.env) {
+                found.push(e);
+            }
+        }
+        found
+    }
+}
+
+fn layered(options: &LoadOptions) -> Result<Layered, ConfigError> {
+    let mut layer = catalog::layer();
+    let file = Config::file_for(options);
+    if let Some(path) = &file {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        layer.apply(ConfigLayer::from_toml(&path.display().to_string(), &text)?);
+    }
+
+    layer.apply(env_layer(&options.env));
+    if let Some(overlay) = options.overlay.clone() {
+        layer.apply(overlay);
+    }
+    layer.apply(ConfigLayer {
+        project: options.project.clone(),
+        docker_host: options.docker_host.clone(),
+        keep_running: options.keep_running,
+        state_dir: options.state_dir.clone(),
+        ..ConfigLayer::default()
+    });
+
+    let selection = options.services.clone().or_else(|| {
+        options.env.get("DSPY_AGENT_SERVICES").map(|v| {
+            v.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(String::from)
+                .collect()
+        })
+    });
+
+    let base_dir = file
+        .as_ref()
+        .and_then(|f| f.parent().map(Path::to_path_buf))
+        .unwrap_or_else(|| options.cwd.clone());
+    Ok(Layered {
+        layer,
+        selection,
+        file,
+        base_dir,
+    })
 }
 
 fn env_layer(env: &BTreeMap<String, String>) -> ConfigLayer {

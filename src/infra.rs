@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -9,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ConfigError};
 use crate::docker::{Docker, DockerError};
+use crate::grpc::env_manager::EnvManager;
 use crate::grpc::{self, GrpcError};
 use crate::health;
 use crate::services::supervisor::{ServiceState, StackError, Supervisor};
@@ -60,19 +62,32 @@ impl ServiceDirectory for Directory {
     }
 }
 
-/// A running stack (possibly of zero services) with its task queue and orchestrator port.
+/// A running stack (possibly of zero services) with its task queue and both gRPC ports.
 pub struct Infra {
     config: Arc<Config>,
     supervisor: Option<Arc<Supervisor>>,
     queue: TaskQueue,
-    grpc: Mutex<Option<grpc::Server>>,
+    servers: Mutex<Vec<grpc::Server>>,
     orchestrator_addr: SocketAddr,
+    env_manager_addr: SocketAddr,
 }
 
 impl Infra {
-    /// Opens the task queue, serves the orchestrator port, connects to the Engine (only when
-    /// there is a service to run) and brings the stack up. A failure undoes what was started.
+    /// Opens the task queue and serves both gRPC ports, then brings the stack up. A failure
+    /// undoes what was started.
     pub async fn start(config: Config, cancel: CancellationToken) -> Result<Infra, InfraError> {
+        let infra = Infra::open(config, None).await?;
+        if let Err(e) = infra.start_services(&[], cancel).await {
+            infra.shutdown(false).await;
+            return Err(e);
+        }
+        Ok(infra)
+    }
+
+    /// Opens the task queue, serves the orchestrator and env-manager ports and connects to the
+    /// Engine (only when there is a service to run), without starting any service yet.
+    /// `own_log` is the file the env-manager serves as its own log (the daemon's).
+    pub async fn open(config: Config, own_log: Option<PathBuf>) -> Result<Infra, InfraError> {
         let config = Arc::new(config);
         let store_path = config.tasks.store.clone();
         let durability = config.tasks.durability;
@@ -88,45 +103,63 @@ impl Infra {
         for t in ["ping", "test", "echo"] {
             queue.register(t, Arc::new(handlers::Builtin(t)), limit(t));
         }
-        let served = grpc::serve_orchestrator(
+        let opened = Self::open_rest(&config, &queue, own_log).await;
+        match opened {
+            Ok((supervisor, servers)) => Ok(Infra {
+                orchestrator_addr: servers[0].addr,
+                env_manager_addr: servers[1].addr,
+                config,
+                supervisor,
+                queue,
+                servers: Mutex::new(servers),
+            }),
+            Err((e, servers)) => {
+                queue.shutdown();
+                for s in servers {
+                    s.shutdown().await;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Serves both ports and prepares the supervisor; on failure hands back what it started.
+    async fn open_rest(
+        config: &Arc<Config>,
+        queue: &TaskQueue,
+        own_log: Option<PathBuf>,
+    ) -> Result<(Option<Arc<Supervisor>>, Vec<grpc::Server>), (InfraError, Vec<grpc::Server>)> {
+        let mut servers = Vec::new();
+        match grpc::serve_orchestrator(
             &config.orchestrator_addr,
             queue.clone(),
             config.project.clone(),
         )
-        .await;
-        let server = match served {
+        .await
+        {
+            Ok(s) => servers.push(s),
+            Err(e) => return Err((e.into(), servers)),
+        }
+        let (supervisor, docker) = match Self::prepare_supervisor(config, queue).await {
             Ok(s) => s,
-            Err(e) => {
-                queue.shutdown();
-                return Err(e.into());
-            }
+            Err(e) => return Err((e, servers)),
         };
-        let orchestrator_addr = server.addr;
-
-        let supervisor = match Self::start_services(&config, &queue, cancel).await {
-            Ok(s) => s,
-            Err(e) => {
-                queue.shutdown();
-                server.shutdown().await;
-                return Err(e);
-            }
-        };
-        Ok(Infra {
-            config,
-            supervisor,
-            queue,
-            grpc: Mutex::new(Some(server)),
-            orchestrator_addr,
-        })
+        let manager = EnvManager::new(Arc::clone(config), supervisor.clone(), docker, own_log);
+        match grpc::serve_env_manager(&config.env_manager_addr, manager).await {
+            Ok(s) => servers.push(s),
+            Err(e) => return Err((e.into(), servers)),
+        }
+        Ok((supervisor, servers))
     }
 
-    async fn start_services(
+    /// Connects to the Engine and registers the handlers that use it, when the config has
+    /// services.
+    async fn prepare_supervisor(
         config: &Arc<Config>,
         queue: &TaskQueue,
-        cancel: CancellationToken,
-    ) -> Result<Option<Arc<Supervisor>>, InfraError> {
+    ) -> Result<(Option<Arc<Supervisor>>, Option<Docker>), InfraError> {
         if config.services.is_empty() {
-            return Ok(None);
+            return Ok((None, None));
         }
         let docker = Docker::connect(config.docker_host.as_deref(), DOCKER_CONNECT_TIMEOUT).await?;
         let supervisor = Arc::new(Supervisor::new(
@@ -142,7 +175,7 @@ impl Infra {
         };
         queue.register("exec", Arc::new(exec), limit("exec"));
         let container = handlers::Container {
-            docker,
+            docker: docker.clone(),
             project: config.project.clone(),
         };
         queue.register("container", Arc::new(container), limit("container"));
@@ -151,8 +184,29 @@ impl Infra {
             timeout: Duration::from_secs(300),
         };
         queue.register("http", Arc::new(http), limit("http"));
-        supervisor.start(cancel).await?;
-        Ok(Some(supervisor))
+        Ok((Some(supervisor), Some(docker)))
+    }
+
+    /// Brings the named services (all when empty) and their dependencies up.
+    pub async fn start_services(
+        &self,
+        names: &[String],
+        cancel: CancellationToken,
+    ) -> Result<(), InfraError> {
+        match &self.supervisor {
+            Some(s) => Ok(s.start_services(names, cancel).await?),
+            None if names.is_empty() => Ok(()),
+            None => Err(no_such_service(&names[0])),
+        }
+    }
+
+    pub fn supervisor(&self) -> Option<&Arc<Supervisor>> {
+        self.supervisor.as_ref()
+    }
+
+    /// Where the env-manager gRPC service listens (the real port when 0 was asked for).
+    pub fn env_manager_addr(&self) -> SocketAddr {
+        self.env_manager_addr
     }
 
     pub fn queue(&self) -> &TaskQueue {
@@ -211,10 +265,16 @@ impl Infra {
     /// Addresses of the running services as environment variables: for each service `NAME`,
     /// `NAME_HOST`, `NAME_PORT` and `NAME_URL` (e.g. `REDIS_URL=redis://127.0.0.1:6379`).
     pub fn env(&self) -> BTreeMap<String, String> {
-        let mut env = BTreeMap::from([(
-            "ORCHESTRATOR_GRPC_ADDR".to_string(),
-            self.orchestrator_addr.to_string(),
-        )]);
+        let mut env = BTreeMap::from([
+            (
+                "ORCHESTRATOR_GRPC_ADDR".to_string(),
+                self.orchestrator_addr.to_string(),
+            ),
+            (
+                "ENV_MANAGER_GRPC_ADDR".to_string(),
+                self.env_manager_addr.to_string(),
+            ),
+        ]);
         for s in self.services() {
             let Some((_, (_, port))) = s.ports.iter().next() else {
                 continue;
@@ -243,8 +303,8 @@ impl Infra {
     /// containers (named volumes stay) unless `keep_running`.
     pub async fn shutdown(&self, keep_running: bool) {
         self.queue.shutdown();
-        let server = self.grpc.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(server) = server {
+        let servers = std::mem::take(&mut *self.servers.lock().unwrap_or_else(|e| e.into_inner()));
+        for server in servers {
             server.shutdown().await;
         }
         if let Some(s) = &self.supervisor {

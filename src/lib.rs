@@ -1,8 +1,10 @@
 //! dspy-agent-infra: the Rust core behind the `dspy_agent_infra` Python package.
 //!
-//! Dependency direction: `python → infra → {services, tasks} → {docker, health, config}`.
+//! Dependency direction: `python/cli/daemon → infra → {services, tasks} → {docker, health, config}`.
 
+pub mod cli;
 pub mod config;
+pub mod daemon;
 pub mod docker;
 pub mod grpc;
 pub mod health;

@@ -246,6 +246,11 @@ class AgentInfra:
         return self._core.orchestrator_addr
 
     @property
+    def env_manager_addr(self) -> str:
+        """``host:port`` of the env-manager gRPC service (the real port when 0 was asked for)."""
+        return self._core.env_manager_addr
+
+    @property
     def orchestrator_client(self) -> OrchestratorClient:
         """A gRPC client of this stack's orchestrator, as other processes would use it."""
         if self._client is None:

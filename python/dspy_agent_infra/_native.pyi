@@ -8,6 +8,8 @@ from ._tasks import TaskStatus
 
 __version__: str
 
+def cli(argv: list[str], python: str) -> int: ...
+
 @final
 class ServiceInfo:
     """One service of a running stack."""
@@ -65,6 +67,8 @@ class Core:
     def restart(self, service: str) -> Awaitable[ServiceInfo]: ...
     @property
     def orchestrator_addr(self) -> str: ...
+    @property
+    def env_manager_addr(self) -> str: ...
     def register_handler(
         self, task_type: str, func: Callable[[Task], Any], is_async: bool
     ) -> None: ...

@@ -13,8 +13,9 @@ use bollard::models::{
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, CreateImageOptionsBuilder, ListContainersOptionsBuilder,
     ListNetworksOptionsBuilder, LogsOptionsBuilder, RemoveContainerOptionsBuilder,
-    StopContainerOptionsBuilder,
+    StatsOptionsBuilder, StopContainerOptionsBuilder,
 };
+use futures_util::stream::BoxStream;
 use futures_util::StreamExt;
 
 use crate::services::spec::{GpuRequest, MountKind, PullPolicy, RestartPolicy, ServiceSpec};
@@ -115,6 +116,23 @@ pub struct ContainerInfo {
     /// (container port, protocol) → (host ip, host port) for published ports.
     pub ports: BTreeMap<(u16, String), (String, u16)>,
     pub restart_count: i64,
+}
+
+/// Resource use of a running container.
+#[derive(Debug, Clone, Default)]
+pub struct Usage {
+    pub cpu_percent: f64,
+    pub memory_bytes: u64,
+    pub memory_limit_bytes: u64,
+    pub network_rx_bytes: u64,
+    pub network_tx_bytes: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct EngineInfo {
+    pub version: String,
+    pub cpus: u32,
+    pub memory_bytes: u64,
 }
 
 /// Result of a command run inside a container.
@@ -218,7 +236,9 @@ impl Docker {
                 }
                 Err(e) if present => {
                     // `always` with a local copy: keep using it when the registry is away.
-                    tracing::warn!(image, error = %engine_message(&e), "pull failed, using the local image");
+                    let message = engine_message(&e);
+                    tracing::warn!(image, error = %message, "pull failed, using the local image");
+                    progress(format!("pull failed ({message}); using the local image"));
                     return Ok(());
                 }
                 Err(e) => {
@@ -537,6 +557,111 @@ impl Docker {
             out.push_str(&String::from_utf8_lossy(chunk.as_ref()));
         }
         Ok(out)
+    }
+
+    /// A container's output as it comes, each chunk tagged stderr (`true`) or stdout.
+    /// `tail` 0 = everything; `since` in seconds since the epoch, 0 = from the beginning.
+    pub fn log_stream(
+        &self,
+        id: &str,
+        follow: bool,
+        tail: usize,
+        since: i64,
+    ) -> BoxStream<'static, Result<(bool, bytes::Bytes), DockerError>> {
+        let tail = if tail == 0 {
+            "all".to_string()
+        } else {
+            tail.to_string()
+        };
+        let options = LogsOptionsBuilder::new()
+            .stdout(true)
+            .stderr(true)
+            .follow(follow)
+            .tail(&tail)
+            .since(i32::try_from(since).unwrap_or(i32::MAX))
+            .build();
+        let context = format!("logs of container {id}");
+        self.client
+            .logs(id, Some(options))
+            .map(move |item| match item {
+                Ok(LogOutput::StdErr { message }) => Ok((true, message)),
+                Ok(other) => Ok((false, other.into_bytes())),
+                Err(e) => Err(DockerError::api(context.clone(), e)),
+            })
+            .boxed()
+    }
+
+    /// CPU, memory and network use of a running container. The Engine samples twice to work out
+    /// the CPU share, so this takes about a second.
+    pub async fn stats(&self, id: &str) -> Result<Usage, DockerError> {
+        let options = StatsOptionsBuilder::new()
+            .stream(false)
+            .one_shot(false)
+            .build();
+        let mut stream = self.client.stats(id, Some(options));
+        let stats = match stream.next().await {
+            Some(Ok(s)) => s,
+            Some(Err(e)) => return Err(DockerError::api(format!("stats of container {id}"), e)),
+            None => return Ok(Usage::default()),
+        };
+        let total = |c: &Option<bollard::models::ContainerCpuStats>| {
+            let c = c.as_ref();
+            (
+                c.and_then(|c| c.cpu_usage.as_ref())
+                    .and_then(|u| u.total_usage)
+                    .unwrap_or(0),
+                c.and_then(|c| c.system_cpu_usage).unwrap_or(0),
+                c.and_then(|c| c.online_cpus).unwrap_or(1),
+            )
+        };
+        let (cpu, system, cpus) = total(&stats.cpu_stats);
+        let (pre_cpu, pre_system, _) = total(&stats.precpu_stats);
+        let cpu_delta = cpu.saturating_sub(pre_cpu) as f64;
+        let system_delta = system.saturating_sub(pre_system) as f64;
+        let cpu_percent = if system_delta > 0.0 {
+            cpu_delta / system_delta * f64::from(cpus) * 100.0
+        } else {
+            0.0
+        };
+        let memory = stats.memory_stats.unwrap_or_default();
+        // Like `docker stats`: page cache the kernel can drop is not counted as used.
+        let cache = memory
+            .stats
+            .as_ref()
+            .and_then(|s| {
+                s.get("inactive_file")
+                    .or_else(|| s.get("total_inactive_file"))
+            })
+            .copied()
+            .unwrap_or(0);
+        let (rx, tx) = stats
+            .networks
+            .unwrap_or_default()
+            .values()
+            .fold((0, 0), |(rx, tx), n| {
+                (rx + n.rx_bytes.unwrap_or(0), tx + n.tx_bytes.unwrap_or(0))
+            });
+        Ok(Usage {
+            cpu_percent,
+            memory_bytes: memory.usage.unwrap_or(0).saturating_sub(cache),
+            memory_limit_bytes: memory.limit.unwrap_or(0),
+            network_rx_bytes: rx,
+            network_tx_bytes: tx,
+        })
+    }
+
+    /// The Engine's version, CPU count and memory.
+    pub async fn engine_info(&self) -> Result<EngineInfo, DockerError> {
+        let info = self
+            .client
+            .info()
+            .await
+            .map_err(|e| DockerError::api("Engine info", e))?;
+        Ok(EngineInfo {
+            version: info.server_version.unwrap_or_default(),
+            cpus: info.ncpu.unwrap_or(0).max(0) as u32,
+            memory_bytes: info.mem_total.unwrap_or(0).max(0) as u64,
+        })
     }
 
     /// Runs a one-off container to completion and returns its exit code and output; the

@@ -1,9 +1,11 @@
 //! gRPC: the generated code, the server (with the standard health service and reflection) and
 //! the error mapping to status codes.
 
+pub mod env_manager;
 pub mod orchestrator;
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -15,9 +17,14 @@ pub mod pb {
     #![allow(clippy::all)]
     tonic::include_proto!("orchestrator.v1");
 
-    /// The encoded descriptors of proto/, served by reflection.
+    /// The encoded descriptors of proto/ (both packages), served by reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] =
         include_bytes!(concat!(env!("OUT_DIR"), "/descriptors.bin"));
+}
+
+pub mod env_pb {
+    #![allow(clippy::all)]
+    tonic::include_proto!("env_manager.v1");
 }
 
 /// Room for a maximal payload plus the rest of the message.
@@ -25,8 +32,14 @@ pub const MAX_MESSAGE_BYTES: usize = MAX_PAYLOAD_BYTES + 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GrpcError {
-    #[error("cannot serve gRPC on {addr}: {message}. Set ORCHESTRATOR_GRPC_ADDR (or orchestrator_addr in dspy-agent.toml) to another address; port 0 picks any free port")]
-    Bind { addr: String, message: String },
+    #[error("cannot serve the {what} gRPC port on {addr}: {message}. Set {env_var} (or {config_key} in dspy-agent.toml) to another address; port 0 picks any free port")]
+    Bind {
+        what: &'static str,
+        addr: String,
+        message: String,
+        env_var: &'static str,
+        config_key: &'static str,
+    },
 }
 
 pub fn status(e: TaskError) -> tonic::Status {
@@ -40,6 +53,9 @@ pub fn status(e: TaskError) -> tonic::Status {
     }
 }
 
+/// How long a stopping server waits for open calls before it cuts them.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
+
 /// A running gRPC server; dropping it does not stop it, `shutdown` does.
 pub struct Server {
     pub addr: SocketAddr,
@@ -48,10 +64,17 @@ pub struct Server {
 }
 
 impl Server {
-    /// Stops accepting, lets running calls end, and waits for the server to finish.
-    pub async fn shutdown(self) {
+    /// Stops accepting and lets running calls end; streams that are still open after
+    /// `SHUTDOWN_GRACE` (a `logs -f`, a watch) are cut.
+    pub async fn shutdown(mut self) {
         self.stop.cancel();
-        let _ = self.task.await;
+        if tokio::time::timeout(SHUTDOWN_GRACE, &mut self.task)
+            .await
+            .is_err()
+        {
+            self.task.abort();
+            let _ = self.task.await;
+        }
     }
 }
 
@@ -61,9 +84,61 @@ pub async fn serve_orchestrator(
     queue: TaskQueue,
     project: String,
 ) -> Result<Server, GrpcError> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<pb::orchestrator_service_server::OrchestratorServiceServer<orchestrator::Orchestrator>>()
+        .await;
+    let service = pb::orchestrator_service_server::OrchestratorServiceServer::new(
+        orchestrator::Orchestrator::new(queue, project),
+    )
+    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+    .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let routes = tonic::service::Routes::new(health_service).add_service(service);
+    serve(
+        addr,
+        "ORCHESTRATOR_GRPC_ADDR",
+        "orchestrator_addr",
+        "orchestrator",
+        routes,
+    )
+    .await
+}
+
+/// Serves the environment manager on `addr` ("HOST:PORT"; port 0 = any free port).
+pub async fn serve_env_manager(
+    addr: &str,
+    manager: env_manager::EnvManager,
+) -> Result<Server, GrpcError> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<env_pb::env_manager_service_server::EnvManagerServiceServer<env_manager::EnvManager>>()
+        .await;
+    let service = env_pb::env_manager_service_server::EnvManagerServiceServer::new(manager);
+    let routes = tonic::service::Routes::new(health_service).add_service(service);
+    serve(
+        addr,
+        "ENV_MANAGER_GRPC_ADDR",
+        "env_manager_addr",
+        "env-manager",
+        routes,
+    )
+    .await
+}
+
+/// Binds `addr` and serves `routes` plus reflection over every proto of the package.
+async fn serve(
+    addr: &str,
+    env_var: &'static str,
+    config_key: &'static str,
+    what: &'static str,
+    routes: tonic::service::Routes,
+) -> Result<Server, GrpcError> {
     let bind_error = |message: String| GrpcError::Bind {
+        what,
         addr: addr.to_string(),
         message,
+        env_var,
+        config_key,
     };
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -71,39 +146,28 @@ pub async fn serve_orchestrator(
     let local = listener
         .local_addr()
         .map_err(|e| bind_error(e.to_string()))?;
-
-    let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<pb::orchestrator_service_server::OrchestratorServiceServer<orchestrator::Orchestrator>>()
-        .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(|e| bind_error(format!("reflection: {e}")))?;
-    let service = pb::orchestrator_service_server::OrchestratorServiceServer::new(
-        orchestrator::Orchestrator::new(queue, project),
-    )
-    .max_decoding_message_size(MAX_MESSAGE_BYTES)
-    .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let routes = routes.add_service(reflection);
 
     let stop = CancellationToken::new();
     let signal = stop.clone();
     let task = tokio::spawn(async move {
         let result = tonic::transport::Server::builder()
-            .add_service(health_service)
-            .add_service(reflection)
-            .add_service(service)
+            .add_routes(routes)
             .serve_with_incoming_shutdown(
                 tokio_stream::wrappers::TcpListenerStream::new(listener),
                 signal.cancelled_owned(),
             )
             .await;
         if let Err(e) = result {
-            tracing::error!(error = %e, "the orchestrator gRPC server stopped");
+            tracing::error!(error = %e, "the {what} gRPC server stopped");
         }
     });
-    tracing::info!(addr = %local, "orchestrator gRPC listening");
+    tracing::info!(addr = %local, "{what} gRPC listening");
     Ok(Server {
         addr: local,
         stop,

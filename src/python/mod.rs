@@ -96,13 +96,13 @@ fn to_py_err(error: InfraError) -> PyErr {
             py_error("InfraError", message, vec![])
         }
         InfraError::Task(e) => tasks::task_error(e),
-        InfraError::Grpc(crate::grpc::GrpcError::Bind { addr, .. }) => {
+        InfraError::Grpc(crate::grpc::GrpcError::Bind { addr, what, .. }) => {
             let port = addr
                 .rsplit(':')
                 .next()
                 .and_then(|p| p.parse().ok())
                 .unwrap_or(0);
-            port_in_use(message, "orchestrator".into(), port, addr)
+            port_in_use(message, what.into(), port, addr)
         }
     }
 }
@@ -374,6 +374,12 @@ impl Core {
         Ok(self.state.infra()?.orchestrator_addr().to_string())
     }
 
+    /// "host:port" of the env-manager gRPC service.
+    #[getter]
+    fn env_manager_addr(&self) -> PyResult<String> {
+        Ok(self.state.infra()?.env_manager_addr().to_string())
+    }
+
     /// Serves `task_type` with a Python function: a coroutine function is run by the pump on
     /// the event loop that entered the stack (the pump looks it up by task type); a plain one in
     /// a worker thread.
@@ -581,6 +587,13 @@ impl Core {
     }
 }
 
+/// Runs the `dspy-agent` command line with `argv` (program name first) and returns its exit
+/// code; `python` is the interpreter that `start` runs the daemon with.
+#[pyfunction]
+fn cli(py: Python<'_>, argv: Vec<String>, python: std::path::PathBuf) -> i32 {
+    py.detach(|| crate::cli::main(argv, python))
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     // Rust `log` records (and `tracing` events, through its `log` feature) go to Python's
@@ -595,6 +608,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let _ = pyo3_async_runtimes::tokio::init_with_runtime(crate::runtime::get());
     m.add_class::<Core>()?;
     m.add_class::<ServiceInfo>()?;
+    m.add_function(wrap_pyfunction!(cli, m)?)?;
     tasks::register(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())

@@ -107,6 +107,12 @@ pub struct ServiceState {
     pub reused: bool,
     pub message: String,
     pub scheme: String,
+    /// The container's state as last seen on the Engine.
+    pub engine_state: Option<RunState>,
+    /// When the container last started, as the Engine reports it (RFC 3339).
+    pub started_at: Option<String>,
+    /// Restarts by the Engine's restart policy plus those asked of the core.
+    pub restart_count: u32,
 }
 
 impl ServiceState {
@@ -176,6 +182,8 @@ pub struct Supervisor {
     state: Mutex<BTreeMap<String, ServiceState>>,
     events: broadcast::Sender<ServiceEvent>,
     gpu_runtime: tokio::sync::OnceCell<bool>,
+    /// One start, stop or restart at a time: they plan from what the Engine holds.
+    ops: tokio::sync::Mutex<()>,
 }
 
 enum Plan {
@@ -201,6 +209,9 @@ impl Supervisor {
                         reused: false,
                         message: String::new(),
                         scheme: s.scheme.clone(),
+                        engine_state: None,
+                        started_at: None,
+                        restart_count: 0,
                     },
                 )
             })
@@ -214,11 +225,37 @@ impl Supervisor {
             state: Mutex::new(state),
             events,
             gpu_runtime: tokio::sync::OnceCell::new(),
+            ops: tokio::sync::Mutex::new(()),
         }
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<ServiceEvent> {
         self.events.subscribe()
+    }
+
+    /// The configured service names, in start order.
+    pub fn names(&self) -> Vec<String> {
+        self.config
+            .services
+            .iter()
+            .map(|s| s.name.clone())
+            .collect()
+    }
+
+    /// `names` with everything they depend on, checked against the config; all when empty.
+    pub fn closure(&self, names: &[String]) -> Result<BTreeSet<String>, StackError> {
+        if names.is_empty() {
+            return Ok(self.names().into_iter().collect());
+        }
+        let mut chosen = BTreeSet::new();
+        let mut todo: Vec<String> = names.to_vec();
+        while let Some(name) = todo.pop() {
+            let spec = self.spec(&name)?;
+            if chosen.insert(name) {
+                todo.extend(spec.depends_on.keys().cloned());
+            }
+        }
+        Ok(chosen)
     }
 
     fn lock(&self) -> MutexGuard<'_, BTreeMap<String, ServiceState>> {
@@ -293,12 +330,24 @@ impl Supervisor {
     /// Brings the stack up. On failure or cancellation every container this call created is
     /// removed before it returns.
     pub async fn start(self: &Arc<Self>, cancel: CancellationToken) -> Result<(), StackError> {
+        self.start_services(&[], cancel).await
+    }
+
+    /// Brings the named services (all when empty) and their dependencies up; running ones with
+    /// an unchanged config are kept. Other services are left as they are.
+    pub async fn start_services(
+        self: &Arc<Self>,
+        names: &[String],
+        cancel: CancellationToken,
+    ) -> Result<(), StackError> {
+        let selected = self.closure(names)?;
+        let _op = self.ops.lock().await;
         let began = Instant::now();
         let existing = self
             .docker
             .list_by_label(labels::PROJECT, &self.config.project)
             .await?;
-        let (plans, stale) = self.plan(existing);
+        let (plans, stale) = self.plan(existing, &selected, names.is_empty());
         self.check_ports(&plans, &stale)?;
 
         let mut removals = JoinSet::new();
@@ -337,7 +386,12 @@ impl Supervisor {
         let walk = cancel.child_token();
         let mut tasks = JoinSet::new();
         let mut plans = plans;
-        for spec in &self.config.services {
+        for spec in self
+            .config
+            .services
+            .iter()
+            .filter(|s| selected.contains(&s.name))
+        {
             let plan = plans.remove(&spec.name).unwrap_or(Plan::Create);
             let deps: Vec<(String, Condition, watch::Receiver<Readiness>)> = spec
                 .depends_on
@@ -359,6 +413,7 @@ impl Supervisor {
         }
 
         let mut failure: Option<StackError> = None;
+        let mut failed_service: Option<(String, String)> = None;
         while let Some(joined) = tasks.join_next().await {
             let (name, result) = match joined {
                 Ok(r) => r,
@@ -376,6 +431,7 @@ impl Supervisor {
                 let real = !matches!(e, StackError::Cancelled);
                 if real {
                     self.set_phase(&name, Phase::Failed, e.to_string());
+                    failed_service.get_or_insert((name.clone(), e.to_string()));
                 }
                 if failure.is_none() || (real && matches!(failure, Some(StackError::Cancelled))) {
                     failure = Some(e);
@@ -388,7 +444,7 @@ impl Supervisor {
             None => {
                 tracing::info!(
                     project = %self.config.project,
-                    services = self.config.services.len(),
+                    services = selected.len(),
                     elapsed_ms = began.elapsed().as_millis() as u64,
                     "stack is up"
                 );
@@ -398,10 +454,10 @@ impl Supervisor {
                 let created: Vec<String> = self
                     .snapshot()
                     .into_iter()
-                    .filter(|s| !s.reused && s.container_id.is_some())
+                    .filter(|s| selected.contains(&s.name) && !s.reused && s.container_id.is_some())
                     .map(|s| s.name)
                     .collect();
-                self.stop_services(&created, Some(Duration::from_secs(2)))
+                self.stop_locked(&created, Some(Duration::from_secs(2)))
                     .await;
                 // A create cut short by cancellation may have left a container whose id never
                 // reached us: sweep by this session's label.
@@ -416,6 +472,10 @@ impl Supervisor {
                 }
                 // Fails harmlessly while reused containers still use it.
                 self.docker.remove_network(&self.network).await;
+                // The rollback stopped it too; its state should still say why it failed.
+                if let Some((name, message)) = failed_service {
+                    self.set_phase(&name, Phase::Failed, message);
+                }
                 Err(if cancel.is_cancelled() {
                     StackError::Cancelled
                 } else {
@@ -425,9 +485,15 @@ impl Supervisor {
         }
     }
 
-    /// Decides, per service, whether to reuse a running container or create one; returns the
-    /// containers to remove (changed config, not running, or no longer in the config).
-    fn plan(&self, existing: Vec<ContainerInfo>) -> (BTreeMap<String, Plan>, Vec<ContainerInfo>) {
+    /// Decides, per selected service, whether to reuse a running container or create one;
+    /// returns the containers to remove (changed config, not running, or, when `full`, no
+    /// longer in the config).
+    fn plan(
+        &self,
+        existing: Vec<ContainerInfo>,
+        selected: &BTreeSet<String>,
+        full: bool,
+    ) -> (BTreeMap<String, Plan>, Vec<ContainerInfo>) {
         let mut by_service: BTreeMap<String, Vec<ContainerInfo>> = BTreeMap::new();
         for c in existing {
             let service = c.labels.get(labels::SERVICE).cloned().unwrap_or_default();
@@ -438,6 +504,9 @@ impl Supervisor {
         let mut recreated: BTreeSet<String> = BTreeSet::new();
         for spec in &self.config.services {
             let mut found = by_service.remove(&spec.name).unwrap_or_default();
+            if !selected.contains(&spec.name) {
+                continue;
+            }
             let hash = config_hash(spec);
             let reusable = found.iter().position(|c| {
                 c.state == RunState::Running && c.labels.get(labels::CONFIG_HASH) == Some(&hash)
@@ -458,13 +527,18 @@ impl Supervisor {
             }
             stale.extend(found);
         }
-        for (service, containers) in by_service {
-            tracing::info!(service = %service, "no longer in the config: removing");
-            stale.extend(containers);
+        if full {
+            for (service, containers) in by_service {
+                tracing::info!(service = %service, "no longer in the config: removing");
+                stale.extend(containers);
+            }
         }
         // Dependents of a recreated service are recreated too (they may hold connections to it).
         for name in recreated.clone() {
             for dependent in graph::dependents_of(&self.config.services, &name) {
+                if !selected.contains(&dependent) {
+                    continue;
+                }
                 if let Some(Plan::Reuse(c)) = plans.insert(dependent, Plan::Create) {
                     stale.push(c);
                 }
@@ -644,6 +718,9 @@ impl Supervisor {
         if let Some(s) = self.lock().get_mut(name) {
             s.container_id = Some(c.id.clone());
             s.reused = reused;
+            s.engine_state = Some(c.state);
+            s.started_at = c.started_at.clone();
+            s.restart_count = s.restart_count.max(c.restart_count.max(0) as u32);
             s.ports = c
                 .ports
                 .iter()
@@ -798,6 +875,11 @@ impl Supervisor {
     /// Stops and removes the named services (all when empty), each after its dependents, in
     /// parallel where the graph allows. `timeout` overrides each service's stop timeout.
     pub async fn stop_services(self: &Arc<Self>, names: &[String], timeout: Option<Duration>) {
+        let _op = self.ops.lock().await;
+        self.stop_locked(names, timeout).await;
+    }
+
+    async fn stop_locked(self: &Arc<Self>, names: &[String], timeout: Option<Duration>) {
         let chosen: BTreeSet<String> = if names.is_empty() {
             self.config
                 .services
@@ -848,6 +930,8 @@ impl Supervisor {
                     if let Some(s) = this.lock().get_mut(&name) {
                         s.container_id = None;
                         s.ports.clear();
+                        s.engine_state = None;
+                        s.started_at = None;
                     }
                 }
                 let _ = tx.send(true);
@@ -862,6 +946,7 @@ impl Supervisor {
     /// Restarts one service's container and waits until it is healthy again.
     pub async fn restart(self: &Arc<Self>, name: &str) -> Result<(), StackError> {
         let spec = self.spec(name)?.clone();
+        let _op = self.ops.lock().await;
         let id = self
             .lock()
             .get(name)
@@ -884,6 +969,9 @@ impl Supervisor {
             .await
             .map_err(|e| self.start_error(name, e.to_string(), String::new()))?;
         self.record_container(name, &info, false);
+        if let Some(s) = self.lock().get_mut(name) {
+            s.restart_count += 1;
+        }
         let result = self
             .wait_healthy(&spec, &id, &CancellationToken::new())
             .await;
@@ -904,6 +992,10 @@ impl Supervisor {
         for (name, id) in ids {
             match self.docker.inspect(&id).await {
                 Ok(info) => {
+                    if let Some(s) = self.lock().get_mut(&name) {
+                        s.engine_state = Some(info.state);
+                        s.started_at = info.started_at.clone();
+                    }
                     let lost = matches!(info.state, RunState::Exited | RunState::Dead);
                     let phase = self.lock().get(&name).map(|s| s.phase);
                     if lost && phase != Some(Phase::Completed) {
@@ -919,6 +1011,7 @@ impl Supervisor {
                     self.set_phase(&name, Phase::Failed, "container is gone");
                     if let Some(s) = self.lock().get_mut(&name) {
                         s.container_id = None;
+                        s.engine_state = None;
                     }
                 }
                 Err(e) => return Err(e.into()),

@@ -3,14 +3,32 @@ on the local test images."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
+import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 BUSYBOX = "dspy-agent-test/busybox:latest"
 REDIS = "dspy-agent-test/redis:latest"
+
+# The standard health service's definition (grpc/health/v1/health.proto), for a generated
+# client of it.
+HEALTH_PROTO = """
+syntax = "proto3";
+package grpc.health.v1;
+message HealthCheckRequest { string service = 1; }
+message HealthCheckResponse {
+  enum ServingStatus { UNKNOWN = 0; SERVING = 1; NOT_SERVING = 2; SERVICE_UNKNOWN = 3; }
+  ServingStatus status = 1;
+}
+service Health {
+  rpc Check(HealthCheckRequest) returns (HealthCheckResponse);
+}
+"""
 
 
 def docker(*args: str) -> str:
@@ -54,3 +72,32 @@ def redis_service(**extra: Any) -> dict[str, Any]:
     }
     spec.update(extra)
     return spec
+
+
+def generate_stubs(out: Path, protos: dict[str, str]) -> dict[str, ModuleType]:
+    """Generates grpcio stubs with grpcio-tools for each ``name -> proto text`` and imports
+    them: ``NAME_pb2`` and ``NAME_pb2_grpc``. The name must be a Python identifier (protoc
+    names the modules after the file)."""
+    from grpc_tools import protoc
+
+    for name, text in protos.items():
+        (out / f"{name}.proto").write_text(text)
+        code = protoc.main(
+            [
+                "protoc",
+                f"-I{out}",
+                f"--python_out={out}",
+                f"--grpc_python_out={out}",
+                f"{name}.proto",
+            ]
+        )
+        assert code == 0, f"protoc failed on {name}.proto"
+    sys.path.insert(0, str(out))
+    try:
+        return {
+            module: importlib.import_module(module)
+            for name in protos
+            for module in (f"{name}_pb2", f"{name}_pb2_grpc")
+        }
+    finally:
+        sys.path.remove(str(out))

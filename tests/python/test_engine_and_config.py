@@ -35,7 +35,10 @@ async def test_unreachable_engine_is_a_clear_error(project: str, host: str) -> N
 async def test_no_services_needs_no_engine() -> None:
     async with AgentInfra.start(services=[], docker_host="unix:///nonexistent.sock") as infra:
         assert infra.services == {}
-        assert infra.env == {"ORCHESTRATOR_GRPC_ADDR": infra.orchestrator_addr}
+        assert infra.env == {
+            "ORCHESTRATOR_GRPC_ADDR": infra.orchestrator_addr,
+            "ENV_MANAGER_GRPC_ADDR": infra.env_manager_addr,
+        }
         assert await infra.status() == {}
 
 

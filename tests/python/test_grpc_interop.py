@@ -4,35 +4,15 @@ client nobody here wrote."""
 from __future__ import annotations
 
 import asyncio
-import importlib
-import shutil
-import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from types import ModuleType
 from typing import Any
 
 import pytest
-from grpc_tools import protoc
 
 import grpc
 from dspy_agent_infra import AgentInfra, Task
-from helpers import ROOT
-
-# The standard health service's definition (grpc/health/v1/health.proto), for a generated
-# client of it.
-HEALTH_PROTO = """
-syntax = "proto3";
-package grpc.health.v1;
-message HealthCheckRequest { string service = 1; }
-message HealthCheckResponse {
-  enum ServingStatus { UNKNOWN = 0; SERVING = 1; NOT_SERVING = 2; SERVICE_UNKNOWN = 3; }
-  ServingStatus status = 1;
-}
-service Health {
-  rpc Check(HealthCheckRequest) returns (HealthCheckResponse);
-}
-"""
-
+from helpers import HEALTH_PROTO, ROOT, generate_stubs
 
 # The part of grpc/reflection/v1/reflection.proto a `list` and a `describe` need (same field
 # numbers), for a generated reflection client: what grpcurl does without the proto file.
@@ -64,32 +44,15 @@ message ServiceResponse { string name = 1; }
 
 
 @pytest.fixture(scope="module")
-def pb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, ModuleType]]:
-    out = tmp_path_factory.mktemp("stubs")
-    # protoc names Python modules after the file; a dot in the name would not import.
-    shutil.copy(ROOT / "proto" / "orchestrator.v1.proto", out / "orchestrator_v1.proto")
-    (out / "health.proto").write_text(HEALTH_PROTO)
-    (out / "reflection.proto").write_text(REFLECTION_PROTO)
-    for name in ("orchestrator_v1.proto", "health.proto", "reflection.proto"):
-        code = protoc.main(
-            ["protoc", f"-I{out}", f"--python_out={out}", f"--grpc_python_out={out}", name]
-        )
-        assert code == 0, f"protoc failed on {name}"
-    sys.path.insert(0, str(out))
-    try:
-        yield {
-            name: importlib.import_module(name)
-            for name in (
-                "orchestrator_v1_pb2",
-                "orchestrator_v1_pb2_grpc",
-                "health_pb2",
-                "health_pb2_grpc",
-                "reflection_pb2",
-                "reflection_pb2_grpc",
-            )
-        }
-    finally:
-        sys.path.remove(str(out))
+def pb(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ModuleType]:
+    return generate_stubs(
+        tmp_path_factory.mktemp("stubs"),
+        {
+            "orchestrator_v1": (ROOT / "proto" / "orchestrator.v1.proto").read_text(),
+            "health": HEALTH_PROTO,
+            "reflection": REFLECTION_PROTO,
+        },
+    )
 
 
 @pytest.fixture

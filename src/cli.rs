@@ -1,0 +1,1365 @@
+//! The `dspy-agent` command line. It runs in the Python wheel's entry point (`dspy-agent` or
+//! `python -m dspy_agent_infra`) and talks to the project's daemon over its two gRPC ports.
+//!
+//! Exit codes: 0 success, 1 failure, 2 bad usage or configuration, 3 the daemon is not running.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{BufRead, Read, Write};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use clap::{Args, Parser, Subcommand};
+use futures_util::StreamExt;
+use tonic::transport::Channel;
+
+use crate::config::{Config, ConfigError, LoadOptions, CONFIG_FILE_NAME};
+use crate::daemon::{self, DaemonInfo, Found};
+use crate::docker::{labels, Docker};
+use crate::grpc::env_manager::{rfc3339_ms, OWN_LOG_SERVICE};
+use crate::grpc::{env_pb, pb, MAX_MESSAGE_BYTES};
+use crate::services::spec::parse_duration;
+use crate::tasks::store::now_ms;
+
+pub const EXIT_OK: i32 = 0;
+pub const EXIT_FAILURE: i32 = 1;
+pub const EXIT_USAGE: i32 = 2;
+pub const EXIT_NOT_RUNNING: i32 = 3;
+
+#[derive(Parser)]
+#[command(
+    name = "dspy-agent",
+    version,
+    about = "Runs a DSPy agent's service stack, task queue and gRPC ports in the background"
+)]
+struct Cli {
+    /// Config file (default: $DSPY_AGENT_CONFIG, then ./dspy-agent.toml)
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Project name (default: $DSPY_AGENT_PROJECT, then the config, then "dspy-agent")
+    #[arg(long, global = true)]
+    project: Option<String>,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Start the daemon and the stack in the background; returns once every service is healthy
+    Start {
+        /// Services to run (their dependencies come along), comma-separated
+        #[arg(long, value_delimiter = ',')]
+        services: Option<Vec<String>>,
+    },
+    /// Stop every service, dependents first, and the daemon
+    Stop {
+        /// Seconds each service gets to exit before it is killed
+        #[arg(long, value_name = "S")]
+        timeout: Option<u32>,
+    },
+    /// Show each service's state, health, ports, container and uptime
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show service output (all services, or one; "env-manager" is the daemon's own log)
+    Logs {
+        #[arg(long, short = 's')]
+        service: Option<String>,
+        /// Keep following new output
+        #[arg(long, short = 'f')]
+        follow: bool,
+        /// Lines from the end of each log (default: all)
+        #[arg(long, short = 'n', value_name = "N")]
+        tail: Option<u32>,
+        /// Only output newer than this: a duration ("10m", "30s") or a time (RFC 3339 or Unix seconds)
+        #[arg(long, value_name = "T")]
+        since: Option<String>,
+    },
+    /// Restart one service and wait until it is healthy again
+    Restart { service: String },
+    /// Create, show or check the configuration
+    #[command(subcommand)]
+    Config(ConfigCmd),
+    /// Submit, inspect and follow tasks on the orchestrator
+    #[command(subcommand)]
+    Tasks(TasksCmd),
+    /// Print the version
+    Version,
+    /// Run the daemon in this process (what `start` launches)
+    #[command(hide = true)]
+    Daemon {
+        #[arg(long, value_delimiter = ',')]
+        services: Option<Vec<String>>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCmd {
+    /// Write a commented dspy-agent.toml
+    Init {
+        /// Replace an existing file
+        #[arg(long)]
+        force: bool,
+    },
+    /// Print the configuration in effect, every layer merged
+    Show,
+    /// Check the configuration and report every problem
+    Validate,
+    /// Print which config file is in use
+    Path,
+}
+
+#[derive(Subcommand)]
+enum TasksCmd {
+    /// Queue a task and print its id
+    Submit(SubmitArgs),
+    /// Print a task's state, result and error
+    Status {
+        task_id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List tasks, oldest first
+    List {
+        /// pending, running, completed, failed or cancelled
+        #[arg(long)]
+        state: Option<String>,
+        #[arg(long = "type", value_name = "TYPE")]
+        task_type: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print every state change of the given tasks (all tasks when none are given)
+    Watch { task_ids: Vec<String> },
+    /// Cancel a pending or running task
+    Cancel { task_id: String },
+}
+
+#[derive(Args)]
+struct SubmitArgs {
+    task_type: String,
+    /// The payload (JSON or any text); "-" reads it from stdin
+    payload: Option<String>,
+    /// Task id (default: a new unique one)
+    #[arg(long)]
+    id: Option<String>,
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+    priority: i32,
+    /// Seconds before an attempt is cancelled
+    #[arg(long)]
+    timeout: Option<f64>,
+    #[arg(long, default_value_t = 0)]
+    retries: u32,
+    /// KEY=VALUE, repeatable
+    #[arg(long = "meta", value_name = "KEY=VALUE")]
+    metadata: Vec<String>,
+    /// Wait for the task to finish and print its result
+    #[arg(long)]
+    wait: bool,
+}
+
+/// A failure to report: the message and the exit code.
+struct Failure(i32, String);
+
+impl From<ConfigError> for Failure {
+    fn from(e: ConfigError) -> Self {
+        Failure(EXIT_USAGE, format!("error: {e}"))
+    }
+}
+
+fn fail(message: impl Into<String>) -> Failure {
+    Failure(EXIT_FAILURE, message.into())
+}
+
+/// Runs the command line; `python` is the interpreter that runs the daemon.
+pub fn main(args: Vec<String>, python: PathBuf) -> i32 {
+    let cli = match Cli::try_parse_from(args) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return match e.kind() {
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
+                    EXIT_OK
+                }
+                _ => EXIT_USAGE,
+            };
+        }
+    };
+    let mut options = LoadOptions::from_process();
+    options.config_file = cli.config.clone();
+    options.project = cli.project.clone();
+    if let Cmd::Daemon { services } = cli.command {
+        options.services = services;
+        return daemon::run(options);
+    }
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_max_level(tracing::Level::WARN)
+        .with_target(false)
+        .try_init();
+    let runtime = crate::runtime::get();
+    match runtime.block_on(run(cli, options, python)) {
+        Ok(code) => code,
+        Err(Failure(code, message)) => {
+            eprintln!("{}", message.trim_end());
+            code
+        }
+    }
+}
+
+async fn run(cli: Cli, mut options: LoadOptions, python: PathBuf) -> Result<i32, Failure> {
+    match cli.command {
+        Cmd::Start { services } => {
+            options.services = services;
+            start(options, python).await
+        }
+        Cmd::Stop { timeout } => stop(options, timeout).await,
+        Cmd::Status { json } => status(options, json).await,
+        Cmd::Logs {
+            service,
+            follow,
+            tail,
+            since,
+        } => logs(options, service, follow, tail.unwrap_or(0), since).await,
+        Cmd::Restart { service } => restart(options, service).await,
+        Cmd::Config(c) => config(options, c),
+        Cmd::Tasks(t) => tasks(options, t).await,
+        Cmd::Version => {
+            println!("dspy-agent {}", env!("CARGO_PKG_VERSION"));
+            Ok(EXIT_OK)
+        }
+        Cmd::Daemon { .. } => unreachable!("handled before the runtime starts"),
+    }
+}
+
+/// The running daemon, or the exit a command takes when there is none.
+fn running(config: &Config) -> Result<DaemonInfo, Failure> {
+    let not_running = |extra: &str| {
+        Failure(
+            EXIT_NOT_RUNNING,
+            format!(
+                "dspy-agent is not running for project {:?}{extra}; start it with `dspy-agent start`",
+                config.project
+            ),
+        )
+    };
+    match daemon::find(&config.state_dir) {
+        Ok(Found::Running(Some(info))) => Ok(info),
+        Ok(Found::Running(None)) => Err(fail(format!(
+            "the daemon of project {:?} is still starting; try again in a moment",
+            config.project
+        ))),
+        Ok(Found::None) => Err(not_running("")),
+        Ok(Found::Stale(info)) => Err(not_running(&format!(
+            " (its daemon{} died without cleaning up; `dspy-agent stop` removes what it left)",
+            info.map(|i| format!(", pid {},", i.pid))
+                .unwrap_or_default()
+        ))),
+        Err(e) => Err(fail(format!(
+            "cannot read {}: {e}",
+            daemon::pid_path(&config.state_dir).display()
+        ))),
+    }
+}
+
+fn dial(addr: &str) -> String {
+    // A daemon listening on every interface is reached on loopback.
+    let addr = addr
+        .replace("0.0.0.0:", "127.0.0.1:")
+        .replace("[::]:", "[::1]:");
+    format!("http://{addr}")
+}
+
+async fn channel(addr: &str) -> Result<Channel, Failure> {
+    Channel::from_shared(dial(addr))
+        .map_err(|e| fail(format!("bad address {addr:?}: {e}")))?
+        .connect_timeout(Duration::from_secs(2))
+        .connect()
+        .await
+        .map_err(|e| {
+            fail(format!(
+                "cannot reach the daemon at {addr}: {e}. `dspy-agent logs --service env-manager` shows its log"
+            ))
+        })
+}
+
+async fn env_client(
+    info: &DaemonInfo,
+) -> Result<env_pb::env_manager_service_client::EnvManagerServiceClient<Channel>, Failure> {
+    Ok(
+        env_pb::env_manager_service_client::EnvManagerServiceClient::new(
+            channel(&info.env_manager_addr).await?,
+        ),
+    )
+}
+
+async fn orchestrator_client(
+    config: &Config,
+) -> Result<pb::orchestrator_service_client::OrchestratorServiceClient<Channel>, Failure> {
+    // Without a daemon, the configured address may still hold an orchestrator (an agent's own).
+    let addr = match daemon::find(&config.state_dir) {
+        Ok(Found::Running(Some(info))) => info.orchestrator_addr,
+        _ => config.orchestrator_addr.clone(),
+    };
+    let channel = Channel::from_shared(dial(&addr))
+        .map_err(|e| fail(format!("bad address {addr:?}: {e}")))?
+        .connect_timeout(Duration::from_secs(2))
+        .connect()
+        .await
+        .map_err(|e| {
+            Failure(
+                EXIT_NOT_RUNNING,
+                format!("no orchestrator at {addr} ({e}); start one with `dspy-agent start`"),
+            )
+        })?;
+    Ok(
+        pb::orchestrator_service_client::OrchestratorServiceClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+    )
+}
+
+fn rpc_failure(what: &str, s: tonic::Status) -> Failure {
+    let code = match s.code() {
+        tonic::Code::NotFound | tonic::Code::InvalidArgument => EXIT_USAGE,
+        _ => EXIT_FAILURE,
+    };
+    Failure(code, format!("error: {what}: {}", s.message()))
+}
+
+fn phase_name(p: i32) -> &'static str {
+    env_pb::ServicePhase::try_from(p)
+        .map(|p| match p {
+            env_pb::ServicePhase::Unspecified => "unknown",
+            env_pb::ServicePhase::Pending => "pending",
+            env_pb::ServicePhase::Pulling => "pulling",
+            env_pb::ServicePhase::Creating => "creating",
+            env_pb::ServicePhase::Waiting => "waiting",
+            env_pb::ServicePhase::Starting => "starting",
+            env_pb::ServicePhase::Healthy => "healthy",
+            env_pb::ServicePhase::Completed => "completed",
+            env_pb::ServicePhase::Failed => "failed",
+            env_pb::ServicePhase::Stopping => "stopping",
+            env_pb::ServicePhase::Stopped => "stopped",
+        })
+        .unwrap_or("unknown")
+}
+
+async fn start(options: LoadOptions, python: PathBuf) -> Result<i32, Failure> {
+    let config = Config::load(options.clone())?;
+    let began = Instant::now();
+    match daemon::find(&config.state_dir) {
+        Ok(Found::Running(info)) => {
+            println!(
+                "dspy-agent is already running for project {:?}{}; nothing changed",
+                config.project,
+                info.as_ref()
+                    .map(|i| format!(" (pid {})", i.pid))
+                    .unwrap_or_default()
+            );
+            return follow_start(&config, began, false).await;
+        }
+        Ok(Found::Stale(info)) => clean_stale(&config, info).await,
+        Ok(Found::None) => {}
+        Err(e) => return Err(fail(format!("cannot read the pid file: {e}"))),
+    }
+
+    let mut command = Command::new(&python);
+    command
+        .args(["-m", "dspy_agent_infra", "daemon"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if let Some(c) = &options.config_file {
+        command.arg("--config").arg(options.cwd.join(c));
+    }
+    if let Some(p) = &options.project {
+        command.arg("--project").arg(p);
+    }
+    if let Some(s) = &options.services {
+        command.arg("--services").arg(s.join(","));
+    }
+    let mut child = command.spawn().map_err(|e| {
+        fail(format!(
+            "cannot run the daemon with {}: {e}",
+            python.display()
+        ))
+    })?;
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let mut stderr = child.stderr.take().expect("stderr is piped");
+    let ready = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        std::io::BufReader::new(stdout)
+            .read_line(&mut line)
+            .map(|_| line)
+    })
+    .await
+    .map_err(|e| fail(e.to_string()))?
+    .unwrap_or_default();
+    if ready.trim().is_empty() {
+        let mut errors = String::new();
+        let _ = stderr.read_to_string(&mut errors);
+        let code = tokio::task::spawn_blocking(move || child.wait())
+            .await
+            .ok()
+            .and_then(|r| r.ok())
+            .and_then(|s| s.code());
+        if code == Some(daemon::EXIT_ALREADY_RUNNING) {
+            println!(
+                "another `dspy-agent start` is starting project {:?}; following it",
+                config.project
+            );
+            return follow_start(&config, began, false).await;
+        }
+        return Err(Failure(
+            if code == Some(EXIT_USAGE) {
+                EXIT_USAGE
+            } else {
+                EXIT_FAILURE
+            },
+            format!("the daemon did not start:\n{}", errors.trim_end()),
+        ));
+    }
+    let info: DaemonInfo = serde_json::from_str(&ready).map_err(|e| {
+        fail(format!(
+            "the daemon announced itself unreadably ({e}): {ready}"
+        ))
+    })?;
+    // The daemon runs on alone; nobody waits for it.
+    std::thread::spawn(move || child.wait());
+    println!(
+        "daemon started (pid {}); orchestrator on {}, env-manager on {}",
+        info.pid, info.orchestrator_addr, info.env_manager_addr
+    );
+    follow_start(&config, began, true).await
+}
+
+/// Removes what a dead daemon left: its pid file and its containers.
+async fn clean_stale(config: &Config, info: Option<DaemonInfo>) {
+    let pid = info.as_ref().map(|i| i.pid);
+    println!(
+        "found a stale pid file{} (the daemon died without cleaning up); removing what it left",
+        pid.map(|p| format!(" of pid {p}")).unwrap_or_default()
+    );
+    // The lock is gone, so the daemon is (a zombie at most is left of it).
+    if let Some(pid) = pid {
+        sweep(config, Some(pid)).await;
+    }
+    let _ = daemon::remove_stale(&config.state_dir);
+}
+
+/// Removes the project's containers (only those owned by `owner` when given).
+async fn sweep(config: &Config, owner: Option<u32>) -> usize {
+    let Ok(docker) = Docker::connect(
+        config.docker_host.as_deref(),
+        crate::infra::DOCKER_CONNECT_TIMEOUT,
+    )
+    .await
+    else {
+        return 0;
+    };
+    let Ok(found) = docker.list_by_label(labels::PROJECT, &config.project).await else {
+        return 0;
+    };
+    let mut removed = 0;
+    for c in found {
+        let owned =
+            owner.is_none_or(|pid| c.labels.get(labels::OWNER_PID) == Some(&pid.to_string()));
+        let keep = c.labels.get(labels::KEEP).is_some_and(|v| v == "true");
+        if owned && !keep && docker.remove(&c.id, Duration::ZERO).await.is_ok() {
+            removed += 1;
+        }
+    }
+    docker
+        .remove_network(&format!("{}_default", config.project))
+        .await;
+    removed
+}
+
+/// Follows the stack's health until every service is healthy (0) or one failed (1). When this
+/// command started the daemon (`owned`), a failure also stops it, so nothing is left behind.
+async fn follow_start(config: &Config, began: Instant, owned: bool) -> Result<i32, Failure> {
+    let info = wait_ready(config).await?;
+    let mut client = env_client(&info).await?;
+    let mut stream = client
+        .stream_health(env_pb::StreamHealthRequest::default())
+        .await
+        .map_err(|s| rpc_failure("cannot follow the start", s))?
+        .into_inner();
+    let mut phases: BTreeMap<String, i32> = BTreeMap::new();
+    let mut initial = true;
+    let failed = loop {
+        // The first updates are the current state of every service, sent at once.
+        let next = if initial {
+            match tokio::time::timeout(Duration::from_millis(50), stream.next()).await {
+                Ok(n) => n,
+                Err(_) => {
+                    initial = false;
+                    if settled(&phases).is_some() {
+                        break settled(&phases).flatten();
+                    }
+                    continue;
+                }
+            }
+        } else {
+            stream.next().await
+        };
+        let update = match next {
+            Some(Ok(u)) => u,
+            Some(Err(s)) => return Err(rpc_failure("lost the daemon while starting", s)),
+            None => return Err(fail("the daemon went away while starting; `dspy-agent logs --service env-manager` shows why")),
+        };
+        let t = began.elapsed().as_secs_f64();
+        println!(
+            "[{t:6.2}s] {:<14} {:<9} {}",
+            update.service,
+            phase_name(update.phase),
+            first_line(&update.message)
+        );
+        phases.insert(update.service.clone(), update.phase);
+        if update.phase == env_pb::ServicePhase::Failed as i32 {
+            break Some((update.service, update.message));
+        }
+        if !initial {
+            if let Some(done) = settled(&phases) {
+                break done;
+            }
+        }
+    };
+    match failed {
+        None => {
+            println!(
+                "all {} services healthy in {:.2}s; `dspy-agent status` shows them",
+                phases.len(),
+                began.elapsed().as_secs_f64()
+            );
+            Ok(EXIT_OK)
+        }
+        Some((service, message)) => {
+            drop(stream);
+            eprintln!("error: {}", failure_text(&service, &message));
+            if owned {
+                eprintln!("stopping the daemon, so nothing is left behind");
+                stop_daemon(config, &info, None).await;
+            }
+            Ok(EXIT_FAILURE)
+        }
+    }
+}
+
+fn failure_text(service: &str, message: &str) -> String {
+    if message.contains(service) {
+        message.to_string()
+    } else {
+        format!("service {service:?} failed: {message}")
+    }
+}
+
+/// `Some(None)` when every service is healthy, `Some(Some(..))` for the first failed one,
+/// `None` while any is still on its way.
+fn settled(phases: &BTreeMap<String, i32>) -> Option<Option<(String, String)>> {
+    let healthy = |p: &i32| {
+        *p == env_pb::ServicePhase::Healthy as i32 || *p == env_pb::ServicePhase::Completed as i32
+    };
+    if let Some((name, _)) = phases
+        .iter()
+        .find(|(_, p)| **p == env_pb::ServicePhase::Failed as i32)
+    {
+        return Some(Some((name.clone(), "see `dspy-agent status`".into())));
+    }
+    phases.values().all(healthy).then_some(None)
+}
+
+fn first_line(text: &str) -> &str {
+    text.lines().next().unwrap_or("")
+}
+
+/// The daemon's info once it has announced itself (it may still be opening its ports).
+async fn wait_ready(config: &Config) -> Result<DaemonInfo, Failure> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match running(config) {
+            Ok(info) => return Ok(info),
+            Err(Failure(EXIT_FAILURE, _)) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            Err(f) => return Err(f),
+        }
+    }
+}
+
+/// Stops the stack over gRPC, then the daemon by signal; kills it and removes the project's
+/// containers if it does not go. Returns the services that were stopped.
+async fn stop_daemon(config: &Config, info: &DaemonInfo, timeout: Option<u32>) -> Vec<String> {
+    let mut stopped = Vec::new();
+    if let Ok(mut client) = env_client(info).await {
+        let request = env_pb::StopServicesRequest {
+            services: Vec::new(),
+            timeout_seconds: timeout.unwrap_or(0),
+        };
+        if let Ok(r) = client.stop_services(request).await {
+            stopped = r.into_inner().stopped;
+        }
+    }
+    daemon::signal(info.pid, libc::SIGTERM);
+    let grace = Duration::from_secs(u64::from(timeout.unwrap_or(10)) + 20);
+    if !daemon::wait_gone(&config.state_dir, grace).await {
+        eprintln!(
+            "the daemon (pid {}) did not exit within {grace:?}; killing it",
+            info.pid
+        );
+        daemon::signal(info.pid, libc::SIGKILL);
+        daemon::wait_gone(&config.state_dir, Duration::from_secs(5)).await;
+        sweep(config, None).await;
+        let _ = daemon::remove_stale(&config.state_dir);
+    }
+    stopped
+}
+
+async fn stop(options: LoadOptions, timeout: Option<u32>) -> Result<i32, Failure> {
+    let config = Config::load(options)?;
+    let began = Instant::now();
+    match daemon::find(&config.state_dir) {
+        Ok(Found::Running(Some(info))) => {
+            let stopped = stop_daemon(&config, &info, timeout).await;
+            for s in &stopped {
+                println!("stopped {s}");
+            }
+            println!(
+                "dspy-agent stopped (project {:?}) in {:.2}s",
+                config.project,
+                began.elapsed().as_secs_f64()
+            );
+            Ok(EXIT_OK)
+        }
+        Ok(Found::Running(None)) => {
+            // Still opening its ports: wait for it, then stop it properly.
+            let info = wait_ready(&config).await?;
+            stop_daemon(&config, &info, timeout).await;
+            println!("dspy-agent stopped (project {:?})", config.project);
+            Ok(EXIT_OK)
+        }
+        Ok(Found::Stale(info)) => {
+            clean_stale(&config, info).await;
+            println!(
+                "dspy-agent was not running for project {:?}; its leftovers are removed",
+                config.project
+            );
+            Ok(EXIT_OK)
+        }
+        Ok(Found::None) => Err(Failure(
+            EXIT_NOT_RUNNING,
+            format!(
+                "dspy-agent is not running for project {:?}; nothing to stop",
+                config.project
+            ),
+        )),
+        Err(e) => Err(fail(format!("cannot read the pid file: {e}"))),
+    }
+}
+
+fn uptime(started_at_ms: i64) -> Option<f64> {
+    (started_at_ms > 0).then(|| (now_ms() - started_at_ms).max(0) as f64 / 1000.0)
+}
+
+fn human_duration(seconds: f64) -> String {
+    let s = seconds as u64;
+    match s {
+        0..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m{}s", s / 60, s % 60),
+        3600..=86_399 => format!("{}h{}m", s / 3600, (s % 3600) / 60),
+        _ => format!("{}d{}h", s / 86_400, (s % 86_400) / 3600),
+    }
+}
+
+async fn status(options: LoadOptions, json: bool) -> Result<i32, Failure> {
+    let config = Config::load(options)?;
+    let info = match running(&config) {
+        Ok(i) => i,
+        Err(Failure(EXIT_NOT_RUNNING, message)) if json => {
+            println!(
+                "{}",
+                serde_json::json!({"project": config.project, "running": false, "message": message})
+            );
+            return Ok(EXIT_NOT_RUNNING);
+        }
+        Err(f) => return Err(f),
+    };
+    let mut client = env_client(&info).await?;
+    let r = client
+        .get_services_status(env_pb::GetServicesStatusRequest {
+            include_stats: false,
+        })
+        .await
+        .map_err(|s| rpc_failure("status", s))?
+        .into_inner();
+    let all_healthy = r.engine_reachable && r.services.iter().all(|s| s.healthy);
+    if json {
+        let services: Vec<serde_json::Value> = r
+            .services
+            .iter()
+            .map(|s| {
+                serde_json::json!({
+                    "name": s.name,
+                    "image": s.image,
+                    "phase": phase_name(s.phase),
+                    "state": s.state,
+                    "healthy": s.healthy,
+                    "container_id": s.container_id,
+                    "ports": s.ports.iter().map(|p| serde_json::json!({
+                        "container_port": p.container_port,
+                        "host_ip": p.host_ip,
+                        "host_port": p.host_port,
+                    })).collect::<Vec<_>>(),
+                    "url": s.url,
+                    "uptime_seconds": uptime(s.started_at_ms),
+                    "restart_count": s.restart_count,
+                    "message": s.message,
+                })
+            })
+            .collect();
+        let out = serde_json::json!({
+            "project": r.project,
+            "running": true,
+            "healthy": all_healthy,
+            "engine_reachable": r.engine_reachable,
+            "engine_error": r.engine_error,
+            "daemon": {
+                "pid": info.pid,
+                "version": info.version,
+                "orchestrator_addr": info.orchestrator_addr,
+                "env_manager_addr": info.env_manager_addr,
+                "uptime_seconds": uptime(info.started_at_ms),
+            },
+            "services": services,
+        });
+        println!("{out:#}");
+    } else {
+        println!(
+            "project {:?}: daemon pid {}, up {}; orchestrator {}, env-manager {}",
+            r.project,
+            info.pid,
+            uptime(info.started_at_ms)
+                .map(human_duration)
+                .unwrap_or_default(),
+            info.orchestrator_addr,
+            info.env_manager_addr
+        );
+        if !r.engine_reachable {
+            println!("warning: {}", r.engine_error);
+        }
+        let rows: Vec<[String; 6]> = r
+            .services
+            .iter()
+            .map(|s| {
+                [
+                    s.name.clone(),
+                    if s.state.is_empty() {
+                        phase_name(s.phase).to_string()
+                    } else {
+                        s.state.clone()
+                    },
+                    if s.healthy {
+                        "healthy".to_string()
+                    } else {
+                        phase_name(s.phase).to_string()
+                    },
+                    s.ports
+                        .iter()
+                        .map(|p| format!("{}:{}->{}", p.host_ip, p.host_port, p.container_port))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    s.container_id.chars().take(12).collect(),
+                    uptime(s.started_at_ms)
+                        .map(human_duration)
+                        .unwrap_or_else(|| "-".into()),
+                ]
+            })
+            .collect();
+        print_table(
+            ["SERVICE", "STATE", "HEALTH", "PORTS", "CONTAINER", "UPTIME"],
+            &rows,
+        );
+        for s in r
+            .services
+            .iter()
+            .filter(|s| !s.healthy && !s.message.is_empty())
+        {
+            println!("{}: {}", s.name, s.message.trim_end());
+        }
+    }
+    Ok(if all_healthy { EXIT_OK } else { EXIT_FAILURE })
+}
+
+fn print_table<const N: usize>(header: [&str; N], rows: &[[String; N]]) {
+    let mut widths = header.map(str::len);
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let text: Vec<String> = cells
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        println!("{}", text.join("  ").trim_end());
+    };
+    line(header.to_vec());
+    for row in rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+}
+
+/// `--since`: a duration back from now, an RFC 3339 time, or Unix seconds.
+fn parse_since(text: &str) -> Result<i64, Failure> {
+    if let Ok(secs) = text.parse::<i64>() {
+        return Ok(secs);
+    }
+    if let Some(ms) = rfc3339_ms(text) {
+        return Ok(ms / 1000);
+    }
+    let ago = parse_duration("--since", text).map_err(|_| {
+        Failure(
+            EXIT_USAGE,
+            format!("error: --since: {text:?} is not a duration (\"10m\"), an RFC 3339 time or Unix seconds"),
+        )
+    })?;
+    Ok(now_ms() / 1000 - ago.as_secs() as i64)
+}
+
+async fn logs(
+    options: LoadOptions,
+    service: Option<String>,
+    follow: bool,
+    tail: u32,
+    since: Option<String>,
+) -> Result<i32, Failure> {
+    let config = Config::load(options)?;
+    let since_seconds = since.as_deref().map(parse_since).transpose()?.unwrap_or(0);
+    let info = match running(&config) {
+        Ok(i) => i,
+        Err(f) if service.as_deref() == Some(OWN_LOG_SERVICE) => {
+            // The daemon is gone: its last log is still worth reading.
+            for name in [daemon::LOG_FILE, daemon::LAST_LOG_FILE] {
+                let path = config.state_dir.join(name);
+                if let Ok(text) = std::fs::read_to_string(&path) {
+                    eprintln!("(the daemon is not running; this is {})", path.display());
+                    let lines: Vec<&str> = text.lines().collect();
+                    let skip = if tail == 0 {
+                        0
+                    } else {
+                        lines.len().saturating_sub(tail as usize)
+                    };
+                    for l in &lines[skip..] {
+                        println!("{l}");
+                    }
+                    return Ok(EXIT_OK);
+                }
+            }
+            return Err(f);
+        }
+        Err(f) => return Err(f),
+    };
+    let mut client = env_client(&info).await?;
+    let services = match service {
+        Some(s) => vec![s],
+        None => client
+            .get_services_status(env_pb::GetServicesStatusRequest::default())
+            .await
+            .map_err(|s| rpc_failure("logs", s))?
+            .into_inner()
+            .services
+            .into_iter()
+            .filter(|s| !s.container_id.is_empty())
+            .map(|s| s.name)
+            .collect(),
+    };
+    let width = services.iter().map(String::len).max().unwrap_or(0);
+    let prefixed = services.len() > 1;
+    let mut streams = futures_util::stream::SelectAll::new();
+    for s in &services {
+        let request = env_pb::StreamLogsRequest {
+            service: s.clone(),
+            follow,
+            tail,
+            since_seconds,
+        };
+        let stream = client
+            .stream_logs(request)
+            .await
+            .map_err(|st| rpc_failure(&format!("logs of {s}"), st))?
+            .into_inner();
+        streams.push(stream);
+    }
+    let stdout = std::io::stdout();
+    let stderr = std::io::stderr();
+    while let Some(item) = streams.next().await {
+        let line = item.map_err(|s| rpc_failure("logs", s))?;
+        let text = if prefixed {
+            format!("{:<width$} | {}\n", line.service, line.line)
+        } else {
+            format!("{}\n", line.line)
+        };
+        let written = if line.stream == env_pb::LogStream::Stderr as i32 {
+            stderr.lock().write_all(text.as_bytes())
+        } else {
+            stdout.lock().write_all(text.as_bytes())
+        };
+        if written.is_err() {
+            break;
+        }
+    }
+    Ok(EXIT_OK)
+}
+
+async fn restart(options: LoadOptions, service: String) -> Result<i32, Failure> {
+    let config = Config::load(options)?;
+    let info = running(&config)?;
+    let began = Instant::now();
+    let s = env_client(&info)
+        .await?
+        .restart_service(env_pb::RestartServiceRequest {
+            service: service.clone(),
+        })
+        .await
+        .map_err(|s| rpc_failure(&format!("restart {service}"), s))?
+        .into_inner();
+    println!(
+        "restarted {} ({}) in {:.2}s",
+        s.name,
+        phase_name(s.phase),
+        began.elapsed().as_secs_f64()
+    );
+    Ok(EXIT_OK)
+}
+
+const CONFIG_TEMPLATE: &str = r#"# dspy-agent.toml: the stack `dspy-agent start` and `AgentInfra.start()` run.
+# Every key is optional; what is not set here comes from the built-in catalog.
+# Environment variables override this file (DSPY_AGENT_PROJECT, ORCHESTRATOR_GRPC_ADDR,
+# ENV_MANAGER_GRPC_ADDR, ENV_MANAGER_DOCKER_HOST, DSPY_AGENT_SERVICES, ...).
+
+# Names the containers (PROJECT-SERVICE), the network and the state folder.
+# project = "dspy-agent"
+
+# gRPC ports; port 0 picks any free port.
+# orchestrator_addr = "127.0.0.1:50052"
+# env_manager_addr = "127.0.0.1:50051"
+
+# Where published ports listen on the host.
+# publish_host_ip = "127.0.0.1"
+
+[tasks]
+# "process" survives the process being killed; "power" also a power cut (fsync per commit).
+# durability = "process"
+# concurrency = 64
+# store = "tasks.db"   # relative to the state folder; ":memory:" keeps nothing
+
+# Each service of the catalog can be changed field by field, and new ones added.
+[services.redis]
+# image = "redis:7-alpine"
+# ports = ["6379:6379"]
+# healthcheck = { type = "redis", start_period = "30s" }
+
+[services.reddb]
+# depends_on = ["redis"]
+# resources = { memory = "1g", cpus = 1 }
+
+[services.infermesh]
+# env = { LOG_LEVEL = "info" }
+
+# Off by default: multi-gigabyte images that want a GPU.
+[services.ollama]
+# enabled = true
+# resources = { gpus = "auto" }
+
+[services.model_server]
+# enabled = true
+"#;
+
+fn config(options: LoadOptions, command: ConfigCmd) -> Result<i32, Failure> {
+    match command {
+        ConfigCmd::Init { force } => {
+            let path = options.cwd.join(
+                options
+                    .config_file
+                    .clone()
+                    .unwrap_or_else(|| CONFIG_FILE_NAME.into()),
+            );
+            if path.exists() && !force {
+                return Err(fail(format!(
+                    "{} already exists; `--force` replaces it",
+                    path.display()
+                )));
+            }
+            std::fs::write(&path, CONFIG_TEMPLATE)
+                .map_err(|e| fail(format!("cannot write {}: {e}", path.display())))?;
+            println!("wrote {}", path.display());
+            Ok(EXIT_OK)
+        }
+        ConfigCmd::Path => {
+            match Config::file_for(&options) {
+                Some(p) => println!("{}", p.display()),
+                None => println!(
+                    "(no config file: built-in defaults and environment variables; `dspy-agent config init` writes {CONFIG_FILE_NAME})"
+                ),
+            }
+            Ok(EXIT_OK)
+        }
+        ConfigCmd::Validate => {
+            let problems = Config::problems(&options);
+            let source = Config::file_for(&options)
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|| "defaults and environment".into());
+            if problems.is_empty() {
+                println!("{source}: valid");
+                return Ok(EXIT_OK);
+            }
+            let text = Config::file_for(&options)
+                .and_then(|p| std::fs::read_to_string(p).ok())
+                .unwrap_or_default();
+            for p in &problems {
+                let line = locate(&text, p)
+                    .map(|l| format!(":{l}"))
+                    .unwrap_or_default();
+                eprintln!("{source}{line}: {p}");
+            }
+            eprintln!(
+                "{} problem{} found",
+                problems.len(),
+                if problems.len() == 1 { "" } else { "s" }
+            );
+            Ok(EXIT_USAGE)
+        }
+        ConfigCmd::Show => {
+            let config = Config::load(options)?;
+            let services: BTreeMap<&str, serde_json::Value> = config
+                .services
+                .iter()
+                .map(|s| (s.name.as_str(), serde_json::to_value(s).unwrap_or_default()))
+                .collect();
+            let out = serde_json::json!({
+                "project": config.project,
+                "config_file": config.config_file,
+                "state_dir": config.state_dir,
+                "docker_host": config.docker_host,
+                "orchestrator_addr": config.orchestrator_addr,
+                "env_manager_addr": config.env_manager_addr,
+                "keep_running": config.keep_running,
+                "tasks": {
+                    "store": config.tasks.store.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| ":memory:".into()),
+                    "concurrency": config.tasks.concurrency,
+                    "limits": config.tasks.limits,
+                    "durability": format!("{:?}", config.tasks.durability).to_lowercase(),
+                },
+                "services": services,
+            });
+            println!("{out:#}");
+            Ok(EXIT_OK)
+        }
+    }
+}
+
+/// The line of the config file a problem is about, found from the field path in its message
+/// (`services.redis.resources.memory: ...`) or the service it names.
+fn locate(text: &str, problem: &ConfigError) -> Option<usize> {
+    let lines: Vec<&str> = text.lines().collect();
+    let find_key = |from: usize, key: &str| {
+        lines
+            .iter()
+            .enumerate()
+            .skip(from)
+            .take_while(|(i, l)| *i == from || !l.trim_start().starts_with('['))
+            .find(|(_, l)| {
+                let t = l.trim_start();
+                t.strip_prefix(key)
+                    .is_some_and(|rest| rest.trim_start().starts_with('='))
+            })
+            .map(|(i, _)| i + 1)
+    };
+    let header = |table: &str| lines.iter().position(|l| l.trim() == format!("[{table}]"));
+    let field = match problem {
+        ConfigError::Invalid { field, .. } => field.clone(),
+        ConfigError::UnknownDependency { service, .. } => format!("services.{service}.depends_on"),
+        ConfigError::Parse { message, .. } => {
+            // toml reports "at line N, column M".
+            let at = message.find("line ")?;
+            return message[at + 5..]
+                .split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse()
+                .ok();
+        }
+        _ => return None,
+    };
+    let parts: Vec<&str> = field.split('.').collect();
+    // The longest table header that prefixes the path, then the next key below it.
+    for split in (1..parts.len()).rev() {
+        if let Some(h) = header(&parts[..split].join(".")) {
+            let key = parts[split].split('[').next()?;
+            return find_key(h, key).or(Some(h + 1));
+        }
+    }
+    let key = parts.first()?.split('[').next()?;
+    find_key(0, key)
+}
+
+async fn tasks(options: LoadOptions, command: TasksCmd) -> Result<i32, Failure> {
+    let config = Config::load(options)?;
+    let mut client = orchestrator_client(&config).await?;
+    match command {
+        TasksCmd::Submit(a) => {
+            let payload = match a.payload.as_deref() {
+                Some("-") => {
+                    let mut buf = Vec::new();
+                    std::io::stdin()
+                        .read_to_end(&mut buf)
+                        .map_err(|e| fail(format!("cannot read the payload from stdin: {e}")))?;
+                    buf
+                }
+                Some(p) => p.as_bytes().to_vec(),
+                None => Vec::new(),
+            };
+            let mut metadata = HashMap::new();
+            for m in &a.metadata {
+                let (k, v) = m.split_once('=').ok_or_else(|| {
+                    Failure(EXIT_USAGE, format!("error: --meta {m:?}: write KEY=VALUE"))
+                })?;
+                metadata.insert(k.to_string(), v.to_string());
+            }
+            let timeout_ms = match a.timeout {
+                None => 0,
+                Some(t) if t.is_finite() && t > 0.0 => ((t * 1000.0) as u64).max(1),
+                Some(t) => {
+                    return Err(Failure(
+                        EXIT_USAGE,
+                        format!("error: --timeout: {t} must be a positive number of seconds"),
+                    ))
+                }
+            };
+            let task_id = a.id.unwrap_or_else(new_task_id);
+            let r = client
+                .submit_task(pb::SubmitTaskRequest {
+                    task_id: task_id.clone(),
+                    task_type: a.task_type,
+                    payload,
+                    metadata,
+                    priority: a.priority,
+                    timeout_ms,
+                    max_retries: a.retries,
+                })
+                .await
+                .map_err(|s| rpc_failure("submit", s))?
+                .into_inner();
+            if !r.success {
+                return Err(fail(format!("error: submit: {}", r.error)));
+            }
+            if !a.wait {
+                println!("{}", r.task_id);
+                return Ok(EXIT_OK);
+            }
+            let mut stream = client
+                .stream_task_results(pb::StreamTaskResultsRequest {
+                    task_ids: vec![task_id.clone()],
+                    include_current: true,
+                })
+                .await
+                .map_err(|s| rpc_failure("wait", s))?
+                .into_inner();
+            while let Some(item) = stream.next().await {
+                let t = item.map_err(|s| rpc_failure("wait", s))?;
+                if t.status >= pb::TaskState::Completed as i32 {
+                    return Ok(print_task(&t, false));
+                }
+            }
+            Err(fail("the orchestrator went away before the task finished"))
+        }
+        TasksCmd::Status { task_id, json } => {
+            let t = client
+                .get_task_status(pb::GetTaskStatusRequest { task_id })
+                .await
+                .map_err(|s| rpc_failure("status", s))?
+                .into_inner();
+            print_task(&t, json);
+            Ok(EXIT_OK)
+        }
+        TasksCmd::List {
+            state,
+            task_type,
+            limit,
+            json,
+        } => {
+            let status = match state.as_deref() {
+                None => 0,
+                Some(s) => pb::TaskState::from_str_name(&s.to_uppercase())
+                    .filter(|s| *s != pb::TaskState::Unspecified)
+                    .ok_or_else(|| {
+                        Failure(
+                            EXIT_USAGE,
+                            format!("error: --state: {s:?} is not one of pending, running, completed, failed, cancelled"),
+                        )
+                    })? as i32,
+            };
+            let r = client
+                .list_tasks(pb::ListTasksRequest {
+                    status,
+                    task_type: task_type.unwrap_or_default(),
+                    page_size: limit,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|s| rpc_failure("list", s))?
+                .into_inner();
+            if json {
+                let items: Vec<serde_json::Value> = r.tasks.iter().map(task_json).collect();
+                println!("{:#}", serde_json::Value::Array(items));
+            } else {
+                let rows: Vec<[String; 4]> = r
+                    .tasks
+                    .iter()
+                    .map(|t| {
+                        [
+                            t.task_id.clone(),
+                            t.task_type.clone(),
+                            state_name(t.status).to_string(),
+                            t.attempts.to_string(),
+                        ]
+                    })
+                    .collect();
+                print_table(["TASK", "TYPE", "STATE", "ATTEMPTS"], &rows);
+            }
+            Ok(EXIT_OK)
+        }
+        TasksCmd::Watch { task_ids } => {
+            let include_current = !task_ids.is_empty();
+            let mut stream = client
+                .stream_task_results(pb::StreamTaskResultsRequest {
+                    task_ids,
+                    include_current,
+                })
+                .await
+                .map_err(|s| rpc_failure("watch", s))?
+                .into_inner();
+            while let Some(item) = stream.next().await {
+                let t = item.map_err(|s| rpc_failure("watch", s))?;
+                println!("{}", task_json(&t));
+            }
+            Ok(EXIT_OK)
+        }
+        TasksCmd::Cancel { task_id } => {
+            let r = client
+                .cancel_task(pb::CancelTaskRequest {
+                    task_id: task_id.clone(),
+                })
+                .await
+                .map_err(|s| rpc_failure("cancel", s))?
+                .into_inner();
+            if r.cancelled {
+                println!("cancelled {task_id}");
+            } else {
+                println!(
+                    "{task_id} had already finished ({})",
+                    r.task
+                        .as_ref()
+                        .map(|t| state_name(t.status))
+                        .unwrap_or("unknown")
+                );
+            }
+            Ok(EXIT_OK)
+        }
+    }
+}
+
+fn new_task_id() -> String {
+    format!(
+        "cli-{:x}-{:x}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0)
+    )
+}
+
+fn state_name(s: i32) -> &'static str {
+    match pb::TaskState::try_from(s) {
+        Ok(pb::TaskState::Pending) => "pending",
+        Ok(pb::TaskState::Running) => "running",
+        Ok(pb::TaskState::Completed) => "completed",
+        Ok(pb::TaskState::Failed) => "failed",
+        Ok(pb::TaskState::Cancelled) => "cancelled",
+        _ => "unknown",
+    }
+}
+
+fn task_json(t: &pb::TaskInfo) -> serde_json::Value {
+    let result = match std::str::from_utf8(&t.result_payload) {
+        Ok(text) => serde_json::from_str(text).unwrap_or_else(|_| text.into()),
+        Err(_) => serde_json::json!({"bytes": t.result_payload.len()}),
+    };
+    serde_json::json!({
+        "task_id": t.task_id,
+        "task_type": t.task_type,
+        "status": state_name(t.status),
+        "result": result,
+        "error": t.error,
+        "attempts": t.attempts,
+        "created_at_ms": t.created_at_ms,
+        "started_at_ms": t.started_at_ms,
+        "finished_at_ms": t.finished_at_ms,
+    })
+}
+
+/// Prints a task; the exit code says whether it completed.
+fn print_task(t: &pb::TaskInfo, json: bool) -> i32 {
+    if json {
+        println!("{:#}", task_json(t));
+    } else {
+        println!(
+            "{}: {} ({} attempts)",
+            t.task_id,
+            state_name(t.status),
+            t.attempts
+        );
+        if !t.result_payload.is_empty() {
+            println!("{}", String::from_utf8_lossy(&t.result_payload));
+        }
+        if !t.error.is_empty() {
+            println!("error: {}", t.error);
+        }
+    }
+    if t.status == pb::TaskState::Completed as i32 {
+        EXIT_OK
+    } else {
+        EXIT_FAILURE
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn problems_point_at_their_line() {
+        let text = "project = \"p\"\n\n[services.redis]\nimage = \"r\"\nports = [\"x\"]\n\n[services.redis.resources]\nmemory = \"lots\"\n";
+        let memory = ConfigError::invalid("services.redis.resources.memory", "bad");
+        assert_eq!(locate(text, &memory), Some(8));
+        let port = ConfigError::invalid("services.redis.ports[0]", "bad");
+        assert_eq!(locate(text, &port), Some(5));
+        let project = ConfigError::invalid("project", "bad");
+        assert_eq!(locate(text, &project), Some(1));
+    }
+
+    #[test]
+    fn since_takes_durations_times_and_seconds() {
+        assert_eq!(parse_since("1700000000").ok(), Some(1_700_000_000));
+        assert_eq!(parse_since("1970-01-01T00:01:00Z").ok(), Some(60));
+        let ago = parse_since("10m").ok().unwrap();
+        assert!((now_ms() / 1000 - ago - 600).abs() <= 1);
+        assert!(parse_since("soon").is_err());
+    }
+}

@@ -1,0 +1,814 @@
+//! The EnvManagerService: the service stack over gRPC.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{Stream, StreamExt};
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use crate::config::Config;
+use crate::docker::{Docker, DockerError, RunState};
+use crate::grpc::env_pb as pb;
+use crate::services::spec::PullPolicy;
+use crate::services::supervisor::{Phase, ServiceEvent, ServiceState, StackError, Supervisor};
+use crate::tasks::store::now_ms;
+
+/// The name under which the env-manager serves its own log.
+pub const OWN_LOG_SERVICE: &str = "env-manager";
+
+type Out<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+pub struct EnvManager {
+    config: Arc<Config>,
+    supervisor: Option<Arc<Supervisor>>,
+    docker: Option<Docker>,
+    own_log: Option<PathBuf>,
+}
+
+impl EnvManager {
+    pub fn new(
+        config: Arc<Config>,
+        supervisor: Option<Arc<Supervisor>>,
+        docker: Option<Docker>,
+        own_log: Option<PathBuf>,
+    ) -> Self {
+        EnvManager {
+            config,
+            supervisor,
+            docker,
+            own_log,
+        }
+    }
+
+    /// The supervisor, with `names` checked against the config (all when empty).
+    fn chosen(&self, names: &[String]) -> Result<(&Arc<Supervisor>, BTreeSet<String>), Status> {
+        match &self.supervisor {
+            Some(s) => {
+                for n in names {
+                    if n.is_empty() {
+                        return Err(Status::invalid_argument("services: a name is empty"));
+                    }
+                }
+                let chosen = s.closure(names).map_err(stack_status)?;
+                Ok((s, chosen))
+            }
+            None => Err(Status::not_found(match names.first() {
+                Some(n) => format!(
+                    "unknown service {n:?}: project {:?} runs no services",
+                    self.config.project
+                ),
+                None => format!("project {:?} runs no services", self.config.project),
+            })),
+        }
+    }
+
+    fn one(&self, name: &str) -> Result<&Arc<Supervisor>, Status> {
+        if name.is_empty() {
+            return Err(Status::invalid_argument("service: must name a service"));
+        }
+        self.chosen(&[name.to_string()]).map(|(s, _)| s)
+    }
+
+    fn container_of(&self, name: &str) -> Result<String, Status> {
+        let sup = self.one(name)?;
+        sup.snapshot()
+            .into_iter()
+            .find(|s| s.name == name)
+            .and_then(|s| s.container_id)
+            .ok_or_else(|| {
+                Status::failed_precondition(format!(
+                    "service {name:?} has no container (it is stopped); start it first"
+                ))
+            })
+    }
+
+    fn docker(&self) -> Result<&Docker, Status> {
+        self.docker.as_ref().ok_or_else(|| {
+            Status::failed_precondition(format!(
+                "project {:?} runs no services, so no Docker Engine is in use",
+                self.config.project
+            ))
+        })
+    }
+}
+
+pub fn phase_to_pb(p: Phase) -> pb::ServicePhase {
+    match p {
+        Phase::Pending => pb::ServicePhase::Pending,
+        Phase::Pulling => pb::ServicePhase::Pulling,
+        Phase::Creating => pb::ServicePhase::Creating,
+        Phase::Waiting => pb::ServicePhase::Waiting,
+        Phase::Starting => pb::ServicePhase::Starting,
+        Phase::Healthy => pb::ServicePhase::Healthy,
+        Phase::Completed => pb::ServicePhase::Completed,
+        Phase::Failed => pb::ServicePhase::Failed,
+        Phase::Stopping => pb::ServicePhase::Stopping,
+        Phase::Stopped => pb::ServicePhase::Stopped,
+    }
+}
+
+fn is_healthy(p: Phase) -> bool {
+    matches!(p, Phase::Healthy | Phase::Completed)
+}
+
+pub fn stack_status(e: StackError) -> Status {
+    let message = e.to_string();
+    match e {
+        StackError::UnknownService { .. } => Status::not_found(message),
+        StackError::PortInUse { .. } => Status::failed_precondition(message),
+        StackError::Docker(e) => docker_status(e),
+        StackError::ServiceStart { .. } | StackError::Cancelled => Status::aborted(message),
+    }
+}
+
+pub fn docker_status(e: DockerError) -> Status {
+    let message = e.to_string();
+    match e {
+        DockerError::Unavailable { .. } => Status::unavailable(message),
+        DockerError::Image { .. } => Status::failed_precondition(message),
+        DockerError::Api { .. } if message.contains("No such container") => {
+            Status::not_found(message)
+        }
+        DockerError::Api { .. } => Status::internal(message),
+    }
+}
+
+fn update(e: &ServiceEvent) -> pb::ServiceStatusUpdate {
+    pb::ServiceStatusUpdate {
+        service: e.service.clone(),
+        phase: phase_to_pb(e.phase) as i32,
+        message: e.message.clone(),
+        timestamp_ms: now_ms(),
+    }
+}
+
+fn health_update(service: &str, phase: Phase, message: &str) -> pb::HealthUpdate {
+    pb::HealthUpdate {
+        service: service.to_string(),
+        phase: phase_to_pb(phase) as i32,
+        healthy: is_healthy(phase),
+        message: message.to_string(),
+        timestamp_ms: now_ms(),
+    }
+}
+
+/// Milliseconds since the epoch of an RFC 3339 time as the Engine writes it
+/// (`2026-11-27T09:40:12.123456789Z`); `None` for the Engine's "never" (year 1).
+pub fn rfc3339_ms(text: &str) -> Option<i64> {
+    let (date, time) = text.split_once('T')?;
+    let mut d = date.splitn(3, '-').map(|p| p.parse::<i64>().ok());
+    let (y, m, day) = (d.next()??, d.next()??, d.next()??);
+    if y < 1970 {
+        return None;
+    }
+    let (clock, offset_s) = match time.find(['Z', '+', '-']) {
+        Some(i) if &time[i..i + 1] == "Z" => (&time[..i], 0),
+        Some(i) => {
+            let sign = if &time[i..i + 1] == "-" { -1 } else { 1 };
+            let (oh, om) = time[i + 1..].split_once(':')?;
+            (
+                &time[..i],
+                sign * (oh.parse::<i64>().ok()? * 3600 + om.parse::<i64>().ok()? * 60),
+            )
+        }
+        None => (time, 0),
+    };
+    let (hms, frac) = clock.split_once('.').unwrap_or((clock, ""));
+    let mut t = hms.splitn(3, ':').map(|p| p.parse::<i64>().ok());
+    let (h, min, s) = (t.next()??, t.next()??, t.next()??);
+    let millis: i64 = format!("{frac:0<3}")[..3].parse().ok()?;
+    // Days from the civil date (proleptic Gregorian), after Howard Hinnant's algorithm.
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(((days * 86_400 + h * 3600 + min * 60 + s) - offset_s) * 1000 + millis)
+}
+
+fn service_status(s: ServiceState) -> pb::ServiceStatus {
+    pb::ServiceStatus {
+        url: s.url().unwrap_or_default(),
+        phase: phase_to_pb(s.phase) as i32,
+        state: s.engine_state.map(|r| r.as_str()).unwrap_or("").to_string(),
+        healthy: is_healthy(s.phase) && s.engine_state != Some(RunState::Exited),
+        container_id: s.container_id.unwrap_or_default(),
+        ports: s
+            .ports
+            .iter()
+            .map(|(c, (ip, h))| pb::PortMapping {
+                container_port: u32::from(*c),
+                host_ip: ip.clone(),
+                host_port: u32::from(*h),
+            })
+            .collect(),
+        started_at_ms: match s.engine_state {
+            Some(RunState::Running | RunState::Paused) => {
+                s.started_at.as_deref().and_then(rfc3339_ms).unwrap_or(0)
+            }
+            _ => 0,
+        },
+        restart_count: s.restart_count,
+        message: s.message,
+        name: s.name,
+        image: s.image,
+        usage: None,
+    }
+}
+
+/// Splits output chunks into lines per stream, keeping an unfinished line until it ends.
+struct LineSplitter {
+    partial: [Vec<u8>; 2],
+}
+
+impl LineSplitter {
+    fn push(&mut self, stderr: bool, chunk: &[u8], out: &mut Vec<(bool, String)>) {
+        let buf = &mut self.partial[usize::from(stderr)];
+        buf.extend_from_slice(chunk);
+        while let Some(i) = buf.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=i).collect();
+            let text = String::from_utf8_lossy(&line[..line.len() - 1]);
+            out.push((stderr, text.trim_end_matches('\r').to_string()));
+        }
+    }
+
+    fn finish(&mut self, out: &mut Vec<(bool, String)>) {
+        for (i, buf) in self.partial.iter_mut().enumerate() {
+            if !buf.is_empty() {
+                out.push((i == 1, String::from_utf8_lossy(buf).into_owned()));
+                buf.clear();
+            }
+        }
+    }
+}
+
+fn log_line(service: &str, stderr: bool, line: String) -> pb::LogLine {
+    pb::LogLine {
+        service: service.to_string(),
+        stream: if stderr {
+            pb::LogStream::Stderr
+        } else {
+            pb::LogStream::Stdout
+        } as i32,
+        line,
+    }
+}
+
+/// The last `tail` lines of `path` (all when 0), then, when `follow`, what is appended to it.
+fn follow_file(path: PathBuf, tail: usize, follow: bool) -> Out<pb::LogLine> {
+    let (tx, rx) = mpsc::channel(256);
+    tokio::spawn(async move {
+        let text = match tokio::fs::read(&path).await {
+            Ok(t) => t,
+            Err(e) => {
+                let _ = tx
+                    .send(Err(Status::not_found(format!(
+                        "cannot read the env-manager log {}: {e}",
+                        path.display()
+                    ))))
+                    .await;
+                return;
+            }
+        };
+        let mut offset = text.len() as u64;
+        let mut split = LineSplitter {
+            partial: [Vec::new(), Vec::new()],
+        };
+        let mut lines = Vec::new();
+        split.push(false, &text, &mut lines);
+        let skip = if tail == 0 {
+            0
+        } else {
+            lines.len().saturating_sub(tail)
+        };
+        for (_, line) in lines.drain(..).skip(skip) {
+            if tx
+                .send(Ok(log_line(OWN_LOG_SERVICE, false, line)))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+        if !follow {
+            split.finish(&mut lines);
+            for (_, line) in lines {
+                let _ = tx.send(Ok(log_line(OWN_LOG_SERVICE, false, line))).await;
+            }
+            return;
+        }
+        // A log file has no change notification without platform APIs; a short poll is cheap.
+        loop {
+            tokio::select! {
+                _ = tx.closed() => return,
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            }
+            let Ok(data) = tokio::fs::read(&path).await else {
+                return;
+            };
+            let len = data.len() as u64;
+            if len < offset {
+                offset = 0;
+            }
+            split.push(false, &data[offset as usize..], &mut lines);
+            offset = len;
+            for (_, line) in lines.drain(..) {
+                if tx
+                    .send(Ok(log_line(OWN_LOG_SERVICE, false, line)))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        }
+    });
+    Box::pin(ReceiverStream::new(rx))
+}
+
+fn read_meminfo() -> (u64, u64) {
+    let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|rest| {
+                rest.trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+            })
+            .map(|kib| kib * 1024)
+            .unwrap_or(0)
+    };
+    (field("MemTotal:"), field("MemAvailable:"))
+}
+
+/// GPUs as `nvidia-smi` reports them; none when it is absent.
+fn nvidia_gpus() -> Vec<pb::Gpu> {
+    let output = std::process::Command::new("nvidia-smi")
+        .args([
+            "--query-gpu=index,name,memory.total,memory.used,utilization.gpu",
+            "--format=csv,noheader,nounits",
+        ])
+        .output();
+    let Ok(output) = output else {
+        return Vec::new();
+    };
+    parse_nvidia_smi(&String::from_utf8_lossy(&output.stdout))
+}
+
+fn parse_nvidia_smi(text: &str) -> Vec<pb::Gpu> {
+    const MIB: u64 = 1024 * 1024;
+    text.lines()
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split(',').map(str::trim).collect();
+            if f.len() != 5 {
+                return None;
+            }
+            Some(pb::Gpu {
+                index: f[0].parse().ok()?,
+                name: f[1].to_string(),
+                memory_total_bytes: f[2].parse::<u64>().ok()? * MIB,
+                memory_used_bytes: f[3].parse::<u64>().ok()? * MIB,
+                utilization_percent: f[4].parse().unwrap_or(0),
+            })
+        })
+        .collect()
+}
+
+#[tonic::async_trait]
+impl pb::env_manager_service_server::EnvManagerService for EnvManager {
+    type StartServicesStream = Out<pb::ServiceStatusUpdate>;
+
+    async fn start_services(
+        &self,
+        request: Request<pb::StartServicesRequest>,
+    ) -> Result<Response<Self::StartServicesStream>, Status> {
+        let names = request.into_inner().services;
+        if self.supervisor.is_none() && names.is_empty() {
+            return Ok(Response::new(Box::pin(tokio_stream::empty())));
+        }
+        let (sup, chosen) = self.chosen(&names)?;
+        let mut events = sup.subscribe();
+        // The start runs on its own, so a client that goes away does not stop it half-way.
+        let starter = Arc::clone(sup);
+        let mut start = tokio::spawn(async move {
+            starter
+                .start_services(&names, CancellationToken::new())
+                .await
+        });
+        let (tx, rx) = mpsc::channel(256);
+        tokio::spawn(async move {
+            let forward = |e: &ServiceEvent| chosen.contains(&e.service).then(|| update(e));
+            let result = loop {
+                tokio::select! {
+                    event = events.recv() => match event {
+                        Ok(e) => {
+                            if let Some(u) = forward(&e) {
+                                if tx.send(Ok(u)).await.is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                        Err(broadcast::error::RecvError::Lagged(_)) => {}
+                        Err(broadcast::error::RecvError::Closed) => break (&mut start).await,
+                    },
+                    joined = &mut start => break joined,
+                }
+            };
+            while let Ok(e) = events.try_recv() {
+                if let Some(u) = forward(&e) {
+                    let _ = tx.send(Ok(u)).await;
+                }
+            }
+            match result {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    let _ = tx.send(Err(stack_status(e))).await;
+                }
+                Err(e) => {
+                    let _ = tx
+                        .send(Err(Status::internal(format!("the start stopped: {e}"))))
+                        .await;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn stop_services(
+        &self,
+        request: Request<pb::StopServicesRequest>,
+    ) -> Result<Response<pb::StopServicesResponse>, Status> {
+        let r = request.into_inner();
+        if self.supervisor.is_none() && r.services.is_empty() {
+            return Ok(Response::new(pb::StopServicesResponse::default()));
+        }
+        let (sup, _) = self.chosen(&r.services)?;
+        let named: BTreeSet<&String> = r.services.iter().collect();
+        let stopped: Vec<String> = sup
+            .snapshot()
+            .into_iter()
+            .filter(|s| s.container_id.is_some() && (named.is_empty() || named.contains(&s.name)))
+            .map(|s| s.name)
+            .collect();
+        let timeout =
+            (r.timeout_seconds > 0).then(|| Duration::from_secs(r.timeout_seconds.into()));
+        sup.stop_services(&r.services, timeout).await;
+        Ok(Response::new(pb::StopServicesResponse { stopped }))
+    }
+
+    async fn restart_service(
+        &self,
+        request: Request<pb::RestartServiceRequest>,
+    ) -> Result<Response<pb::ServiceStatus>, Status> {
+        let name = request.into_inner().service;
+        let sup = self.one(&name)?;
+        match sup.restart(&name).await {
+            Ok(()) => {}
+            Err(StackError::ServiceStart { reason, .. }) if reason.contains("has no container") => {
+                return Err(Status::failed_precondition(format!(
+                    "service {name:?} has no container (it is stopped); start it instead"
+                )))
+            }
+            Err(e) => return Err(stack_status(e)),
+        }
+        let state = sup
+            .snapshot()
+            .into_iter()
+            .find(|s| s.name == name)
+            .ok_or_else(|| Status::not_found(format!("unknown service {name:?}")))?;
+        Ok(Response::new(service_status(state)))
+    }
+
+    async fn get_services_status(
+        &self,
+        request: Request<pb::GetServicesStatusRequest>,
+    ) -> Result<Response<pb::ServicesStatusResponse>, Status> {
+        let include_stats = request.into_inner().include_stats;
+        let mut response = pb::ServicesStatusResponse {
+            project: self.config.project.clone(),
+            engine_reachable: true,
+            ..Default::default()
+        };
+        let Some(sup) = &self.supervisor else {
+            return Ok(Response::new(response));
+        };
+        let states = match sup.refresh().await {
+            Ok(states) => states,
+            Err(e) => {
+                response.engine_reachable = false;
+                response.engine_error = e.to_string();
+                sup.snapshot()
+            }
+        };
+        let mut services: Vec<pb::ServiceStatus> = Vec::with_capacity(states.len());
+        let mut stats = tokio::task::JoinSet::new();
+        for (i, s) in states.into_iter().enumerate() {
+            if let (true, true, Some(id), Some(docker)) = (
+                include_stats,
+                response.engine_reachable,
+                s.container_id.clone(),
+                self.docker.clone(),
+            ) {
+                if s.engine_state == Some(RunState::Running) {
+                    stats.spawn(async move { (i, docker.stats(&id).await) });
+                }
+            }
+            services.push(service_status(s));
+        }
+        while let Some(joined) = stats.join_next().await {
+            if let Ok((i, Ok(u))) = joined {
+                services[i].usage = Some(pb::ResourceUsage {
+                    cpu_percent: u.cpu_percent,
+                    memory_bytes: u.memory_bytes,
+                    memory_limit_bytes: u.memory_limit_bytes,
+                    network_rx_bytes: u.network_rx_bytes,
+                    network_tx_bytes: u.network_tx_bytes,
+                });
+            }
+        }
+        response.services = services;
+        Ok(Response::new(response))
+    }
+
+    type StreamHealthStream = Out<pb::HealthUpdate>;
+
+    async fn stream_health(
+        &self,
+        request: Request<pb::StreamHealthRequest>,
+    ) -> Result<Response<Self::StreamHealthStream>, Status> {
+        let names = request.into_inner().services;
+        let Some(sup) = &self.supervisor else {
+            if let Some(n) = names.first() {
+                return Err(Status::not_found(format!(
+                    "unknown service {n:?}: project {:?} runs no services",
+                    self.config.project
+                )));
+            }
+            return Ok(Response::new(Box::pin(tokio_stream::pending())));
+        };
+        for n in &names {
+            sup.closure(std::slice::from_ref(n)).map_err(stack_status)?;
+        }
+        let wanted: BTreeSet<String> = names.into_iter().collect();
+        let keep = move |name: &str| wanted.is_empty() || wanted.contains(name);
+        // Subscribe before the snapshot so that no change falls between the two.
+        let events = tokio_stream::wrappers::BroadcastStream::new(sup.subscribe());
+        let current: Vec<Result<pb::HealthUpdate, Status>> = sup
+            .snapshot()
+            .into_iter()
+            .filter(|s| keep(&s.name))
+            .map(|s| Ok(health_update(&s.name, s.phase, &s.message)))
+            .collect();
+        let live = events.filter_map(move |event| {
+            let item = match event {
+                // Pull progress lines are not health changes.
+                Ok(e) if e.phase == Phase::Pulling && !e.message.starts_with("ensuring") => None,
+                Ok(e) if keep(&e.service) => {
+                    Some(Ok(health_update(&e.service, e.phase, &e.message)))
+                }
+                Ok(_) => None,
+                Err(tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(n)) => {
+                    Some(Err(Status::data_loss(format!(
+                        "this stream fell behind and missed {n} changes; reopen it"
+                    ))))
+                }
+            };
+            std::future::ready(item)
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::iter(current).chain(live),
+        )))
+    }
+
+    type StreamLogsStream = Out<pb::LogLine>;
+
+    async fn stream_logs(
+        &self,
+        request: Request<pb::StreamLogsRequest>,
+    ) -> Result<Response<Self::StreamLogsStream>, Status> {
+        let r = request.into_inner();
+        if r.since_seconds < 0 {
+            return Err(Status::invalid_argument(format!(
+                "since_seconds: {} is before 1970",
+                r.since_seconds
+            )));
+        }
+        if r.service == OWN_LOG_SERVICE {
+            let path = self.own_log.clone().ok_or_else(|| {
+                Status::failed_precondition(
+                    "this env-manager runs inside an agent's process and keeps no log file of its own; its log goes to Python's logging",
+                )
+            })?;
+            return Ok(Response::new(follow_file(path, r.tail as usize, r.follow)));
+        }
+        let id = self.container_of(&r.service)?;
+        let docker = self.docker()?.clone();
+        let service = r.service;
+        let mut chunks = docker.log_stream(&id, r.follow, r.tail as usize, r.since_seconds);
+        let (tx, rx) = mpsc::channel(256);
+        tokio::spawn(async move {
+            let mut split = LineSplitter {
+                partial: [Vec::new(), Vec::new()],
+            };
+            let mut lines = Vec::new();
+            loop {
+                let chunk = tokio::select! {
+                    _ = tx.closed() => return,
+                    c = chunks.next() => c,
+                };
+                let end = chunk.is_none();
+                match chunk {
+                    Some(Ok((stderr, bytes))) => split.push(stderr, &bytes, &mut lines),
+                    Some(Err(e)) => {
+                        let _ = tx.send(Err(docker_status(e))).await;
+                        return;
+                    }
+                    None => split.finish(&mut lines),
+                }
+                for (stderr, line) in lines.drain(..) {
+                    if tx.send(Ok(log_line(&service, stderr, line))).await.is_err() {
+                        return;
+                    }
+                }
+                if end {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn execute_task(
+        &self,
+        request: Request<pb::ExecuteTaskRequest>,
+    ) -> Result<Response<pb::ExecuteTaskResponse>, Status> {
+        let r = request.into_inner();
+        if r.command.is_empty() || r.command[0].is_empty() {
+            return Err(Status::invalid_argument(
+                "command: give the program and its arguments, for example [\"redis-cli\", \"ping\"]",
+            ));
+        }
+        let id = self.container_of(&r.service)?;
+        let docker = self.docker()?;
+        let run = docker.exec(&id, &r.command);
+        let output = if r.timeout_seconds > 0 {
+            let limit = Duration::from_secs(r.timeout_seconds.into());
+            tokio::time::timeout(limit, run).await.map_err(|_| {
+                Status::deadline_exceeded(format!(
+                    "{:?} in {} did not finish within {limit:?}",
+                    r.command, r.service
+                ))
+            })?
+        } else {
+            run.await
+        }
+        .map_err(docker_status)?;
+        Ok(Response::new(pb::ExecuteTaskResponse {
+            exit_code: output.exit_code,
+            stdout: output.stdout,
+            stderr: output.stderr,
+        }))
+    }
+
+    type PullImagesStream = Out<pb::PullProgress>;
+
+    async fn pull_images(
+        &self,
+        request: Request<pb::PullImagesRequest>,
+    ) -> Result<Response<Self::PullImagesStream>, Status> {
+        let r = request.into_inner();
+        if self.supervisor.is_none() && r.services.is_empty() {
+            return Ok(Response::new(Box::pin(tokio_stream::empty())));
+        }
+        self.chosen(&r.services)?;
+        let docker = self.docker()?.clone();
+        let named: BTreeSet<&String> = r.services.iter().collect();
+        let targets: Vec<(String, String)> = self
+            .config
+            .services
+            .iter()
+            .filter(|s| named.is_empty() || named.contains(&s.name))
+            .map(|s| (s.name.clone(), s.image.clone()))
+            .collect();
+        let policy = if r.force {
+            PullPolicy::Always
+        } else {
+            PullPolicy::Missing
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        for (service, image) in targets {
+            let docker = docker.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let progress = |status: String| {
+                    let _ = tx.send(Ok(pb::PullProgress {
+                        service: service.clone(),
+                        image: image.clone(),
+                        status,
+                        done: false,
+                        error: String::new(),
+                    }));
+                };
+                let result = docker.ensure_image(&image, policy, &progress).await;
+                let _ = tx.send(Ok(pb::PullProgress {
+                    service: service.clone(),
+                    image: image.clone(),
+                    status: if result.is_ok() { "ready" } else { "failed" }.to_string(),
+                    done: true,
+                    error: result.err().map(|e| e.to_string()).unwrap_or_default(),
+                }));
+            });
+        }
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::UnboundedReceiverStream::new(rx),
+        )))
+    }
+
+    async fn get_resource_availability(
+        &self,
+        _request: Request<pb::GetResourceAvailabilityRequest>,
+    ) -> Result<Response<pb::ResourceAvailability>, Status> {
+        let (memory_total_bytes, memory_available_bytes) = read_meminfo();
+        let gpus = tokio::task::spawn_blocking(nvidia_gpus)
+            .await
+            .unwrap_or_default();
+        let mut out = pb::ResourceAvailability {
+            cpu_cores: std::thread::available_parallelism()
+                .map(|n| n.get() as u32)
+                .unwrap_or(1),
+            memory_total_bytes,
+            memory_available_bytes,
+            gpus,
+            ..Default::default()
+        };
+        if let Some(docker) = &self.docker {
+            if let Ok(info) = docker.engine_info().await {
+                out.engine_cpus = info.cpus;
+                out.engine_memory_bytes = info.memory_bytes;
+                out.engine_version = info.version;
+            }
+        }
+        Ok(Response::new(out))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn engine_times_convert_to_epoch_milliseconds() {
+        assert_eq!(rfc3339_ms("1970-01-01T00:00:00Z"), Some(0));
+        assert_eq!(
+            rfc3339_ms("2026-11-27T09:40:12.123456789Z"),
+            Some(1_795_772_412_123)
+        );
+        assert_eq!(
+            rfc3339_ms("2026-11-27T10:40:12.5+01:00"),
+            Some(1_795_772_412_500)
+        );
+        assert_eq!(rfc3339_ms("0001-01-01T00:00:00Z"), None);
+        assert_eq!(rfc3339_ms("yesterday"), None);
+    }
+
+    #[test]
+    fn lines_are_split_per_stream_and_partial_lines_wait() {
+        let mut split = LineSplitter {
+            partial: [Vec::new(), Vec::new()],
+        };
+        let mut out = Vec::new();
+        split.push(false, b"one\ntw", &mut out);
+        split.push(true, b"err\r\n", &mut out);
+        split.push(false, b"o\nthree", &mut out);
+        split.finish(&mut out);
+        assert_eq!(
+            out,
+            vec![
+                (false, "one".to_string()),
+                (true, "err".to_string()),
+                (false, "two".to_string()),
+                (false, "three".to_string()),
+            ]
+        );
+    }
+
+    #[test]
+    fn nvidia_smi_rows_become_gpus() {
+        let gpus = parse_nvidia_smi("0, NVIDIA A100, 40960, 1024, 37\nbad line\n");
+        assert_eq!(gpus.len(), 1);
+        assert_eq!(gpus[0].name, "NVIDIA A100");
+        assert_eq!(gpus[0].memory_total_bytes, 40960 * 1024 * 1024);
+        assert_eq!(gpus[0].utilization_percent, 37);
+    }
+}

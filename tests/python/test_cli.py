@@ -1,0 +1,275 @@
+"""The `dspy-agent` command as a user types it: real subprocesses, a real daemon, the real
+Docker Engine."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from helpers import containers
+
+# The console script `pip install` puts next to the interpreter.
+DSPY_AGENT = str(Path(sys.executable).parent / "dspy-agent")
+
+
+def catalog_on_free_ports() -> str:
+    """The built-in stack (local stand-in images), published on free host ports."""
+    return "\n".join(
+        f'[services.{name}]\nports = ["0:{port}"]\npull = "never"\n'
+        for name, port in (("redis", 6379), ("reddb", 6380), ("infermesh", 8000))
+    )
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, project: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    monkeypatch.setenv("DSPY_AGENT_PROJECT", project)
+    monkeypatch.setenv("ORCHESTRATOR_GRPC_ADDR", "127.0.0.1:0")
+    monkeypatch.setenv("ENV_MANAGER_GRPC_ADDR", "127.0.0.1:0")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "dspy-agent.toml").write_text(catalog_on_free_ports())
+    yield tmp_path
+    # Safety net: a failing test must not leave its daemon running.
+    subprocess.run([DSPY_AGENT, "stop", "--timeout", "1"], capture_output=True, timeout=60)
+
+
+def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [DSPY_AGENT, *args], capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A killed child of nobody may linger as a zombie until it is reaped.
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def state_dir() -> Path:
+    return Path(os.environ["DSPY_AGENT_STATE_DIR"])
+
+
+def test_a_whole_session(workdir: Path, project: str) -> None:
+    started = run("start")
+    assert started.returncode == 0, started.stderr
+    assert "all 3 services healthy" in started.stdout
+    for name in ("redis", "reddb", "infermesh"):
+        assert f"{name}" in started.stdout
+
+    status = run("status", "--json")
+    assert status.returncode == 0, status.stderr
+    report: dict[str, Any] = json.loads(status.stdout)
+    assert report["running"] and report["healthy"] and report["project"] == project
+    services = {s["name"]: s for s in report["services"]}
+    assert set(services) == {"redis", "reddb", "infermesh"}
+    assert all(s["healthy"] and s["state"] == "running" for s in services.values())
+    assert all(s["ports"][0]["host_port"] > 0 for s in services.values())
+    assert sorted(s["container_id"] for s in services.values()) == sorted(containers(project))
+    daemon_pid = report["daemon"]["pid"]
+    assert pid_alive(daemon_pid)
+
+    table = run("status")
+    assert table.returncode == 0
+    header, *rows = [line for line in table.stdout.splitlines() if line.strip()][1:]
+    assert header.split() == ["SERVICE", "STATE", "HEALTH", "PORTS", "CONTAINER", "UPTIME"]
+    assert {r.split()[0] for r in rows} == {"redis", "reddb", "infermesh"}
+
+    logs = run("logs", "--service", "redis", "--tail", "5")
+    assert logs.returncode == 0, logs.stderr
+    printed = logs.stdout + logs.stderr
+    assert "Ready to accept connections" in printed
+    assert len(printed.splitlines()) <= 10  # at most 5 of each stream
+    every = run("logs", "--tail", "3")
+    assert {line.split(" | ")[0].strip() for line in every.stdout.splitlines()} >= {"reddb"}
+    own = run("logs", "--service", "env-manager")
+    assert "daemon ready" in own.stdout
+
+    submitted = run("tasks", "submit", "echo", '{"x": 1}', "--id", "cli-1")
+    assert submitted.returncode == 0 and submitted.stdout.strip() == "cli-1"
+    done = run("tasks", "submit", "ping", "--id", "cli-2", "--wait")
+    assert done.returncode == 0 and "pong" in done.stdout
+    task = run("tasks", "status", "cli-1", "--json")
+    assert task.returncode == 0
+    info = json.loads(task.stdout)
+    assert info["status"] == "completed" and info["result"] == {"x": 1}
+    listed = run("tasks", "list", "--json", "--state", "completed")
+    assert {t["task_id"] for t in json.loads(listed.stdout)} == {"cli-1", "cli-2"}
+
+    restarted = run("restart", "reddb")
+    assert restarted.returncode == 0 and "healthy" in restarted.stdout
+
+    again = run("start")
+    assert again.returncode == 0
+    assert "already running" in again.stdout
+    assert sorted(containers(project)) == sorted(s["container_id"] for s in services.values())
+
+    stopped = run("stop")
+    assert stopped.returncode == 0, stopped.stderr
+    assert containers(project) == []
+    assert not pid_alive(daemon_pid)
+    assert not (state_dir() / "daemon.pid").exists()
+
+    gone = run("status")
+    assert gone.returncode == 3 and "not running" in gone.stderr
+    assert json.loads(run("status", "--json").stdout)["running"] is False
+    nothing = run("stop")
+    assert nothing.returncode == 3 and "nothing to stop" in nothing.stderr
+    # The last run's log stays readable.
+    last = run("logs", "--service", "env-manager", "--tail", "1")
+    assert last.returncode == 0 and "stopped" in last.stdout
+
+
+def test_a_failing_service_fails_start_and_leaves_nothing(workdir: Path, project: str) -> None:
+    (workdir / "dspy-agent.toml").write_text(
+        catalog_on_free_ports() + '\n[services.reddb.env]\nEXIT_CODE = "7"\n'
+    )
+    started = run("start")
+    assert started.returncode == 1
+    assert 'service "reddb" failed to start' in started.stderr
+    assert "exiting with code 7" in started.stderr  # its last log lines
+    assert containers(project) == []
+    assert not (state_dir() / "daemon.pid").exists()
+    assert run("status").returncode == 3
+
+
+def test_a_killed_daemon_is_detected_and_cleaned_up(workdir: Path, project: str) -> None:
+    assert run("start", "--services", "redis").returncode == 0
+    pid = json.loads(run("status", "--json").stdout)["daemon"]["pid"]
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+    status = run("status")
+    assert status.returncode == 3
+    assert f"pid {pid}, died without cleaning up" in status.stderr
+    assert len(containers(project)) == 1  # what it left
+
+    restarted = run("start", "--services", "redis")
+    assert restarted.returncode == 0, restarted.stderr
+    assert "stale pid file" in restarted.stdout
+    # The dead daemon's container was removed, and the new one made its own.
+    [new] = containers(project)
+    report = json.loads(run("status", "--json").stdout)
+    assert report["services"][0]["container_id"] == new
+    assert report["daemon"]["pid"] != pid
+    assert run("stop").returncode == 0
+    assert containers(project) == []
+
+
+def test_two_starts_at_once_make_one_daemon(workdir: Path, project: str) -> None:
+    procs = [
+        subprocess.Popen(
+            [DSPY_AGENT, "start"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    outputs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    said = [out for out, _ in outputs]
+    assert sum("daemon started" in out for out in said) == 1
+    assert sum("already running" in out or "another" in out for out in said) == 1
+    assert len(containers(project)) == 3
+    daemons = subprocess.run(
+        ["pgrep", "-f", "dspy_agent_infra daemon"], capture_output=True, text=True
+    ).stdout.split()
+    pid = json.loads(run("status", "--json").stdout)["daemon"]["pid"]
+    assert str(pid) in daemons
+    assert run("stop").returncode == 0
+    assert containers(project) == []
+
+
+def test_bad_input_gets_clear_errors_and_exit_codes(workdir: Path, project: str) -> None:
+    unknown = run("start", "--services", "nope")
+    assert unknown.returncode == 2 and 'unknown service "nope"' in unknown.stderr
+    assert not (state_dir() / "daemon.pid").exists()
+
+    usage = run("frobnicate")
+    assert usage.returncode == 2 and "unrecognized subcommand" in usage.stderr
+    assert run("restart", "redis").returncode == 3
+
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        busy = squatter.getsockname()[1]
+        taken = subprocess.run(
+            [DSPY_AGENT, "start"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "ENV_MANAGER_GRPC_ADDR": f"127.0.0.1:{busy}"},
+        )
+    assert taken.returncode == 1
+    assert f"cannot serve the env-manager gRPC port on 127.0.0.1:{busy}" in taken.stderr
+    assert "ENV_MANAGER_GRPC_ADDR" in taken.stderr
+    assert containers(project) == []
+
+    assert run("start", "--services", "redis").returncode == 0
+    assert run("logs", "--service", "nope").returncode == 2
+    assert 'unknown service "nope"' in run("restart", "nope").stderr
+    no_type = run("tasks", "submit", "no-such-type")
+    assert no_type.returncode == 1 and "no-such-type" in no_type.stderr
+    assert run("tasks", "status", "missing").returncode == 2
+    assert run("tasks", "list", "--state", "sideways").returncode == 2
+    assert run("logs", "--since", "soon").returncode == 2
+
+
+def test_config_commands(workdir: Path) -> None:
+    (workdir / "dspy-agent.toml").unlink()
+    assert "no config file" in run("config", "path").stdout
+    init = run("config", "init")
+    assert init.returncode == 0
+    assert (workdir / "dspy-agent.toml").read_text().startswith("# dspy-agent.toml")
+    assert run("config", "init").returncode == 1  # never overwrites without --force
+    assert run("config", "validate").returncode == 0
+    assert run("config", "path").stdout.strip() == str(workdir / "dspy-agent.toml")
+    shown = json.loads(run("config", "show").stdout)
+    assert set(shown["services"]) == {"redis", "reddb", "infermesh"}
+
+    (workdir / "dspy-agent.toml").write_text(
+        'publish_host_ip = "nowhere"\n'
+        "\n"
+        "[services.redis]\n"
+        'ports = ["lots"]\n'
+        "\n"
+        "[services.reddb.resources]\n"
+        'memory = "plenty"\n'
+        "\n"
+        "[services.infermesh]\n"
+        'depends_on = ["ghost"]\n'
+    )
+    checked = run("config", "validate")
+    assert checked.returncode == 2
+    problems = [line for line in checked.stderr.splitlines() if "dspy-agent.toml:" in line]
+    where = {line.split(": ")[0].rsplit(":", 1)[1] for line in problems}
+    assert len(problems) == 4, checked.stderr
+    assert where == {"1", "4", "7", "10"}
+    assert "4 problems found" in checked.stderr
+
+    (workdir / "dspy-agent.toml").write_text("[services.redis\n")
+    broken = run("config", "validate")
+    assert broken.returncode == 2 and "dspy-agent.toml:1:" in broken.stderr
+
+
+def test_module_entry_point_and_version() -> None:
+    via_module = subprocess.run(
+        [sys.executable, "-m", "dspy_agent_infra", "version"], capture_output=True, text=True
+    )
+    import dspy_agent_infra
+
+    assert via_module.returncode == 0
+    assert via_module.stdout.strip() == f"dspy-agent {dspy_agent_infra.__version__}"
+    assert run("--help").stdout.startswith("Runs a DSPy agent's service stack")

@@ -20,7 +20,7 @@ use crate::tasks::queue::TaskQueue;
 use crate::tasks::store::TaskStore;
 
 /// How long to wait for the Docker Engine before reporting it unavailable.
-pub const DOCKER_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+pub const DOCKER_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum InfraError {
@@ -130,10 +130,12 @@ impl Infra {
         own_log: Option<PathBuf>,
     ) -> Result<(Option<Arc<Supervisor>>, Vec<grpc::Server>), (InfraError, Vec<grpc::Server>)> {
         let mut servers = Vec::new();
+        let env_manager_addr = Arc::new(std::sync::OnceLock::new());
         match grpc::serve_orchestrator(
             &config.orchestrator_addr,
             queue.clone(),
             config.project.clone(),
+            Arc::clone(&env_manager_addr),
         )
         .await
         {
@@ -146,7 +148,10 @@ impl Infra {
         };
         let manager = EnvManager::new(Arc::clone(config), supervisor.clone(), docker, own_log);
         match grpc::serve_env_manager(&config.env_manager_addr, manager).await {
-            Ok(s) => servers.push(s),
+            Ok(s) => {
+                let _ = env_manager_addr.set(s.addr.to_string());
+                servers.push(s);
+            }
             Err(e) => return Err((e.into(), servers)),
         }
         Ok((supervisor, servers))
@@ -262,41 +267,13 @@ impl Infra {
             .ok_or_else(|| no_such_service(service))
     }
 
-    /// Addresses of the running services as environment variables: for each service `NAME`,
-    /// `NAME_HOST`, `NAME_PORT` and `NAME_URL` (e.g. `REDIS_URL=redis://127.0.0.1:6379`).
+    /// Addresses of the running services as environment variables (see [`service_env`]).
     pub fn env(&self) -> BTreeMap<String, String> {
-        let mut env = BTreeMap::from([
-            (
-                "ORCHESTRATOR_GRPC_ADDR".to_string(),
-                self.orchestrator_addr.to_string(),
-            ),
-            (
-                "ENV_MANAGER_GRPC_ADDR".to_string(),
-                self.env_manager_addr.to_string(),
-            ),
-        ]);
-        for s in self.services() {
-            let Some((_, (_, port))) = s.ports.iter().next() else {
-                continue;
-            };
-            let key: String = s
-                .name
-                .chars()
-                .map(|c| {
-                    if c.is_ascii_alphanumeric() {
-                        c.to_ascii_uppercase()
-                    } else {
-                        '_'
-                    }
-                })
-                .collect();
-            env.insert(format!("{key}_HOST"), s.host());
-            env.insert(format!("{key}_PORT"), port.to_string());
-            if let Some(url) = s.url() {
-                env.insert(format!("{key}_URL"), url);
-            }
-        }
-        env
+        service_env(
+            &self.orchestrator_addr.to_string(),
+            &self.env_manager_addr.to_string(),
+            &self.services(),
+        )
     }
 
     /// Stops the task queue and the orchestrator port, then stops and removes the stack's
@@ -330,4 +307,46 @@ fn new_session_id() -> String {
         .map(|d| d.as_nanos())
         .unwrap_or(0);
     format!("{:x}-{:x}", std::process::id(), nanos & 0xffff_ffff_ffff)
+}
+
+/// The addresses an agent needs, as environment variables: both gRPC ports and, for each
+/// service `NAME` with a published port, `NAME_HOST`, `NAME_PORT` and `NAME_URL` (for example
+/// `REDIS_URL=redis://127.0.0.1:6379`).
+pub fn service_env(
+    orchestrator_addr: &str,
+    env_manager_addr: &str,
+    services: &[ServiceState],
+) -> BTreeMap<String, String> {
+    let mut env = BTreeMap::from([
+        (
+            "ORCHESTRATOR_GRPC_ADDR".to_string(),
+            orchestrator_addr.to_string(),
+        ),
+        (
+            "ENV_MANAGER_GRPC_ADDR".to_string(),
+            env_manager_addr.to_string(),
+        ),
+    ]);
+    for s in services {
+        let Some((_, (_, port))) = s.ports.iter().next() else {
+            continue;
+        };
+        let key: String = s
+            .name
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_uppercase()
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        env.insert(format!("{key}_HOST"), s.host());
+        env.insert(format!("{key}_PORT"), port.to_string());
+        if let Some(url) = s.url() {
+            env.insert(format!("{key}_URL"), url);
+        }
+    }
+    env
 }

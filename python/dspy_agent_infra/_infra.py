@@ -115,6 +115,12 @@ class AgentInfra:
     async def __aenter__(self) -> AgentInfra:
         try:
             await self._core.start()
+            if self._core.attached:
+                _log.info(
+                    "attached to the running stack of project %r at %s",
+                    self.project,
+                    self.orchestrator_addr,
+                )
         except BaseException:
             # Failure, Ctrl-C or cancellation: remove whatever the start created.
             await _finish(self._core.abort())
@@ -195,6 +201,14 @@ class AgentInfra:
     def project(self) -> str:
         """The project name every container of this stack is labelled with."""
         return self._core.project
+
+    @property
+    def attached(self) -> bool:
+        """Whether this stack is one another process runs (a ``dspy-agent start`` daemon, another
+        agent), found at the configured orchestrator address when entering the context. An
+        attached stack is used over gRPC and keeps running when the context is left; task
+        handlers registered here serve its tasks from this process."""
+        return self._core.attached
 
     @property
     def keep_running(self) -> bool:

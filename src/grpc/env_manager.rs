@@ -113,6 +113,51 @@ pub fn phase_to_pb(p: Phase) -> pb::ServicePhase {
     }
 }
 
+pub fn phase_from_pb(p: i32) -> Phase {
+    match pb::ServicePhase::try_from(p) {
+        Ok(pb::ServicePhase::Pulling) => Phase::Pulling,
+        Ok(pb::ServicePhase::Creating) => Phase::Creating,
+        Ok(pb::ServicePhase::Waiting) => Phase::Waiting,
+        Ok(pb::ServicePhase::Starting) => Phase::Starting,
+        Ok(pb::ServicePhase::Healthy) => Phase::Healthy,
+        Ok(pb::ServicePhase::Completed) => Phase::Completed,
+        Ok(pb::ServicePhase::Failed) => Phase::Failed,
+        Ok(pb::ServicePhase::Stopping) => Phase::Stopping,
+        Ok(pb::ServicePhase::Stopped) => Phase::Stopped,
+        Ok(pb::ServicePhase::Pending | pb::ServicePhase::Unspecified) | Err(_) => Phase::Pending,
+    }
+}
+
+/// A service as another process's env-manager reports it.
+pub fn service_state(s: pb::ServiceStatus) -> ServiceState {
+    ServiceState {
+        phase: phase_from_pb(s.phase),
+        container_id: Some(s.container_id).filter(|c| !c.is_empty()),
+        ports: s
+            .ports
+            .into_iter()
+            .filter_map(|p| {
+                Some((
+                    u16::try_from(p.container_port).ok()?,
+                    (p.host_ip, u16::try_from(p.host_port).ok()?),
+                ))
+            })
+            .collect(),
+        reused: true,
+        scheme: s
+            .url
+            .split_once("://")
+            .map(|(scheme, _)| scheme.to_string())
+            .unwrap_or_else(|| "http".into()),
+        engine_state: None,
+        started_at: None,
+        restart_count: s.restart_count,
+        name: s.name,
+        image: s.image,
+        message: s.message,
+    }
+}
+
 fn is_healthy(p: Phase) -> bool {
     matches!(p, Phase::Healthy | Phase::Completed)
 }

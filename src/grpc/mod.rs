@@ -3,8 +3,11 @@
 
 pub mod env_manager;
 pub mod orchestrator;
+pub mod worker_client;
+pub mod workers;
 
 use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tokio::task::JoinHandle;
@@ -83,13 +86,14 @@ pub async fn serve_orchestrator(
     addr: &str,
     queue: TaskQueue,
     project: String,
+    env_manager_addr: Arc<OnceLock<String>>,
 ) -> Result<Server, GrpcError> {
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_serving::<pb::orchestrator_service_server::OrchestratorServiceServer<orchestrator::Orchestrator>>()
         .await;
     let service = pb::orchestrator_service_server::OrchestratorServiceServer::new(
-        orchestrator::Orchestrator::new(queue, project),
+        orchestrator::Orchestrator::new(queue, project, env_manager_addr),
     )
     .max_decoding_message_size(MAX_MESSAGE_BYTES)
     .max_encoding_message_size(MAX_MESSAGE_BYTES);

@@ -2,12 +2,14 @@
 
 use std::collections::HashSet;
 use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use futures_util::{Stream, StreamExt};
 use tokio_stream::wrappers::BroadcastStream;
 use tonic::{Request, Response, Status};
 
+use crate::grpc::workers::{Workers, LEASE};
 use crate::grpc::{pb, status};
 use crate::tasks::model::{NewTask, TaskRecord, TaskState};
 use crate::tasks::queue::TaskQueue;
@@ -16,11 +18,19 @@ use crate::tasks::store::ListFilter;
 pub struct Orchestrator {
     queue: TaskQueue,
     project: String,
+    workers: Arc<Workers>,
+    /// Where this process serves the env-manager, once it does.
+    env_manager_addr: Arc<OnceLock<String>>,
 }
 
 impl Orchestrator {
-    pub fn new(queue: TaskQueue, project: String) -> Self {
-        Orchestrator { queue, project }
+    pub fn new(queue: TaskQueue, project: String, env_manager_addr: Arc<OnceLock<String>>) -> Self {
+        Orchestrator {
+            workers: Workers::new(queue.clone()),
+            queue,
+            project,
+            env_manager_addr,
+        }
     }
 }
 
@@ -61,6 +71,14 @@ pub fn info(r: TaskRecord) -> pb::TaskInfo {
         finished_at_ms: r.finished_at_ms.unwrap_or(0),
         metadata: r.task.metadata.into_iter().collect(),
         priority: r.task.priority,
+    }
+}
+
+fn registered(generation: u64) -> pb::WorkAssignment {
+    pb::WorkAssignment {
+        assignment: Some(pb::work_assignment::Assignment::Registered(
+            pb::Registered { generation },
+        )),
     }
 }
 
@@ -217,6 +235,71 @@ impl pb::orchestrator_service_server::OrchestratorService for Orchestrator {
             healthy: true,
             version: env!("CARGO_PKG_VERSION").to_string(),
             project: self.project.clone(),
+            env_manager_addr: self.env_manager_addr.get().cloned().unwrap_or_default(),
         }))
+    }
+
+    type WorkStream = Pin<Box<dyn Stream<Item = Result<pb::WorkAssignment, Status>> + Send>>;
+
+    async fn work(
+        &self,
+        request: Request<tonic::Streaming<pb::WorkerMessage>>,
+    ) -> Result<Response<Self::WorkStream>, Status> {
+        let peer = request
+            .remote_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|| "unknown".into());
+        let mut inbound = request.into_inner();
+        let hello = match tokio::time::timeout(LEASE, inbound.message()).await {
+            Ok(Ok(Some(pb::WorkerMessage {
+                message: Some(pb::worker_message::Message::Hello(h)),
+            }))) => h,
+            Ok(Err(e)) => return Err(e),
+            Err(_) | Ok(Ok(_)) => {
+                return Err(Status::invalid_argument(
+                    "a worker's first message must be a WorkerHello",
+                ))
+            }
+        };
+        let (types, capacity) = Workers::check_hello(&hello)?;
+        let name = if hello.name.is_empty() {
+            peer
+        } else {
+            hello.name
+        };
+        let (outbox, assignments) = tokio::sync::mpsc::unbounded_channel();
+        let workers = Arc::clone(&self.workers);
+        let id = workers.join(name, types, capacity, outbox.clone())?;
+        let _ = outbox.send(Ok(registered(hello.generation)));
+        tokio::spawn(async move {
+            let reason = loop {
+                let message = tokio::select! {
+                    m = tokio::time::timeout(LEASE, inbound.message()) => m,
+                    () = outbox.closed() => break "the worker stopped reading".to_string(),
+                };
+                match message {
+                    Ok(Ok(Some(m))) => match m.message {
+                        Some(pb::worker_message::Message::Result(r)) => workers.report(id, r),
+                        Some(pb::worker_message::Message::Hello(h)) => {
+                            let updated = Workers::check_hello(&h)
+                                .and_then(|(types, capacity)| workers.update(id, types, capacity));
+                            if let Err(e) = updated {
+                                let _ = outbox.send(Err(e));
+                                break "its hello was refused".to_string();
+                            }
+                            let _ = outbox.send(Ok(registered(h.generation)));
+                        }
+                        Some(pb::worker_message::Message::Heartbeat(_)) | None => {}
+                    },
+                    Ok(Ok(None)) => break "it disconnected".to_string(),
+                    Ok(Err(e)) => break format!("its stream broke: {}", e.message()),
+                    Err(_) => break format!("no heartbeat for {LEASE:?}"),
+                }
+            };
+            workers.leave(id, &reason);
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::UnboundedReceiverStream::new(assignments),
+        )))
     }
 }

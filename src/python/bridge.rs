@@ -33,8 +33,26 @@ pub enum Message {
     /// The call behind `token` (a submit, a wait) has its answer.
     Reply {
         token: u64,
-        result: Result<Reply, TaskError>,
+        result: Result<Reply, CallError>,
     },
+}
+
+/// Why a submit or a wait failed: in this process's queue, or at a remote orchestrator.
+pub enum CallError {
+    Task(TaskError),
+    Rpc(tonic::Status),
+}
+
+impl From<TaskError> for CallError {
+    fn from(e: TaskError) -> Self {
+        CallError::Task(e)
+    }
+}
+
+impl From<tonic::Status> for CallError {
+    fn from(s: tonic::Status) -> Self {
+        CallError::Rpc(s)
+    }
 }
 
 pub enum Reply {
@@ -118,7 +136,7 @@ impl Drop for CancelOnDrop {
 impl Handler for BridgedHandler {
     fn run(&self, record: TaskRecord) -> HandlerFuture {
         let bridge = Arc::clone(&self.bridge);
-        Box::pin(async move {
+        crate::tasks::handlers::boxed(async move {
             let token = bridge.token();
             let (tx, rx) = oneshot::channel();
             lock(&bridge.running).insert(token, tx);
@@ -147,7 +165,8 @@ pub fn to_python(py: Python<'_>, message: Message) -> PyResult<(&'static str, u6
                 Ok(Reply::Submitted(response)) => Py::new(py, response)?.into_any(),
                 Ok(Reply::Finished(Some(info))) => Py::new(py, info)?.into_any(),
                 Ok(Reply::Finished(None)) => py.None(),
-                Err(e) => super::tasks::task_error(e).into_value(py).into_any(),
+                Err(CallError::Task(e)) => super::tasks::task_error(e).into_value(py).into_any(),
+                Err(CallError::Rpc(s)) => super::tasks::status_error(s).into_value(py).into_any(),
             };
             ("reply", token, value)
         }

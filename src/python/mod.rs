@@ -17,6 +17,7 @@ mod tasks;
 use crate::config::{Config, ConfigError, ConfigLayer, LoadOptions};
 use crate::docker::DockerError;
 use crate::infra::{Infra, InfraError};
+use crate::remote::{AttachError, Remote};
 use crate::services::supervisor::{ServiceState, StackError};
 
 /// A keyword attribute of an exception.
@@ -107,6 +108,39 @@ fn to_py_err(error: InfraError) -> PyErr {
     }
 }
 
+fn attach_error(e: AttachError) -> PyErr {
+    let message = e.to_string();
+    match e {
+        AttachError::OtherProject { addr, .. } => {
+            let port = addr
+                .rsplit(':')
+                .next()
+                .and_then(|p| p.parse().ok())
+                .unwrap_or(0);
+            port_in_use(message, "orchestrator".into(), port, addr)
+        }
+        AttachError::NoEnvManager { .. } | AttachError::Rpc { .. } => {
+            py_error("InfraError", message, vec![])
+        }
+    }
+}
+
+/// A service call to an attached stack's env-manager failed.
+fn service_error(service: &str, s: tonic::Status) -> PyErr {
+    match s.code() {
+        tonic::Code::NotFound => py_error(
+            "UnknownServiceError",
+            s.message().to_string(),
+            vec![("service", Attr::Text(service.to_string()))],
+        ),
+        _ => py_error(
+            "InfraError",
+            format!("the attached stack's env-manager: {}", s.message()),
+            vec![],
+        ),
+    }
+}
+
 /// One service of a running stack, as Python sees it.
 #[pyclass(frozen, get_all, module = "dspy_agent_infra._native")]
 #[derive(Clone)]
@@ -170,6 +204,8 @@ struct CoreState {
     keep_running: bool,
     pending: Mutex<Option<Config>>,
     infra: Mutex<Option<Arc<Infra>>>,
+    /// Set instead of `infra` when the start attached to a stack another process runs.
+    remote: Mutex<Option<Arc<Remote>>>,
     cancel: CancellationToken,
     started: watch::Sender<bool>,
     pid: u32,
@@ -177,17 +213,31 @@ struct CoreState {
     bridge: Arc<bridge::Bridge>,
 }
 
+/// Where the stack lives: in this process, or in another one this process attached to.
+#[derive(Clone)]
+enum Backend {
+    Local(Arc<Infra>),
+    Remote(Arc<Remote>),
+}
+
+fn not_running() -> PyErr {
+    py_error(
+        "InfraError",
+        "the stack is not running; use it inside `async with AgentInfra.start() as infra:`".into(),
+        vec![],
+    )
+}
+
 impl CoreState {
-    fn infra(&self) -> PyResult<Arc<Infra>> {
+    fn backend(&self) -> PyResult<Backend> {
         self.check_pid()?;
-        lock(&self.infra).clone().ok_or_else(|| {
-            py_error(
-                "InfraError",
-                "the stack is not running; use it inside `async with AgentInfra.start() as infra:`"
-                    .into(),
-                vec![],
-            )
-        })
+        if let Some(infra) = lock(&self.infra).clone() {
+            return Ok(Backend::Local(infra));
+        }
+        lock(&self.remote)
+            .clone()
+            .map(Backend::Remote)
+            .ok_or_else(not_running)
     }
 
     fn check_pid(&self) -> PyResult<()> {
@@ -266,6 +316,7 @@ impl Core {
                 keep_running: config.keep_running,
                 pending: Mutex::new(Some(config)),
                 infra: Mutex::new(None),
+                remote: Mutex::new(None),
                 cancel: CancellationToken::new(),
                 started,
                 pid: std::process::id(),
@@ -287,6 +338,9 @@ impl Core {
     /// Names of the services this stack will run, dependencies first.
     #[getter]
     fn planned_services(&self) -> Vec<String> {
+        if let Some(remote) = lock(&self.state.remote).clone() {
+            return remote.services().into_iter().map(|s| s.name).collect();
+        }
         let infra = lock(&self.state.infra).clone();
         match infra {
             Some(infra) => infra
@@ -316,19 +370,28 @@ impl Core {
         // Spawned, so that a cancelled `await` does not drop a half-started stack: `abort()`
         // cancels this task and waits for its rollback.
         let task = crate::runtime::get().spawn(async move {
-            let outcome = match Infra::start(config, state.cancel.clone()).await {
-                Ok(infra) => {
-                    *lock(&state.infra) = Some(Arc::new(infra));
-                    Ok(())
+            // A stack of this project already served at the configured address is used as it
+            // is, instead of starting a second one.
+            let outcome = match Remote::find(&config).await {
+                Ok(Some(remote)) => {
+                    *lock(&state.remote) = Some(Arc::new(remote));
+                    Ok(true)
                 }
-                Err(e) => Err(e),
+                Err(e) => Err(attach_error(e)),
+                Ok(None) => match Infra::start(config, state.cancel.clone()).await {
+                    Ok(infra) => {
+                        *lock(&state.infra) = Some(Arc::new(infra));
+                        Ok(false)
+                    }
+                    Err(e) => Err(to_py_err(e)),
+                },
             };
             state.started.send_replace(true);
             outcome
         });
         pyo3_async_runtimes::tokio::future_into_py(py, async move {
             match task.await {
-                Ok(result) => result.map_err(to_py_err),
+                Ok(result) => result,
                 Err(e) => Err(PyRuntimeError::new_err(format!(
                     "the start task failed: {e}"
                 ))),
@@ -349,6 +412,10 @@ impl Core {
             if let Some(infra) = infra {
                 infra.shutdown(false).await;
             }
+            let remote = lock(&state.remote).take();
+            if let Some(remote) = remote {
+                remote.close();
+            }
             Ok(())
         })
     }
@@ -357,9 +424,14 @@ impl Core {
     fn stop<'py>(&self, py: Python<'py>, keep_running: bool) -> PyResult<Bound<'py, PyAny>> {
         self.state.check_pid()?;
         let infra = lock(&self.state.infra).take();
+        let remote = lock(&self.state.remote).take();
         let task = crate::runtime::get().spawn(async move {
             if let Some(infra) = infra {
                 infra.shutdown(keep_running).await;
+            }
+            // An attached stack belongs to whoever started it: only detach.
+            if let Some(remote) = remote {
+                remote.close();
             }
         });
         pyo3_async_runtimes::tokio::future_into_py(py, async move {
@@ -371,31 +443,33 @@ impl Core {
     /// "host:port" of the orchestrator gRPC service.
     #[getter]
     fn orchestrator_addr(&self) -> PyResult<String> {
-        Ok(self.state.infra()?.orchestrator_addr().to_string())
+        Ok(match self.state.backend()? {
+            Backend::Local(infra) => infra.orchestrator_addr().to_string(),
+            Backend::Remote(remote) => remote.orchestrator_addr.clone(),
+        })
+    }
+
+    /// Whether this stack is one another process runs, attached to at start.
+    #[getter]
+    fn attached(&self) -> bool {
+        lock(&self.state.remote).is_some()
     }
 
     /// "host:port" of the env-manager gRPC service.
     #[getter]
     fn env_manager_addr(&self) -> PyResult<String> {
-        Ok(self.state.infra()?.env_manager_addr().to_string())
+        Ok(match self.state.backend()? {
+            Backend::Local(infra) => infra.env_manager_addr().to_string(),
+            Backend::Remote(remote) => remote.env_manager_addr.clone(),
+        })
     }
 
     /// Serves `task_type` with a Python function: a coroutine function is run by the pump on
     /// the event loop that entered the stack (the pump looks it up by task type); a plain one in
     /// a worker thread.
     fn register_handler(&self, task_type: String, func: Py<PyAny>, is_async: bool) -> PyResult<()> {
-        let infra = self.state.infra()?;
-        crate::tasks::model::NewTask {
-            task_id: "-".into(),
-            task_type: task_type.clone(),
-            payload: Vec::new(),
-            metadata: BTreeMap::new(),
-            priority: 0,
-            timeout: None,
-            max_retries: 0,
-        }
-        .validate()
-        .map_err(tasks::task_error)?;
+        let backend = self.state.backend()?;
+        crate::tasks::model::validate_task_type(&task_type).map_err(tasks::task_error)?;
         let handler: Arc<dyn crate::tasks::handlers::Handler> = if is_async {
             Arc::new(bridge::BridgedHandler {
                 bridge: Arc::clone(&self.state.bridge),
@@ -403,7 +477,10 @@ impl Core {
         } else {
             Arc::new(tasks::ThreadHandler { func })
         };
-        infra.register_handler(&task_type, handler);
+        match backend {
+            Backend::Local(infra) => infra.register_handler(&task_type, handler),
+            Backend::Remote(remote) => remote.serve(&task_type, handler),
+        }
         Ok(())
     }
 
@@ -421,7 +498,7 @@ impl Core {
         timeout: Option<f64>,
         max_retries: u32,
     ) -> PyResult<u64> {
-        let infra = self.state.infra()?;
+        let backend = self.state.backend()?;
         let task = tasks::new_task(
             task_id,
             task_type,
@@ -435,9 +512,21 @@ impl Core {
         let bridge = Arc::clone(&self.state.bridge);
         let token = bridge.token();
         crate::runtime::get().spawn(async move {
-            let result = infra.queue().submit(task).await.map(|(record, created)| {
-                bridge::Reply::Submitted(tasks::submit_response(record, created))
-            });
+            let result = match backend {
+                Backend::Local(infra) => infra
+                    .queue()
+                    .submit(task)
+                    .await
+                    .map(|(record, created)| tasks::submit_response(record, created))
+                    .map_err(bridge::CallError::from),
+                Backend::Remote(remote) => {
+                    remote.ready().await;
+                    tasks::remote_submit(remote.orchestrator(), task)
+                        .await
+                        .map_err(bridge::CallError::from)
+                }
+            };
+            let result = result.map(bridge::Reply::Submitted);
             bridge.send(bridge::Message::Reply { token, result });
         });
         Ok(token)
@@ -447,7 +536,7 @@ impl Core {
     /// receives the `TaskInfo` (None after `timeout` seconds) under the returned token.
     #[pyo3(signature = (task_id, timeout=None))]
     fn wait_nowait(&self, task_id: String, timeout: Option<f64>) -> PyResult<u64> {
-        let infra = self.state.infra()?;
+        let backend = self.state.backend()?;
         let timeout = match timeout {
             None => None,
             Some(t) if t.is_finite() && t >= 0.0 => {
@@ -462,11 +551,20 @@ impl Core {
         let bridge = Arc::clone(&self.state.bridge);
         let token = bridge.token();
         crate::runtime::get().spawn(async move {
-            let result = infra
-                .queue()
-                .wait(&task_id, timeout)
-                .await
-                .map(|r| bridge::Reply::Finished(r.map(tasks::TaskInfo::from)));
+            let result = match backend {
+                Backend::Local(infra) => infra
+                    .queue()
+                    .wait(&task_id, timeout)
+                    .await
+                    .map(|r| r.map(tasks::TaskInfo::from))
+                    .map_err(bridge::CallError::from),
+                Backend::Remote(remote) => {
+                    tasks::remote_wait(remote.orchestrator(), task_id, timeout)
+                        .await
+                        .map_err(bridge::CallError::from)
+                }
+            };
+            let result = result.map(bridge::Reply::Finished);
             bridge.send(bridge::Message::Reply { token, result });
         });
         Ok(token)
@@ -501,26 +599,51 @@ impl Core {
         py: Python<'py>,
         task_id: String,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let infra = self.state.infra()?;
+        let backend = self.state.backend()?;
         pyo3_async_runtimes::tokio::future_into_py(py, async move {
-            let record = infra
-                .queue()
-                .get(&task_id)
-                .await
-                .map_err(tasks::task_error)?;
-            Ok(tasks::TaskInfo::from(record))
+            match backend {
+                Backend::Local(infra) => {
+                    let record = infra
+                        .queue()
+                        .get(&task_id)
+                        .await
+                        .map_err(tasks::task_error)?;
+                    Ok(tasks::TaskInfo::from(record))
+                }
+                Backend::Remote(remote) => {
+                    let info = remote
+                        .orchestrator()
+                        .get_task_status(crate::grpc::pb::GetTaskStatusRequest { task_id })
+                        .await
+                        .map_err(tasks::status_error)?;
+                    Ok(tasks::TaskInfo::from(info.into_inner()))
+                }
+            }
         })
     }
 
     fn cancel_task<'py>(&self, py: Python<'py>, task_id: String) -> PyResult<Bound<'py, PyAny>> {
-        let infra = self.state.infra()?;
+        let backend = self.state.backend()?;
         pyo3_async_runtimes::tokio::future_into_py(py, async move {
-            let (record, cancelled) = infra
-                .queue()
-                .cancel(&task_id)
-                .await
-                .map_err(tasks::task_error)?;
-            Ok((cancelled, tasks::TaskInfo::from(record)))
+            match backend {
+                Backend::Local(infra) => {
+                    let (record, cancelled) = infra
+                        .queue()
+                        .cancel(&task_id)
+                        .await
+                        .map_err(tasks::task_error)?;
+                    Ok((cancelled, Some(tasks::TaskInfo::from(record))))
+                }
+                Backend::Remote(remote) => {
+                    let r = remote
+                        .orchestrator()
+                        .cancel_task(crate::grpc::pb::CancelTaskRequest { task_id })
+                        .await
+                        .map_err(tasks::status_error)?
+                        .into_inner();
+                    Ok((r.cancelled, r.task.map(tasks::TaskInfo::from)))
+                }
+            }
         })
     }
 
@@ -530,32 +653,52 @@ impl Core {
         task_ids: Vec<String>,
         include_current: bool,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let infra = self.state.infra()?;
+        let backend = self.state.backend()?;
         pyo3_async_runtimes::tokio::future_into_py(py, async move {
-            tasks::TaskWatch::local(infra.queue().clone(), task_ids, include_current)
-                .await
-                .map_err(tasks::task_error)
+            match backend {
+                Backend::Local(infra) => {
+                    tasks::TaskWatch::local(infra.queue().clone(), task_ids, include_current)
+                        .await
+                        .map_err(tasks::task_error)
+                }
+                Backend::Remote(remote) => {
+                    let stream = remote
+                        .orchestrator()
+                        .stream_task_results(crate::grpc::pb::StreamTaskResultsRequest {
+                            task_ids,
+                            include_current,
+                        })
+                        .await
+                        .map_err(tasks::status_error)?
+                        .into_inner();
+                    Ok(tasks::TaskWatch::remote(stream))
+                }
+            }
         })
     }
 
     fn services(&self) -> PyResult<Vec<ServiceInfo>> {
-        Ok(self
-            .state
-            .infra()?
-            .services()
-            .into_iter()
-            .map(ServiceInfo::from)
-            .collect())
+        let services = match self.state.backend()? {
+            Backend::Local(infra) => infra.services(),
+            Backend::Remote(remote) => remote.services(),
+        };
+        Ok(services.into_iter().map(ServiceInfo::from).collect())
     }
 
     fn env(&self) -> PyResult<BTreeMap<String, String>> {
-        Ok(self.state.infra()?.env())
+        Ok(match self.state.backend()? {
+            Backend::Local(infra) => infra.env(),
+            Backend::Remote(remote) => remote.env(),
+        })
     }
 
     fn status<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        let infra = self.state.infra()?;
+        let backend = self.state.backend()?;
         pyo3_async_runtimes::tokio::future_into_py(py, async move {
-            let services = infra.status().await.map_err(to_py_err)?;
+            let services = match backend {
+                Backend::Local(infra) => infra.status().await.map_err(to_py_err)?,
+                Backend::Remote(remote) => remote.status().await.map_err(attach_error)?,
+            };
             Ok(services
                 .into_iter()
                 .map(ServiceInfo::from)
@@ -569,20 +712,33 @@ impl Core {
         service: String,
         tail: usize,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let infra = self.state.infra()?;
+        let backend = self.state.backend()?;
         pyo3_async_runtimes::tokio::future_into_py(py, async move {
-            infra.logs(&service, tail).await.map_err(to_py_err)
+            match backend {
+                Backend::Local(infra) => infra.logs(&service, tail).await.map_err(to_py_err),
+                Backend::Remote(remote) => remote
+                    .logs(&service, tail)
+                    .await
+                    .map_err(|s| service_error(&service, s)),
+            }
         })
     }
 
     fn restart<'py>(&self, py: Python<'py>, service: String) -> PyResult<Bound<'py, PyAny>> {
-        let infra = self.state.infra()?;
+        let backend = self.state.backend()?;
         pyo3_async_runtimes::tokio::future_into_py(py, async move {
-            infra
-                .restart(&service)
-                .await
-                .map(ServiceInfo::from)
-                .map_err(to_py_err)
+            match backend {
+                Backend::Local(infra) => infra
+                    .restart(&service)
+                    .await
+                    .map(ServiceInfo::from)
+                    .map_err(to_py_err),
+                Backend::Remote(remote) => remote
+                    .restart(&service)
+                    .await
+                    .map(ServiceInfo::from)
+                    .map_err(|s| service_error(&service, s)),
+            }
         })
     }
 }

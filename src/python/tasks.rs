@@ -29,7 +29,7 @@ pub fn task_error(e: TaskError) -> PyErr {
     py_error(class, message, vec![])
 }
 
-fn status_error(s: tonic::Status) -> PyErr {
+pub fn status_error(s: tonic::Status) -> PyErr {
     let message = s.message().to_string();
     let class = match s.code() {
         tonic::Code::InvalidArgument | tonic::Code::ResourceExhausted | tonic::Code::OutOfRange => {
@@ -227,7 +227,7 @@ pub fn py_task(record: &TaskRecord) -> Task {
 impl Handler for ThreadHandler {
     fn run(&self, record: TaskRecord) -> HandlerFuture {
         let func = Python::attach(|py| self.func.clone_ref(py));
-        Box::pin(async move {
+        crate::tasks::handlers::boxed(async move {
             let task = py_task(&record);
             tokio::task::spawn_blocking(move || {
                 Python::attach(|py| match func.call1(py, (task,)) {
@@ -284,7 +284,7 @@ impl TaskWatch {
         })
     }
 
-    fn remote(stream: tonic::Streaming<pb::TaskInfo>) -> TaskWatch {
+    pub fn remote(stream: tonic::Streaming<pb::TaskInfo>) -> TaskWatch {
         TaskWatch {
             state: Arc::new(tokio::sync::Mutex::new(WatchState {
                 pending: VecDeque::new(),
@@ -366,6 +366,64 @@ pub fn new_task(
     })
 }
 
+/// Submits `task` to an orchestrator over gRPC.
+pub async fn remote_submit(
+    mut client: OrchestratorServiceClient<tonic::transport::Channel>,
+    task: NewTask,
+) -> Result<SubmitResponse, tonic::Status> {
+    let request = pb::SubmitTaskRequest {
+        task_id: task.task_id,
+        task_type: task.task_type,
+        payload: task.payload,
+        metadata: task.metadata.into_iter().collect::<HashMap<_, _>>(),
+        priority: task.priority,
+        timeout_ms: task
+            .timeout
+            .map(|t| t.as_millis().max(1) as u64)
+            .unwrap_or(0),
+        max_retries: task.max_retries,
+    };
+    let r = client.submit_task(request).await?.into_inner();
+    Ok(SubmitResponse {
+        success: r.success,
+        task_id: r.task_id,
+        error: r.error,
+        duplicate: r.duplicate,
+    })
+}
+
+/// Waits for a task of an orchestrator over gRPC to finish; `None` after `timeout`.
+pub async fn remote_wait(
+    mut client: OrchestratorServiceClient<tonic::transport::Channel>,
+    task_id: String,
+    timeout: Option<Duration>,
+) -> Result<Option<TaskInfo>, tonic::Status> {
+    let wait = async {
+        let mut stream = client
+            .stream_task_results(pb::StreamTaskResultsRequest {
+                task_ids: vec![task_id.clone()],
+                include_current: true,
+            })
+            .await?
+            .into_inner();
+        while let Some(info) = stream.message().await? {
+            if info.status >= pb::TaskState::Completed as i32 {
+                return Ok(TaskInfo::from(info));
+            }
+        }
+        Err(tonic::Status::unavailable(format!(
+            "the orchestrator closed the stream before task {task_id:?} finished"
+        )))
+    };
+    match timeout {
+        Some(t) => match tokio::time::timeout(t, wait).await {
+            Ok(r) => r.map(Some),
+            Err(_) => Ok(None),
+        },
+        None => wait.await.map(Some),
+    }
+}
+
 pub fn submit_response(record: TaskRecord, created: bool) -> SubmitResponse {
     SubmitResponse {
         success: true,
@@ -442,31 +500,9 @@ impl GrpcClient {
             timeout,
             max_retries,
         )?;
-        let mut client = self.client();
+        let client = self.client();
         pyo3_async_runtimes::tokio::future_into_py(py, async move {
-            let request = pb::SubmitTaskRequest {
-                task_id: task.task_id,
-                task_type: task.task_type,
-                payload: task.payload,
-                metadata: task.metadata.into_iter().collect::<HashMap<_, _>>(),
-                priority: task.priority,
-                timeout_ms: task
-                    .timeout
-                    .map(|t| t.as_millis().max(1) as u64)
-                    .unwrap_or(0),
-                max_retries: task.max_retries,
-            };
-            let r = client
-                .submit_task(request)
-                .await
-                .map_err(status_error)?
-                .into_inner();
-            Ok(SubmitResponse {
-                success: r.success,
-                task_id: r.task_id,
-                error: r.error,
-                duplicate: r.duplicate,
-            })
+            remote_submit(client, task).await.map_err(status_error)
         })
     }
 

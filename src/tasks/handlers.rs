@@ -15,8 +15,25 @@ use crate::docker::{labels, Docker};
 use crate::health;
 use crate::tasks::model::TaskRecord;
 
-/// A handler's answer: the result payload, or the error text that fails the attempt.
-pub type HandlerFuture = Pin<Box<dyn Future<Output = Result<Vec<u8>, String>> + Send>>;
+/// Why an attempt ended without a result.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HandlerError {
+    /// The handler failed: the attempt counts, and retries apply.
+    Failed(String),
+    /// Whoever ran it went away (a remote worker died): the task goes back to the queue
+    /// without using up a retry.
+    Lost(String),
+}
+
+/// A handler's answer: the result payload, or why there is none.
+pub type HandlerFuture = Pin<Box<dyn Future<Output = Result<Vec<u8>, HandlerError>> + Send>>;
+
+/// Boxes a handler's work whose error text fails the attempt.
+pub fn boxed(
+    work: impl Future<Output = Result<Vec<u8>, String>> + Send + 'static,
+) -> HandlerFuture {
+    Box::pin(async move { work.await.map_err(HandlerError::Failed) })
+}
 
 /// Runs tasks of one type. Dropping the returned future cancels the work.
 pub trait Handler: Send + Sync + 'static {
@@ -62,7 +79,7 @@ impl Handler for Builtin {
             "test" => b"ok".to_vec(),
             _ => task.task.payload,
         };
-        Box::pin(async move { Ok(result) })
+        boxed(async move { Ok(result) })
     }
 }
 
@@ -93,7 +110,7 @@ impl Handler for Exec {
     fn run(&self, task: TaskRecord) -> HandlerFuture {
         let docker = self.docker.clone();
         let directory = Arc::clone(&self.directory);
-        Box::pin(async move {
+        boxed(async move {
             let p: ExecPayload = parse(
                 "exec",
                 &task.task.payload,
@@ -138,7 +155,7 @@ impl Handler for Container {
     fn run(&self, task: TaskRecord) -> HandlerFuture {
         let docker = self.docker.clone();
         let project = self.project.clone();
-        Box::pin(async move {
+        boxed(async move {
             let p: ContainerPayload = parse(
                 "container",
                 &task.task.payload,
@@ -206,7 +223,7 @@ impl Handler for Http {
     fn run(&self, task: TaskRecord) -> HandlerFuture {
         let directory = Arc::clone(&self.directory);
         let timeout = self.timeout;
-        Box::pin(async move {
+        boxed(async move {
             let p: HttpPayload = parse(
                 "http",
                 &task.task.payload,

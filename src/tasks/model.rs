@@ -136,6 +136,11 @@ impl NewTask {
     }
 }
 
+/// Checks a task type name as `NewTask::validate` does, for a handler about to serve it.
+pub fn validate_task_type(task_type: &str) -> Result<(), TaskError> {
+    validate_id("task_type", task_type)
+}
+
 fn validate_id(field: &'static str, id: &str) -> Result<(), TaskError> {
     let problem = if id.is_empty() {
         Some("must not be empty".to_string())

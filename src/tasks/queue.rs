@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{broadcast, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-use crate::tasks::handlers::Handler;
+use crate::tasks::handlers::{Handler, HandlerError};
 use crate::tasks::model::{NewTask, TaskError, TaskRecord, TaskState};
 #[cfg(test)]
 use crate::tasks::store::Durability;
@@ -110,6 +110,16 @@ impl TaskQueue {
             .unwrap_or_else(|e| e.into_inner())
             .insert(task_type.to_string(), Registered { handler, slots });
         self.inner.wake.notify_one();
+    }
+
+    /// Stops serving `task_type`: new submits of it are refused, queued ones wait for a
+    /// handler to come back.
+    pub fn unregister(&self, task_type: &str) {
+        self.inner
+            .handlers
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(task_type);
     }
 
     pub fn task_types(&self) -> Vec<String> {
@@ -326,7 +336,7 @@ impl TaskQueue {
                 match timeout {
                     Some(t) => tokio::time::timeout(t, work)
                         .await
-                        .unwrap_or_else(|_| Err(format!("timed out after {t:?}"))),
+                        .unwrap_or_else(|_| Err(HandlerError::Failed(format!("timed out after {t:?}")))),
                     None => work.await,
                 }
             } => Some(result),
@@ -337,7 +347,15 @@ impl TaskQueue {
         let Some(result) = outcome else { return };
         let outcome = match result {
             Ok(bytes) => Outcome::Completed(bytes),
-            Err(error) => Outcome::Failed(error),
+            Err(HandlerError::Failed(error)) => Outcome::Failed(error),
+            Err(HandlerError::Lost(reason)) => {
+                tracing::warn!(
+                    task_id,
+                    attempt,
+                    "{reason}; the task goes back to the queue"
+                );
+                Outcome::Requeue(reason)
+            }
         };
         match self.inner.store.finish(&task_id, attempt, outcome).await {
             Ok(Some(record)) => {
@@ -368,7 +386,7 @@ mod tests {
 
     impl Handler for Sleeper {
         fn run(&self, task: TaskRecord) -> HandlerFuture {
-            Box::pin(async move {
+            crate::tasks::handlers::boxed(async move {
                 let text = String::from_utf8_lossy(&task.task.payload).to_string();
                 if text == "fail" {
                     return Err("asked to fail".into());

@@ -27,6 +27,9 @@ type Job = Box<dyn FnOnce(&Transaction<'_>) -> (bool, Reply) + Send>;
 pub enum Outcome {
     Completed(Vec<u8>),
     Failed(String),
+    /// The attempt was lost through no fault of the task (its worker went away): back to
+    /// PENDING at once, and the attempt does not count against the retries.
+    Requeue(String),
 }
 
 /// What `recover` did with tasks that were running when the last process stopped.
@@ -378,6 +381,13 @@ impl TaskStore {
                          WHERE task_id = ?1 AND state = 'RUNNING' AND attempt = ?2 RETURNING {COLUMNS}"
                     ))
                     .and_then(|mut stmt| stmt.query_row(params![task_id, attempt, result, now], record).optional()),
+                Outcome::Requeue(reason) => txn
+                    .prepare_cached(&format!(
+                        "UPDATE tasks SET state = 'PENDING', attempt = attempt - 1, error = ?3, \
+                         not_before = ?4 WHERE task_id = ?1 AND state = 'RUNNING' AND attempt = ?2 \
+                         RETURNING {COLUMNS}"
+                    ))
+                    .and_then(|mut stmt| stmt.query_row(params![task_id, attempt, reason, now], record).optional()),
                 Outcome::Failed(error) => {
                     let not_before = now + retry_backoff(attempt).as_millis() as i64;
                     txn.prepare_cached(&format!(

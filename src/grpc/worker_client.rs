@@ -1,0 +1,228 @@
+//! The worker side of the orchestrator's `Work` stream: serves task types with local handlers
+//! for an orchestrator in another process.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+use crate::grpc::pb;
+use crate::grpc::workers::LEASE;
+use crate::tasks::handlers::{Handler, HandlerError};
+use crate::tasks::model::{NewTask, TaskRecord, TaskState};
+use crate::tasks::store::now_ms;
+
+type Handlers = Arc<Mutex<BTreeMap<String, Arc<dyn Handler>>>>;
+type Running = Arc<Mutex<HashMap<(String, u32), CancellationToken>>>;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+pub struct WorkerClient {
+    handlers: Handlers,
+    outbox: mpsc::UnboundedSender<pb::WorkerMessage>,
+    name: String,
+    capacity: u32,
+    stop: CancellationToken,
+    /// The latest hello sent, and the latest the orchestrator confirmed (`u64::MAX` once the
+    /// stream is gone, so that nobody waits for a confirmation that cannot come).
+    sent: AtomicU64,
+    confirmed: watch::Sender<u64>,
+}
+
+impl WorkerClient {
+    /// Opens the stream; tasks arrive once `serve` has named a type.
+    pub async fn connect(
+        channel: Channel,
+        name: String,
+        capacity: u32,
+    ) -> Result<WorkerClient, tonic::Status> {
+        let (outbox, requests) = mpsc::unbounded_channel();
+        let client = WorkerClient {
+            handlers: Arc::new(Mutex::new(BTreeMap::new())),
+            outbox,
+            name,
+            capacity,
+            stop: CancellationToken::new(),
+            sent: AtomicU64::new(0),
+            confirmed: watch::Sender::new(0),
+        };
+        client.hello();
+        let mut grpc = pb::orchestrator_service_client::OrchestratorServiceClient::new(channel)
+            .max_decoding_message_size(crate::grpc::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(crate::grpc::MAX_MESSAGE_BYTES);
+        // The request stream ends when the worker stops, even while handler runs still hold
+        // a sender: that is how the orchestrator learns to requeue their tasks.
+        let requests = tokio_stream::wrappers::UnboundedReceiverStream::new(requests)
+            .take_until(client.stop.clone().cancelled_owned());
+        let inbound = grpc.work(requests).await?.into_inner();
+        tokio::spawn(serve_loop(
+            inbound,
+            Arc::clone(&client.handlers),
+            client.outbox.clone(),
+            client.stop.clone(),
+            client.confirmed.clone(),
+        ));
+        Ok(client)
+    }
+
+    fn hello(&self) {
+        let task_types = lock(&self.handlers).keys().cloned().collect();
+        let generation = self.sent.fetch_add(1, Ordering::SeqCst) + 1;
+        let _ = self.outbox.send(pb::WorkerMessage {
+            message: Some(pb::worker_message::Message::Hello(pb::WorkerHello {
+                task_types,
+                concurrency: self.capacity,
+                name: self.name.clone(),
+                generation,
+            })),
+        });
+    }
+
+    /// Waits until the orchestrator serves every type handed to `serve` so far.
+    pub async fn ready(&self) {
+        let sent = self.sent.load(Ordering::SeqCst);
+        let _ = self
+            .confirmed
+            .subscribe()
+            .wait_for(|confirmed| *confirmed >= sent)
+            .await;
+    }
+
+    /// Serves `task_type` with `handler` from now on.
+    pub fn serve(&self, task_type: &str, handler: Arc<dyn Handler>) {
+        lock(&self.handlers).insert(task_type.to_string(), handler);
+        self.hello();
+    }
+
+    /// Ends the stream: the orchestrator puts unfinished tasks back in its queue.
+    pub fn close(&self) {
+        self.stop.cancel();
+    }
+}
+
+impl Drop for WorkerClient {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+fn record(lease: pb::TaskLease) -> TaskRecord {
+    TaskRecord {
+        task: NewTask {
+            task_id: lease.task_id,
+            task_type: lease.task_type,
+            payload: lease.payload,
+            metadata: lease.metadata.into_iter().collect(),
+            priority: lease.priority,
+            timeout: (lease.timeout_ms > 0).then(|| Duration::from_millis(lease.timeout_ms)),
+            max_retries: 0,
+        },
+        state: TaskState::Running,
+        attempt: lease.attempt,
+        result: None,
+        error: None,
+        created_at_ms: lease.created_at_ms,
+        started_at_ms: Some(now_ms()),
+        finished_at_ms: None,
+    }
+}
+
+async fn serve_loop(
+    mut inbound: tonic::Streaming<pb::WorkAssignment>,
+    handlers: Handlers,
+    outbox: mpsc::UnboundedSender<pb::WorkerMessage>,
+    stop: CancellationToken,
+    confirmed: watch::Sender<u64>,
+) {
+    let running: Running = Arc::new(Mutex::new(HashMap::new()));
+    let mut heartbeat = tokio::time::interval(LEASE / 3);
+    loop {
+        let message = tokio::select! {
+            () = stop.cancelled() => break,
+            _ = heartbeat.tick() => {
+                let _ = outbox.send(pb::WorkerMessage {
+                    message: Some(pb::worker_message::Message::Heartbeat(pb::Heartbeat {})),
+                });
+                continue;
+            }
+            m = inbound.message() => m,
+        };
+        let assignment = match message {
+            Ok(Some(a)) => a.assignment,
+            Ok(None) => break,
+            Err(e) => {
+                tracing::warn!(error = %e.message(), "the orchestrator ended the worker stream");
+                break;
+            }
+        };
+        match assignment {
+            Some(pb::work_assignment::Assignment::Task(lease)) => {
+                let key = (lease.task_id.clone(), lease.attempt);
+                let handler = lock(&handlers).get(&lease.task_type).cloned();
+                let token = CancellationToken::new();
+                lock(&running).insert(key.clone(), token.clone());
+                let outbox = outbox.clone();
+                let running = Arc::clone(&running);
+                let task = record(lease);
+                tokio::spawn(async move {
+                    let result = match handler {
+                        Some(h) => {
+                            tokio::select! {
+                                () = token.cancelled() => None,
+                                r = h.run(task) => Some(r),
+                            }
+                        }
+                        None => Some(Err(HandlerError::Failed(
+                            "this worker does not serve the task's type".into(),
+                        ))),
+                    };
+                    lock(&running).remove(&key);
+                    let Some(result) = result else { return };
+                    let (success, result_payload, error) = match result {
+                        Ok(bytes) => (true, bytes, String::new()),
+                        Err(HandlerError::Failed(e) | HandlerError::Lost(e)) => {
+                            (false, Vec::new(), e)
+                        }
+                    };
+                    let _ = outbox.send(pb::WorkerMessage {
+                        message: Some(pb::worker_message::Message::Result(pb::WorkResult {
+                            task_id: key.0,
+                            attempt: key.1,
+                            success,
+                            result_payload,
+                            error,
+                        })),
+                    });
+                });
+            }
+            Some(pb::work_assignment::Assignment::Registered(r)) => {
+                confirmed.send_if_modified(|c| {
+                    let newer = r.generation > *c;
+                    if newer {
+                        *c = r.generation;
+                    }
+                    newer
+                });
+            }
+            Some(pb::work_assignment::Assignment::Cancel(c)) => {
+                if let Some(token) = lock(&running).remove(&(c.task_id, c.attempt)) {
+                    token.cancel();
+                }
+            }
+            None => {}
+        }
+    }
+    confirmed.send_replace(u64::MAX);
+    // Gone or told to stop: whatever still runs has no one to report to.
+    for (_, token) in lock(&running).drain() {
+        token.cancel();
+    }
+}

@@ -22,46 +22,26 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import functools
 import json
 import os
 import platform
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import textwrap
 import time
-import urllib.request
 import uuid
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from floor import STACK, floor_run, sh, wait_until
 from report import write_section
 
 from dspy_agent_infra import AgentInfra
 
-BUSYBOX = "dspy-agent-test/busybox:latest"
-REDIS = "dspy-agent-test/redis:latest"
 ROOT = Path(__file__).resolve().parents[1]
-
-# name -> (image, container port, probe kind, dependencies)
-STACK: dict[str, tuple[str, int, str, list[str]]] = {
-    "redis": (REDIS, 6379, "redis", []),
-    "ollama": (BUSYBOX, 11434, "http", []),
-    "reddb": (BUSYBOX, 6380, "http", ["redis"]),
-    "infermesh": (BUSYBOX, 8000, "http", ["redis"]),
-    "model_server": (BUSYBOX, 8001, "http", ["reddb", "infermesh"]),
-}
-LEVELS = [["redis", "ollama"], ["reddb", "infermesh"], ["model_server"]]
-
-
-def sh(*args: str) -> str:
-    return subprocess.run(args, check=True, capture_output=True, text=True).stdout
 
 
 def ours_config() -> dict[str, Any]:
@@ -103,70 +83,6 @@ async def ours_warm(project: str, runs: int) -> list[float]:
             times.append(time.perf_counter() - began)
             assert all(s.reused for s in infra.services.values()), "warm start recreated"
     return times
-
-
-def probe(kind: str, port: int) -> bool:
-    try:
-        if kind == "redis":
-            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
-                s.sendall(b"*1\r\n$4\r\nPING\r\n")
-                return s.recv(16).startswith(b"+PONG")
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
-            return bool(r.status == 200)
-    except OSError:
-        return False
-
-
-def wait_until(check: Callable[[], bool], what: str, limit: float = 60) -> None:
-    delay, deadline = 0.005, time.monotonic() + limit
-    while not check():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{what} not ready within {limit} s")
-        time.sleep(delay)
-        delay = min(delay * 1.5, 0.25)
-
-
-def floor_run(project: str) -> float:
-    network = f"{project}_net"
-    began = time.perf_counter()
-    sh("docker", "network", "create", network)
-    ids: list[str] = []
-    try:
-        for level in LEVELS:
-
-            def run(name: str) -> tuple[str, str, int]:
-                image, port, probe_kind, _ = STACK[name]
-                cid = sh(
-                    "docker",
-                    "run",
-                    "-d",
-                    "--name",
-                    f"{project}-{name}",
-                    "--network",
-                    network,
-                    "--network-alias",
-                    name,
-                    "-e",
-                    f"PORTS={port}",
-                    "-p",
-                    f"127.0.0.1::{port}",
-                    "--label",
-                    f"bench={project}",
-                    image,
-                ).strip()
-                host_port = int(sh("docker", "port", cid, f"{port}/tcp").split(":")[-1])
-                return cid, probe_kind, host_port
-
-            with ThreadPoolExecutor(len(level)) as pool:
-                started = list(pool.map(run, level))
-            for cid, probe_kind, host_port in started:
-                ids.append(cid)
-                wait_until(functools.partial(probe, probe_kind, host_port), cid)
-        return time.perf_counter() - began
-    finally:
-        if ids:
-            subprocess.run(["docker", "rm", "-f", *ids], capture_output=True)
-        subprocess.run(["docker", "network", "rm", network], capture_output=True)
 
 
 def compose_file() -> str:

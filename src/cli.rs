@@ -174,8 +174,14 @@ fn fail(message: impl Into<String>) -> Failure {
     Failure(EXIT_FAILURE, message.into())
 }
 
-/// Runs the command line; `python` is the interpreter that runs the daemon.
-pub fn main(args: Vec<String>, python: PathBuf) -> i32 {
+/// How `start` runs the daemon: this interpreter, and the folder this package is imported from.
+pub struct Launcher {
+    pub python: PathBuf,
+    pub package_root: PathBuf,
+}
+
+/// Runs the command line.
+pub fn main(args: Vec<String>, launcher: Launcher) -> i32 {
     let cli = match Cli::try_parse_from(args) {
         Ok(c) => c,
         Err(e) => {
@@ -201,7 +207,7 @@ pub fn main(args: Vec<String>, python: PathBuf) -> i32 {
         .with_target(false)
         .try_init();
     let runtime = crate::runtime::get();
-    match runtime.block_on(run(cli, options, python)) {
+    match runtime.block_on(run(cli, options, launcher)) {
         Ok(code) => code,
         Err(Failure(code, message)) => {
             eprintln!("{}", message.trim_end());
@@ -210,11 +216,11 @@ pub fn main(args: Vec<String>, python: PathBuf) -> i32 {
     }
 }
 
-async fn run(cli: Cli, mut options: LoadOptions, python: PathBuf) -> Result<i32, Failure> {
+async fn run(cli: Cli, mut options: LoadOptions, launcher: Launcher) -> Result<i32, Failure> {
     match cli.command {
         Cmd::Start { services } => {
             options.services = services;
-            start(options, python).await
+            start(options, launcher).await
         }
         Cmd::Stop { timeout } => stop(options, timeout).await,
         Cmd::Status { json } => status(options, json).await,
@@ -348,7 +354,7 @@ fn phase_name(p: i32) -> &'static str {
         .unwrap_or("unknown")
 }
 
-async fn start(options: LoadOptions, python: PathBuf) -> Result<i32, Failure> {
+async fn start(options: LoadOptions, launcher: Launcher) -> Result<i32, Failure> {
     let config = Config::load(options.clone())?;
     let began = Instant::now();
     match daemon::find(&config.state_dir) {
@@ -367,9 +373,15 @@ async fn start(options: LoadOptions, python: PathBuf) -> Result<i32, Failure> {
         Err(e) => return Err(fail(format!("cannot read the pid file: {e}"))),
     }
 
-    let mut command = Command::new(&python);
+    // Without `site` (-S) the interpreter starts tens of milliseconds sooner; the package is
+    // found where this command imported it from.
+    let bootstrap = format!(
+        "import sys; sys.path.insert(0, {:?}); from dspy_agent_infra._cli import main; sys.exit(main())",
+        launcher.package_root.display().to_string()
+    );
+    let mut command = Command::new(&launcher.python);
     command
-        .args(["-m", "dspy_agent_infra", "daemon"])
+        .args(["-S", "-c", &bootstrap, "daemon"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -385,7 +397,7 @@ async fn start(options: LoadOptions, python: PathBuf) -> Result<i32, Failure> {
     let mut child = command.spawn().map_err(|e| {
         fail(format!(
             "cannot run the daemon with {}: {e}",
-            python.display()
+            launcher.python.display()
         ))
     })?;
     let stdout = child.stdout.take().expect("stdout is piped");
@@ -484,30 +496,28 @@ async fn sweep(config: &Config, owner: Option<u32>) -> usize {
 async fn follow_start(config: &Config, began: Instant, owned: bool) -> Result<i32, Failure> {
     let info = wait_ready(config).await?;
     let mut client = env_client(&info).await?;
+    // Subscribe first: the stream starts with every service's current state, so nothing that
+    // happens after the names are known is missed.
     let mut stream = client
         .stream_health(env_pb::StreamHealthRequest::default())
         .await
         .map_err(|s| rpc_failure("cannot follow the start", s))?
         .into_inner();
+    let names: Vec<String> = client
+        .get_services_status(env_pb::GetServicesStatusRequest::default())
+        .await
+        .map_err(|s| rpc_failure("cannot follow the start", s))?
+        .into_inner()
+        .services
+        .into_iter()
+        .map(|s| s.name)
+        .collect();
     let mut phases: BTreeMap<String, i32> = BTreeMap::new();
-    let mut initial = true;
     let failed = loop {
-        // The first updates are the current state of every service, sent at once.
-        let next = if initial {
-            match tokio::time::timeout(Duration::from_millis(50), stream.next()).await {
-                Ok(n) => n,
-                Err(_) => {
-                    initial = false;
-                    if settled(&phases).is_some() {
-                        break settled(&phases).flatten();
-                    }
-                    continue;
-                }
-            }
-        } else {
-            stream.next().await
-        };
-        let update = match next {
+        if phases.len() == names.len() && all_healthy(&phases) {
+            break None;
+        }
+        let update = match stream.next().await {
             Some(Ok(u)) => u,
             Some(Err(s)) => return Err(rpc_failure("lost the daemon while starting", s)),
             None => return Err(fail("the daemon went away while starting; `dspy-agent logs --service env-manager` shows why")),
@@ -519,15 +529,10 @@ async fn follow_start(config: &Config, began: Instant, owned: bool) -> Result<i3
             phase_name(update.phase),
             first_line(&update.message)
         );
-        phases.insert(update.service.clone(), update.phase);
         if update.phase == env_pb::ServicePhase::Failed as i32 {
             break Some((update.service, update.message));
         }
-        if !initial {
-            if let Some(done) = settled(&phases) {
-                break done;
-            }
-        }
+        phases.insert(update.service, update.phase);
     };
     match failed {
         None => {
@@ -558,19 +563,10 @@ fn failure_text(service: &str, message: &str) -> String {
     }
 }
 
-/// `Some(None)` when every service is healthy, `Some(Some(..))` for the first failed one,
-/// `None` while any is still on its way.
-fn settled(phases: &BTreeMap<String, i32>) -> Option<Option<(String, String)>> {
-    let healthy = |p: &i32| {
+fn all_healthy(phases: &BTreeMap<String, i32>) -> bool {
+    phases.values().all(|p| {
         *p == env_pb::ServicePhase::Healthy as i32 || *p == env_pb::ServicePhase::Completed as i32
-    };
-    if let Some((name, _)) = phases
-        .iter()
-        .find(|(_, p)| **p == env_pb::ServicePhase::Failed as i32)
-    {
-        return Some(Some((name.clone(), "see `dspy-agent status`".into())));
-    }
-    phases.values().all(healthy).then_some(None)
+    })
 }
 
 fn first_line(text: &str) -> &str {

@@ -4,9 +4,12 @@ async with AgentInfra.start() as infra:
     ...
 """
 
-from ._infra import AgentInfra
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from ._native import ServiceInfo, SubmitResponse, Task, TaskInfo, __version__
-from ._tasks import OrchestratorClient, Payload, TaskStatus
 from .errors import (
     ConfigError,
     DockerUnavailableError,
@@ -45,3 +48,25 @@ __all__ = [
     "UnknownTaskTypeError",
     "__version__",
 ]
+
+if TYPE_CHECKING:
+    from ._infra import AgentInfra
+    from ._tasks import OrchestratorClient, Payload, TaskStatus
+
+# Imported on first use: they pull in asyncio, which the `dspy-agent` command and its daemon
+# (both in this package) do not need, and which would cost every command tens of milliseconds.
+_LAZY = {
+    "AgentInfra": "._infra",
+    "OrchestratorClient": "._tasks",
+    "Payload": "._tasks",
+    "TaskStatus": "._tasks",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
@@ -15,7 +16,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     args = sys.argv[1:] if argv is None else argv
-    return cli(["dspy-agent", *args], sys.executable)
+    package_root = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
+    return cli(["dspy-agent", *args], sys.executable, package_root)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from ._tasks import TaskStatus
 
 __version__: str
 
-def cli(argv: list[str], python: str) -> int: ...
+def cli(argv: list[str], python: str, package_root: str) -> int: ...
 
 @final
 class ServiceInfo:

@@ -744,10 +744,15 @@ impl Core {
 }
 
 /// Runs the `dspy-agent` command line with `argv` (program name first) and returns its exit
-/// code; `python` is the interpreter that `start` runs the daemon with.
+/// code; `start` runs the daemon with the interpreter `python`, importing this package from
+/// `package_root`.
 #[pyfunction]
-fn cli(py: Python<'_>, argv: Vec<String>, python: std::path::PathBuf) -> i32 {
-    py.detach(|| crate::cli::main(argv, python))
+fn cli(py: Python<'_>, argv: Vec<String>, python: PathBuf, package_root: PathBuf) -> i32 {
+    let launcher = crate::cli::Launcher {
+        python,
+        package_root,
+    };
+    py.detach(|| crate::cli::main(argv, launcher))
 }
 
 #[pymodule]

@@ -343,29 +343,26 @@ impl Supervisor {
         let selected = self.closure(names)?;
         let _op = self.ops.lock().await;
         let began = Instant::now();
-        let existing = self
-            .docker
-            .list_by_label(labels::PROJECT, &self.config.project)
-            .await?;
-        let (plans, stale) = self.plan(existing, &selected, names.is_empty());
-        self.check_ports(&plans, &stale)?;
-
-        let mut removals = JoinSet::new();
-        for c in &stale {
-            let this = Arc::clone(self);
-            let id = c.id.clone();
-            removals.spawn(async move { this.docker.remove(&id, Duration::from_secs(10)).await });
-        }
-        while let Some(result) = removals.join_next().await {
-            if let Ok(Err(e)) = result {
-                return Err(e.into());
+        let plans = match self.prepare(&selected, names.is_empty()).await {
+            Ok(plans) => plans,
+            Err(e) => {
+                // No container was created; the network goes again unless something uses it.
+                self.docker.remove_network(&self.network).await;
+                // The state (and every progress stream) still says why.
+                let message = e.to_string();
+                match &e {
+                    StackError::PortInUse { service, .. } => {
+                        self.set_phase(service, Phase::Failed, message)
+                    }
+                    _ => {
+                        for name in &selected {
+                            self.set_phase(name, Phase::Failed, message.clone());
+                        }
+                    }
+                }
+                return Err(e);
             }
-        }
-        if plans.values().any(|p| matches!(p, Plan::Create)) {
-            self.docker
-                .ensure_network(&self.network, &self.config.project)
-                .await?;
-        }
+        };
 
         let mut ready_tx = BTreeMap::new();
         let mut ready_rx = BTreeMap::new();
@@ -483,6 +480,39 @@ impl Supervisor {
                 })
             }
         }
+    }
+
+    /// Plans the start, checks its host ports, removes stale containers and makes sure the
+    /// network exists.
+    async fn prepare(
+        self: &Arc<Self>,
+        selected: &BTreeSet<String>,
+        full: bool,
+    ) -> Result<BTreeMap<String, Plan>, StackError> {
+        // The network is made sure of alongside the listing: a cold start needs it, and for a
+        // warm one it exists already, so asking costs nothing on the critical path.
+        let (existing, network) = tokio::join!(
+            self.docker
+                .list_by_label(labels::PROJECT, &self.config.project),
+            self.docker
+                .ensure_network(&self.network, &self.config.project)
+        );
+        network?;
+        let (plans, stale) = self.plan(existing?, selected, full);
+        self.check_ports(&plans, &stale)?;
+
+        let mut removals = JoinSet::new();
+        for c in &stale {
+            let this = Arc::clone(self);
+            let id = c.id.clone();
+            removals.spawn(async move { this.docker.remove(&id, Duration::from_secs(10)).await });
+        }
+        while let Some(result) = removals.join_next().await {
+            if let Ok(Err(e)) = result {
+                return Err(e.into());
+            }
+        }
+        Ok(plans)
     }
 
     /// Decides, per selected service, whether to reuse a running container or create one;

@@ -58,6 +58,21 @@ def pid_alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
+def daemon_pids(project: str) -> list[int]:
+    """Live daemon processes of the project, found by their command line and environment."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"daemon" in cmdline and f"DSPY_AGENT_PROJECT={project}".encode() in environ:
+            if pid_alive(int(proc.name)):
+                found.append(int(proc.name))
+    return found
+
+
 def state_dir() -> Path:
     return Path(os.environ["DSPY_AGENT_STATE_DIR"])
 
@@ -119,7 +134,7 @@ def test_a_whole_session(workdir: Path, project: str) -> None:
     stopped = run("stop")
     assert stopped.returncode == 0, stopped.stderr
     assert containers(project) == []
-    assert not pid_alive(daemon_pid)
+    assert not pid_alive(daemon_pid) and daemon_pids(project) == []
     assert not (state_dir() / "daemon.pid").exists()
 
     gone = run("status")
@@ -183,11 +198,8 @@ def test_two_starts_at_once_make_one_daemon(workdir: Path, project: str) -> None
     assert sum("daemon started" in out for out in said) == 1
     assert sum("already running" in out or "another" in out for out in said) == 1
     assert len(containers(project)) == 3
-    daemons = subprocess.run(
-        ["pgrep", "-f", "dspy_agent_infra daemon"], capture_output=True, text=True
-    ).stdout.split()
     pid = json.loads(run("status", "--json").stdout)["daemon"]["pid"]
-    assert str(pid) in daemons
+    assert daemon_pids(project) == [pid]
     assert run("stop").returncode == 0
     assert containers(project) == []
 
@@ -216,6 +228,20 @@ def test_bad_input_gets_clear_errors_and_exit_codes(workdir: Path, project: str)
     assert f"cannot serve the env-manager gRPC port on 127.0.0.1:{busy}" in taken.stderr
     assert "ENV_MANAGER_GRPC_ADDR" in taken.stderr
     assert containers(project) == []
+
+    # A service's host port taken by something else: refused before anything is created.
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        busy = squatter.getsockname()[1]
+        (workdir / "dspy-agent.toml").write_text(
+            catalog_on_free_ports().replace('"0:6379"', f'"{busy}:6379"')
+        )
+        held = run("start", "--services", "redis")
+    assert held.returncode == 1
+    assert f'service "redis" cannot publish 127.0.0.1:{busy}' in held.stderr
+    assert containers(project) == [] and not (state_dir() / "daemon.pid").exists()
+    (workdir / "dspy-agent.toml").write_text(catalog_on_free_ports())
 
     assert run("start", "--services", "redis").returncode == 0
     assert run("logs", "--service", "nope").returncode == 2

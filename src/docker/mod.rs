@@ -43,10 +43,22 @@ pub enum DockerError {
 }
 
 impl DockerError {
-    fn api(context: impl Into<String>, e: bollard::errors::Error) -> Self {
-        DockerError::Api {
-            context: context.into(),
-            message: engine_message(&e),
+    /// An Engine error; one that means the Engine cannot be reached at all (the socket is gone,
+    /// nothing answers) becomes `Unavailable`, which says how to fix it.
+    fn api(host: &str, context: impl Into<String>, e: bollard::errors::Error) -> Self {
+        use bollard::errors::Error as E;
+        match e {
+            E::HyperLegacyError { .. }
+            | E::IOError { .. }
+            | E::RequestTimeoutError
+            | E::SocketNotFoundError(_) => DockerError::Unavailable {
+                host: host.to_string(),
+                message: engine_message(&e),
+            },
+            _ => DockerError::Api {
+                context: context.into(),
+                message: engine_message(&e),
+            },
         }
     }
 }
@@ -200,7 +212,13 @@ impl Docker {
         let present = match self.client.inspect_image(image).await {
             Ok(_) => true,
             Err(e) if status_of(&e) == Some(404) => false,
-            Err(e) => return Err(DockerError::api(format!("inspect image {image:?}"), e)),
+            Err(e) => {
+                return Err(DockerError::api(
+                    &self.host,
+                    format!("inspect image {image:?}"),
+                    e,
+                ))
+            }
         };
         let pull = match policy {
             PullPolicy::Always => true,
@@ -264,7 +282,9 @@ impl Docker {
                 ListNetworksOptionsBuilder::new().filters(&filters).build(),
             ))
             .await
-            .map_err(|e| DockerError::api(format!("list networks named {name:?}"), e))?;
+            .map_err(|e| {
+                DockerError::api(&self.host, format!("list networks named {name:?}"), e)
+            })?;
         if existing.iter().any(|n| n.name.as_deref() == Some(name)) {
             return Ok(());
         }
@@ -281,7 +301,11 @@ impl Docker {
             Ok(_) => Ok(()),
             // Another start of the same project created it meanwhile.
             Err(e) if status_of(&e) == Some(409) => Ok(()),
-            Err(e) => Err(DockerError::api(format!("create network {name:?}"), e)),
+            Err(e) => Err(DockerError::api(
+                &self.host,
+                format!("create network {name:?}"),
+                e,
+            )),
         }
     }
 
@@ -310,7 +334,7 @@ impl Docker {
             .client
             .list_containers(Some(options))
             .await
-            .map_err(|e| DockerError::api("list containers", e))?;
+            .map_err(|e| DockerError::api(&self.host, "list containers", e))?;
         Ok(list
             .into_iter()
             .map(|c| {
@@ -340,7 +364,7 @@ impl Docker {
             .client
             .inspect_container(id, None)
             .await
-            .map_err(|e| DockerError::api(format!("inspect container {id}"), e))?;
+            .map_err(|e| DockerError::api(&self.host, format!("inspect container {id}"), e))?;
         let state = c.state.unwrap_or_default();
         let mut ports = BTreeMap::new();
         for (key, bindings) in c.network_settings.and_then(|n| n.ports).unwrap_or_default() {
@@ -489,9 +513,12 @@ impl Docker {
                     .create_container(Some(options), body)
                     .await
                     .map(|r| r.id)
-                    .map_err(|e| DockerError::api(format!("create container {:?}", plan.name), e))
+                    .map_err(|e| {
+                        DockerError::api(&self.host, format!("create container {:?}", plan.name), e)
+                    })
             }
             Err(e) => Err(DockerError::api(
+                &self.host,
                 format!("create container {:?}", plan.name),
                 e,
             )),
@@ -502,7 +529,7 @@ impl Docker {
         match self.client.start_container(id, None).await {
             Ok(()) => Ok(()),
             Err(e) if status_of(&e) == Some(304) => Ok(()),
-            Err(e) => Err(DockerError::api("start container", e)),
+            Err(e) => Err(DockerError::api(&self.host, "start container", e)),
         }
     }
 
@@ -513,7 +540,7 @@ impl Docker {
         self.client
             .restart_container(id, Some(options))
             .await
-            .map_err(|e| DockerError::api("restart container", e))
+            .map_err(|e| DockerError::api(&self.host, "restart container", e))
     }
 
     /// Stops (SIGTERM, then SIGKILL after `timeout`) and removes a container with its anonymous
@@ -539,7 +566,11 @@ impl Docker {
             Ok(()) => Ok(()),
             // 404: gone already; 409: removal already in progress.
             Err(e) if matches!(status_of(&e), Some(404) | Some(409)) => Ok(()),
-            Err(e) => Err(DockerError::api(format!("remove container {id}"), e)),
+            Err(e) => Err(DockerError::api(
+                &self.host,
+                format!("remove container {id}"),
+                e,
+            )),
         }
     }
 
@@ -553,7 +584,8 @@ impl Docker {
         let mut stream = self.client.logs(id, Some(options));
         let mut out = String::new();
         while let Some(item) = stream.next().await {
-            let chunk = item.map_err(|e| DockerError::api(format!("logs of container {id}"), e))?;
+            let chunk = item
+                .map_err(|e| DockerError::api(&self.host, format!("logs of container {id}"), e))?;
             out.push_str(&String::from_utf8_lossy(chunk.as_ref()));
         }
         Ok(out)
@@ -581,12 +613,13 @@ impl Docker {
             .since(i32::try_from(since).unwrap_or(i32::MAX))
             .build();
         let context = format!("logs of container {id}");
+        let host = self.host.clone();
         self.client
             .logs(id, Some(options))
             .map(move |item| match item {
                 Ok(LogOutput::StdErr { message }) => Ok((true, message)),
                 Ok(other) => Ok((false, other.into_bytes())),
-                Err(e) => Err(DockerError::api(context.clone(), e)),
+                Err(e) => Err(DockerError::api(&host, context.clone(), e)),
             })
             .boxed()
     }
@@ -601,7 +634,13 @@ impl Docker {
         let mut stream = self.client.stats(id, Some(options));
         let stats = match stream.next().await {
             Some(Ok(s)) => s,
-            Some(Err(e)) => return Err(DockerError::api(format!("stats of container {id}"), e)),
+            Some(Err(e)) => {
+                return Err(DockerError::api(
+                    &self.host,
+                    format!("stats of container {id}"),
+                    e,
+                ))
+            }
             None => return Ok(Usage::default()),
         };
         let total = |c: &Option<bollard::models::ContainerCpuStats>| {
@@ -656,7 +695,7 @@ impl Docker {
             .client
             .info()
             .await
-            .map_err(|e| DockerError::api("Engine info", e))?;
+            .map_err(|e| DockerError::api(&self.host, "Engine info", e))?;
         Ok(EngineInfo {
             version: info.server_version.unwrap_or_default(),
             cpus: info.ncpu.unwrap_or(0).max(0) as u32,
@@ -693,7 +732,7 @@ impl Docker {
                     image: image.to_string(),
                     message: "it is not present locally".into(),
                 },
-                _ => DockerError::api(format!("create a container from {image:?}"), e),
+                _ => DockerError::api(&self.host, format!("create a container from {image:?}"), e),
             })?
             .id;
         let guard = RemoveOnDrop {
@@ -705,14 +744,22 @@ impl Docker {
         let exit_code = match wait.next().await {
             Some(Ok(r)) => r.status_code,
             Some(Err(bollard::errors::Error::DockerContainerWaitError { code, .. })) => code,
-            Some(Err(e)) => return Err(DockerError::api(format!("wait for container {id}"), e)),
+            Some(Err(e)) => {
+                return Err(DockerError::api(
+                    &self.host,
+                    format!("wait for container {id}"),
+                    e,
+                ))
+            }
             None => -1,
         };
         let options = LogsOptionsBuilder::new().stdout(true).stderr(true).build();
         let mut logs = self.client.logs(&id, Some(options));
         let (mut stdout, mut stderr) = (String::new(), String::new());
         while let Some(item) = logs.next().await {
-            match item.map_err(|e| DockerError::api(format!("logs of container {id}"), e))? {
+            match item
+                .map_err(|e| DockerError::api(&self.host, format!("logs of container {id}"), e))?
+            {
                 LogOutput::StdErr { message } => {
                     stderr.push_str(&String::from_utf8_lossy(&message))
                 }
@@ -741,17 +788,19 @@ impl Docker {
                 },
             )
             .await
-            .map_err(|e| DockerError::api(format!("exec in container {id}"), e))?;
+            .map_err(|e| DockerError::api(&self.host, format!("exec in container {id}"), e))?;
         let mut stdout = String::new();
         let mut stderr = String::new();
         if let StartExecResults::Attached { mut output, .. } = self
             .client
             .start_exec(&exec.id, None)
             .await
-            .map_err(|e| DockerError::api(format!("exec in container {id}"), e))?
+            .map_err(|e| DockerError::api(&self.host, format!("exec in container {id}"), e))?
         {
             while let Some(item) = output.next().await {
-                match item.map_err(|e| DockerError::api(format!("exec in container {id}"), e))? {
+                match item.map_err(|e| {
+                    DockerError::api(&self.host, format!("exec in container {id}"), e)
+                })? {
                     LogOutput::StdErr { message } => {
                         stderr.push_str(&String::from_utf8_lossy(&message))
                     }
@@ -763,7 +812,7 @@ impl Docker {
             .client
             .inspect_exec(&exec.id)
             .await
-            .map_err(|e| DockerError::api(format!("exec in container {id}"), e))?;
+            .map_err(|e| DockerError::api(&self.host, format!("exec in container {id}"), e))?;
         Ok(ExecOutput {
             exit_code: inspect.exit_code.unwrap_or(-1),
             stdout,

@@ -268,10 +268,15 @@ def main() -> None:
 EXPLANATION = """
 `dspy-agent start` includes everything a user waits for: a Python interpreter for the
 command, the daemon's own interpreter, both gRPC ports, and the stack; it returns once
-every service is healthy. `status` and `docker-compose ps` are whole commands as typed
-(interpreter start included). *attach* is what an agent pays in its own process when a
-daemon already runs: the health probe, the services' state and the worker stream. `stop`
-removes each service after its dependents, with the services' own graceful shutdown.
+every service is healthy. The floor is timed twice: as a command, which pays for its
+interpreter as `dspy-agent start` does, and inside the benchmark's own process, which
+does not. On this Engine each container start costs 0.3 to 0.45 s, three times on the
+chain's critical path, and single runs vary by several hundred milliseconds, so the
+figures are medians of interleaved runs. `status` and `docker-compose ps` are whole
+commands as typed (interpreter start included). *attach* is what an agent pays in its
+own process when a daemon already runs: the health probe, the services' state and the
+worker stream. `stop` removes each service after its dependents, with the services' own
+graceful shutdown.
 """
 
 

@@ -546,18 +546,30 @@ impl Docker {
     /// Stops (SIGTERM, then SIGKILL after `timeout`) and removes a container with its anonymous
     /// volumes; named volumes stay. A container that is already gone is not an error.
     pub async fn remove(&self, id: &str, timeout: Duration) -> Result<(), DockerError> {
-        if !timeout.is_zero() {
-            let options = StopContainerOptionsBuilder::new()
-                .t(timeout.as_secs() as i32)
-                .build();
-            match self.client.stop_container(id, Some(options)).await {
-                Ok(()) => {}
-                Err(e) if matches!(status_of(&e), Some(304) | Some(404)) => {}
-                Err(e) => {
-                    tracing::debug!(container = id, error = %engine_message(&e), "stop failed; removing by force")
-                }
+        self.stop(id, timeout).await;
+        self.remove_stopped(id).await
+    }
+
+    /// SIGTERM, then SIGKILL after `timeout` (at once when zero). A container that is not
+    /// running, or gone, is fine; a failure is left to the removal that follows.
+    pub async fn stop(&self, id: &str, timeout: Duration) {
+        if timeout.is_zero() {
+            return;
+        }
+        let options = StopContainerOptionsBuilder::new()
+            .t(timeout.as_secs() as i32)
+            .build();
+        match self.client.stop_container(id, Some(options)).await {
+            Ok(()) => {}
+            Err(e) if matches!(status_of(&e), Some(304) | Some(404)) => {}
+            Err(e) => {
+                tracing::debug!(container = id, error = %engine_message(&e), "stop failed; removing by force")
             }
         }
+    }
+
+    /// Removes a container (killing it if it still runs) with its anonymous volumes.
+    pub async fn remove_stopped(&self, id: &str) -> Result<(), DockerError> {
         let options = RemoveContainerOptionsBuilder::new()
             .force(true)
             .v(true)

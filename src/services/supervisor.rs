@@ -951,7 +951,11 @@ impl Supervisor {
                 let id = this.lock().get(&name).and_then(|s| s.container_id.clone());
                 if let Some(id) = id {
                     this.set_phase(&name, Phase::Stopping, "stopping");
-                    match this.docker.remove(&id, stop_timeout).await {
+                    this.docker.stop(&id, stop_timeout).await;
+                    // Once it no longer runs, its dependencies may stop; deleting the stopped
+                    // container need not hold them up.
+                    let _ = tx.send(true);
+                    match this.docker.remove_stopped(&id).await {
                         Ok(()) => this.set_phase(&name, Phase::Stopped, "removed"),
                         Err(e) => {
                             this.set_phase(&name, Phase::Failed, format!("could not remove: {e}"))

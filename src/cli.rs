@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, Read, Write};
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
@@ -20,6 +20,7 @@ use crate::grpc::env_manager::{rfc3339_ms, OWN_LOG_SERVICE};
 use crate::grpc::{env_pb, pb, MAX_MESSAGE_BYTES};
 use crate::services::spec::parse_duration;
 use crate::tasks::store::now_ms;
+use crate::watchdog::{self, Launcher};
 
 pub const EXIT_OK: i32 = 0;
 pub const EXIT_FAILURE: i32 = 1;
@@ -91,6 +92,14 @@ enum Cmd {
     Daemon {
         #[arg(long, value_delimiter = ',')]
         services: Option<Vec<String>>,
+    },
+    /// Watch a stack's owner and remove its containers if it dies (what the core launches)
+    #[command(hide = true)]
+    Watchdog {
+        #[arg(long)]
+        session: String,
+        #[arg(long = "docker-host")]
+        docker_host: Option<String>,
     },
 }
 
@@ -174,12 +183,6 @@ fn fail(message: impl Into<String>) -> Failure {
     Failure(EXIT_FAILURE, message.into())
 }
 
-/// How `start` runs the daemon: this interpreter, and the folder this package is imported from.
-pub struct Launcher {
-    pub python: PathBuf,
-    pub package_root: PathBuf,
-}
-
 /// Runs the command line.
 pub fn main(args: Vec<String>, launcher: Launcher) -> i32 {
     let cli = match Cli::try_parse_from(args) {
@@ -197,9 +200,19 @@ pub fn main(args: Vec<String>, launcher: Launcher) -> i32 {
     let mut options = LoadOptions::from_process();
     options.config_file = cli.config.clone();
     options.project = cli.project.clone();
-    if let Cmd::Daemon { services } = cli.command {
-        options.services = services;
-        return daemon::run(options);
+    match cli.command {
+        Cmd::Daemon { services } => {
+            options.services = services;
+            return daemon::run(options, launcher);
+        }
+        Cmd::Watchdog {
+            session,
+            docker_host,
+        } => {
+            let project = cli.project.unwrap_or_default();
+            return watchdog::run(&project, &session, docker_host.as_deref());
+        }
+        _ => {}
     }
     let _ = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -237,7 +250,9 @@ async fn run(cli: Cli, mut options: LoadOptions, launcher: Launcher) -> Result<i
             println!("dspy-agent {}", env!("CARGO_PKG_VERSION"));
             Ok(EXIT_OK)
         }
-        Cmd::Daemon { .. } => unreachable!("handled before the runtime starts"),
+        Cmd::Daemon { .. } | Cmd::Watchdog { .. } => {
+            unreachable!("handled before the runtime starts")
+        }
     }
 }
 
@@ -373,15 +388,8 @@ async fn start(options: LoadOptions, launcher: Launcher) -> Result<i32, Failure>
         Err(e) => return Err(fail(format!("cannot read the pid file: {e}"))),
     }
 
-    // Without `site` (-S) the interpreter starts tens of milliseconds sooner; the package is
-    // found where this command imported it from.
-    let bootstrap = format!(
-        "import sys; sys.path.insert(0, {:?}); from dspy_agent_infra._cli import main; sys.exit(main())",
-        launcher.package_root.display().to_string()
-    );
-    let mut command = Command::new(&launcher.python);
+    let mut command = launcher.command(&["daemon"]);
     command
-        .args(["-S", "-c", &bootstrap, "daemon"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());

@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, LoadOptions};
 use crate::infra::Infra;
+use crate::watchdog::Launcher;
 
 pub const PID_FILE: &str = "daemon.pid";
 pub const LOG_FILE: &str = "daemon.log";
@@ -161,7 +162,7 @@ fn redirect_output(file: &File) -> std::io::Result<()> {
 
 /// Runs the daemon to the end and returns the process exit code. Before its ready line, errors
 /// go to stderr (the starting command shows them); after it, everything goes to the log file.
-pub fn run(options: LoadOptions) -> i32 {
+pub fn run(options: LoadOptions, launcher: Launcher) -> i32 {
     let config = match Config::load(options) {
         Ok(c) => c,
         Err(e) => {
@@ -216,7 +217,8 @@ pub fn run(options: LoadOptions) -> i32 {
     let runtime = crate::runtime::get();
     let state_dir = config.state_dir.clone();
     let project = config.project.clone();
-    let infra = match runtime.block_on(Infra::open(config, Some(log_path.clone()))) {
+    let infra = match runtime.block_on(Infra::open(config, Some(log_path.clone()), Some(launcher)))
+    {
         Ok(i) => i,
         Err(e) => {
             eprintln!("error: {e}");

@@ -18,6 +18,7 @@ use crate::tasks::handlers::{self, Handler, ServiceDirectory};
 use crate::tasks::model::TaskError;
 use crate::tasks::queue::TaskQueue;
 use crate::tasks::store::TaskStore;
+use crate::watchdog::{Launcher, Watchdog};
 
 /// How long to wait for the Docker Engine before reporting it unavailable.
 pub const DOCKER_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -70,13 +71,18 @@ pub struct Infra {
     servers: Mutex<Vec<grpc::Server>>,
     orchestrator_addr: SocketAddr,
     env_manager_addr: SocketAddr,
+    watchdog: Option<Watchdog>,
 }
 
 impl Infra {
     /// Opens the task queue and serves both gRPC ports, then brings the stack up. A failure
     /// undoes what was started.
-    pub async fn start(config: Config, cancel: CancellationToken) -> Result<Infra, InfraError> {
-        let infra = Infra::open(config, None).await?;
+    pub async fn start(
+        config: Config,
+        cancel: CancellationToken,
+        launcher: Option<Launcher>,
+    ) -> Result<Infra, InfraError> {
+        let infra = Infra::open(config, None, launcher).await?;
         if let Err(e) = infra.start_services(&[], cancel).await {
             infra.shutdown(false).await;
             return Err(e);
@@ -86,8 +92,14 @@ impl Infra {
 
     /// Opens the task queue, serves the orchestrator and env-manager ports and connects to the
     /// Engine (only when there is a service to run), without starting any service yet.
-    /// `own_log` is the file the env-manager serves as its own log (the daemon's).
-    pub async fn open(config: Config, own_log: Option<PathBuf>) -> Result<Infra, InfraError> {
+    /// `own_log` is the file the env-manager serves as its own log (the daemon's). With a
+    /// `launcher`, a watchdog process removes the stack's containers should this process die
+    /// without stopping them.
+    pub async fn open(
+        config: Config,
+        own_log: Option<PathBuf>,
+        launcher: Option<Launcher>,
+    ) -> Result<Infra, InfraError> {
         let config = Arc::new(config);
         let store_path = config.tasks.store.clone();
         let durability = config.tasks.durability;
@@ -105,14 +117,30 @@ impl Infra {
         }
         let opened = Self::open_rest(&config, &queue, own_log).await;
         match opened {
-            Ok((supervisor, servers)) => Ok(Infra {
-                orchestrator_addr: servers[0].addr,
-                env_manager_addr: servers[1].addr,
-                config,
-                supervisor,
-                queue,
-                servers: Mutex::new(servers),
-            }),
+            Ok((supervisor, servers)) => {
+                let watchdog = match (&supervisor, launcher) {
+                    (Some(s), Some(launcher)) => Watchdog::spawn(
+                        &launcher,
+                        &config.project,
+                        s.session(),
+                        config.docker_host.as_deref(),
+                    )
+                    .map_err(|e| {
+                        tracing::warn!(error = %e, "no watchdog: should this process be killed, its containers stay until the next start removes them");
+                    })
+                    .ok(),
+                    _ => None,
+                };
+                Ok(Infra {
+                    orchestrator_addr: servers[0].addr,
+                    env_manager_addr: servers[1].addr,
+                    config,
+                    supervisor,
+                    queue,
+                    servers: Mutex::new(servers),
+                    watchdog,
+                })
+            }
             Err((e, servers)) => {
                 queue.shutdown();
                 for s in servers {
@@ -290,6 +318,9 @@ impl Infra {
             } else {
                 s.stop_services(&[], None).await;
             }
+        }
+        if let Some(w) = &self.watchdog {
+            w.release();
         }
     }
 }

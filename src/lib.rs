@@ -13,6 +13,7 @@ pub mod remote;
 pub mod runtime;
 pub mod services;
 pub mod tasks;
+pub mod watchdog;
 
 #[cfg(feature = "python")]
 mod python;

@@ -190,6 +190,29 @@ impl ServiceInfo {
     }
 }
 
+/// This interpreter and the folder this package is imported from, to start helper processes.
+fn launcher(py: Python<'_>) -> Option<crate::watchdog::Launcher> {
+    let python: PathBuf = py
+        .import("sys")
+        .ok()?
+        .getattr("executable")
+        .ok()?
+        .extract()
+        .ok()?;
+    let file: PathBuf = py
+        .import("dspy_agent_infra")
+        .ok()?
+        .getattr("__file__")
+        .ok()?
+        .extract()
+        .ok()?;
+    let package_root = file.parent()?.parent()?.to_path_buf();
+    (!python.as_os_str().is_empty()).then_some(crate::watchdog::Launcher {
+        python,
+        package_root,
+    })
+}
+
 /// Locks `m`; a panic elsewhere while it was held leaves plain data behind, still usable.
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -209,6 +232,8 @@ struct CoreState {
     cancel: CancellationToken,
     started: watch::Sender<bool>,
     pid: u32,
+    /// How to start this package's watchdog; `None` in an interpreter without an executable.
+    launcher: Option<crate::watchdog::Launcher>,
     /// Handler runs and finished submits on their way to the event loop's pump.
     bridge: Arc<bridge::Bridge>,
 }
@@ -310,6 +335,7 @@ impl Core {
             .detach(|| Config::load(options))
             .map_err(|e| to_py_err(e.into()))?;
         let (started, _) = watch::channel(false);
+        let launcher = launcher(py);
         Ok(Core {
             state: Arc::new(CoreState {
                 project: config.project.clone(),
@@ -320,6 +346,7 @@ impl Core {
                 cancel: CancellationToken::new(),
                 started,
                 pid: std::process::id(),
+                launcher,
                 bridge: bridge::Bridge::new(),
             }),
         })
@@ -378,13 +405,15 @@ impl Core {
                     Ok(true)
                 }
                 Err(e) => Err(attach_error(e)),
-                Ok(None) => match Infra::start(config, state.cancel.clone()).await {
-                    Ok(infra) => {
-                        *lock(&state.infra) = Some(Arc::new(infra));
-                        Ok(false)
+                Ok(None) => {
+                    match Infra::start(config, state.cancel.clone(), state.launcher.clone()).await {
+                        Ok(infra) => {
+                            *lock(&state.infra) = Some(Arc::new(infra));
+                            Ok(false)
+                        }
+                        Err(e) => Err(to_py_err(e)),
                     }
-                    Err(e) => Err(to_py_err(e)),
-                },
+                }
             };
             state.started.send_replace(true);
             outcome
@@ -748,7 +777,7 @@ impl Core {
 /// `package_root`.
 #[pyfunction]
 fn cli(py: Python<'_>, argv: Vec<String>, python: PathBuf, package_root: PathBuf) -> i32 {
-    let launcher = crate::cli::Launcher {
+    let launcher = crate::watchdog::Launcher {
         python,
         package_root,
     };

@@ -229,6 +229,11 @@ impl Supervisor {
         }
     }
 
+    /// The label that marks every container this supervisor creates.
+    pub fn session(&self) -> &str {
+        &self.session
+    }
+
     pub fn subscribe(&self) -> broadcast::Receiver<ServiceEvent> {
         self.events.subscribe()
     }
@@ -498,7 +503,17 @@ impl Supervisor {
                 .ensure_network(&self.network, &self.config.project)
         );
         network?;
-        let (plans, stale) = self.plan(existing?, selected, full);
+        let (orphans, existing): (Vec<ContainerInfo>, Vec<ContainerInfo>) =
+            existing?.into_iter().partition(|c| self.is_orphan(c));
+        if !orphans.is_empty() {
+            tracing::warn!(
+                project = %self.config.project,
+                containers = orphans.len(),
+                "removing containers whose owning process died without stopping them"
+            );
+        }
+        let (plans, mut stale) = self.plan(existing, selected, full);
+        stale.extend(orphans);
         self.check_ports(&plans, &stale)?;
 
         let mut removals = JoinSet::new();
@@ -513,6 +528,22 @@ impl Supervisor {
             }
         }
         Ok(plans)
+    }
+
+    /// A container left by a process of this machine that died without stopping it (and that
+    /// nobody asked to keep running): its watchdog missed it, so this start removes it.
+    fn is_orphan(&self, c: &ContainerInfo) -> bool {
+        if !self.docker.host().starts_with("unix://") {
+            // Owner pids name processes of the Engine's machine, which may not be this one.
+            return false;
+        }
+        let keep = c.labels.get(labels::KEEP).is_some_and(|v| v == "true");
+        let ours = c.labels.get(labels::SESSION).map(String::as_str) == Some(self.session.as_str());
+        let owner = c
+            .labels
+            .get(labels::OWNER_PID)
+            .and_then(|p| p.parse::<u32>().ok());
+        !keep && !ours && owner.is_some_and(crate::watchdog::is_dead)
     }
 
     /// Decides, per selected service, whether to reuse a running container or create one;

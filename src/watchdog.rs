@@ -1,0 +1,170 @@
+//! The watchdog: a small process that removes a stack's containers when the process owning the
+//! stack dies without stopping it (SIGKILL, a crash, the OOM killer).
+//!
+//! The owner keeps the write end of a pipe that is the watchdog's stdin. However the owner ends,
+//! the kernel closes that end and the watchdog reads end-of-file at once. An owner that stops its
+//! stack properly says so first (`release`), and the watchdog leaves without touching anything.
+//! No container gets the Docker socket; the watchdog talks to the Engine from the host.
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use crate::docker::{labels, Docker};
+
+/// What the owner writes before it lets the watchdog go.
+const RELEASE: &[u8] = b"release\n";
+
+/// How a process of this package is started: the interpreter, and where the package is.
+#[derive(Debug, Clone)]
+pub struct Launcher {
+    pub python: PathBuf,
+    pub package_root: PathBuf,
+}
+
+impl Launcher {
+    /// A command running `dspy-agent ARGS` in a new interpreter. Without `site` (-S) it starts
+    /// tens of milliseconds sooner; the package is imported from where this process found it.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let bootstrap = format!(
+            "import sys; sys.path.insert(0, {:?}); from dspy_agent_infra._cli import main; sys.exit(main())",
+            self.package_root.display().to_string()
+        );
+        let mut command = Command::new(&self.python);
+        command.args(["-S", "-c", &bootstrap]).args(args);
+        command
+    }
+}
+
+pub struct Watchdog {
+    stdin: Mutex<Option<ChildStdin>>,
+    child: Mutex<Option<Child>>,
+}
+
+impl Watchdog {
+    /// Starts the watchdog of `session`; its own process group, so a Ctrl-C meant for the owner
+    /// does not reach it.
+    pub fn spawn(
+        launcher: &Launcher,
+        project: &str,
+        session: &str,
+        docker_host: Option<&str>,
+    ) -> std::io::Result<Watchdog> {
+        let mut args = vec!["watchdog", "--project", project, "--session", session];
+        if let Some(host) = docker_host {
+            args.extend(["--docker-host", host]);
+        }
+        let mut command = launcher.command(&args);
+        command
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        std::os::unix::process::CommandExt::process_group(&mut command, 0);
+        let mut child = command.spawn()?;
+        Ok(Watchdog {
+            stdin: Mutex::new(child.stdin.take()),
+            child: Mutex::new(Some(child)),
+        })
+    }
+
+    /// The owner stopped (or kept) its stack itself: the watchdog leaves without cleaning up.
+    pub fn release(&self) {
+        if let Some(mut stdin) = self.stdin.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = stdin.write_all(RELEASE);
+        }
+        if let Some(mut child) = self.child.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            // Reaped on a thread of its own, so the caller does not wait for it.
+            std::thread::spawn(move || child.wait());
+        }
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        // Dropping without `release` closes the pipe like a death would: the watchdog cleans
+        // up, which is right when the stack was never stopped.
+        if let Some(mut child) = self.child.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            std::thread::spawn(move || child.wait());
+        }
+    }
+}
+
+/// The watchdog process: waits for its owner to end, and removes the session's containers
+/// (except those the user asked to keep running) unless the owner released it.
+pub fn run(project: &str, session: &str, docker_host: Option<&str>) -> i32 {
+    let mut said = Vec::new();
+    let _ = std::io::stdin().lock().read_to_end(&mut said);
+    if said.starts_with(RELEASE) {
+        return 0;
+    }
+    let _ = tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_writer(std::io::stderr)
+        .with_max_level(tracing::Level::INFO)
+        .try_init();
+    crate::runtime::get().block_on(async {
+        // The Engine may be restarting just then: keep trying for a while.
+        let mut docker = None;
+        for _ in 0..30 {
+            match Docker::connect(docker_host, Duration::from_secs(2)).await {
+                Ok(d) => {
+                    docker = Some(d);
+                    break;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_secs(1)).await,
+            }
+        }
+        let Some(docker) = docker else {
+            tracing::error!(session, "the owner of this stack died and the Docker Engine cannot be reached to remove its containers; the next start of project {project:?} will");
+            return 1;
+        };
+        let removed = remove_session(&docker, session).await;
+        docker.remove_network(&format!("{project}_default")).await;
+        tracing::warn!(
+            project,
+            session,
+            removed,
+            "the process owning this stack died; its containers were removed"
+        );
+        0
+    })
+}
+
+/// Removes the containers of `session` that are not marked to keep running.
+async fn remove_session(docker: &Docker, session: &str) -> usize {
+    let Ok(found) = docker.list_by_label(labels::SESSION, session).await else {
+        return 0;
+    };
+    let mut removed = 0;
+    for c in found {
+        if c.labels.get(labels::KEEP).is_some_and(|v| v == "true") {
+            continue;
+        }
+        if docker.remove(&c.id, Duration::ZERO).await.is_ok() {
+            removed += 1;
+        }
+    }
+    removed
+}
+
+/// Whether process `pid` of this machine has ended (a zombie has).
+pub fn is_dead(pid: u32) -> bool {
+    let Ok(raw) = libc::pid_t::try_from(pid) else {
+        return true;
+    };
+    // SAFETY: signal 0 only checks that the process exists.
+    let exists = unsafe { libc::kill(raw, 0) } == 0
+        || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
+    if !exists {
+        return true;
+    }
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next().map(|s| s == "Z"))
+        })
+        .unwrap_or(false)
+}

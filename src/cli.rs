@@ -16,6 +16,7 @@ use tonic::transport::Channel;
 use crate::config::{Config, ConfigError, LoadOptions, CONFIG_FILE_NAME};
 use crate::daemon::{self, DaemonInfo, Found};
 use crate::docker::{labels, Docker};
+use crate::grpc::auth::{AuthChannel, Bearer};
 use crate::grpc::env_manager::{rfc3339_ms, OWN_LOG_SERVICE};
 use crate::grpc::{env_pb, pb, MAX_MESSAGE_BYTES};
 use crate::services::spec::parse_duration;
@@ -307,19 +308,24 @@ async fn channel(addr: &str) -> Result<Channel, Failure> {
         })
 }
 
+/// Adds the configured token to a channel's calls.
+fn authed(config: &Config, channel: Channel) -> Result<AuthChannel, Failure> {
+    let bearer = Bearer::new(config.token.as_ref().map(|t| t.expose()))
+        .map_err(|e| Failure(EXIT_USAGE, format!("error: token: {e}")))?;
+    Ok(bearer.channel(channel))
+}
+
 async fn env_client(
+    config: &Config,
     info: &DaemonInfo,
-) -> Result<env_pb::env_manager_service_client::EnvManagerServiceClient<Channel>, Failure> {
-    Ok(
-        env_pb::env_manager_service_client::EnvManagerServiceClient::new(
-            channel(&info.env_manager_addr).await?,
-        ),
-    )
+) -> Result<env_pb::env_manager_service_client::EnvManagerServiceClient<AuthChannel>, Failure> {
+    let channel = channel(&info.env_manager_addr).await?;
+    Ok(env_pb::env_manager_service_client::EnvManagerServiceClient::new(authed(config, channel)?))
 }
 
 async fn orchestrator_client(
     config: &Config,
-) -> Result<pb::orchestrator_service_client::OrchestratorServiceClient<Channel>, Failure> {
+) -> Result<pb::orchestrator_service_client::OrchestratorServiceClient<AuthChannel>, Failure> {
     // Without a daemon, the configured address may still hold an orchestrator (an agent's own).
     let addr = match daemon::find(&config.state_dir) {
         Ok(Found::Running(Some(info))) => info.orchestrator_addr,
@@ -337,7 +343,7 @@ async fn orchestrator_client(
             )
         })?;
     Ok(
-        pb::orchestrator_service_client::OrchestratorServiceClient::new(channel)
+        pb::orchestrator_service_client::OrchestratorServiceClient::new(authed(config, channel)?)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES),
     )
@@ -503,7 +509,7 @@ async fn sweep(config: &Config, owner: Option<u32>) -> usize {
 /// command started the daemon (`owned`), a failure also stops it, so nothing is left behind.
 async fn follow_start(config: &Config, began: Instant, owned: bool) -> Result<i32, Failure> {
     let info = wait_ready(config).await?;
-    let mut client = env_client(&info).await?;
+    let mut client = env_client(config, &info).await?;
     // Subscribe first: the stream starts with every service's current state, so nothing that
     // happens after the names are known is missed.
     let mut stream = client
@@ -599,7 +605,7 @@ async fn wait_ready(config: &Config) -> Result<DaemonInfo, Failure> {
 /// containers if it does not go. Returns the services that were stopped.
 async fn stop_daemon(config: &Config, info: &DaemonInfo, timeout: Option<u32>) -> Vec<String> {
     let mut stopped = Vec::new();
-    if let Ok(mut client) = env_client(info).await {
+    if let Ok(mut client) = env_client(config, info).await {
         let request = env_pb::StopServicesRequest {
             services: Vec::new(),
             timeout_seconds: timeout.unwrap_or(0),
@@ -692,7 +698,7 @@ async fn status(options: LoadOptions, json: bool) -> Result<i32, Failure> {
         }
         Err(f) => return Err(f),
     };
-    let mut client = env_client(&info).await?;
+    let mut client = env_client(&config, &info).await?;
     let r = client
         .get_services_status(env_pb::GetServicesStatusRequest {
             include_stats: false,
@@ -869,7 +875,7 @@ async fn logs(
         }
         Err(f) => return Err(f),
     };
-    let mut client = env_client(&info).await?;
+    let mut client = env_client(&config, &info).await?;
     let services = match service {
         Some(s) => vec![s],
         None => client
@@ -925,7 +931,7 @@ async fn restart(options: LoadOptions, service: String) -> Result<i32, Failure> 
     let config = Config::load(options)?;
     let info = running(&config)?;
     let began = Instant::now();
-    let s = env_client(&info)
+    let s = env_client(&config, &info)
         .await?
         .restart_service(env_pb::RestartServiceRequest {
             service: service.clone(),
@@ -1053,6 +1059,7 @@ fn config(options: LoadOptions, command: ConfigCmd) -> Result<i32, Failure> {
                 "docker_host": config.docker_host,
                 "orchestrator_addr": config.orchestrator_addr,
                 "env_manager_addr": config.env_manager_addr,
+                "token": config.token.as_ref().map(|_| "(set; not shown)"),
                 "keep_running": config.keep_running,
                 "tasks": {
                     "store": config.tasks.store.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| ":memory:".into()),

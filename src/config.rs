@@ -217,6 +217,10 @@ pub struct ConfigLayer {
     pub keep_running: Option<bool>,
     /// Host address ports are published on when a mapping names none.
     pub publish_host_ip: Option<String>,
+    /// Required on every gRPC call (but health checks) when set.
+    pub token: Option<String>,
+    /// Serve a non-loopback gRPC address without a token, knowingly.
+    pub allow_remote_without_token: Option<bool>,
     pub tasks: Option<TasksPatch>,
     #[serde(default)]
     pub services: BTreeMap<String, ServicePatch>,
@@ -231,6 +235,11 @@ impl ConfigLayer {
         merge(&mut self.env_manager_addr, upper.env_manager_addr);
         merge(&mut self.keep_running, upper.keep_running);
         merge(&mut self.publish_host_ip, upper.publish_host_ip);
+        merge(&mut self.token, upper.token);
+        merge(
+            &mut self.allow_remote_without_token,
+            upper.allow_remote_without_token,
+        );
         if let Some(t) = upper.tasks {
             let lower = self.tasks.get_or_insert_with(TasksPatch::default);
             merge(&mut lower.store, t.store);
@@ -322,6 +331,8 @@ pub struct Config {
     pub docker_host: Option<String>,
     pub orchestrator_addr: String,
     pub env_manager_addr: String,
+    /// What every gRPC call must carry (health checks aside); never logged or shown.
+    pub token: Option<Secret>,
     pub keep_running: bool,
     /// The config file that was read, if any.
     pub config_file: Option<PathBuf>,
@@ -503,6 +514,7 @@ fn env_layer(env: &BTreeMap<String, String>) -> ConfigLayer {
         docker_host: get("ENV_MANAGER_DOCKER_HOST").or_else(|| get("DOCKER_HOST")),
         orchestrator_addr: get("ORCHESTRATOR_GRPC_ADDR"),
         env_manager_addr: get("ENV_MANAGER_GRPC_ADDR"),
+        token: get("DSPY_AGENT_TOKEN"),
         tasks: get("DSPY_AGENT_TASK_STORE").map(|store| TasksPatch {
             store: Some(store),
             ..TasksPatch::default()
@@ -519,6 +531,68 @@ fn default_state_dir(env: &BTreeMap<String, String>, project: &str) -> PathBuf {
         .or_else(|| env.get("HOME").map(|h| Path::new(h).join(".local/state")))
         .unwrap_or_else(std::env::temp_dir);
     base.join("dspy-agent").join(project)
+}
+
+/// A value that must never appear in logs, status output or error messages.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The value itself, for the one place that needs it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// Shortest token accepted: a guessable one protects nothing.
+const MIN_TOKEN_CHARS: usize = 16;
+
+/// Whether `addr` ("HOST:PORT") can only be reached from this machine.
+pub fn is_loopback(addr: &str) -> bool {
+    let host = addr.rsplit_once(':').map(|(h, _)| h).unwrap_or(addr);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// The token, checked; a gRPC address other machines can reach needs one unless the user
+/// opted out.
+fn check_token(
+    token: Option<String>,
+    allow_remote_without_token: bool,
+    addrs: &[(&str, &str)],
+) -> Result<Option<Secret>, ConfigError> {
+    if let Some(t) = &token {
+        if t.chars().count() < MIN_TOKEN_CHARS {
+            return Err(ConfigError::invalid(
+                "token",
+                format!("is {} characters long; use at least {MIN_TOKEN_CHARS}, for example the output of `openssl rand -hex 24`", t.chars().count()),
+            ));
+        }
+        if !t.chars().all(|c| c.is_ascii_graphic()) {
+            return Err(ConfigError::invalid(
+                "token",
+                "must be printable ASCII without spaces (it travels as a header)",
+            ));
+        }
+    }
+    if token.is_none() && !allow_remote_without_token {
+        if let Some((field, addr)) = addrs.iter().find(|(_, a)| !is_loopback(a)) {
+            return Err(ConfigError::invalid(
+                *field,
+                format!("{addr:?} can be reached from other machines, so it needs a token: set DSPY_AGENT_TOKEN (or token in dspy-agent.toml), or allow_remote_without_token = true to serve it open"),
+            ));
+        }
+    }
+    Ok(token.map(Secret))
 }
 
 fn check_addr(field: &str, addr: &str) -> Result<(), ConfigError> {
@@ -554,6 +628,14 @@ fn resolve(
         .env_manager_addr
         .unwrap_or_else(|| DEFAULT_ENV_MANAGER_ADDR.to_string());
     check_addr("env_manager_addr", &env_manager_addr)?;
+    let token = check_token(
+        layer.token.clone(),
+        layer.allow_remote_without_token.unwrap_or(false),
+        &[
+            ("orchestrator_addr", &orchestrator_addr),
+            ("env_manager_addr", &env_manager_addr),
+        ],
+    )?;
     let publish_host_ip = layer
         .publish_host_ip
         .unwrap_or_else(|| "127.0.0.1".to_string());
@@ -626,6 +708,7 @@ fn resolve(
         docker_host: layer.docker_host,
         orchestrator_addr,
         env_manager_addr,
+        token,
         keep_running: layer.keep_running.unwrap_or(false),
         config_file,
         tasks,

@@ -164,6 +164,7 @@ impl Infra {
             queue.clone(),
             config.project.clone(),
             Arc::clone(&env_manager_addr),
+            guard(config),
         )
         .await
         {
@@ -175,7 +176,7 @@ impl Infra {
             Err(e) => return Err((e, servers)),
         };
         let manager = EnvManager::new(Arc::clone(config), supervisor.clone(), docker, own_log);
-        match grpc::serve_env_manager(&config.env_manager_addr, manager).await {
+        match grpc::serve_env_manager(&config.env_manager_addr, manager, guard(config)).await {
             Ok(s) => {
                 let _ = env_manager_addr.set(s.addr.to_string());
                 servers.push(s);
@@ -323,6 +324,10 @@ impl Infra {
             w.release();
         }
     }
+}
+
+fn guard(config: &Config) -> grpc::auth::Guard {
+    grpc::auth::Guard::new(config.token.as_ref().map(|t| t.expose()))
 }
 
 fn no_such_service(name: &str) -> InfraError {

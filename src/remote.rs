@@ -9,6 +9,7 @@ use futures_util::StreamExt;
 use tonic::transport::Channel;
 
 use crate::config::Config;
+use crate::grpc::auth::{AuthChannel, Bearer};
 use crate::grpc::env_manager::service_state;
 use crate::grpc::worker_client::WorkerClient;
 use crate::grpc::{env_pb, pb, MAX_MESSAGE_BYTES};
@@ -28,12 +29,15 @@ pub enum AttachError {
     },
     #[error("the orchestrator on {addr} serves no env-manager, so its services cannot be reached from here")]
     NoEnvManager { addr: String },
+    #[error("an orchestrator of this project runs on {addr}, but refuses this process: {message}")]
+    Unauthenticated { addr: String, message: String },
     #[error("{what}: {message}")]
     Rpc { what: String, message: String },
 }
 
-pub type OrchestratorClient = pb::orchestrator_service_client::OrchestratorServiceClient<Channel>;
-type EnvClient = env_pb::env_manager_service_client::EnvManagerServiceClient<Channel>;
+pub type OrchestratorClient =
+    pb::orchestrator_service_client::OrchestratorServiceClient<AuthChannel>;
+type EnvClient = env_pb::env_manager_service_client::EnvManagerServiceClient<AuthChannel>;
 
 pub struct Remote {
     pub project: String,
@@ -71,6 +75,13 @@ impl Remote {
         let Some(channel) = connect(addr, PROBE_TIMEOUT).await else {
             return Ok(None);
         };
+        let bearer = Bearer::new(config.token.as_ref().map(|t| t.expose())).map_err(|message| {
+            AttachError::Unauthenticated {
+                addr: addr.clone(),
+                message,
+            }
+        })?;
+        let channel = bearer.channel(channel);
         let mut orchestrator =
             pb::orchestrator_service_client::OrchestratorServiceClient::new(channel.clone())
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -80,6 +91,12 @@ impl Remote {
                 .await
             {
                 Ok(Ok(h)) => h.into_inner(),
+                Ok(Err(s)) if s.code() == tonic::Code::Unauthenticated => {
+                    return Err(AttachError::Unauthenticated {
+                        addr: addr.clone(),
+                        message: s.message().to_string(),
+                    })
+                }
                 // Something listens there, but not a healthy orchestrator: starting our own will
                 // report the port as taken.
                 _ => return Ok(None),
@@ -117,7 +134,9 @@ impl Remote {
             orchestrator_addr: addr.clone(),
             env_manager_addr: health.env_manager_addr,
             orchestrator,
-            env: env_pb::env_manager_service_client::EnvManagerServiceClient::new(env_channel),
+            env: env_pb::env_manager_service_client::EnvManagerServiceClient::new(
+                bearer.channel(env_channel),
+            ),
             services: Mutex::new(Vec::new()),
             worker,
         };

@@ -269,7 +269,9 @@ class AgentInfra:
         """A gRPC client of this stack's orchestrator, as other processes would use it."""
         if self._client is None:
             host, _, port = self.orchestrator_addr.rpartition(":")
-            self._client = OrchestratorClient(host=host.strip("[]"), port=int(port))
+            self._client = OrchestratorClient(
+                host=host.strip("[]"), port=int(port), token=self._core.token
+            )
         return self._client
 
     def task_handler(self, task_type: str) -> Callable[[_H], _H]:

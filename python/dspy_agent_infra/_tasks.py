@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import json
+import os
 from collections.abc import AsyncIterator, Mapping
 from types import TracebackType
 from typing import Any, Union
@@ -87,13 +88,18 @@ class OrchestratorClient:
         status = await client.get_task_status("task-1")
 
     Connecting is lazy: an unreachable orchestrator raises
-    :class:`~dspy_agent_infra.errors.OrchestratorUnavailableError` on the first call.
+    :class:`~dspy_agent_infra.errors.OrchestratorUnavailableError` on the first call. An
+    orchestrator that requires a token gets ``token`` (default: ``$DSPY_AGENT_TOKEN``).
     """
 
-    def __init__(self, host: str = "localhost", port: int = 50052) -> None:
+    def __init__(
+        self, host: str = "localhost", port: int = 50052, *, token: str | None = None
+    ) -> None:
         if not 0 < port < 65536:
             raise ValueError(f"port {port} is not from 1 to 65535")
-        self._grpc = GrpcClient(host, port)
+        if token is None:
+            token = os.environ.get("DSPY_AGENT_TOKEN") or None
+        self._grpc = GrpcClient(host, port, token)
 
     @property
     def target(self) -> str:

@@ -1,6 +1,7 @@
 //! gRPC: the generated code, the server (with the standard health service and reflection) and
 //! the error mapping to status codes.
 
+pub mod auth;
 pub mod env_manager;
 pub mod orchestrator;
 pub mod worker_client;
@@ -11,6 +12,9 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tokio::task::JoinHandle;
+use tonic::service::interceptor::InterceptedService;
+
+use auth::Guard;
 use tokio_util::sync::CancellationToken;
 
 use crate::tasks::model::TaskError;
@@ -87,6 +91,7 @@ pub async fn serve_orchestrator(
     queue: TaskQueue,
     project: String,
     env_manager_addr: Arc<OnceLock<String>>,
+    guard: Guard,
 ) -> Result<Server, GrpcError> {
     let (health, health_service) = tonic_health::server::health_reporter();
     health
@@ -97,13 +102,15 @@ pub async fn serve_orchestrator(
     )
     .max_decoding_message_size(MAX_MESSAGE_BYTES)
     .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let routes = tonic::service::Routes::new(health_service).add_service(service);
+    let routes = tonic::service::Routes::new(health_service)
+        .add_service(InterceptedService::new(service, guard.clone()));
     serve(
         addr,
         "ORCHESTRATOR_GRPC_ADDR",
         "orchestrator_addr",
         "orchestrator",
         routes,
+        guard,
     )
     .await
 }
@@ -112,30 +119,35 @@ pub async fn serve_orchestrator(
 pub async fn serve_env_manager(
     addr: &str,
     manager: env_manager::EnvManager,
+    guard: Guard,
 ) -> Result<Server, GrpcError> {
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_serving::<env_pb::env_manager_service_server::EnvManagerServiceServer<env_manager::EnvManager>>()
         .await;
     let service = env_pb::env_manager_service_server::EnvManagerServiceServer::new(manager);
-    let routes = tonic::service::Routes::new(health_service).add_service(service);
+    let routes = tonic::service::Routes::new(health_service)
+        .add_service(InterceptedService::new(service, guard.clone()));
     serve(
         addr,
         "ENV_MANAGER_GRPC_ADDR",
         "env_manager_addr",
         "env-manager",
         routes,
+        guard,
     )
     .await
 }
 
-/// Binds `addr` and serves `routes` plus reflection over every proto of the package.
+/// Binds `addr` and serves `routes` plus reflection over every proto of the package (behind
+/// the same token as the services; only the standard health service is open).
 async fn serve(
     addr: &str,
     env_var: &'static str,
     config_key: &'static str,
     what: &'static str,
     routes: tonic::service::Routes,
+    guard: Guard,
 ) -> Result<Server, GrpcError> {
     let bind_error = |message: String| GrpcError::Bind {
         what,
@@ -155,7 +167,7 @@ async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(|e| bind_error(format!("reflection: {e}")))?;
-    let routes = routes.add_service(reflection);
+    let routes = routes.add_service(InterceptedService::new(reflection, guard));
 
     let stop = CancellationToken::new();
     let signal = stop.clone();

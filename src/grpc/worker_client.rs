@@ -10,8 +10,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 
+use crate::grpc::auth::AuthChannel;
 use crate::grpc::pb;
 use crate::grpc::workers::LEASE;
 use crate::tasks::handlers::{Handler, HandlerError};
@@ -40,7 +40,7 @@ pub struct WorkerClient {
 impl WorkerClient {
     /// Opens the stream; tasks arrive once `serve` has named a type.
     pub async fn connect(
-        channel: Channel,
+        channel: AuthChannel,
         name: String,
         capacity: u32,
     ) -> Result<WorkerClient, tonic::Status> {

@@ -379,15 +379,17 @@ mod tests {
             queue.clone(),
             "p".into(),
             Arc::new(OnceLock::new()),
+            crate::grpc::auth::Guard::default(),
         )
         .await
         .unwrap();
         let channel = || async {
-            tonic::transport::Channel::from_shared(format!("http://{}", server.addr))
+            let channel = tonic::transport::Channel::from_shared(format!("http://{}", server.addr))
                 .unwrap()
                 .connect()
                 .await
-                .unwrap()
+                .unwrap();
+            crate::grpc::auth::Bearer::default().channel(channel)
         };
 
         let first = WorkerClient::connect(channel().await, "first".into(), 1)

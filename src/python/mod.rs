@@ -119,6 +119,9 @@ fn attach_error(e: AttachError) -> PyErr {
                 .unwrap_or(0);
             port_in_use(message, "orchestrator".into(), port, addr)
         }
+        AttachError::Unauthenticated { .. } => {
+            py_error("OrchestratorUnavailableError", message, vec![])
+        }
         AttachError::NoEnvManager { .. } | AttachError::Rpc { .. } => {
             py_error("InfraError", message, vec![])
         }
@@ -232,6 +235,7 @@ struct CoreState {
     cancel: CancellationToken,
     started: watch::Sender<bool>,
     pid: u32,
+    token: Option<String>,
     /// How to start this package's watchdog; `None` in an interpreter without an executable.
     launcher: Option<crate::watchdog::Launcher>,
     /// Handler runs and finished submits on their way to the event loop's pump.
@@ -336,6 +340,7 @@ impl Core {
             .map_err(|e| to_py_err(e.into()))?;
         let (started, _) = watch::channel(false);
         let launcher = launcher(py);
+        let token = config.token.as_ref().map(|t| t.expose().to_string());
         Ok(Core {
             state: Arc::new(CoreState {
                 project: config.project.clone(),
@@ -346,6 +351,7 @@ impl Core {
                 cancel: CancellationToken::new(),
                 started,
                 pid: std::process::id(),
+                token,
                 launcher,
                 bridge: bridge::Bridge::new(),
             }),
@@ -476,6 +482,12 @@ impl Core {
             Backend::Local(infra) => infra.orchestrator_addr().to_string(),
             Backend::Remote(remote) => remote.orchestrator_addr.clone(),
         })
+    }
+
+    /// The token the gRPC ports require (None when they require none).
+    #[getter]
+    fn token(&self) -> Option<String> {
+        self.state.token.clone()
     }
 
     /// Whether this stack is one another process runs, attached to at start.

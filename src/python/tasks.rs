@@ -16,6 +16,7 @@ use crate::tasks::model::{NewTask, TaskError, TaskRecord};
 use crate::tasks::queue::TaskQueue;
 
 use super::py_error;
+use crate::grpc::auth::{AuthChannel, Bearer};
 
 pub fn task_error(e: TaskError) -> PyErr {
     let message = e.to_string();
@@ -38,10 +39,15 @@ pub fn status_error(s: tonic::Status) -> PyErr {
         tonic::Code::AlreadyExists => "TaskConflictError",
         tonic::Code::FailedPrecondition => "UnknownTaskTypeError",
         tonic::Code::NotFound => "TaskNotFoundError",
-        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => "OrchestratorUnavailableError",
+        tonic::Code::Unavailable
+        | tonic::Code::DeadlineExceeded
+        | tonic::Code::Unauthenticated
+        | tonic::Code::PermissionDenied => "OrchestratorUnavailableError",
         _ => "TaskError",
     };
-    let message = if class == "OrchestratorUnavailableError" {
+    let message = if s.code() == tonic::Code::Unauthenticated {
+        format!("the orchestrator refused the call: {message}")
+    } else if class == "OrchestratorUnavailableError" {
         format!("the orchestrator is not reachable: {message}")
     } else {
         message
@@ -368,7 +374,7 @@ pub fn new_task(
 
 /// Submits `task` to an orchestrator over gRPC.
 pub async fn remote_submit(
-    mut client: OrchestratorServiceClient<tonic::transport::Channel>,
+    mut client: OrchestratorServiceClient<AuthChannel>,
     task: NewTask,
 ) -> Result<SubmitResponse, tonic::Status> {
     let request = pb::SubmitTaskRequest {
@@ -394,7 +400,7 @@ pub async fn remote_submit(
 
 /// Waits for a task of an orchestrator over gRPC to finish; `None` after `timeout`.
 pub async fn remote_wait(
-    mut client: OrchestratorServiceClient<tonic::transport::Channel>,
+    mut client: OrchestratorServiceClient<AuthChannel>,
     task_id: String,
     timeout: Option<Duration>,
 ) -> Result<Option<TaskInfo>, tonic::Status> {
@@ -436,12 +442,12 @@ pub fn submit_response(record: TaskRecord, created: bool) -> SubmitResponse {
 /// The transport behind `OrchestratorClient`: a lazily connected gRPC channel.
 #[pyclass(frozen, module = "dspy_agent_infra._native")]
 pub struct GrpcClient {
-    client: OrchestratorServiceClient<tonic::transport::Channel>,
+    client: OrchestratorServiceClient<AuthChannel>,
     target: String,
 }
 
 impl GrpcClient {
-    fn client(&self) -> OrchestratorServiceClient<tonic::transport::Channel> {
+    fn client(&self) -> OrchestratorServiceClient<AuthChannel> {
         self.client.clone()
     }
 }
@@ -449,7 +455,10 @@ impl GrpcClient {
 #[pymethods]
 impl GrpcClient {
     #[new]
-    fn new(host: &str, port: u16) -> PyResult<Self> {
+    #[pyo3(signature = (host, port, token=None))]
+    fn new(host: &str, port: u16, token: Option<String>) -> PyResult<Self> {
+        let bearer = Bearer::new(token.as_deref())
+            .map_err(|e| py_error("ConfigError", format!("token: {e}"), vec![]))?;
         let host = if host.contains(':') && !host.starts_with('[') {
             format!("[{host}]")
         } else {
@@ -468,7 +477,7 @@ impl GrpcClient {
         // The channel needs the runtime's reactor even though it connects lazily.
         let _guard = crate::runtime::get().enter();
         let channel = endpoint.connect_lazy();
-        let client = OrchestratorServiceClient::new(channel)
+        let client = OrchestratorServiceClient::new(bearer.channel(channel))
             .max_decoding_message_size(crate::grpc::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(crate::grpc::MAX_MESSAGE_BYTES);
         Ok(GrpcClient { client, target })

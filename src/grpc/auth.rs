@@ -1,0 +1,141 @@
+//! Token authentication of both gRPC ports: the server checks `authorization: Bearer TOKEN` on
+//! every call except the standard health service; clients send it.
+
+use sha2::{Digest, Sha256};
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::service::Interceptor;
+use tonic::transport::Channel;
+use tonic::{Request, Status};
+
+/// A channel whose calls carry the token, when there is one.
+pub type AuthChannel = InterceptedService<Channel, Bearer>;
+
+/// The server side: lets a call through when it carries the expected token (or none is set).
+#[derive(Clone, Default)]
+pub struct Guard {
+    /// SHA-256 of the token: comparing digests takes the same time whatever the guess, its
+    /// length included.
+    expected: Option<[u8; 32]>,
+}
+
+impl Guard {
+    pub fn new(token: Option<&str>) -> Guard {
+        Guard {
+            expected: token.map(digest),
+        }
+    }
+}
+
+fn digest(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+/// Equal in constant time: every byte is compared, whatever the first difference.
+fn same(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl Interceptor for Guard {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        let Some(expected) = &self.expected else {
+            return Ok(request);
+        };
+        let given = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        match given {
+            Some(token) if same(&digest(token), expected) => Ok(request),
+            Some(_) => Err(Status::unauthenticated(
+                "the token does not match this port's; use the one set in DSPY_AGENT_TOKEN (or token in dspy-agent.toml) where the stack runs",
+            )),
+            None => Err(Status::unauthenticated(
+                "this port requires a token: send the metadata `authorization: Bearer TOKEN` (the dspy-agent command, OrchestratorClient and attached agents take it from DSPY_AGENT_TOKEN)",
+            )),
+        }
+    }
+}
+
+/// The client side: adds the token to every call.
+#[derive(Clone, Default)]
+pub struct Bearer {
+    header: Option<MetadataValue<Ascii>>,
+}
+
+impl Bearer {
+    /// `None` when there is no token; an error when it cannot be sent as a header.
+    pub fn new(token: Option<&str>) -> Result<Bearer, String> {
+        let header = match token {
+            None => None,
+            Some(t) => Some(
+                format!("Bearer {t}")
+                    .parse()
+                    .map_err(|_| "the token must be printable ASCII".to_string())?,
+            ),
+        };
+        Ok(Bearer { header })
+    }
+
+    pub fn channel(&self, channel: Channel) -> AuthChannel {
+        InterceptedService::new(channel, self.clone())
+    }
+}
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(h) = &self.header {
+            request.metadata_mut().insert("authorization", h.clone());
+        }
+        Ok(request)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn call(guard: &mut Guard, header: Option<&str>) -> Result<(), tonic::Code> {
+        let mut request = Request::new(());
+        if let Some(h) = header {
+            request
+                .metadata_mut()
+                .insert("authorization", h.parse().unwrap());
+        }
+        guard.call(request).map(|_| ()).map_err(|s| s.code())
+    }
+
+    #[test]
+    fn only_the_right_token_passes() {
+        let mut open = Guard::new(None);
+        assert_eq!(call(&mut open, None), Ok(()));
+        let mut guard = Guard::new(Some("s3cret-token-0123456789"));
+        assert_eq!(
+            call(&mut guard, Some("Bearer s3cret-token-0123456789")),
+            Ok(())
+        );
+        for wrong in [
+            None,
+            Some("Bearer s3cret-token-012345678"),
+            Some("Bearer "),
+            Some("s3cret-token-0123456789"),
+            Some("Basic s3cret-token-0123456789"),
+        ] {
+            assert_eq!(
+                call(&mut guard, wrong),
+                Err(tonic::Code::Unauthenticated),
+                "{wrong:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_client_sends_what_the_server_expects() {
+        let mut bearer = Bearer::new(Some("s3cret-token-0123456789")).unwrap();
+        let request = bearer.call(Request::new(())).unwrap();
+        let mut guard = Guard::new(Some("s3cret-token-0123456789"));
+        assert!(guard.call(request).is_ok());
+        assert!(Bearer::new(Some("bad\ntoken")).is_err());
+    }
+}

@@ -1,0 +1,153 @@
+"""Access control of the gRPC ports: loopback by default, a token required elsewhere and
+checked on every call but health checks, and the token kept out of logs and output."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+from test_cli import DSPY_AGENT, catalog_on_free_ports
+from test_grpc_interop import REFLECTION_PROTO
+
+import grpc
+from dspy_agent_infra import AgentInfra, ConfigError, OrchestratorClient
+from dspy_agent_infra.errors import OrchestratorUnavailableError
+from helpers import HEALTH_PROTO, ROOT, generate_stubs
+
+TOKEN = "t0ken-for-tests-5f2b9c1e7d"
+
+
+@pytest.fixture(scope="module")
+def pb(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ModuleType]:
+    return generate_stubs(
+        tmp_path_factory.mktemp("stubs"),
+        {
+            "orchestrator_v1": (ROOT / "proto" / "orchestrator.v1.proto").read_text(),
+            "env_manager_v1": (ROOT / "proto" / "env_manager.v1.proto").read_text(),
+            "health": HEALTH_PROTO,
+            "reflection": REFLECTION_PROTO,
+        },
+    )
+
+
+async def test_a_reachable_port_needs_a_token() -> None:
+    with pytest.raises(ConfigError) as missing:
+        AgentInfra.start(services=[], config={"orchestrator_addr": "0.0.0.0:0"})
+    assert "DSPY_AGENT_TOKEN" in str(missing.value)
+    assert "orchestrator_addr" in str(missing.value)
+    with pytest.raises(ConfigError) as short:
+        AgentInfra.start(services=[], config={"token": "hunter2"})
+    assert "at least 16" in str(short.value) and "hunter2" not in str(short.value)
+    # Knowingly open: allowed.
+    open_config = {"orchestrator_addr": "0.0.0.0:0", "allow_remote_without_token": True}
+    async with AgentInfra.start(services=[], config=open_config) as infra:
+        assert infra.orchestrator_addr.startswith("0.0.0.0:")
+
+
+async def test_every_call_but_health_needs_the_token(
+    pb: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="dspy_agent_infra")
+    config = {"token": TOKEN, "orchestrator_addr": "0.0.0.0:0", "env_manager_addr": "0.0.0.0:0"}
+    async with AgentInfra.start(services=[], config=config) as infra:
+        assert TOKEN not in repr(infra)
+        o, e, h, r = (
+            pb[f"{n}_pb2"] for n in ("orchestrator_v1", "env_manager_v1", "health", "reflection")
+        )
+        port = infra.orchestrator_addr.rpartition(":")[2]
+        env_port = infra.env_manager_addr.rpartition(":")[2]
+        async with (
+            grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch,
+            grpc.aio.insecure_channel(f"127.0.0.1:{env_port}") as env_ch,
+        ):
+            orch = pb["orchestrator_v1_pb2_grpc"].OrchestratorServiceStub(ch)
+            env = pb["env_manager_v1_pb2_grpc"].EnvManagerServiceStub(env_ch)
+            good = [("authorization", f"Bearer {TOKEN}")]
+            for metadata in (None, [("authorization", "Bearer wrong-token-0123456789")]):
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await orch.SubmitTask(
+                        o.SubmitTaskRequest(task_id="x", task_type="ping"), metadata=metadata
+                    )
+                assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+                with pytest.raises(grpc.aio.AioRpcError) as env_refused:
+                    await env.GetResourceAvailability(
+                        e.GetResourceAvailabilityRequest(), metadata=metadata
+                    )
+                assert env_refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            with pytest.raises(grpc.aio.AioRpcError) as reflection:
+                stub = pb["reflection_pb2_grpc"].ServerReflectionStub(ch)
+                async for _ in stub.ServerReflectionInfo(
+                    iter([r.ServerReflectionRequest(list_services="")])
+                ):
+                    pass
+            assert reflection.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+            ok = await orch.SubmitTask(
+                o.SubmitTaskRequest(task_id="x", task_type="ping"), metadata=good
+            )
+            assert ok.success
+            assert (
+                await env.GetResourceAvailability(e.GetResourceAvailabilityRequest(), metadata=good)
+            ).cpu_cores > 0
+            # Health checks stay open, for load balancers and probes.
+            served = await pb["health_pb2_grpc"].HealthStub(ch).Check(h.HealthCheckRequest())
+            assert served.status == h.HealthCheckResponse.SERVING
+
+        # The Python client takes the token (the stack's own client knows it).
+        assert (await infra.orchestrator_client.get_task_status("x")).task_id == "x"
+        with pytest.raises(OrchestratorUnavailableError, match="refused"):
+            await OrchestratorClient(
+                port=int(port), token="wrong-token-0123456789"
+            ).get_task_status("x")
+        authed = OrchestratorClient(port=int(port), token=TOKEN)
+        assert (await authed.get_task_status("x")).task_id == "x"
+    assert all(TOKEN not in record.getMessage() for record in caplog.records)
+
+
+def test_the_command_line_sends_the_token_and_never_shows_it(
+    tmp_path: Path, project: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DSPY_AGENT_PROJECT", project)
+    monkeypatch.setenv("DSPY_AGENT_TOKEN", TOKEN)
+    monkeypatch.setenv("ORCHESTRATOR_GRPC_ADDR", "0.0.0.0:0")
+    monkeypatch.setenv("ENV_MANAGER_GRPC_ADDR", "0.0.0.0:0")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "dspy-agent.toml").write_text(catalog_on_free_ports())
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([DSPY_AGENT, *args], capture_output=True, text=True, timeout=120)
+
+    try:
+        started = run("start", "--services", "redis")
+        assert started.returncode == 0, started.stderr
+        status = run("status", "--json")
+        assert status.returncode == 0
+        submitted = run("tasks", "submit", "ping", "--wait")
+        assert submitted.returncode == 0 and "pong" in submitted.stdout
+        shown = run("config", "show")
+        outputs = [started, status, submitted, shown]
+        assert all(TOKEN not in p.stdout + p.stderr for p in outputs)
+        assert '"token": "(set; not shown)"' in shown.stdout
+        # Without the token, the daemon refuses.
+        env = {k: v for k, v in os.environ.items() if k != "DSPY_AGENT_TOKEN"}
+        refused = subprocess.run(
+            [DSPY_AGENT, "tasks", "list", "--config", str(tmp_path / "dspy-agent.toml")],
+            capture_output=True,
+            text=True,
+            env={
+                **env,
+                "ORCHESTRATOR_GRPC_ADDR": "127.0.0.1:0",
+                "ENV_MANAGER_GRPC_ADDR": "127.0.0.1:0",
+            },
+        )
+        assert refused.returncode == 1 and "token" in refused.stderr
+    finally:
+        stopped = run("stop")
+    assert stopped.returncode == 0
+    log = Path(os.environ["DSPY_AGENT_STATE_DIR"]) / "daemon.log.1"
+    assert TOKEN not in log.read_text()

@@ -72,6 +72,8 @@ pub struct Infra {
     orchestrator_addr: SocketAddr,
     env_manager_addr: SocketAddr,
     watchdog: Option<Watchdog>,
+    /// Stops following the Engine's events.
+    follow: CancellationToken,
 }
 
 impl Infra {
@@ -131,7 +133,12 @@ impl Infra {
                     .ok(),
                     _ => None,
                 };
+                let follow = CancellationToken::new();
+                if let Some(s) = &supervisor {
+                    s.follow_engine(follow.clone());
+                }
                 Ok(Infra {
+                    follow,
                     orchestrator_addr: servers[0].addr,
                     env_manager_addr: servers[1].addr,
                     config,
@@ -308,6 +315,7 @@ impl Infra {
     /// Stops the task queue and the orchestrator port, then stops and removes the stack's
     /// containers (named volumes stay) unless `keep_running`.
     pub async fn shutdown(&self, keep_running: bool) {
+        self.follow.cancel();
         self.queue.shutdown();
         let servers = std::mem::take(&mut *self.servers.lock().unwrap_or_else(|e| e.into_inner()));
         for server in servers {

@@ -11,9 +11,9 @@ use bollard::models::{
     RestartPolicyNameEnum,
 };
 use bollard::query_parameters::{
-    CreateContainerOptionsBuilder, CreateImageOptionsBuilder, ListContainersOptionsBuilder,
-    ListNetworksOptionsBuilder, LogsOptionsBuilder, RemoveContainerOptionsBuilder,
-    StatsOptionsBuilder, StopContainerOptionsBuilder,
+    CreateContainerOptionsBuilder, CreateImageOptionsBuilder, EventsOptionsBuilder,
+    ListContainersOptionsBuilder, ListNetworksOptionsBuilder, LogsOptionsBuilder,
+    RemoveContainerOptionsBuilder, StatsOptionsBuilder, StopContainerOptionsBuilder,
 };
 use futures_util::stream::BoxStream;
 use futures_util::StreamExt;
@@ -128,6 +128,16 @@ pub struct ContainerInfo {
     /// (container port, protocol) → (host ip, host port) for published ports.
     pub ports: BTreeMap<(u16, String), (String, u16)>,
     pub restart_count: i64,
+}
+
+/// Something that happened to a container.
+#[derive(Debug, Clone)]
+pub struct ContainerEvent {
+    pub id: String,
+    /// `start`, `die`, ...
+    pub action: String,
+    /// Set on `die`.
+    pub exit_code: Option<i64>,
 }
 
 /// Resource use of a running container.
@@ -699,6 +709,39 @@ impl Docker {
             network_rx_bytes: rx,
             network_tx_bytes: tx,
         })
+    }
+
+    /// Container `start` and `die` events of `project`'s containers as they happen. Ends when
+    /// the Engine goes away.
+    pub fn container_events(
+        &self,
+        project: &str,
+    ) -> BoxStream<'static, Result<ContainerEvent, DockerError>> {
+        let label = format!("{}={project}", labels::PROJECT);
+        let filters = HashMap::from([
+            ("type", vec!["container".to_string()]),
+            ("event", vec!["start".to_string(), "die".to_string()]),
+            ("label", vec![label]),
+        ]);
+        let options = EventsOptionsBuilder::new().filters(&filters).build();
+        let host = self.host.clone();
+        self.client
+            .events(Some(options))
+            .map(move |item| {
+                let event = item.map_err(|e| DockerError::api(&host, "follow Engine events", e))?;
+                let actor = event.actor.unwrap_or_default();
+                let exit_code = actor
+                    .attributes
+                    .as_ref()
+                    .and_then(|a| a.get("exitCode"))
+                    .and_then(|c| c.parse().ok());
+                Ok(ContainerEvent {
+                    id: actor.id.unwrap_or_default(),
+                    action: event.action.unwrap_or_default(),
+                    exit_code,
+                })
+            })
+            .boxed()
     }
 
     /// The Engine's version, CPU count and memory.

@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use futures_util::StreamExt;
 use sha2::{Digest, Sha256};
 use tokio::sync::{broadcast, watch};
 use tokio::task::JoinSet;
@@ -18,10 +19,15 @@ use crate::config::Config;
 use crate::docker::{labels, ContainerInfo, ContainerPlan, Docker, DockerError, RunState};
 use crate::health::{self, Backoff};
 use crate::services::graph;
-use crate::services::spec::{Condition, GpuRequest, Probe, Protocol, ServiceSpec};
+use crate::services::spec::{Condition, GpuRequest, Probe, Protocol, RestartPolicy, ServiceSpec};
 
 /// How many log lines a start error carries.
 const ERROR_LOG_LINES: usize = 20;
+
+/// More restarts than this within `CRASH_WINDOW` is a crash loop: the service is stopped and
+/// marked failed instead of restarting forever.
+const CRASH_LIMIT: usize = 5;
+const CRASH_WINDOW: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StackError {
@@ -184,6 +190,18 @@ pub struct Supervisor {
     gpu_runtime: tokio::sync::OnceCell<bool>,
     /// One start, stop or restart at a time: they plan from what the Engine holds.
     ops: tokio::sync::Mutex<()>,
+    /// Services that died and that their restart policy brings back, with their recent
+    /// restarts (for crash-loop detection).
+    healing: Mutex<Healing>,
+}
+
+#[derive(Default)]
+struct Healing {
+    /// Died, and the Engine is expected to start them again.
+    awaiting: BTreeSet<String>,
+    /// Restarted by the Engine and not yet healthy again.
+    recovering: BTreeSet<String>,
+    restarts: BTreeMap<String, std::collections::VecDeque<Instant>>,
 }
 
 enum Plan {
@@ -226,6 +244,7 @@ impl Supervisor {
             events,
             gpu_runtime: tokio::sync::OnceCell::new(),
             ops: tokio::sync::Mutex::new(()),
+            healing: Mutex::new(Healing::default()),
         }
     }
 
@@ -236,6 +255,206 @@ impl Supervisor {
 
     pub fn subscribe(&self) -> broadcast::Receiver<ServiceEvent> {
         self.events.subscribe()
+    }
+
+    /// Follows the Engine's events for this project until `stop`: a service container that dies
+    /// is marked failed at once, one its restart policy brings back is probed until healthy
+    /// again, and one that keeps crashing is stopped. When the Engine goes away, this retries
+    /// with backoff and rebuilds its view once the Engine answers again.
+    pub fn follow_engine(self: &Arc<Self>, stop: CancellationToken) {
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            loop {
+                let mut events = this.docker.container_events(&this.config.project);
+                loop {
+                    let next = tokio::select! {
+                        () = stop.cancelled() => return,
+                        e = events.next() => e,
+                    };
+                    match next {
+                        Some(Ok(e)) => this.on_event(&e.id, &e.action, e.exit_code).await,
+                        Some(Err(e)) => {
+                            tracing::warn!(error = %e, "lost the Docker Engine's events; retrying");
+                            break;
+                        }
+                        None => break,
+                    }
+                }
+                // Back once the Engine answers, with what changed meanwhile.
+                let mut backoff = Backoff::new(Duration::from_secs(5));
+                loop {
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        () = tokio::time::sleep(backoff.next_delay()) => {}
+                    }
+                    if this.refresh().await.is_ok() {
+                        tracing::info!(project = %this.config.project, "following the Docker Engine again");
+                        this.revive_exited();
+                        break;
+                    }
+                }
+            }
+        });
+    }
+
+    /// After the Engine came back: services that went down meanwhile are treated as if their
+    /// death had been seen.
+    fn revive_exited(self: &Arc<Self>) {
+        let down: Vec<(String, String)> = self
+            .lock()
+            .values()
+            .filter(|s| s.phase == Phase::Failed && s.engine_state == Some(RunState::Exited))
+            .filter_map(|s| Some((s.name.clone(), s.container_id.clone()?)))
+            .collect();
+        for (name, id) in down {
+            if let Ok(spec) = self.spec(&name).cloned() {
+                self.healing().recovering.insert(name);
+                self.on_die(&spec, &id, Phase::Failed, -1);
+            }
+        }
+    }
+
+    fn healing(&self) -> MutexGuard<'_, Healing> {
+        self.healing.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    async fn on_event(self: &Arc<Self>, id: &str, action: &str, exit_code: Option<i64>) {
+        let Some((name, phase)) = self
+            .lock()
+            .values()
+            .find(|s| s.container_id.as_deref() == Some(id))
+            .map(|s| (s.name.clone(), s.phase))
+        else {
+            return;
+        };
+        let Ok(spec) = self.spec(&name).cloned() else {
+            return;
+        };
+        match action {
+            "die" => self.on_die(&spec, id, phase, exit_code.unwrap_or(-1)),
+            "start" => self.on_restart(spec, id).await,
+            _ => {}
+        }
+    }
+
+    fn on_die(self: &Arc<Self>, spec: &ServiceSpec, id: &str, phase: Phase, code: i64) {
+        let name = &spec.name;
+        let recovering = self.healing().recovering.remove(name);
+        // Its own stop, its start (the start reports that), or a job that finished.
+        if phase != Phase::Healthy && !recovering {
+            return;
+        }
+        let done = self.lock().get(name).map(|s| s.restart_count).unwrap_or(0);
+        let restarts = match spec.restart {
+            RestartPolicy::No => false,
+            RestartPolicy::Always => true,
+            RestartPolicy::OnFailure { max_retries } => {
+                code != 0 && max_retries.is_none_or(|max| done < max)
+            }
+        };
+        if let Some(s) = self.lock().get_mut(name) {
+            s.engine_state = Some(RunState::Exited);
+            s.started_at = None;
+        }
+        let then = if restarts {
+            let recent = {
+                let mut healing = self.healing();
+                healing.awaiting.insert(name.clone());
+                healing.restarts.get(name).map(|t| t.len()).unwrap_or(0)
+            };
+            // The Engine restarts it itself after a crash, but not after `docker kill` or
+            // `docker stop`: start it after a backoff (a no-op when it already runs).
+            let delay = Duration::from_millis(100)
+                .saturating_mul(1 << recent.min(7))
+                .min(Duration::from_secs(10));
+            let this = Arc::clone(self);
+            let id = id.to_string();
+            let service = name.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                if this.healing().awaiting.contains(&service) {
+                    if let Err(e) = this.docker.start(&id).await {
+                        this.healing().awaiting.remove(&service);
+                        this.set_phase(&service, Phase::Failed, format!("could not restart: {e}"));
+                    }
+                }
+            });
+            "; its restart policy brings it back"
+        } else {
+            ""
+        };
+        self.set_phase(
+            name,
+            Phase::Failed,
+            format!("container exited with code {code}{then}"),
+        );
+        for dependent in graph::dependents_of(&self.config.services, name) {
+            let current = self.lock().get(&dependent).map(|s| s.phase);
+            if let Some(p) = current {
+                let _ = self.events.send(ServiceEvent {
+                    service: dependent,
+                    phase: p,
+                    message: format!("its dependency {name} went down"),
+                });
+            }
+        }
+    }
+
+    async fn on_restart(self: &Arc<Self>, spec: ServiceSpec, id: &str) {
+        let name = spec.name.clone();
+        if !self.healing().awaiting.remove(&name) {
+            return;
+        }
+        let looping = {
+            let mut healing = self.healing();
+            let times = healing.restarts.entry(name.clone()).or_default();
+            let now = Instant::now();
+            times.push_back(now);
+            while times
+                .front()
+                .is_some_and(|t| now.duration_since(*t) > CRASH_WINDOW)
+            {
+                times.pop_front();
+            }
+            times.len() > CRASH_LIMIT
+        };
+        if let Some(s) = self.lock().get_mut(&name) {
+            s.restart_count += 1;
+            s.engine_state = Some(RunState::Running);
+        }
+        if looping {
+            // Stopped by hand, the Engine does not restart it again.
+            self.docker.stop(id, Duration::from_secs(1)).await;
+            self.set_phase(
+                &name,
+                Phase::Failed,
+                format!("crash loop: restarted {CRASH_LIMIT} times within {CRASH_WINDOW:?}; stopped. Fix it, then `dspy-agent restart {name}`"),
+            );
+            return;
+        }
+        // A port published as 0 gets a new host port on every start.
+        if let Ok(info) = self.docker.inspect(id).await {
+            let reused = self.lock().get(&name).is_some_and(|s| s.reused);
+            self.record_container(&name, &info, reused);
+        }
+        self.healing().recovering.insert(name.clone());
+        self.set_phase(&name, Phase::Starting, "restarted by its restart policy");
+        let this = Arc::clone(self);
+        let id = id.to_string();
+        tokio::spawn(async move {
+            let result = this
+                .wait_healthy(&spec, &id, &CancellationToken::new())
+                .await;
+            // A die while it came up is its own event.
+            if this.healing().recovering.remove(&spec.name) {
+                match result {
+                    Ok(()) => {
+                        this.set_phase(&spec.name, Phase::Healthy, "healthy again after a restart")
+                    }
+                    Err(e) => this.set_phase(&spec.name, Phase::Failed, e.to_string()),
+                }
+            }
+        });
     }
 
     /// The configured service names, in start order.

@@ -105,3 +105,58 @@ async def test_the_next_start_removes_what_a_dead_owner_left(project: str) -> No
         assert infra.service("web").container_id != left
         assert left not in containers(project)
     assert containers(project) == []
+
+
+def phases(infra: AgentInfra, name: str, until: str, limit: float = 30) -> list[tuple[str, str]]:
+    """The (status, message) pairs a service goes through, until one's message contains
+    `until`."""
+    seen: list[tuple[str, str]] = []
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        s = infra.services[name]
+        if not seen or seen[-1] != (s.status, s.message):
+            seen.append((s.status, s.message))
+            if until in s.message:
+                return seen
+        time.sleep(0.01)
+    raise AssertionError(f"{name} never said {until!r}: {seen}")
+
+
+async def test_a_killed_service_is_seen_and_comes_back_healthy(project: str) -> None:
+    services = {"web": http_service(restart="always"), "app": http_service(depends_on=["web"])}
+    async with AgentInfra.start(
+        project=project, services=list(services), config={"services": services}
+    ) as infra:
+        web = infra.service("web").container_id
+        assert web
+        docker("kill", web)
+        seen = phases(infra, "web", "healthy again")
+        assert (
+            "failed",
+            "container exited with code 137; its restart policy brings it back",
+        ) in seen
+        assert seen[-1][0] == "healthy"
+        assert infra.service("web").container_id == web  # the Engine restarted the same one
+        assert infra.service("app").status == "healthy"
+
+        # Without a restart policy, a death is reported and stays so.
+        app = infra.service("app").container_id
+        assert app
+        docker("kill", app)
+        seen = phases(infra, "app", "exited with code 137")
+        assert seen[-1] == ("failed", "container exited with code 137")
+
+
+async def test_a_crash_loop_is_stopped_and_marked_failed(project: str) -> None:
+    # Healthy at once, then exits after a second, again and again.
+    flaky = http_service(restart="always", command=["sh", "-c", "/serve & sleep 1; exit 3"])
+    services = {"flaky": flaky}
+    async with AgentInfra.start(
+        project=project, services=list(services), config={"services": services}
+    ) as infra:
+        seen = phases(infra, "flaky", "crash loop", limit=60)
+        assert seen[-1][0] == "failed"
+        cid = infra.service("flaky").container_id
+        assert cid
+        time.sleep(1)
+        assert docker("inspect", "-f", "{{.State.Running}}", cid).strip() == "false"

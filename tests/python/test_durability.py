@@ -1,10 +1,12 @@
-"""A process running the queue is killed with SIGKILL mid-run; a new process on the same SQLite
-file finds every acknowledged task, none lost and none completed twice."""
+"""A process running the queue is killed with SIGKILL mid-run (40 tasks, and a thousand in flight
+at a random moment); a new process on the same SQLite file finds every acknowledged task, none
+lost, none completed twice, no result overwritten by a stale attempt."""
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -14,31 +16,32 @@ from pathlib import Path
 
 from dspy_agent_infra import AgentInfra, Task, TaskStatus
 
-N = 40
-
 WORKER = textwrap.dedent(
     """
-    import asyncio, os, sys
+    import asyncio, os, random, sys
     from dspy_agent_infra import AgentInfra
 
-    async def main(store):
-        config = {"tasks": {"store": store, "limits": {"work": 4}},
+    async def main(store, n, limit):
+        config = {"tasks": {"store": store, "limits": {"work": limit}},
                   "orchestrator_addr": "127.0.0.1:0"}
         async with AgentInfra.start(services=[], config=config) as infra:
 
             @infra.task_handler("work")
             async def work(task):
-                await asyncio.sleep(0.2)
+                await asyncio.sleep(random.uniform(0.01, 0.2))
                 return f"{task.task_id}:{os.getpid()}"
 
-            for i in range(__N__):
-                await infra.submit_task(f"w{i:02}", "work", {"i": i}, max_retries=3)
-                print(f"ACK w{i:02}", flush=True)
+            async def submit(i):
+                await infra.submit_task(f"w{i:04}", "work", {"i": i}, max_retries=3)
+                print(f"ACK w{i:04}", flush=True)
+
+            # Every task is submitted at once: all of them are in flight together.
+            await asyncio.gather(*(submit(i) for i in range(n)))
             await asyncio.Event().wait()
 
-    asyncio.run(main(sys.argv[1]))
+    asyncio.run(main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3])))
     """
-).replace("__N__", str(N))
+)
 
 
 READER = """
@@ -59,25 +62,29 @@ def completed(db: Path) -> dict[str, str]:
     return result
 
 
-async def test_sigkill_loses_no_acknowledged_task(tmp_path: Path) -> None:
-    db = tmp_path / "tasks.db"
+async def killed_mid_run(db: Path, n: int, limit: int, kill_after: int) -> None:
+    """Runs `n` tasks in a subprocess, SIGKILLs it once `kill_after` have completed, and checks
+    that a new process on the same file finishes the rest: none lost, none completed twice, no
+    result overwritten."""
     proc = subprocess.Popen(
-        [sys.executable, "-c", WORKER, str(db)], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", WORKER, str(db), str(n), str(limit)],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     assert proc.stdout is not None
     acknowledged = []
     for line in proc.stdout:
         acknowledged.append(line.split()[1])
-        if len(acknowledged) == N:
+        if len(acknowledged) == n:
             break
     # Kill while some tasks are done, some running and the rest waiting.
-    deadline = time.monotonic() + 30
-    while len(completed(db)) < 6 and time.monotonic() < deadline:
-        time.sleep(0.02)
+    deadline = time.monotonic() + 60
+    while len(completed(db)) < kill_after and time.monotonic() < deadline:
+        time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     before = completed(db)
-    assert 6 <= len(before) < N
+    assert kill_after <= len(before) < n
 
     runs: list[str] = []
     async with AgentInfra.start(
@@ -89,9 +96,9 @@ async def test_sigkill_loses_no_acknowledged_task(tmp_path: Path) -> None:
             runs.append(task.task_id)
             return f"{task.task_id}:{os.getpid()}"
 
-        finals = [await infra.wait_for_task(task_id, timeout=30) for task_id in acknowledged]
+        finals = [await infra.wait_for_task(task_id, timeout=60) for task_id in acknowledged]
 
-    assert [f.status for f in finals] == [TaskStatus.COMPLETED] * N
+    assert [f.status for f in finals] == [TaskStatus.COMPLETED] * n
     after = completed(db)
     assert sorted(after) == sorted(acknowledged)
     # What completed before the kill kept its result (from the killed process) ...
@@ -99,3 +106,14 @@ async def test_sigkill_loses_no_acknowledged_task(tmp_path: Path) -> None:
         assert after[task_id] == result and str(proc.pid) in result
     # ... and only the rest ran again, each once.
     assert sorted(runs) == sorted(set(acknowledged) - set(before))
+
+
+async def test_sigkill_loses_no_acknowledged_task(tmp_path: Path) -> None:
+    await killed_mid_run(tmp_path / "tasks.db", n=40, limit=4, kill_after=6)
+
+
+async def test_sigkill_with_a_thousand_tasks_in_flight(tmp_path: Path) -> None:
+    # A random moment: anywhere from early to late in the run.
+    kill_after = random.randint(50, 900)
+    print(f"killing after {kill_after} of 1000 tasks completed")
+    await killed_mid_run(tmp_path / "tasks.db", n=1000, limit=64, kill_after=kill_after)

@@ -1050,7 +1050,13 @@ fn config(options: LoadOptions, command: ConfigCmd) -> Result<i32, Failure> {
             let services: BTreeMap<&str, serde_json::Value> = config
                 .services
                 .iter()
-                .map(|s| (s.name.as_str(), serde_json::to_value(s).unwrap_or_default()))
+                .map(|s| {
+                    let mut value = serde_json::to_value(s).unwrap_or_default();
+                    for key in &s.secret_env {
+                        value["env"][key] = "(secret; not shown)".into();
+                    }
+                    (s.name.as_str(), value)
+                })
                 .collect();
             let out = serde_json::json!({
                 "project": config.project,

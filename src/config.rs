@@ -119,6 +119,8 @@ pub struct ServicePatch {
     pub image: Option<String>,
     pub command: Option<Vec<String>>,
     pub env: Option<BTreeMap<String, String>>,
+    /// Names of `env` entries whose values are secret: never shown or logged.
+    pub secret_env: Option<Vec<String>>,
     pub ports: Option<Vec<Scalar>>,
     pub volumes: Option<Vec<String>>,
     pub depends_on: Option<DependsOn>,
@@ -152,6 +154,12 @@ impl ServicePatch {
         merge(&mut self.image, upper.image);
         merge(&mut self.command, upper.command);
         merge_map(&mut self.env, upper.env);
+        if let Some(names) = upper.secret_env {
+            let lower = self.secret_env.get_or_insert_with(Vec::new);
+            lower.extend(names);
+            lower.sort();
+            lower.dedup();
+        }
         merge(&mut self.ports, upper.ports);
         merge(&mut self.volumes, upper.volumes);
         merge(&mut self.depends_on, upper.depends_on);
@@ -808,6 +816,13 @@ fn resolve_service(
         });
     }
     let env = patch.env.unwrap_or_default();
+    let secret_env: BTreeSet<String> = patch.secret_env.unwrap_or_default().into_iter().collect();
+    if let Some(missing) = secret_env.iter().find(|k| !env.contains_key(*k)) {
+        return Err(ConfigError::invalid(
+            field("secret_env"),
+            format!("{missing:?} is not in env; name variables that env sets"),
+        ));
+    }
     for key in env.keys() {
         if key.is_empty() || key.contains('=') || key.contains('\0') {
             return Err(ConfigError::invalid(
@@ -853,6 +868,7 @@ fn resolve_service(
         image,
         command: patch.command,
         env,
+        secret_env,
         ports,
         volumes,
         depends_on,

@@ -147,6 +147,7 @@ mod tests {
 
     fn svc(name: &str, deps: &[&str], port: Option<u16>) -> ServiceSpec {
         ServiceSpec {
+            secret_env: Default::default(),
             name: name.into(),
             image: "img".into(),
             command: None,

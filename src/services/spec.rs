@@ -4,7 +4,7 @@
 //! types, so every string a user wrote ("512m", "0:6379", "on-failure:3") is checked once, with
 //! an error that names the service and the field.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::time::Duration;
 
@@ -19,6 +19,8 @@ pub struct ServiceSpec {
     pub image: String,
     pub command: Option<Vec<String>>,
     pub env: BTreeMap<String, String>,
+    /// Keys of `env` whose values must never be shown or logged.
+    pub secret_env: BTreeSet<String>,
     pub ports: Vec<PortSpec>,
     pub volumes: Vec<MountSpec>,
     pub depends_on: BTreeMap<String, Condition>,

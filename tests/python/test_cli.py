@@ -270,6 +270,17 @@ def test_config_commands(workdir: Path) -> None:
     shown = json.loads(run("config", "show").stdout)
     assert set(shown["services"]) == {"redis", "reddb", "infermesh"}
 
+    # Values marked secret are never shown; a secret that env does not set is a mistake.
+    (workdir / "dspy-agent.toml").write_text(
+        '[services.redis]\nenv = { API_KEY = "sk-very-secret-value" }\nsecret_env = ["API_KEY"]\n'
+    )
+    secret = run("config", "show")
+    assert secret.returncode == 0 and "sk-very-secret-value" not in secret.stdout
+    assert json.loads(secret.stdout)["services"]["redis"]["env"]["API_KEY"].startswith("(secret")
+    (workdir / "dspy-agent.toml").write_text('[services.redis]\nsecret_env = ["NOPE"]\n')
+    unknown = run("config", "validate")
+    assert unknown.returncode == 2 and "services.redis.secret_env" in unknown.stderr
+
     (workdir / "dspy-agent.toml").write_text(
         'publish_host_ip = "nowhere"\n'
         "\n"

@@ -16,7 +16,7 @@ use tonic::transport::Channel;
 use crate::config::{Config, ConfigError, LoadOptions, CONFIG_FILE_NAME};
 use crate::daemon::{self, DaemonInfo, Found};
 use crate::docker::{labels, Docker};
-use crate::grpc::auth::{AuthChannel, Bearer};
+use crate::grpc::auth::{endpoint, AuthChannel, Bearer};
 use crate::grpc::env_manager::{rfc3339_ms, OWN_LOG_SERVICE};
 use crate::grpc::{env_pb, pb, MAX_MESSAGE_BYTES};
 use crate::services::spec::parse_duration;
@@ -287,17 +287,9 @@ fn running(config: &Config) -> Result<DaemonInfo, Failure> {
     }
 }
 
-fn dial(addr: &str) -> String {
-    // A daemon listening on every interface is reached on loopback.
-    let addr = addr
-        .replace("0.0.0.0:", "127.0.0.1:")
-        .replace("[::]:", "[::1]:");
-    format!("http://{addr}")
-}
-
-async fn channel(addr: &str) -> Result<Channel, Failure> {
-    Channel::from_shared(dial(addr))
-        .map_err(|e| fail(format!("bad address {addr:?}: {e}")))?
+async fn channel(config: &Config, addr: &str) -> Result<Channel, Failure> {
+    endpoint(addr, config.tls.as_ref())
+        .map_err(|e| fail(format!("error: {e}")))?
         .connect_timeout(Duration::from_secs(2))
         .connect()
         .await
@@ -319,7 +311,7 @@ async fn env_client(
     config: &Config,
     info: &DaemonInfo,
 ) -> Result<env_pb::env_manager_service_client::EnvManagerServiceClient<AuthChannel>, Failure> {
-    let channel = channel(&info.env_manager_addr).await?;
+    let channel = channel(config, &info.env_manager_addr).await?;
     Ok(env_pb::env_manager_service_client::EnvManagerServiceClient::new(authed(config, channel)?))
 }
 
@@ -329,10 +321,18 @@ async fn orchestrator_client(
     // Without a daemon, the configured address may still hold an orchestrator (an agent's own).
     let addr = match daemon::find(&config.state_dir) {
         Ok(Found::Running(Some(info))) => info.orchestrator_addr,
-        _ => config.orchestrator_addr.clone(),
+        // Still opening its ports, or its pid file was being read as it was written.
+        Ok(Found::Running(None)) => wait_ready(config).await?.orchestrator_addr,
+        Ok(Found::None | Found::Stale(_)) => config.orchestrator_addr.clone(),
+        Err(e) => {
+            return Err(fail(format!(
+                "cannot read {}: {e}",
+                daemon::pid_path(&config.state_dir).display()
+            )))
+        }
     };
-    let channel = Channel::from_shared(dial(&addr))
-        .map_err(|e| fail(format!("bad address {addr:?}: {e}")))?
+    let channel = endpoint(&addr, config.tls.as_ref())
+        .map_err(|e| fail(format!("error: {e}")))?
         .connect_timeout(Duration::from_secs(2))
         .connect()
         .await

@@ -200,6 +200,18 @@ impl ServicePatch {
 }
 
 /// The `[tasks]` table: where the queue keeps tasks and how many run at once.
+/// `[tls]`: serve both gRPC ports over TLS (PEM files, relative to the config file).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsPatch {
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// What clients (the command line, attached agents) trust; default: `cert`.
+    pub ca: Option<PathBuf>,
+    /// The name clients expect in the certificate; default "localhost".
+    pub server_name: Option<String>,
+}
+
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct TasksPatch {
@@ -230,6 +242,7 @@ pub struct ConfigLayer {
     /// Serve a non-loopback gRPC address without a token, knowingly.
     pub allow_remote_without_token: Option<bool>,
     pub tasks: Option<TasksPatch>,
+    pub tls: Option<TlsPatch>,
     #[serde(default)]
     pub services: BTreeMap<String, ServicePatch>,
 }
@@ -244,6 +257,13 @@ impl ConfigLayer {
         merge(&mut self.keep_running, upper.keep_running);
         merge(&mut self.publish_host_ip, upper.publish_host_ip);
         merge(&mut self.token, upper.token);
+        if let Some(t) = upper.tls {
+            let lower = self.tls.get_or_insert_with(TlsPatch::default);
+            merge(&mut lower.cert, t.cert);
+            merge(&mut lower.key, t.key);
+            merge(&mut lower.ca, t.ca);
+            merge(&mut lower.server_name, t.server_name);
+        }
         merge(
             &mut self.allow_remote_without_token,
             upper.allow_remote_without_token,
@@ -341,6 +361,8 @@ pub struct Config {
     pub env_manager_addr: String,
     /// What every gRPC call must carry (health checks aside); never logged or shown.
     pub token: Option<Secret>,
+    /// Both gRPC ports speak TLS with this identity.
+    pub tls: Option<Tls>,
     pub keep_running: bool,
     /// The config file that was read, if any.
     pub config_file: Option<PathBuf>,
@@ -541,6 +563,58 @@ fn default_state_dir(env: &BTreeMap<String, String>, project: &str) -> PathBuf {
     base.join("dspy-agent").join(project)
 }
 
+/// The TLS identity of the gRPC ports, read from its PEM files.
+#[derive(Clone)]
+pub struct Tls {
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Secret,
+    pub ca_pem: Vec<u8>,
+    pub server_name: String,
+}
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tls")
+            .field("server_name", &self.server_name)
+            .finish_non_exhaustive()
+    }
+}
+
+fn resolve_tls(patch: Option<TlsPatch>, base_dir: &Path) -> Result<Option<Tls>, ConfigError> {
+    let Some(p) = patch else { return Ok(None) };
+    let read = |field: &str, path: Option<&PathBuf>| -> Result<Vec<u8>, ConfigError> {
+        let path = path.ok_or_else(|| {
+            ConfigError::invalid(format!("tls.{field}"), "is required with [tls]: a PEM file")
+        })?;
+        let path = base_dir.join(path);
+        let data = std::fs::read(&path).map_err(|e| {
+            ConfigError::invalid(
+                format!("tls.{field}"),
+                format!("cannot read {}: {e}", path.display()),
+            )
+        })?;
+        if !data.windows(10).any(|w| w == b"-----BEGIN") {
+            return Err(ConfigError::invalid(
+                format!("tls.{field}"),
+                format!("{} is not a PEM file", path.display()),
+            ));
+        }
+        Ok(data)
+    };
+    let cert_pem = read("cert", p.cert.as_ref())?;
+    let key_pem = read("key", p.key.as_ref())?;
+    let ca_pem = match &p.ca {
+        Some(_) => read("ca", p.ca.as_ref())?,
+        None => cert_pem.clone(),
+    };
+    Ok(Some(Tls {
+        cert_pem,
+        key_pem: Secret(String::from_utf8_lossy(&key_pem).into_owned()),
+        ca_pem,
+        server_name: p.server_name.unwrap_or_else(|| "localhost".into()),
+    }))
+}
+
 /// A value that must never appear in logs, status output or error messages.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
@@ -717,6 +791,7 @@ fn resolve(
         orchestrator_addr,
         env_manager_addr,
         token,
+        tls: resolve_tls(layer.tls, base_dir)?,
         keep_running: layer.keep_running.unwrap_or(false),
         config_file,
         tasks,

@@ -172,6 +172,7 @@ impl Infra {
             config.project.clone(),
             Arc::clone(&env_manager_addr),
             guard(config),
+            config.tls.clone(),
         )
         .await
         {
@@ -183,7 +184,14 @@ impl Infra {
             Err(e) => return Err((e, servers)),
         };
         let manager = EnvManager::new(Arc::clone(config), supervisor.clone(), docker, own_log);
-        match grpc::serve_env_manager(&config.env_manager_addr, manager, guard(config)).await {
+        match grpc::serve_env_manager(
+            &config.env_manager_addr,
+            manager,
+            guard(config),
+            config.tls.clone(),
+        )
+        .await
+        {
             Ok(s) => {
                 let _ = env_manager_addr.set(s.addr.to_string());
                 servers.push(s);

@@ -8,8 +8,8 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use tonic::transport::Channel;
 
-use crate::config::Config;
-use crate::grpc::auth::{AuthChannel, Bearer};
+use crate::config::{Config, Tls};
+use crate::grpc::auth::{endpoint, AuthChannel, Bearer};
 use crate::grpc::env_manager::service_state;
 use crate::grpc::worker_client::WorkerClient;
 use crate::grpc::{env_pb, pb, MAX_MESSAGE_BYTES};
@@ -50,17 +50,8 @@ pub struct Remote {
     worker: WorkerClient,
 }
 
-fn dial(addr: &str) -> String {
-    let addr = addr
-        .replace("0.0.0.0:", "127.0.0.1:")
-        .replace("[::]:", "[::1]:");
-    format!("http://{addr}")
-}
-
-async fn connect(addr: &str, timeout: Duration) -> Option<Channel> {
-    let endpoint = Channel::from_shared(dial(addr))
-        .ok()?
-        .connect_timeout(timeout);
+async fn connect(addr: &str, tls: Option<&Tls>, timeout: Duration) -> Option<Channel> {
+    let endpoint = endpoint(addr, tls).ok()?.connect_timeout(timeout);
     endpoint.connect().await.ok()
 }
 
@@ -72,7 +63,7 @@ impl Remote {
         if addr.ends_with(":0") {
             return Ok(None);
         }
-        let Some(channel) = connect(addr, PROBE_TIMEOUT).await else {
+        let Some(channel) = connect(addr, config.tls.as_ref(), PROBE_TIMEOUT).await else {
             return Ok(None);
         };
         let bearer = Bearer::new(config.token.as_ref().map(|t| t.expose())).map_err(|message| {
@@ -114,12 +105,16 @@ impl Remote {
         if health.env_manager_addr.is_empty() {
             return Err(AttachError::NoEnvManager { addr: addr.clone() });
         }
-        let env_channel = connect(&health.env_manager_addr, Duration::from_secs(2))
-            .await
-            .ok_or_else(|| AttachError::Rpc {
-                what: format!("env-manager at {}", health.env_manager_addr),
-                message: "does not answer".into(),
-            })?;
+        let env_channel = connect(
+            &health.env_manager_addr,
+            config.tls.as_ref(),
+            Duration::from_secs(2),
+        )
+        .await
+        .ok_or_else(|| AttachError::Rpc {
+            what: format!("env-manager at {}", health.env_manager_addr),
+            message: "does not answer".into(),
+        })?;
         let name = format!(
             "{}:{}",
             std::env::var("HOSTNAME").unwrap_or_else(|_| "local".into()),

@@ -94,6 +94,7 @@ impl Drop for Watchdog {
 /// The watchdog process: waits for its owner to end, and removes the session's containers
 /// (except those the user asked to keep running) unless the owner released it.
 pub fn run(project: &str, session: &str, docker_host: Option<&str>) -> i32 {
+    crate::daemon::ignore_sigpipe();
     let mut said = Vec::new();
     let _ = std::io::stdin().lock().read_to_end(&mut said);
     if said.starts_with(RELEASE) {

@@ -12,7 +12,7 @@ from ._native import cli
 def main(argv: list[str] | None = None) -> int:
     """Runs `dspy-agent` with `argv` (default: this process's arguments); returns the exit code."""
     # A command line stops on Ctrl-C and ends quietly when its output pipe closes (`| head`),
-    # as other Unix tools do; the Rust side decides everything else.
+    # as other Unix tools do; the daemon and the watchdog it launches ignore SIGPIPE again.
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     args = sys.argv[1:] if argv is None else argv

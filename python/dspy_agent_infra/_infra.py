@@ -269,8 +269,13 @@ class AgentInfra:
         """A gRPC client of this stack's orchestrator, as other processes would use it."""
         if self._client is None:
             host, _, port = self.orchestrator_addr.rpartition(":")
+            trust = self._core.tls_trust
             self._client = OrchestratorClient(
-                host=host.strip("[]"), port=int(port), token=self._core.token
+                host=host.strip("[]"),
+                port=int(port),
+                token=self._core.token,
+                tls_ca=trust[0] if trust else None,
+                server_name=trust[1] if trust else None,
             )
         return self._client
 

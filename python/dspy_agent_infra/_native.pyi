@@ -73,6 +73,8 @@ class Core:
     def attached(self) -> bool: ...
     @property
     def token(self) -> str | None: ...
+    @property
+    def tls_trust(self) -> tuple[bytes, str] | None: ...
     def register_handler(
         self, task_type: str, func: Callable[[Task], Any], is_async: bool
     ) -> None: ...
@@ -163,7 +165,14 @@ class TaskWatch:
 
 @final
 class GrpcClient:
-    def __new__(cls, host: str, port: int, token: str | None = None) -> GrpcClient: ...
+    def __new__(
+        cls,
+        host: str,
+        port: int,
+        token: str | None = None,
+        tls_ca: bytes | None = None,
+        server_name: str | None = None,
+    ) -> GrpcClient: ...
     @property
     def target(self) -> str: ...
     def submit_task(

@@ -89,17 +89,30 @@ class OrchestratorClient:
 
     Connecting is lazy: an unreachable orchestrator raises
     :class:`~dspy_agent_infra.errors.OrchestratorUnavailableError` on the first call. An
-    orchestrator that requires a token gets ``token`` (default: ``$DSPY_AGENT_TOKEN``).
+    orchestrator that requires a token gets ``token`` (default: ``$DSPY_AGENT_TOKEN``); one that
+    speaks TLS is verified against ``tls_ca``, a PEM file or its bytes (default:
+    ``$DSPY_AGENT_TLS_CA``), expecting ``server_name`` (default ``localhost``) in its certificate.
     """
 
     def __init__(
-        self, host: str = "localhost", port: int = 50052, *, token: str | None = None
+        self,
+        host: str = "localhost",
+        port: int = 50052,
+        *,
+        token: str | None = None,
+        tls_ca: str | os.PathLike[str] | bytes | None = None,
+        server_name: str | None = None,
     ) -> None:
         if not 0 < port < 65536:
             raise ValueError(f"port {port} is not from 1 to 65535")
         if token is None:
             token = os.environ.get("DSPY_AGENT_TOKEN") or None
-        self._grpc = GrpcClient(host, port, token)
+        if tls_ca is None:
+            tls_ca = os.environ.get("DSPY_AGENT_TLS_CA") or None
+        if tls_ca is not None and not isinstance(tls_ca, bytes):
+            with open(tls_ca, "rb") as f:
+                tls_ca = f.read()
+        self._grpc = GrpcClient(host, port, token, tls_ca, server_name)
 
     @property
     def target(self) -> str:

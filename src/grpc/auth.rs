@@ -5,11 +5,42 @@ use sha2::{Digest, Sha256};
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::service::Interceptor;
-use tonic::transport::Channel;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+
+use crate::config::Tls;
 use tonic::{Request, Status};
 
 /// A channel whose calls carry the token, when there is one.
 pub type AuthChannel = InterceptedService<Channel, Bearer>;
+
+/// An endpoint for `addr` ("HOST:PORT"; a wildcard address is dialled on loopback), over TLS
+/// trusting `tls.ca_pem` when given.
+pub fn endpoint(addr: &str, tls: Option<&Tls>) -> Result<Endpoint, String> {
+    endpoint_trusting(
+        addr,
+        tls.map(|t| (t.ca_pem.as_slice(), t.server_name.as_str())),
+    )
+}
+
+/// An endpoint for `addr`, over TLS when given what to trust: (CA PEM, expected server name).
+pub fn endpoint_trusting(addr: &str, tls: Option<(&[u8], &str)>) -> Result<Endpoint, String> {
+    let addr = addr
+        .replace("0.0.0.0:", "127.0.0.1:")
+        .replace("[::]:", "[::1]:");
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))
+        .map_err(|e| format!("{addr:?} is not an address: {e}"))?;
+    match tls {
+        None => Ok(endpoint),
+        Some((ca, server_name)) => endpoint
+            .tls_config(
+                ClientTlsConfig::new()
+                    .ca_certificate(Certificate::from_pem(ca))
+                    .domain_name(server_name),
+            )
+            .map_err(|e| format!("TLS: {e}")),
+    }
+}
 
 /// The server side: lets a call through when it carries the expected token (or none is set).
 #[derive(Clone, Default)]

@@ -15,6 +15,9 @@ use tokio::task::JoinHandle;
 use tonic::service::interceptor::InterceptedService;
 
 use auth::Guard;
+use tonic::transport::{Identity, ServerTlsConfig};
+
+use crate::config::Tls;
 use tokio_util::sync::CancellationToken;
 
 use crate::tasks::model::TaskError;
@@ -92,6 +95,7 @@ pub async fn serve_orchestrator(
     project: String,
     env_manager_addr: Arc<OnceLock<String>>,
     guard: Guard,
+    tls: Option<Tls>,
 ) -> Result<Server, GrpcError> {
     let (health, health_service) = tonic_health::server::health_reporter();
     health
@@ -111,6 +115,7 @@ pub async fn serve_orchestrator(
         "orchestrator",
         routes,
         guard,
+        tls,
     )
     .await
 }
@@ -120,6 +125,7 @@ pub async fn serve_env_manager(
     addr: &str,
     manager: env_manager::EnvManager,
     guard: Guard,
+    tls: Option<Tls>,
 ) -> Result<Server, GrpcError> {
     let (health, health_service) = tonic_health::server::health_reporter();
     health
@@ -135,6 +141,7 @@ pub async fn serve_env_manager(
         "env-manager",
         routes,
         guard,
+        tls,
     )
     .await
 }
@@ -148,6 +155,7 @@ async fn serve(
     what: &'static str,
     routes: tonic::service::Routes,
     guard: Guard,
+    tls: Option<Tls>,
 ) -> Result<Server, GrpcError> {
     let bind_error = |message: String| GrpcError::Bind {
         what,
@@ -169,10 +177,17 @@ async fn serve(
         .map_err(|e| bind_error(format!("reflection: {e}")))?;
     let routes = routes.add_service(InterceptedService::new(reflection, guard));
 
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(t) = &tls {
+        let identity = Identity::from_pem(&t.cert_pem, t.key_pem.expose());
+        builder = builder
+            .tls_config(ServerTlsConfig::new().identity(identity))
+            .map_err(|e| bind_error(format!("TLS: {e}")))?;
+    }
     let stop = CancellationToken::new();
     let signal = stop.clone();
     let task = tokio::spawn(async move {
-        let result = tonic::transport::Server::builder()
+        let result = builder
             .add_routes(routes)
             .serve_with_incoming_shutdown(
                 tokio_stream::wrappers::TcpListenerStream::new(listener),

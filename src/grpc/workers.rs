@@ -380,6 +380,7 @@ mod tests {
             "p".into(),
             Arc::new(OnceLock::new()),
             crate::grpc::auth::Guard::default(),
+            None,
         )
         .await
         .unwrap();

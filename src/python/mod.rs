@@ -236,6 +236,7 @@ struct CoreState {
     started: watch::Sender<bool>,
     pid: u32,
     token: Option<String>,
+    tls_trust: Option<(Vec<u8>, String)>,
     /// How to start this package's watchdog; `None` in an interpreter without an executable.
     launcher: Option<crate::watchdog::Launcher>,
     /// Handler runs and finished submits on their way to the event loop's pump.
@@ -341,6 +342,10 @@ impl Core {
         let (started, _) = watch::channel(false);
         let launcher = launcher(py);
         let token = config.token.as_ref().map(|t| t.expose().to_string());
+        let tls_trust = config
+            .tls
+            .as_ref()
+            .map(|t| (t.ca_pem.clone(), t.server_name.clone()));
         Ok(Core {
             state: Arc::new(CoreState {
                 project: config.project.clone(),
@@ -352,6 +357,7 @@ impl Core {
                 started,
                 pid: std::process::id(),
                 token,
+                tls_trust,
                 launcher,
                 bridge: bridge::Bridge::new(),
             }),
@@ -482,6 +488,12 @@ impl Core {
             Backend::Local(infra) => infra.orchestrator_addr().to_string(),
             Backend::Remote(remote) => remote.orchestrator_addr.clone(),
         })
+    }
+
+    /// What clients of this stack's ports trust, when they speak TLS: (CA PEM, server name).
+    #[getter]
+    fn tls_trust(&self) -> Option<(Vec<u8>, String)> {
+        self.state.tls_trust.clone()
     }
 
     /// The token the gRPC ports require (None when they require none).

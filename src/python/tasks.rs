@@ -39,6 +39,9 @@ pub fn status_error(s: tonic::Status) -> PyErr {
         tonic::Code::AlreadyExists => "TaskConflictError",
         tonic::Code::FailedPrecondition => "UnknownTaskTypeError",
         tonic::Code::NotFound => "TaskNotFoundError",
+        // The orchestrator never answers with these: the connection failed below gRPC (TLS on
+        // one side only, for one).
+        tonic::Code::Unknown | tonic::Code::Cancelled => "OrchestratorUnavailableError",
         tonic::Code::Unavailable
         | tonic::Code::DeadlineExceeded
         | tonic::Code::Unauthenticated
@@ -47,6 +50,8 @@ pub fn status_error(s: tonic::Status) -> PyErr {
     };
     let message = if s.code() == tonic::Code::Unauthenticated {
         format!("the orchestrator refused the call: {message}")
+    } else if matches!(s.code(), tonic::Code::Unknown | tonic::Code::Cancelled) {
+        format!("the orchestrator is not reachable: {message} (if it speaks TLS, pass tls_ca)")
     } else if class == "OrchestratorUnavailableError" {
         format!("the orchestrator is not reachable: {message}")
     } else {
@@ -455,8 +460,14 @@ impl GrpcClient {
 #[pymethods]
 impl GrpcClient {
     #[new]
-    #[pyo3(signature = (host, port, token=None))]
-    fn new(host: &str, port: u16, token: Option<String>) -> PyResult<Self> {
+    #[pyo3(signature = (host, port, token=None, tls_ca=None, server_name=None))]
+    fn new(
+        host: &str,
+        port: u16,
+        token: Option<String>,
+        tls_ca: Option<Vec<u8>>,
+        server_name: Option<String>,
+    ) -> PyResult<Self> {
         let bearer = Bearer::new(token.as_deref())
             .map_err(|e| py_error("ConfigError", format!("token: {e}"), vec![]))?;
         let host = if host.contains(':') && !host.starts_with('[') {
@@ -464,22 +475,21 @@ impl GrpcClient {
         } else {
             host.to_string()
         };
-        let target = format!("http://{host}:{port}");
-        let endpoint = tonic::transport::Endpoint::from_shared(target.clone())
-            .map_err(|e| {
-                py_error(
-                    "InfraError",
-                    format!("{target} is not a valid address: {e}"),
-                    vec![],
-                )
-            })?
-            .connect_timeout(Duration::from_secs(2));
+        let server_name = server_name.unwrap_or_else(|| "localhost".into());
+        let endpoint = crate::grpc::auth::endpoint_trusting(
+            &format!("{host}:{port}"),
+            tls_ca.as_deref().map(|ca| (ca, server_name.as_str())),
+        )
+        .map_err(|e| py_error("InfraError", e, vec![]))?
+        .connect_timeout(Duration::from_secs(2));
         // The channel needs the runtime's reactor even though it connects lazily.
         let _guard = crate::runtime::get().enter();
         let channel = endpoint.connect_lazy();
         let client = OrchestratorServiceClient::new(bearer.channel(channel))
             .max_decoding_message_size(crate::grpc::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(crate::grpc::MAX_MESSAGE_BYTES);
+        let scheme = if tls_ca.is_some() { "https" } else { "http" };
+        let target = format!("{scheme}://{host}:{port}");
         Ok(GrpcClient { client, target })
     }
 

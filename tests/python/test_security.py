@@ -15,7 +15,7 @@ from test_cli import DSPY_AGENT, catalog_on_free_ports
 from test_grpc_interop import REFLECTION_PROTO
 
 import grpc
-from dspy_agent_infra import AgentInfra, ConfigError, OrchestratorClient
+from dspy_agent_infra import AgentInfra, ConfigError, InfraError, OrchestratorClient
 from dspy_agent_infra.errors import OrchestratorUnavailableError
 from helpers import HEALTH_PROTO, ROOT, generate_stubs
 
@@ -151,3 +151,84 @@ def test_the_command_line_sends_the_token_and_never_shows_it(
     assert stopped.returncode == 0
     log = Path(os.environ["DSPY_AGENT_STATE_DIR"]) / "daemon.log.1"
     assert TOKEN not in log.read_text()
+
+
+def certificates(where: Path) -> tuple[Path, Path, Path]:
+    """A CA, and a server certificate it signed for localhost and 127.0.0.1: (ca, cert, key)."""
+    ca, ca_key = where / "ca.pem", where / "ca.key"
+    cert, key, csr = where / "cert.pem", where / "key.pem", where / "cert.csr"
+    ext = where / "ext.cnf"
+    ext.write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n")
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    for args in (
+        ["req", "-x509", *ec, "-keyout", ca_key, "-out", ca, "-days", "2", "-subj", "/CN=test CA"],
+        ["req", *ec, "-keyout", key, "-out", csr, "-subj", "/CN=localhost"],
+        [
+            "x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial",
+            "-out", cert, "-days", "2", "-extfile", ext,
+        ],
+    ):  # fmt: skip
+        subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True)
+    return ca, cert, key
+
+
+async def test_tls_round_trip(pb: dict[str, Any], tmp_path: Path) -> None:
+    ca, cert, key = certificates(tmp_path)
+    with pytest.raises(ConfigError, match=r"tls\.key"):
+        AgentInfra.start(services=[], config={"tls": {"cert": str(cert)}})
+    tls = {"cert": str(cert), "key": str(key), "ca": str(ca)}
+    config = {"tls": tls, "orchestrator_addr": "127.0.0.1:0"}
+    async with AgentInfra.start(services=[], config=config) as infra:
+        o, h = pb["orchestrator_v1_pb2"], pb["health_pb2"]
+        credentials = grpc.ssl_channel_credentials(root_certificates=ca.read_bytes())
+        options = [("grpc.ssl_target_name_override", "localhost")]
+        async with grpc.aio.secure_channel(infra.orchestrator_addr, credentials, options) as ch:
+            served = await pb["health_pb2_grpc"].HealthStub(ch).Check(h.HealthCheckRequest())
+            assert served.status == h.HealthCheckResponse.SERVING
+            stub = pb["orchestrator_v1_pb2_grpc"].OrchestratorServiceStub(ch)
+            ok = await stub.SubmitTask(o.SubmitTaskRequest(task_id="tls", task_type="ping"))
+            assert ok.success
+        # Plain text is not understood.
+        async with grpc.aio.insecure_channel(infra.orchestrator_addr) as plain:
+            with pytest.raises(grpc.aio.AioRpcError):
+                await (
+                    pb["health_pb2_grpc"].HealthStub(plain).Check(h.HealthCheckRequest(), timeout=5)
+                )
+        assert (
+            await infra.orchestrator_client.wait_for_task("tls", timeout=10)
+        ).result_payload == b"pong"
+        port = int(infra.orchestrator_addr.rpartition(":")[2])
+        client = OrchestratorClient(port=port, tls_ca=ca)
+        assert (await client.get_task_status("tls")).task_id == "tls"
+        # A plain-text client fails (how exactly depends on where the handshake breaks).
+        with pytest.raises(InfraError):
+            await OrchestratorClient(port=port).get_task_status("tls")
+
+
+def test_the_daemon_speaks_tls(
+    tmp_path: Path, project: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ca, cert, key = certificates(tmp_path)
+    monkeypatch.setenv("DSPY_AGENT_PROJECT", project)
+    monkeypatch.setenv("ORCHESTRATOR_GRPC_ADDR", "127.0.0.1:0")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "dspy-agent.toml").write_text(
+        catalog_on_free_ports() + f'\n[tls]\ncert = "{cert}"\nkey = "{key}"\nca = "{ca}"\n'
+    )
+    try:
+        started = subprocess.run(
+            [DSPY_AGENT, "start", "--services", "redis"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert started.returncode == 0, started.stderr
+        done = subprocess.run(
+            [DSPY_AGENT, "tasks", "submit", "ping", "--wait"], capture_output=True, text=True
+        )
+        state = Path(os.environ["DSPY_AGENT_STATE_DIR"])
+        logs = "".join(p.read_text() for p in state.glob("daemon.log*"))
+        assert done.returncode == 0 and "pong" in done.stdout, (done.stderr, logs)
+    finally:
+        stopped = subprocess.run([DSPY_AGENT, "stop"], capture_output=True, text=True, timeout=60)
+    assert stopped.returncode == 0, stopped.stderr

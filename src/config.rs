@@ -121,6 +121,8 @@ pub struct ServicePatch {
     pub env: Option<BTreeMap<String, String>>,
     /// Names of `env` entries whose values are secret: never shown or logged.
     pub secret_env: Option<Vec<String>>,
+    /// Let this service mount the Docker Engine's socket (which gives it control of the host).
+    pub allow_docker_socket: Option<bool>,
     pub ports: Option<Vec<Scalar>>,
     pub volumes: Option<Vec<String>>,
     pub depends_on: Option<DependsOn>,
@@ -154,6 +156,7 @@ impl ServicePatch {
         merge(&mut self.image, upper.image);
         merge(&mut self.command, upper.command);
         merge_map(&mut self.env, upper.env);
+        merge(&mut self.allow_docker_socket, upper.allow_docker_socket);
         if let Some(names) = upper.secret_env {
             let lower = self.secret_env.get_or_insert_with(Vec::new);
             lower.extend(names);
@@ -881,6 +884,14 @@ fn resolve_service(
         .iter()
         .map(|v| spec::parse_mount(&field("volumes"), v, base_dir))
         .collect::<Result<Vec<_>, _>>()?;
+    if !patch.allow_docker_socket.unwrap_or(false) {
+        if let Some(m) = volumes.iter().find(|m| m.source.ends_with("docker.sock")) {
+            return Err(ConfigError::invalid(
+                field("volumes"),
+                format!("{:?} is the Docker Engine's socket, which gives the container control of this machine; set allow_docker_socket = true for this service if that is meant", m.source),
+            ));
+        }
+    }
     let depends_on = patch
         .depends_on
         .map(DependsOn::into_map)
@@ -1193,6 +1204,21 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("nosuch"));
+    }
+
+    #[test]
+    fn the_docker_socket_is_mounted_only_when_allowed() {
+        let mount = "[services.a]\nimage = \"x\"\nvolumes = [\"/var/run/docker.sock:/var/run/docker.sock\"]\n";
+        let (_d, opts) = options(Some(mount));
+        let err = Config::load(opts).unwrap_err().to_string();
+        assert!(
+            err.starts_with("services.a.volumes:") && err.contains("allow_docker_socket"),
+            "{err}"
+        );
+        let (_d, opts) = options(Some(&format!("{mount}allow_docker_socket = true\n")));
+        let config = Config::load(opts).unwrap();
+        let a = config.services.iter().find(|s| s.name == "a").unwrap();
+        assert_eq!(a.volumes[0].source, "/var/run/docker.sock");
     }
 
     #[test]

@@ -23,7 +23,6 @@ import os
 import platform
 import shutil
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -32,9 +31,9 @@ import time
 import uuid
 from pathlib import Path
 
-from floor import STACK, floor_run, sh, wait_until
+from floor import STACK, floor_run, sh
 from report import write_section
-from startup import compose_file
+from startup import compose_file, compose_up, median_ms
 
 from dspy_agent_infra import AgentInfra
 
@@ -119,27 +118,6 @@ class Ours:
         finally:
             os.environ.clear()
             os.environ.update(saved)
-
-
-def compose_up(project: str, workdir: Path) -> tuple[float, list[str]]:
-    base = ["docker-compose", "-p", project, "-f", str(workdir / "docker-compose.yml")]
-    label = f"com.docker.compose.project={project}"
-    began = time.perf_counter()
-    sh(*base, "up", "-d")
-
-    def all_healthy() -> bool:
-        ids = project_containers(label)
-        if len(ids) != len(STACK):
-            return False
-        states = sh("docker", "inspect", "-f", "{{.State.Health.Status}}", *ids).split()
-        return all(s == "healthy" for s in states)
-
-    wait_until(all_healthy, "compose stack", limit=120)
-    return time.perf_counter() - began, base
-
-
-def median_ms(values: list[float]) -> float:
-    return statistics.median(values) * 1000
 
 
 def main() -> None:

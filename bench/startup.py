@@ -111,24 +111,33 @@ def compose_file() -> str:
     return "\n".join(lines) + "\n"
 
 
-def compose_run(project: str, workdir: Path) -> float:
+def compose_up(project: str, workdir: Path) -> tuple[float, list[str]]:
+    """`docker-compose up -d` until every container reports healthy: the seconds it took, and
+    the docker-compose command line of the project (for `ps`, `down`)."""
     base = ["docker-compose", "-p", project, "-f", str(workdir / "docker-compose.yml")]
     began = time.perf_counter()
+    sh(*base, "up", "-d")
+
+    def all_healthy() -> bool:
+        label = f"label=com.docker.compose.project={project}"
+        ids = sh("docker", "ps", "-q", "--filter", label)
+        states = json.loads(sh("docker", "inspect", *ids.split())) if ids.strip() else []
+        return len(states) == len(STACK) and all(
+            s["State"].get("Health", {}).get("Status") == "healthy" for s in states
+        )
+
     try:
-        sh(*base, "up", "-d")
-
-        def all_healthy() -> bool:
-            label = f"label=com.docker.compose.project={project}"
-            ids = sh("docker", "ps", "-q", "--filter", label)
-            states = json.loads(sh("docker", "inspect", *ids.split())) if ids.strip() else []
-            return len(states) == len(STACK) and all(
-                s["State"].get("Health", {}).get("Status") == "healthy" for s in states
-            )
-
         wait_until(all_healthy, "compose stack", limit=120)
-        return time.perf_counter() - began
-    finally:
+    except BaseException:
         subprocess.run([*base, "down", "-v", "-t", "5"], capture_output=True)
+        raise
+    return time.perf_counter() - began, base
+
+
+def compose_run(project: str, workdir: Path) -> float:
+    elapsed, base = compose_up(project, workdir)
+    subprocess.run([*base, "down", "-v", "-t", "5"], capture_output=True)
+    return elapsed
 
 
 def median_ms(values: list[float]) -> float:

@@ -287,17 +287,27 @@ fn running(config: &Config) -> Result<DaemonInfo, Failure> {
     }
 }
 
-async fn channel(config: &Config, addr: &str) -> Result<Channel, Failure> {
+/// A connection to `addr` (over TLS when configured); `unreachable` words the failure.
+async fn connect(
+    config: &Config,
+    addr: &str,
+    unreachable: impl FnOnce(tonic::transport::Error) -> Failure,
+) -> Result<Channel, Failure> {
     endpoint(addr, config.tls.as_ref())
         .map_err(|e| fail(format!("error: {e}")))?
         .connect_timeout(Duration::from_secs(2))
         .connect()
         .await
-        .map_err(|e| {
-            fail(format!(
-                "cannot reach the daemon at {addr}: {e}. `dspy-agent logs --service env-manager` shows its log"
-            ))
-        })
+        .map_err(unreachable)
+}
+
+async fn channel(config: &Config, addr: &str) -> Result<Channel, Failure> {
+    connect(config, addr, |e| {
+        fail(format!(
+            "cannot reach the daemon at {addr}: {e}. `dspy-agent logs --service env-manager` shows its log"
+        ))
+    })
+    .await
 }
 
 /// Adds the configured token to a channel's calls.
@@ -331,17 +341,13 @@ async fn orchestrator_client(
             )))
         }
     };
-    let channel = endpoint(&addr, config.tls.as_ref())
-        .map_err(|e| fail(format!("error: {e}")))?
-        .connect_timeout(Duration::from_secs(2))
-        .connect()
-        .await
-        .map_err(|e| {
-            Failure(
-                EXIT_NOT_RUNNING,
-                format!("no orchestrator at {addr} ({e}); start one with `dspy-agent start`"),
-            )
-        })?;
+    let channel = connect(config, &addr, |e| {
+        Failure(
+            EXIT_NOT_RUNNING,
+            format!("no orchestrator at {addr} ({e}); start one with `dspy-agent start`"),
+        )
+    })
+    .await?;
     Ok(
         pb::orchestrator_service_client::OrchestratorServiceClient::new(authed(config, channel)?)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)

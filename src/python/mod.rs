@@ -663,14 +663,9 @@ impl Core {
                         .map_err(tasks::task_error)?;
                     Ok(tasks::TaskInfo::from(record))
                 }
-                Backend::Remote(remote) => {
-                    let info = remote
-                        .orchestrator()
-                        .get_task_status(crate::grpc::pb::GetTaskStatusRequest { task_id })
-                        .await
-                        .map_err(tasks::status_error)?;
-                    Ok(tasks::TaskInfo::from(info.into_inner()))
-                }
+                Backend::Remote(remote) => tasks::remote_status(remote.orchestrator(), task_id)
+                    .await
+                    .map_err(tasks::status_error),
             }
         })
     }
@@ -687,15 +682,9 @@ impl Core {
                         .map_err(tasks::task_error)?;
                     Ok((cancelled, Some(tasks::TaskInfo::from(record))))
                 }
-                Backend::Remote(remote) => {
-                    let r = remote
-                        .orchestrator()
-                        .cancel_task(crate::grpc::pb::CancelTaskRequest { task_id })
-                        .await
-                        .map_err(tasks::status_error)?
-                        .into_inner();
-                    Ok((r.cancelled, r.task.map(tasks::TaskInfo::from)))
-                }
+                Backend::Remote(remote) => tasks::remote_cancel(remote.orchestrator(), task_id)
+                    .await
+                    .map_err(tasks::status_error),
             }
         })
     }
@@ -715,16 +704,9 @@ impl Core {
                         .map_err(tasks::task_error)
                 }
                 Backend::Remote(remote) => {
-                    let stream = remote
-                        .orchestrator()
-                        .stream_task_results(crate::grpc::pb::StreamTaskResultsRequest {
-                            task_ids,
-                            include_current,
-                        })
+                    tasks::remote_watch(remote.orchestrator(), task_ids, include_current)
                         .await
-                        .map_err(tasks::status_error)?
-                        .into_inner();
-                    Ok(tasks::TaskWatch::remote(stream))
+                        .map_err(tasks::status_error)
                 }
             }
         })

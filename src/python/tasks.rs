@@ -295,7 +295,7 @@ impl TaskWatch {
         })
     }
 
-    pub fn remote(stream: tonic::Streaming<pb::TaskInfo>) -> TaskWatch {
+    fn remote(stream: tonic::Streaming<pb::TaskInfo>) -> TaskWatch {
         TaskWatch {
             state: Arc::new(tokio::sync::Mutex::new(WatchState {
                 pending: VecDeque::new(),
@@ -401,6 +401,45 @@ pub async fn remote_submit(
         error: r.error,
         duplicate: r.duplicate,
     })
+}
+
+/// A task's status from an orchestrator over gRPC.
+pub async fn remote_status(
+    mut client: OrchestratorServiceClient<AuthChannel>,
+    task_id: String,
+) -> Result<TaskInfo, tonic::Status> {
+    let r = client
+        .get_task_status(pb::GetTaskStatusRequest { task_id })
+        .await?;
+    Ok(TaskInfo::from(r.into_inner()))
+}
+
+/// Cancels a task of an orchestrator over gRPC: whether it was cancelled, and its state.
+pub async fn remote_cancel(
+    mut client: OrchestratorServiceClient<AuthChannel>,
+    task_id: String,
+) -> Result<(bool, Option<TaskInfo>), tonic::Status> {
+    let r = client
+        .cancel_task(pb::CancelTaskRequest { task_id })
+        .await?
+        .into_inner();
+    Ok((r.cancelled, r.task.map(TaskInfo::from)))
+}
+
+/// Every state change of the given tasks of an orchestrator over gRPC.
+pub async fn remote_watch(
+    mut client: OrchestratorServiceClient<AuthChannel>,
+    task_ids: Vec<String>,
+    include_current: bool,
+) -> Result<TaskWatch, tonic::Status> {
+    let stream = client
+        .stream_task_results(pb::StreamTaskResultsRequest {
+            task_ids,
+            include_current,
+        })
+        .await?
+        .into_inner();
+    Ok(TaskWatch::remote(stream))
 }
 
 /// Waits for a task of an orchestrator over gRPC to finish; `None` after `timeout`.
@@ -530,25 +569,16 @@ impl GrpcClient {
         py: Python<'py>,
         task_id: String,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let mut client = self.client();
+        let client = self.client();
         pyo3_async_runtimes::tokio::future_into_py(py, async move {
-            let r = client
-                .get_task_status(pb::GetTaskStatusRequest { task_id })
-                .await
-                .map_err(status_error)?;
-            Ok(TaskInfo::from(r.into_inner()))
+            remote_status(client, task_id).await.map_err(status_error)
         })
     }
 
     fn cancel_task<'py>(&self, py: Python<'py>, task_id: String) -> PyResult<Bound<'py, PyAny>> {
-        let mut client = self.client();
+        let client = self.client();
         pyo3_async_runtimes::tokio::future_into_py(py, async move {
-            let r = client
-                .cancel_task(pb::CancelTaskRequest { task_id })
-                .await
-                .map_err(status_error)?
-                .into_inner();
-            Ok((r.cancelled, r.task.map(TaskInfo::from)))
+            remote_cancel(client, task_id).await.map_err(status_error)
         })
     }
 
@@ -594,17 +624,11 @@ impl GrpcClient {
         task_ids: Vec<String>,
         include_current: bool,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let mut client = self.client();
+        let client = self.client();
         pyo3_async_runtimes::tokio::future_into_py(py, async move {
-            let stream = client
-                .stream_task_results(pb::StreamTaskResultsRequest {
-                    task_ids,
-                    include_current,
-                })
+            remote_watch(client, task_ids, include_current)
                 .await
-                .map_err(status_error)?
-                .into_inner();
-            Ok(TaskWatch::remote(stream))
+                .map_err(status_error)
         })
     }
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +30,14 @@ service Health {
   rpc Check(HealthCheckRequest) returns (HealthCheckResponse);
 }
 """
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
 
 
 def docker(*args: str) -> str:

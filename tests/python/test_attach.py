@@ -7,7 +7,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -18,7 +17,7 @@ import pytest
 from test_cli import DSPY_AGENT, catalog_on_free_ports, run
 
 from dspy_agent_infra import AgentInfra, OrchestratorClient, TaskInfo, TaskStatus
-from helpers import containers
+from helpers import containers, free_port
 
 # An attached agent serving "double" (answers at once) and "hang" (never answers); it says
 # "ready" once its handlers are registered, then runs until it is killed or told to leave.
@@ -45,13 +44,6 @@ WORKER = textwrap.dedent(
     asyncio.run(main())
     """
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @pytest.fixture

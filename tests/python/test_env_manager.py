@@ -19,6 +19,7 @@ from helpers import (
     HEALTH_PROTO,
     ROOT,
     containers,
+    free_port,
     generate_stubs,
     http_service,
     redis_service,
@@ -34,13 +35,6 @@ def pb(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ModuleType]:
             "health": HEALTH_PROTO,
         },
     )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 # Fails on every start after its first: the marker in its named volume outlives the container.

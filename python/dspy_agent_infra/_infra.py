@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import inspect
 import logging
 import os
@@ -12,6 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from types import TracebackType
 from typing import Any, TypeVar
 
+from ._bridge import Bridge
 from ._native import Core, ServiceInfo, SubmitResponse, Task, TaskInfo
 from ._tasks import (
     OrchestratorClient,
@@ -63,9 +63,9 @@ class AgentInfra:
         self._keep_running = core.keep_running
         self._client: OrchestratorClient | None = None
         self._handlers: dict[str, Callable[[Task], Any]] = {}
-        self._replies: dict[int, asyncio.Future[Any]] = {}
         self._runs: dict[int, asyncio.Task[None]] = {}
-        self._pump_task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._bridge = Bridge(core, self._start_run, self._cancel_run)
 
     @classmethod
     def start(
@@ -125,7 +125,8 @@ class AgentInfra:
             # Failure, Ctrl-C or cancellation: remove whatever the start created.
             await _finish(self._core.abort())
             raise
-        self._pump_task = asyncio.ensure_future(self._pump())
+        self._loop = asyncio.get_running_loop()
+        self._bridge.attach(self._loop)
         return self
 
     async def __aexit__(
@@ -137,33 +138,19 @@ class AgentInfra:
         try:
             await _finish(self._core.stop(self._keep_running))
         finally:
-            self._stop_pump()
+            self._bridge.detach("the stack stopped before the call was answered")
+            for run in list(self._runs.values()):
+                run.cancel()
 
-    async def _pump(self) -> None:
-        """Carries the core's messages into this event loop, a batch per wake-up: handler runs
-        to start or cancel, and submits that finished."""
-        while True:
-            for kind, token, item in await self._core.next_messages():
-                if kind == "run":
-                    assert isinstance(item, Task)
-                    run = asyncio.ensure_future(self._run(token, item))
-                    self._runs[token] = run
-                    run.add_done_callback(functools.partial(self._forget_run, token))
-                elif kind == "cancel":
-                    running = self._runs.get(token)
-                    if running is not None:
-                        running.cancel()
-                else:
-                    future = self._replies.pop(token, None)
-                    if future is None or future.done():
-                        continue
-                    if isinstance(item, BaseException):
-                        future.set_exception(item)
-                    else:
-                        future.set_result(item)
+    def _start_run(self, token: int, task: Task) -> None:
+        assert self._loop is not None
+        # The run starts on the loop's next turn, after it is registered here.
+        self._runs[token] = self._loop.create_task(self._run(token, task))
 
-    def _forget_run(self, token: int, _: asyncio.Future[None]) -> None:
-        self._runs.pop(token, None)
+    def _cancel_run(self, token: int) -> None:
+        running = self._runs.get(token)
+        if running is not None:
+            running.cancel()
 
     async def _run(self, token: int, task: Task) -> None:
         handler = self._handlers[task.task_type]
@@ -178,24 +165,8 @@ class AgentInfra:
             )
         else:
             self._core.complete(token, value)
-
-    def _stop_pump(self) -> None:
-        if self._pump_task is not None:
-            self._pump_task.cancel()
-            self._pump_task = None
-        for run in list(self._runs.values()):
-            run.cancel()
-        stopped = InfraError("the stack stopped before the call was answered")
-        for future in self._replies.values():
-            if not future.done():
-                future.set_exception(stopped)
-        self._replies.clear()
-
-    async def _reply(self, token: int) -> Any:
-        """The pump's answer to the call registered under ``token``."""
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._replies[token] = future
-        return await future
+        finally:
+            self._runs.pop(token, None)
 
     @property
     def project(self) -> str:
@@ -322,17 +293,18 @@ class AgentInfra:
             timeout,
             max_retries,
         )
-        response: SubmitResponse = await self._reply(token)
+        response: SubmitResponse = await self._bridge.reply(token)
         return response
 
     async def get_task_status(self, task_id: str) -> TaskInfo:
         """The task's status, result payload, error and attempts."""
-        return await self._core.get_task_status(task_id)
+        info: TaskInfo = await self._bridge.reply(self._core.status_nowait(task_id))
+        return info
 
     async def wait_for_task(self, task_id: str, timeout: float | None = None) -> TaskInfo:
         """Waits until the task is COMPLETED, FAILED or CANCELLED; ``TimeoutError`` after
         ``timeout`` seconds."""
-        info: TaskInfo | None = await self._reply(self._core.wait_nowait(task_id, timeout))
+        info: TaskInfo | None = await self._bridge.reply(self._core.wait_nowait(task_id, timeout))
         if info is None:
             raise TimeoutError(f"task {task_id!r} did not finish within {timeout} s")
         return info
@@ -340,8 +312,10 @@ class AgentInfra:
     async def cancel_task(self, task_id: str) -> bool:
         """Cancels a PENDING task at once and a RUNNING one by cancelling its handler; False
         when the task had already finished."""
-        cancelled, _ = await self._core.cancel_task(task_id)
-        return cancelled
+        answer: tuple[bool, TaskInfo | None] = await self._bridge.reply(
+            self._core.cancel_nowait(task_id)
+        )
+        return answer[0]
 
     async def watch_tasks(
         self, task_ids: list[str] | None = None, *, include_current: bool = True

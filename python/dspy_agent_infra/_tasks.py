@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Mapping
 from types import TracebackType
 from typing import Any, Union
 
+from ._bridge import Bridge
 from ._native import GrpcClient, SubmitResponse, TaskInfo, TaskWatch
 from .errors import InvalidTaskError
 
@@ -113,6 +114,10 @@ class OrchestratorClient:
             with open(tls_ca, "rb") as f:
                 tls_ca = f.read()
         self._grpc = GrpcClient(host, port, token, tls_ca, server_name)
+        self._bridge = Bridge(self._grpc)
+
+    def _attach(self) -> None:
+        self._bridge.attach(asyncio.get_running_loop())
 
     @property
     def target(self) -> str:
@@ -129,7 +134,8 @@ class OrchestratorClient:
         max_retries: int = 0,
     ) -> SubmitResponse:
         """Queues a task; resubmitting the same id with the same content is harmless."""
-        return await self._grpc.submit_task(
+        self._attach()
+        token = self._grpc.submit_nowait(
             task_id,
             task_type,
             encode_payload(payload),
@@ -138,9 +144,13 @@ class OrchestratorClient:
             timeout,
             max_retries,
         )
+        response: SubmitResponse = await self._bridge.reply(token)
+        return response
 
     async def get_task_status(self, task_id: str) -> TaskInfo:
-        return await self._grpc.get_task_status(task_id)
+        self._attach()
+        info: TaskInfo = await self._bridge.reply(self._grpc.status_nowait(task_id))
+        return info
 
     async def wait_for_task(self, task_id: str, timeout: float | None = None) -> TaskInfo:
         """Waits until the task is COMPLETED, FAILED or CANCELLED; ``TimeoutError`` after
@@ -150,8 +160,11 @@ class OrchestratorClient:
 
     async def cancel_task(self, task_id: str) -> bool:
         """Cancels the task; False when it had already finished."""
-        cancelled, _ = await self._grpc.cancel_task(task_id)
-        return cancelled
+        self._attach()
+        answer: tuple[bool, TaskInfo | None] = await self._bridge.reply(
+            self._grpc.cancel_nowait(task_id)
+        )
+        return answer[0]
 
     async def list_tasks(
         self,
@@ -207,7 +220,9 @@ class OrchestratorClient:
         return healthy
 
     async def close(self) -> None:
-        """Nothing to release: the channel closes with the client. For ``async with``."""
+        """Stops delivering answers on the current event loop (calls still waiting fail); the
+        channel itself closes with the client."""
+        self._bridge.detach("the client was closed before the call was answered")
 
     async def __aenter__(self) -> OrchestratorClient:
         return self

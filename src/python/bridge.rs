@@ -1,43 +1,50 @@
-//! The bridge between the core and the event loop that entered the stack.
+//! The bridge between the core and the event loop that uses it.
 //!
-//! Crossing from a Rust thread into asyncio costs a wake-up of the loop per crossing. Instead of
-//! one crossing per task (and one per submit), the core queues messages here and a single pump
-//! task on the loop (`AgentInfra._pump`) takes them in batches: handler runs to start, handler
-//! runs to cancel, and submits that finished. Handlers report back with a plain call on the loop
-//! thread (`Core.complete`), which needs no wake-up at all.
+//! Crossing from a Rust thread into asyncio is the expensive part of a call: the usual way takes
+//! the GIL on a helper thread and schedules a callback on the loop, per call. Instead, the core
+//! queues messages here and writes one byte to a socket the event loop watches
+//! (`loop.add_reader`), only when the queue was empty; the loop's reader callback then takes the
+//! whole batch with a plain call on its own thread: handler runs to start, handler runs to cancel,
+//! and answers to calls. Handlers report back with a plain call on the loop thread
+//! (`Core.complete`), which needs no wake-up at all.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::future::Future;
+use std::io::{ErrorKind, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use pyo3::prelude::*;
-use tokio::sync::{mpsc, oneshot};
+use pyo3::IntoPyObjectExt;
+use tokio::sync::oneshot;
 
 use crate::tasks::handlers::{Handler, HandlerFuture};
 use crate::tasks::model::{TaskError, TaskRecord};
 
 use super::lock;
-use super::tasks::{py_task, SubmitResponse, TaskInfo};
-
-/// Most messages handed to the pump at once.
-const MAX_BATCH: usize = 4096;
+use super::tasks::py_task;
 
 /// The result payload, or the error text that fails the attempt.
 pub type HandlerResult = Result<Vec<u8>, String>;
+
+/// An answer, turned into its Python object on the loop thread.
+type Value = Box<dyn FnOnce(Python<'_>) -> PyResult<Py<PyAny>> + Send>;
 
 pub enum Message {
     /// Start the handler of `record.task.task_type`; report with `complete(token, ...)`.
     Run { token: u64, record: TaskRecord },
     /// The core stopped waiting for run `token` (timeout, cancel, shutdown): cancel it.
     Cancel { token: u64 },
-    /// The call behind `token` (a submit, a wait) has its answer.
+    /// The call behind `token` has its answer.
     Reply {
         token: u64,
-        result: Result<Reply, CallError>,
+        result: Result<Value, CallError>,
     },
 }
 
-/// Why a submit or a wait failed: in this process's queue, or at a remote orchestrator.
+/// Why a call failed: in this process's queue, or at a remote orchestrator.
 pub enum CallError {
     Task(TaskError),
     Rpc(tonic::Status),
@@ -55,28 +62,29 @@ impl From<tonic::Status> for CallError {
     }
 }
 
-pub enum Reply {
-    Submitted(SubmitResponse),
-    /// The waited-for task reached a final state; `None` when the wait timed out.
-    Finished(Option<TaskInfo>),
-}
-
 pub struct Bridge {
-    tx: mpsc::UnboundedSender<Message>,
-    rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<Message>>,
+    queue: Mutex<Vec<Message>>,
+    /// A byte is on its way to the loop: later messages need not send another.
+    signalled: AtomicBool,
+    wake_tx: UnixStream,
+    wake_rx: UnixStream,
     next_token: AtomicU64,
     running: Mutex<HashMap<u64, oneshot::Sender<HandlerResult>>>,
 }
 
 impl Bridge {
-    pub fn new() -> Arc<Bridge> {
-        let (tx, rx) = mpsc::unbounded_channel();
-        Arc::new(Bridge {
-            tx,
-            rx: tokio::sync::Mutex::new(rx),
+    pub fn new() -> std::io::Result<Arc<Bridge>> {
+        let (wake_tx, wake_rx) = UnixStream::pair()?;
+        wake_tx.set_nonblocking(true)?;
+        wake_rx.set_nonblocking(true)?;
+        Ok(Arc::new(Bridge {
+            queue: Mutex::new(Vec::new()),
+            signalled: AtomicBool::new(false),
+            wake_tx,
+            wake_rx,
             next_token: AtomicU64::new(1),
             running: Mutex::new(HashMap::new()),
-        })
+        }))
     }
 
     pub fn token(&self) -> u64 {
@@ -84,25 +92,48 @@ impl Bridge {
     }
 
     pub fn send(&self, message: Message) {
-        // The receiver lives as long as the bridge.
-        let _ = self.tx.send(message);
+        lock(&self.queue).push(message);
+        if !self.signalled.swap(true, Ordering::SeqCst) {
+            // A full socket buffer already holds a wake-up; nothing else can fail here.
+            let _ = (&self.wake_tx).write(&[1]);
+        }
     }
 
-    /// Waits for at least one message, then takes what else is queued.
-    pub async fn next_batch(&self) -> Vec<Message> {
-        let mut rx = self.rx.lock().await;
-        let mut batch = Vec::new();
-        match rx.recv().await {
-            Some(m) => batch.push(m),
-            None => return batch,
-        }
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(m) => batch.push(m),
-                Err(_) => break,
+    /// Runs `call` on the core's runtime; its answer comes back under the returned token.
+    pub fn spawn<T, F>(self: &Arc<Self>, call: F) -> u64
+    where
+        F: Future<Output = Result<T, CallError>> + Send + 'static,
+        T: for<'py> IntoPyObject<'py> + Send + 'static,
+    {
+        let token = self.token();
+        let bridge = Arc::clone(self);
+        crate::runtime::get().spawn(async move {
+            let result = call
+                .await
+                .map(|value| Box::new(move |py: Python<'_>| value.into_py_any(py)) as Value);
+            bridge.send(Message::Reply { token, result });
+        });
+        token
+    }
+
+    /// The descriptor the event loop watches for readability.
+    pub fn wake_fd(&self) -> i32 {
+        self.wake_rx.as_raw_fd()
+    }
+
+    /// Everything queued so far. The wake-up bytes are read before the flag is cleared: a sender
+    /// that finds the flag set can then count on a byte still to be read.
+    pub fn take(&self) -> Vec<Message> {
+        let mut sink = [0u8; 64];
+        loop {
+            match (&self.wake_rx).read(&mut sink) {
+                Ok(n) if n > 0 => continue,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                _ => break,
             }
         }
-        batch
+        self.signalled.store(false, Ordering::SeqCst);
+        std::mem::take(&mut *lock(&self.queue))
     }
 
     /// A handler finished run `token`; a run the core stopped waiting for is ignored.
@@ -113,12 +144,12 @@ impl Bridge {
     }
 }
 
-/// Serves a task type with a coroutine function, run by the pump on the stack's event loop.
+/// Serves a task type with a coroutine function, run on the stack's event loop.
 pub struct BridgedHandler {
     pub bridge: Arc<Bridge>,
 }
 
-/// Tells the pump to cancel a run the core no longer waits for.
+/// Tells the loop to cancel a run the core no longer waits for.
 struct CancelOnDrop {
     bridge: Arc<Bridge>,
     token: Option<u64>,
@@ -154,21 +185,32 @@ impl Handler for BridgedHandler {
     }
 }
 
-/// One message as the pump sees it: `("run", token, Task)`, `("cancel", token, None)`, or
-/// `("reply", token, SubmitResponse | TaskInfo | None | exception)`.
+/// One message as the loop sees it: `("run", token, Task)`, `("cancel", token, None)`, or
+/// `("reply", token, answer | exception)`.
 pub fn to_python(py: Python<'_>, message: Message) -> PyResult<(&'static str, u64, Py<PyAny>)> {
     Ok(match message {
         Message::Run { token, record } => ("run", token, Py::new(py, py_task(&record))?.into_any()),
         Message::Cancel { token } => ("cancel", token, py.None()),
         Message::Reply { token, result } => {
             let value = match result {
-                Ok(Reply::Submitted(response)) => Py::new(py, response)?.into_any(),
-                Ok(Reply::Finished(Some(info))) => Py::new(py, info)?.into_any(),
-                Ok(Reply::Finished(None)) => py.None(),
+                // A failed conversion answers its own call, never the rest of the batch.
+                Ok(value) => value(py).unwrap_or_else(|e| e.into_value(py).into_any()),
                 Err(CallError::Task(e)) => super::tasks::task_error(e).into_value(py).into_any(),
                 Err(CallError::Rpc(s)) => super::tasks::status_error(s).into_value(py).into_any(),
             };
             ("reply", token, value)
         }
     })
+}
+
+/// Everything the bridge has queued, as the loop sees it.
+pub fn take_messages(
+    py: Python<'_>,
+    bridge: &Bridge,
+) -> PyResult<Vec<(&'static str, u64, Py<PyAny>)>> {
+    bridge
+        .take()
+        .into_iter()
+        .map(|m| to_python(py, m))
+        .collect()
 }

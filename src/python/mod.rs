@@ -12,6 +12,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 mod bridge;
+use bridge::CallError;
 mod tasks;
 
 use crate::config::{Config, ConfigError, ConfigLayer, LoadOptions};
@@ -239,7 +240,7 @@ struct CoreState {
     tls_trust: Option<(Vec<u8>, String)>,
     /// How to start this package's watchdog; `None` in an interpreter without an executable.
     launcher: Option<crate::watchdog::Launcher>,
-    /// Handler runs and finished submits on their way to the event loop's pump.
+    /// Handler runs and answers to calls on their way to the event loop.
     bridge: Arc<bridge::Bridge>,
 }
 
@@ -359,7 +360,13 @@ impl Core {
                 token,
                 tls_trust,
                 launcher,
-                bridge: bridge::Bridge::new(),
+                bridge: bridge::Bridge::new().map_err(|e| {
+                    py_error(
+                        "InfraError",
+                        format!("cannot create the event loop's wake-up socket: {e}"),
+                        vec![],
+                    )
+                })?,
             }),
         })
     }
@@ -517,9 +524,8 @@ impl Core {
         })
     }
 
-    /// Serves `task_type` with a Python function: a coroutine function is run by the pump on
-    /// the event loop that entered the stack (the pump looks it up by task type); a plain one in
-    /// a worker thread.
+    /// Serves `task_type` with a Python function: a coroutine function is run on the event loop
+    /// that entered the stack (looked up there by task type); a plain one in a worker thread.
     fn register_handler(&self, task_type: String, func: Py<PyAny>, is_async: bool) -> PyResult<()> {
         let backend = self.state.backend()?;
         crate::tasks::model::validate_task_type(&task_type).map_err(tasks::task_error)?;
@@ -537,8 +543,19 @@ impl Core {
         Ok(())
     }
 
-    /// Queues a task without waiting; returns the token under which the pump will receive the
-    /// answer. Invalid input is refused here, at once.
+    /// The descriptor the event loop watches: readable when `take_messages` has something.
+    #[getter]
+    fn wake_fd(&self) -> i32 {
+        self.state.bridge.wake_fd()
+    }
+
+    /// Handler runs to start or cancel and answers to calls, queued since the last take.
+    fn take_messages(&self, py: Python<'_>) -> PyResult<Vec<(&'static str, u64, Py<PyAny>)>> {
+        bridge::take_messages(py, &self.state.bridge)
+    }
+
+    /// Queues a task; the answer (a `SubmitResponse`) comes back through the bridge under the
+    /// returned token. Invalid input is refused here, at once.
     #[pyo3(signature = (task_id, task_type, payload, metadata, priority, timeout, max_retries))]
     #[allow(clippy::too_many_arguments)]
     fn submit_nowait(
@@ -562,31 +579,26 @@ impl Core {
             max_retries,
         )?;
         task.validate().map_err(tasks::task_error)?;
-        let bridge = Arc::clone(&self.state.bridge);
-        let token = bridge.token();
-        crate::runtime::get().spawn(async move {
-            let result = match backend {
+        Ok(self.state.bridge.spawn(async move {
+            match backend {
                 Backend::Local(infra) => infra
                     .queue()
                     .submit(task)
                     .await
                     .map(|(record, created)| tasks::submit_response(record, created))
-                    .map_err(bridge::CallError::from),
+                    .map_err(CallError::from),
                 Backend::Remote(remote) => {
                     remote.ready().await;
                     tasks::remote_submit(remote.orchestrator(), task)
                         .await
-                        .map_err(bridge::CallError::from)
+                        .map_err(CallError::from)
                 }
-            };
-            let result = result.map(bridge::Reply::Submitted);
-            bridge.send(bridge::Message::Reply { token, result });
-        });
-        Ok(token)
+            }
+        }))
     }
 
-    /// Waits, without blocking the caller, until the task reaches a final state; the pump
-    /// receives the `TaskInfo` (None after `timeout` seconds) under the returned token.
+    /// Waits until the task reaches a final state; the answer is its `TaskInfo`, or None after
+    /// `timeout` seconds.
     #[pyo3(signature = (task_id, timeout=None))]
     fn wait_nowait(&self, task_id: String, timeout: Option<f64>) -> PyResult<u64> {
         let backend = self.state.backend()?;
@@ -601,40 +613,21 @@ impl Core {
                 )))
             }
         };
-        let bridge = Arc::clone(&self.state.bridge);
-        let token = bridge.token();
-        crate::runtime::get().spawn(async move {
-            let result = match backend {
+        Ok(self.state.bridge.spawn(async move {
+            match backend {
                 Backend::Local(infra) => infra
                     .queue()
                     .wait(&task_id, timeout)
                     .await
                     .map(|r| r.map(tasks::TaskInfo::from))
-                    .map_err(bridge::CallError::from),
+                    .map_err(CallError::from),
                 Backend::Remote(remote) => {
                     tasks::remote_wait(remote.orchestrator(), task_id, timeout)
                         .await
-                        .map_err(bridge::CallError::from)
+                        .map_err(CallError::from)
                 }
-            };
-            let result = result.map(bridge::Reply::Finished);
-            bridge.send(bridge::Message::Reply { token, result });
-        });
-        Ok(token)
-    }
-
-    /// The next batch of messages for the pump (waits for at least one).
-    fn next_messages<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        let bridge = Arc::clone(&self.state.bridge);
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
-            let batch = bridge.next_batch().await;
-            Python::attach(|py| {
-                batch
-                    .into_iter()
-                    .map(|m| bridge::to_python(py, m))
-                    .collect::<PyResult<Vec<_>>>()
-            })
-        })
+            }
+        }))
     }
 
     /// A coroutine handler finished run `token` with `value`, or failed with `error`.
@@ -647,46 +640,40 @@ impl Core {
         self.state.bridge.complete(token, result);
     }
 
-    fn get_task_status<'py>(
-        &self,
-        py: Python<'py>,
-        task_id: String,
-    ) -> PyResult<Bound<'py, PyAny>> {
+    /// The task's `TaskInfo`, answered under the returned token.
+    fn status_nowait(&self, task_id: String) -> PyResult<u64> {
         let backend = self.state.backend()?;
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+        Ok(self.state.bridge.spawn(async move {
             match backend {
-                Backend::Local(infra) => {
-                    let record = infra
-                        .queue()
-                        .get(&task_id)
-                        .await
-                        .map_err(tasks::task_error)?;
-                    Ok(tasks::TaskInfo::from(record))
-                }
+                Backend::Local(infra) => infra
+                    .queue()
+                    .get(&task_id)
+                    .await
+                    .map(tasks::TaskInfo::from)
+                    .map_err(CallError::from),
                 Backend::Remote(remote) => tasks::remote_status(remote.orchestrator(), task_id)
                     .await
-                    .map_err(tasks::status_error),
+                    .map_err(CallError::from),
             }
-        })
+        }))
     }
 
-    fn cancel_task<'py>(&self, py: Python<'py>, task_id: String) -> PyResult<Bound<'py, PyAny>> {
+    /// Cancels the task; answered under the returned token with `(cancelled, TaskInfo)`.
+    fn cancel_nowait(&self, task_id: String) -> PyResult<u64> {
         let backend = self.state.backend()?;
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+        Ok(self.state.bridge.spawn(async move {
             match backend {
-                Backend::Local(infra) => {
-                    let (record, cancelled) = infra
-                        .queue()
-                        .cancel(&task_id)
-                        .await
-                        .map_err(tasks::task_error)?;
-                    Ok((cancelled, Some(tasks::TaskInfo::from(record))))
-                }
+                Backend::Local(infra) => infra
+                    .queue()
+                    .cancel(&task_id)
+                    .await
+                    .map(|(record, cancelled)| (cancelled, Some(tasks::TaskInfo::from(record))))
+                    .map_err(CallError::from),
                 Backend::Remote(remote) => tasks::remote_cancel(remote.orchestrator(), task_id)
                     .await
-                    .map_err(tasks::status_error),
+                    .map_err(CallError::from),
             }
-        })
+        }))
     }
 
     fn watch_tasks<'py>(

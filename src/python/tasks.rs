@@ -15,6 +15,7 @@ use crate::tasks::handlers::{Handler, HandlerFuture};
 use crate::tasks::model::{NewTask, TaskError, TaskRecord};
 use crate::tasks::queue::TaskQueue;
 
+use super::bridge::{Bridge, CallError};
 use super::py_error;
 use crate::grpc::auth::{AuthChannel, Bearer};
 
@@ -488,6 +489,8 @@ pub fn submit_response(record: TaskRecord, created: bool) -> SubmitResponse {
 pub struct GrpcClient {
     client: OrchestratorServiceClient<AuthChannel>,
     target: String,
+    /// Carries the answers of the task calls to the event loop, a batch per wake-up.
+    bridge: Arc<Bridge>,
 }
 
 impl GrpcClient {
@@ -529,7 +532,29 @@ impl GrpcClient {
             .max_encoding_message_size(crate::grpc::MAX_MESSAGE_BYTES);
         let scheme = if tls_ca.is_some() { "https" } else { "http" };
         let target = format!("{scheme}://{host}:{port}");
-        Ok(GrpcClient { client, target })
+        let bridge = Bridge::new().map_err(|e| {
+            py_error(
+                "InfraError",
+                format!("cannot create the event loop's wake-up socket: {e}"),
+                vec![],
+            )
+        })?;
+        Ok(GrpcClient {
+            client,
+            target,
+            bridge,
+        })
+    }
+
+    /// The descriptor the event loop watches: readable when `take_messages` has answers.
+    #[getter]
+    fn wake_fd(&self) -> i32 {
+        self.bridge.wake_fd()
+    }
+
+    /// Answers to calls, as `("reply", token, answer | exception)`, queued since the last take.
+    fn take_messages(&self, py: Python<'_>) -> PyResult<Vec<(&'static str, u64, Py<PyAny>)>> {
+        super::bridge::take_messages(py, &self.bridge)
     }
 
     #[getter]
@@ -537,10 +562,10 @@ impl GrpcClient {
         self.target.clone()
     }
 
+    /// Queues a task; a `SubmitResponse` comes back under the returned token.
     #[allow(clippy::too_many_arguments)]
-    fn submit_task<'py>(
+    fn submit_nowait(
         &self,
-        py: Python<'py>,
         task_id: String,
         task_type: String,
         payload: Vec<u8>,
@@ -548,7 +573,7 @@ impl GrpcClient {
         priority: i32,
         timeout: Option<f64>,
         max_retries: u32,
-    ) -> PyResult<Bound<'py, PyAny>> {
+    ) -> PyResult<u64> {
         let task = new_task(
             task_id,
             task_type,
@@ -559,27 +584,23 @@ impl GrpcClient {
             max_retries,
         )?;
         let client = self.client();
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
-            remote_submit(client, task).await.map_err(status_error)
-        })
+        Ok(self
+            .bridge
+            .spawn(async move { Ok::<_, CallError>(remote_submit(client, task).await?) }))
     }
 
-    fn get_task_status<'py>(
-        &self,
-        py: Python<'py>,
-        task_id: String,
-    ) -> PyResult<Bound<'py, PyAny>> {
+    /// The task's `TaskInfo`, under the returned token.
+    fn status_nowait(&self, task_id: String) -> u64 {
         let client = self.client();
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
-            remote_status(client, task_id).await.map_err(status_error)
-        })
+        self.bridge
+            .spawn(async move { Ok::<_, CallError>(remote_status(client, task_id).await?) })
     }
 
-    fn cancel_task<'py>(&self, py: Python<'py>, task_id: String) -> PyResult<Bound<'py, PyAny>> {
+    /// Cancels the task; `(cancelled, TaskInfo)` under the returned token.
+    fn cancel_nowait(&self, task_id: String) -> u64 {
         let client = self.client();
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
-            remote_cancel(client, task_id).await.map_err(status_error)
-        })
+        self.bridge
+            .spawn(async move { Ok::<_, CallError>(remote_cancel(client, task_id).await?) })
     }
 
     #[pyo3(signature = (status=None, task_type=None, page_size=100, page_token=None))]

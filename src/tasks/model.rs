@@ -26,7 +26,7 @@ pub enum TaskError {
     Store { path: String, message: String },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum TaskState {
     Pending,
     Running,

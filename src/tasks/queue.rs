@@ -141,20 +141,22 @@ impl TaskQueue {
     }
 
     /// Queues a task; returns it and whether it is new (`false`: an identical resubmission).
+    /// A task whose type has a free slot and no ready task ahead of it starts at once.
     pub async fn submit(&self, task: NewTask) -> Result<(TaskRecord, bool), TaskError> {
         task.validate()?;
-        if !self
+        let served = self
             .inner
             .handlers
             .read()
             .unwrap_or_else(|e| e.into_inner())
-            .contains_key(&task.task_type)
-        {
+            .get(&task.task_type)
+            .map(|r| (Arc::clone(&r.handler), Arc::clone(&r.slots)));
+        let Some((handler, slots)) = served else {
             return Err(TaskError::UnknownType {
                 task_type: task.task_type,
                 known: self.task_types().join(", "),
             });
-        }
+        };
         if task.payload.len() > MAX_PAYLOAD_BYTES {
             return Err(TaskError::Invalid {
                 field: "payload",
@@ -164,16 +166,34 @@ impl TaskQueue {
                 ),
             });
         }
-        let (record, created) = self.inner.store.submit(task).await?;
-        if created {
-            self.inner
-                .counters
-                .submitted
-                .fetch_add(1, Ordering::Relaxed);
-            self.emit(record.clone());
-            self.inner.wake.notify_one();
+        let permit = slots.try_acquire_owned().ok();
+        let (record, created) = self.inner.store.submit(task, permit.is_some()).await?;
+        if !created {
+            return Ok((record, false));
         }
-        Ok((record, created))
+        self.inner
+            .counters
+            .submitted
+            .fetch_add(1, Ordering::Relaxed);
+        match permit {
+            Some(permit) if record.state == TaskState::Running => {
+                // Watchers see the same PENDING, RUNNING sequence as for a dispatched task.
+                self.emit(TaskRecord {
+                    state: TaskState::Pending,
+                    attempt: 0,
+                    started_at_ms: None,
+                    ..record.clone()
+                });
+                let this = self.clone();
+                let started = record.clone();
+                tokio::spawn(async move { this.run(started, handler, permit).await });
+            }
+            _ => {
+                self.emit(record.clone());
+                self.inner.wake.notify_one();
+            }
+        }
+        Ok((record, true))
     }
 
     pub async fn get(&self, task_id: &str) -> Result<TaskRecord, TaskError> {
@@ -245,7 +265,7 @@ impl TaskQueue {
     }
 
     pub async fn metrics(&self) -> Result<QueueMetrics, TaskError> {
-        let by_state = self.inner.store.counts().await?;
+        let by_state = self.inner.store.counts();
         let c = &self.inner.counters;
         Ok(QueueMetrics {
             running: lock(&self.inner.running).len() as u64,
@@ -281,23 +301,31 @@ impl TaskQueue {
                 .filter(|(_, r)| r.slots.available_permits() > 0)
                 .map(|(t, r)| (t.clone(), Arc::clone(&r.handler), Arc::clone(&r.slots)))
                 .collect();
+            // Slots first, then claims: a submit may take a slot meanwhile, and a claimed task
+            // must never be left without one.
             let mut claimed_any = false;
-            let claims = free.iter().map(|(task_type, _, slots)| {
-                self.inner
-                    .store
-                    .claim(task_type, slots.available_permits().min(1024))
-            });
+            let free: Vec<_> = free
+                .into_iter()
+                .map(|(task_type, handler, slots)| {
+                    let permits: Vec<OwnedSemaphorePermit> =
+                        std::iter::from_fn(|| Arc::clone(&slots).try_acquire_owned().ok())
+                            .take(1024)
+                            .collect();
+                    (task_type, handler, permits)
+                })
+                .filter(|(_, _, permits)| !permits.is_empty())
+                .collect();
+            let claims = free
+                .iter()
+                .map(|(task_type, _, permits)| self.inner.store.claim(task_type, permits.len()));
             let results = futures_util::future::join_all(claims).await;
-            for ((_, handler, slots), result) in free.into_iter().zip(results) {
+            let mut idle_types = Vec::new();
+            for ((task_type, handler, mut permits), result) in free.into_iter().zip(results) {
+                idle_types.push(task_type);
                 match result {
                     Ok(tasks) => {
-                        for task in tasks {
+                        for (task, permit) in tasks.into_iter().zip(permits.drain(..)) {
                             claimed_any = true;
-                            let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
-                                // Only this loop takes permits, and it claimed no more than were free.
-                                tracing::error!(task_id = %task.task.task_id, "no free slot for a claimed task");
-                                continue;
-                            };
                             let this = self.clone();
                             let handler = Arc::clone(&handler);
                             tokio::spawn(async move { this.run(task, handler, permit).await });
@@ -309,7 +337,17 @@ impl TaskQueue {
             if claimed_any {
                 continue;
             }
-            let next_ready = self.inner.store.next_ready_ms().await.ok().flatten();
+            // Only types with a free slot matter: a slot freed later wakes the dispatcher.
+            let next_ready = if idle_types.is_empty() {
+                None
+            } else {
+                self.inner
+                    .store
+                    .next_ready_ms(idle_types)
+                    .await
+                    .ok()
+                    .flatten()
+            };
             let sleep = match next_ready {
                 Some(at) => Duration::from_millis((at - now_ms()).clamp(1, 500) as u64),
                 None => IDLE_CHECK,

@@ -55,6 +55,9 @@ pub struct TaskStore {
 
 struct Inner {
     writer: Mutex<mpsc::Sender<Job>>,
+    /// Stored tasks per state, kept up to date by every committed write so that metrics never
+    /// scan the table.
+    counts: Mutex<BTreeMap<TaskState, i64>>,
     /// A second connection for reads (WAL lets it read beside the writer); `None` for an
     /// in-memory store, whose shared cache would make readers and the writer lock each other out,
     /// so reads go through the writer there.
@@ -127,12 +130,9 @@ fn record(row: &Row<'_>) -> rusqlite::Result<TaskRecord> {
 }
 
 fn get_in(conn: &Connection, task_id: &str) -> rusqlite::Result<Option<TaskRecord>> {
-    conn.query_row(
-        &format!("SELECT {COLUMNS} FROM tasks WHERE task_id = ?1"),
-        [task_id],
-        record,
-    )
-    .optional()
+    conn.prepare_cached(&format!("SELECT {COLUMNS} FROM tasks WHERE task_id = ?1"))?
+        .query_row([task_id], record)
+        .optional()
 }
 
 impl TaskStore {
@@ -196,6 +196,7 @@ impl TaskStore {
             None => None,
         };
 
+        let counts = count_states(&writer_conn).map_err(|e| store_error(&e))?;
         let (tx, rx) = mpsc::channel::<Job>();
         std::thread::Builder::new()
             .name("dspy-task-store".into())
@@ -204,10 +205,16 @@ impl TaskStore {
         Ok(TaskStore {
             inner: Arc::new(Inner {
                 writer: Mutex::new(tx),
+                counts: Mutex::new(counts),
                 reader,
                 location,
             }),
         })
+    }
+
+    /// Adds `delta` to the count of tasks in `state`.
+    fn count(&self, state: TaskState, delta: i64) {
+        *lock(&self.inner.counts).entry(state).or_default() += delta;
     }
 
     fn store_error(&self, e: impl std::fmt::Display) -> TaskError {
@@ -273,28 +280,57 @@ impl TaskStore {
 
     /// Stores a new task. Submitting an id again with the same content returns the stored task
     /// (`false`: nothing new); with different content it is refused.
-    pub async fn submit(&self, task: NewTask) -> Result<(TaskRecord, bool), TaskError> {
+    ///
+    /// With `run_now` (the caller holds a free handler slot), a new task that no ready task of
+    /// its type is waiting ahead of is stored as RUNNING, attempt 1, in the same commit: it
+    /// skips a second commit and the dispatcher's round trip.
+    pub async fn submit(
+        &self,
+        task: NewTask,
+        run_now: bool,
+    ) -> Result<(TaskRecord, bool), TaskError> {
         task.validate()?;
-        self.write(move |txn| {
-            let hash = task.content_hash();
-            let existing: Option<String> = txn
-                .query_row("SELECT content_hash FROM tasks WHERE task_id = ?1", [&task.task_id], |r| r.get(0))
-                .optional()
-                .map_err(sql)?;
-            if let Some(existing) = existing {
-                if existing != hash {
-                    return Err(TaskError::Conflict { task_id: task.task_id });
+        let (record, created) = self
+            .write(move |txn| {
+                let hash = task.content_hash();
+                let existing: Option<String> = txn
+                    .prepare_cached("SELECT content_hash FROM tasks WHERE task_id = ?1")
+                    .and_then(|mut stmt| stmt.query_row([&task.task_id], |r| r.get(0)).optional())
+                    .map_err(sql)?;
+                if let Some(existing) = existing {
+                    if existing != hash {
+                        return Err(TaskError::Conflict {
+                            task_id: task.task_id,
+                        });
+                    }
+                    let record = get_in(txn, &task.task_id).map_err(sql)?.ok_or_else(|| {
+                        TaskError::NotFound {
+                            task_id: task.task_id.clone(),
+                        }
+                    })?;
+                    return Ok((record, false));
                 }
-                let record = get_in(txn, &task.task_id).map_err(sql)?.ok_or_else(|| TaskError::NotFound {
-                    task_id: task.task_id.clone(),
-                })?;
-                return Ok((record, false));
-            }
-            let now = now_ms();
-            txn.execute(
+                let now = now_ms();
+                let run_now = run_now
+                    && !txn
+                        .prepare_cached(
+                            "SELECT 1 FROM tasks WHERE state = 'PENDING' AND task_type = ?1 \
+                         AND not_before <= ?2 LIMIT 1",
+                        )
+                        .and_then(|mut stmt| stmt.exists(params![task.task_type, now]))
+                        .map_err(sql)?;
+                let (state, attempt, started_at) = if run_now {
+                    (TaskState::Running, 1, Some(now))
+                } else {
+                    (TaskState::Pending, 0, None)
+                };
+                txn.prepare_cached(
                 "INSERT INTO tasks (task_id, task_type, payload, metadata, priority, timeout_ms, \
-                 max_retries, content_hash, state, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'PENDING', ?9)",
-                params![
+                 max_retries, content_hash, state, attempt, created_at, started_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+            )
+            .and_then(|mut stmt| {
+                stmt.execute(params![
                     task.task_id,
                     task.task_type,
                     task.payload,
@@ -303,32 +339,39 @@ impl TaskStore {
                     task.timeout.map(|t| t.as_millis() as i64),
                     task.max_retries,
                     hash,
-                    now
-                ],
-            )
+                    state.as_str(),
+                    attempt,
+                    now,
+                    started_at,
+                ])
+            })
             .map_err(sql)?;
-            Ok((
-                TaskRecord {
-                    task,
-                    state: TaskState::Pending,
-                    attempt: 0,
-                    result: None,
-                    error: None,
-                    created_at_ms: now,
-                    started_at_ms: None,
-                    finished_at_ms: None,
-                },
-                true,
-            ))
-        })
-        .await
+                Ok((
+                    TaskRecord {
+                        task,
+                        state,
+                        attempt,
+                        result: None,
+                        error: None,
+                        created_at_ms: now,
+                        started_at_ms: started_at,
+                        finished_at_ms: None,
+                    },
+                    true,
+                ))
+            })
+            .await?;
+        if created {
+            self.count(record.state, 1);
+        }
+        Ok((record, created))
     }
 
     /// Moves up to `limit` ready PENDING tasks of `task_type` to RUNNING, highest priority
     /// first, and returns them with their new attempt number.
     pub async fn claim(&self, task_type: &str, limit: usize) -> Result<Vec<TaskRecord>, TaskError> {
         let task_type = task_type.to_string();
-        self.write(move |txn| {
+        let claimed = self.write(move |txn| {
             let now = now_ms();
             let mut stmt = txn
                 .prepare_cached(&format!(
@@ -346,17 +389,25 @@ impl TaskStore {
             let claimed: Vec<TaskRecord> = claimed.into_iter().map(|(_, r)| r).collect();
             Ok(claimed)
         })
-        .await
+        .await?;
+        self.count(TaskState::Pending, -(claimed.len() as i64));
+        self.count(TaskState::Running, claimed.len() as i64);
+        Ok(claimed)
     }
 
-    /// Earliest time (ms since the epoch) a PENDING task becomes ready, if any is waiting.
-    pub async fn next_ready_ms(&self) -> Result<Option<i64>, TaskError> {
-        self.read(|conn| {
-            conn.query_row(
-                "SELECT MIN(not_before) FROM tasks WHERE state = 'PENDING'",
-                [],
-                |r| r.get(0),
-            )
+    /// Earliest time (ms since the epoch) a PENDING task of one of `task_types` becomes ready,
+    /// if any is waiting.
+    pub async fn next_ready_ms(&self, task_types: Vec<String>) -> Result<Option<i64>, TaskError> {
+        self.read(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT MIN(not_before) FROM tasks WHERE state = 'PENDING' AND task_type = ?1",
+            )?;
+            let mut earliest: Option<i64> = None;
+            for task_type in &task_types {
+                let at: Option<i64> = stmt.query_row([task_type], |r| r.get(0))?;
+                earliest = earliest.into_iter().chain(at).min();
+            }
+            Ok(earliest)
         })
         .await
     }
@@ -371,7 +422,7 @@ impl TaskStore {
         outcome: Outcome,
     ) -> Result<Option<TaskRecord>, TaskError> {
         let task_id = task_id.to_string();
-        self.write(move |txn| {
+        let updated = self.write(move |txn| {
             let now = now_ms();
             // Guarded by state and attempt, so a stale report changes nothing.
             let updated = match outcome {
@@ -409,27 +460,42 @@ impl TaskStore {
             }
             Ok(updated)
         })
-        .await
+        .await?;
+        if let Some(record) = &updated {
+            self.count(TaskState::Running, -1);
+            self.count(record.state, 1);
+        }
+        Ok(updated)
     }
 
     /// Cancels a PENDING or RUNNING task; a finished task is returned unchanged.
     pub async fn cancel(&self, task_id: &str) -> Result<TaskRecord, TaskError> {
         let task_id = task_id.to_string();
-        self.write(move |txn| {
+        let (before, record) = self.write(move |txn| {
+            let before = get_in(txn, &task_id)
+                .map_err(sql)?
+                .ok_or_else(|| TaskError::NotFound { task_id: task_id.clone() })?
+                .state;
             txn.execute(
                 "UPDATE tasks SET state = 'CANCELLED', finished_at = ?2 WHERE task_id = ?1 AND state IN ('PENDING', 'RUNNING')",
                 params![task_id, now_ms()],
             )
             .map_err(sql)?;
-            get_in(txn, &task_id).map_err(sql)?.ok_or(TaskError::NotFound { task_id })
+            let record = get_in(txn, &task_id).map_err(sql)?.ok_or(TaskError::NotFound { task_id })?;
+            Ok((before, record))
         })
-        .await
+        .await?;
+        if before != record.state {
+            self.count(before, -1);
+            self.count(record.state, 1);
+        }
+        Ok(record)
     }
 
     /// After a restart: tasks left RUNNING by a process that died go back to PENDING while they
     /// have retries left, and become FAILED otherwise. Their old attempt can no longer report.
     pub async fn recover(&self) -> Result<Recovered, TaskError> {
-        self.write(|txn| {
+        let recovered = self.write(|txn| {
             let now = now_ms();
             let failed = txn
                 .execute(
@@ -446,12 +512,19 @@ impl TaskStore {
                     [],
                 )
                 .map_err(sql)?;
-            Ok(Recovered { requeued, failed })
+            Ok((Recovered { requeued, failed }, count_states(txn).map_err(sql)?))
         })
-        .await
+        .await?;
+        *lock(&self.inner.counts) = recovered.1;
+        Ok(recovered.0)
     }
 
     pub async fn get(&self, task_id: &str) -> Result<Option<TaskRecord>, TaskError> {
+        // A lookup by key takes microseconds: done in place when the reader is free, it spares
+        // the hop to a blocking thread and back, which costs more than the lookup.
+        if let Some(Ok(reader)) = self.inner.reader.as_ref().map(Mutex::try_lock) {
+            return get_in(&reader, task_id).map_err(|e| self.store_error(e));
+        }
         let task_id = task_id.to_string();
         self.read(move |conn| get_in(conn, &task_id)).await
     }
@@ -485,18 +558,32 @@ impl TaskStore {
         .await
     }
 
-    /// Task counts by state.
-    pub async fn counts(&self) -> Result<BTreeMap<String, u64>, TaskError> {
-        self.read(|conn| {
-            let mut stmt =
-                conn.prepare_cached("SELECT state, COUNT(*) FROM tasks GROUP BY state")?;
-            let rows = stmt.query_map([], |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
-            })?;
-            rows.collect()
-        })
-        .await
+    /// Task counts by state, as of the last committed write.
+    pub fn counts(&self) -> BTreeMap<String, u64> {
+        lock(&self.inner.counts)
+            .iter()
+            .filter(|(_, n)| **n > 0)
+            .map(|(state, n)| (state.as_str().to_string(), *n as u64))
+            .collect()
     }
+}
+
+/// Stored tasks per state, counted afresh.
+fn count_states(conn: &Connection) -> rusqlite::Result<BTreeMap<TaskState, i64>> {
+    let mut stmt = conn.prepare_cached("SELECT state, COUNT(*) FROM tasks GROUP BY state")?;
+    let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+    let mut counts = BTreeMap::new();
+    for row in rows {
+        let (state, n) = row?;
+        if let Some(state) = TaskState::parse(&state) {
+            counts.insert(state, n);
+        }
+    }
+    Ok(counts)
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn sql(e: rusqlite::Error) -> TaskError {
@@ -572,15 +659,15 @@ mod tests {
     #[tokio::test]
     async fn submit_is_idempotent_and_refuses_changed_content() {
         let store = TaskStore::open(None, Durability::default()).unwrap();
-        let (first, created) = store.submit(task("a", 0)).await.unwrap();
+        let (first, created) = store.submit(task("a", 0), false).await.unwrap();
         assert!(created && first.state == TaskState::Pending);
-        let (again, created) = store.submit(task("a", 0)).await.unwrap();
+        let (again, created) = store.submit(task("a", 0), false).await.unwrap();
         assert!(!created);
         assert_eq!(again.created_at_ms, first.created_at_ms);
         let mut changed = task("a", 0);
         changed.payload = b"{\"other\":1}".to_vec();
         assert_eq!(
-            store.submit(changed).await.unwrap_err(),
+            store.submit(changed, false).await.unwrap_err(),
             TaskError::Conflict {
                 task_id: "a".into()
             }
@@ -594,10 +681,10 @@ mod tests {
     #[tokio::test]
     async fn priority_order_retries_and_stale_results() {
         let store = TaskStore::open(None, Durability::default()).unwrap();
-        store.submit(task("low", 1)).await.unwrap();
+        store.submit(task("low", 1), false).await.unwrap();
         let mut high = task("high", 0);
         high.priority = 5;
-        store.submit(high).await.unwrap();
+        store.submit(high, false).await.unwrap();
         let claimed = store.claim("test", 1).await.unwrap();
         assert_eq!(claimed[0].task.task_id, "high");
         assert_eq!(claimed[0].attempt, 1);
@@ -642,11 +729,62 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_submit_runs_at_once_only_with_nothing_ready_ahead() {
+        let store = TaskStore::open(None, Durability::default()).unwrap();
+        let (first, _) = store.submit(task("first", 0), true).await.unwrap();
+        assert_eq!((first.state, first.attempt), (TaskState::Running, 1));
+        assert!(first.started_at_ms.is_some());
+        store.submit(task("queued", 0), false).await.unwrap();
+        // A ready task of the same type waits ahead: the new one queues behind it.
+        let (second, _) = store.submit(task("second", 0), true).await.unwrap();
+        assert_eq!((second.state, second.attempt), (TaskState::Pending, 0));
+        let claimed = store.claim("test", 10).await.unwrap();
+        let ids: Vec<&str> = claimed.iter().map(|r| r.task.task_id.as_str()).collect();
+        assert_eq!(ids, ["queued", "second"]);
+        // The attempt started at submit reports like a claimed one.
+        store
+            .finish("first", 1, Outcome::Completed(b"ok".to_vec()))
+            .await
+            .unwrap()
+            .unwrap();
+        store.cancel("second").await.unwrap();
+        let counts = store.counts();
+        assert_eq!(
+            (counts["COMPLETED"], counts["RUNNING"], counts["CANCELLED"]),
+            (1, 1, 1)
+        );
+        assert!(!counts.contains_key("PENDING"));
+    }
+
+    #[tokio::test]
+    async fn counts_survive_a_reopen_and_recovery() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tasks.db");
+        {
+            let store = TaskStore::open(Some(&path), Durability::default()).unwrap();
+            store.submit(task("a", 0), true).await.unwrap();
+            store.submit(task("b", 1), false).await.unwrap();
+            store.submit(task("c", 0), false).await.unwrap();
+            store.cancel("c").await.unwrap();
+        }
+        let store = TaskStore::open(Some(&path), Durability::default()).unwrap();
+        let counts = store.counts();
+        assert_eq!(
+            (counts["RUNNING"], counts["PENDING"], counts["CANCELLED"]),
+            (1, 1, 1)
+        );
+        store.recover().await.unwrap();
+        let counts = store.counts();
+        assert_eq!((counts["FAILED"], counts["PENDING"]), (1, 1));
+        assert!(!counts.contains_key("RUNNING"));
+    }
+
+    #[tokio::test]
     async fn cancel_pending_and_running() {
         let store = TaskStore::open(None, Durability::default()).unwrap();
-        store.submit(task("p", 0)).await.unwrap();
+        store.submit(task("p", 0), false).await.unwrap();
         assert_eq!(store.cancel("p").await.unwrap().state, TaskState::Cancelled);
-        store.submit(task("r", 0)).await.unwrap();
+        store.submit(task("r", 0), false).await.unwrap();
         store.claim("test", 10).await.unwrap();
         assert_eq!(store.cancel("r").await.unwrap().state, TaskState::Cancelled);
         // The cancelled attempt's late result does not overwrite the cancellation.
@@ -667,9 +805,9 @@ mod tests {
         let path = dir.path().join("state/tasks.db");
         {
             let store = TaskStore::open(Some(&path), Durability::Power).unwrap();
-            store.submit(task("retry-left", 1)).await.unwrap();
-            store.submit(task("no-retries", 0)).await.unwrap();
-            store.submit(task("done", 0)).await.unwrap();
+            store.submit(task("retry-left", 1), false).await.unwrap();
+            store.submit(task("no-retries", 0), false).await.unwrap();
+            store.submit(task("done", 0), false).await.unwrap();
             store.claim("test", 10).await.unwrap();
             store
                 .finish("done", 1, Outcome::Completed(b"kept".to_vec()))
@@ -708,7 +846,7 @@ mod tests {
         for i in 0..500 {
             let store = store.clone();
             handles.push(tokio::spawn(async move {
-                store.submit(task(&format!("t{i:03}"), 0)).await
+                store.submit(task(&format!("t{i:03}"), 0), false).await
             }));
         }
         for h in handles {
@@ -732,6 +870,6 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(rest.len(), 300);
-        assert_eq!(store.counts().await.unwrap()["PENDING"], 500);
+        assert_eq!(store.counts()["PENDING"], 500);
     }
 }

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use pyo3::exceptions::PyRuntimeError;
@@ -222,6 +223,14 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// How many times this process is a forked child of the process that loaded the module. Compared
+/// on every call instead of the pid, which costs a system call each time.
+static FORKS: AtomicU64 = AtomicU64::new(0);
+
+extern "C" fn count_fork() {
+    FORKS.fetch_add(1, Ordering::Relaxed);
+}
+
 /// Python's logging levels are cached on the Rust side; each new `Core` picks up changes made
 /// since (users configure logging before they start a stack).
 static LOG_RESET: std::sync::OnceLock<pyo3_log::ResetHandle> = std::sync::OnceLock::new();
@@ -235,7 +244,8 @@ struct CoreState {
     remote: Mutex<Option<Arc<Remote>>>,
     cancel: CancellationToken,
     started: watch::Sender<bool>,
-    pid: u32,
+    /// `FORKS` when this state was made: a child forked since must start its own stack.
+    forks: u64,
     token: Option<String>,
     tls_trust: Option<(Vec<u8>, String)>,
     /// How to start this package's watchdog; `None` in an interpreter without an executable.
@@ -272,7 +282,7 @@ impl CoreState {
     }
 
     fn check_pid(&self) -> PyResult<()> {
-        if std::process::id() != self.pid {
+        if FORKS.load(Ordering::Relaxed) != self.forks {
             return Err(PyRuntimeError::new_err(
                 "this AgentInfra belongs to the parent process; a forked child must start its own",
             ));
@@ -356,7 +366,7 @@ impl Core {
                 remote: Mutex::new(None),
                 cancel: CancellationToken::new(),
                 started,
-                pid: std::process::id(),
+                forks: FORKS.load(Ordering::Relaxed),
                 token,
                 tls_trust,
                 launcher,
@@ -789,6 +799,11 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
         let _ = LOG_RESET.set(handle);
     }
     let _ = pyo3_async_runtimes::tokio::init_with_runtime(crate::runtime::get());
+    static AT_FORK: std::sync::Once = std::sync::Once::new();
+    // SAFETY: the handler only bumps an atomic, which is async-signal-safe.
+    AT_FORK.call_once(|| unsafe {
+        libc::pthread_atfork(None, None, Some(count_fork));
+    });
     m.add_class::<Core>()?;
     m.add_class::<ServiceInfo>()?;
     m.add_function(wrap_pyfunction!(cli, m)?)?;

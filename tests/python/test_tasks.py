@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 from typing import Any
 
@@ -12,6 +13,7 @@ import pytest
 
 from dspy_agent_infra import (
     AgentInfra,
+    InfraError,
     InvalidTaskError,
     OrchestratorClient,
     OrchestratorUnavailableError,
@@ -253,6 +255,54 @@ async def test_orchestrator_address_and_client_errors() -> None:
         free = probe.getsockname()[1]
     with pytest.raises(OrchestratorUnavailableError):
         await OrchestratorClient(port=free).get_task_status("x")
+
+
+async def test_a_client_follows_its_event_loop() -> None:
+    async with tasks_only(orchestrator_addr="127.0.0.1:0") as infra:
+        port = int(infra.orchestrator_addr.rpartition(":")[2])
+        client = OrchestratorClient(host="127.0.0.1", port=port)
+        assert (await client.submit_task("here", "ping")).success
+
+        # A second loop, running at the same time in another thread, is refused plainly.
+        def elsewhere() -> BaseException | None:
+            try:
+                asyncio.run(client.get_task_status("here"))
+            except BaseException as e:
+                return e
+            return None
+
+        error = await asyncio.to_thread(elsewhere)
+        assert isinstance(error, InfraError) and "one client per event loop" in str(error)
+
+        # Loops that ran one after the other hand the client over.
+        roaming = OrchestratorClient(host="127.0.0.1", port=port)
+
+        def one_loop_after_another() -> str:
+            asyncio.run(roaming.submit_task("roaming", "ping"))
+            return asyncio.run(roaming.wait_for_task("roaming", timeout=10)).status_name
+
+        assert await asyncio.to_thread(one_loop_after_another) == "COMPLETED"
+        assert (await roaming.get_task_status("roaming")).result_payload == b"pong"
+        assert (await client.wait_for_task("here", timeout=10)).status is TaskStatus.COMPLETED
+
+
+async def test_a_forked_child_cannot_use_the_parents_stack() -> None:
+    async with tasks_only() as infra:
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                found = f"no error: {infra.env}"
+            except BaseException as e:
+                found = str(e)
+            os.write(write_end, found.encode())
+            os._exit(0)
+        os.close(write_end)
+        _, status = os.waitpid(pid, 0)
+        with os.fdopen(read_end, "rb") as reader:
+            told = reader.read().decode()
+        assert status == 0 and "forked child must start its own" in told, told
+        assert (await infra.submit_task("after-fork", "ping")).success
 
 
 async def test_list_tasks_pages_through_the_queue() -> None:

@@ -188,9 +188,11 @@ async fn serve_loop(
                     let Some(result) = result else { return };
                     let (success, result_payload, error) = match result {
                         Ok(bytes) => (true, bytes, String::new()),
-                        Err(HandlerError::Failed(e) | HandlerError::Lost(e)) => {
-                            (false, Vec::new(), e)
-                        }
+                        Err(
+                            HandlerError::Failed(e)
+                            | HandlerError::Lost(e)
+                            | HandlerError::Unserved(e),
+                        ) => (false, Vec::new(), e),
                     };
                     let _ = outbox.send(pb::WorkerMessage {
                         message: Some(pb::worker_message::Message::Result(pb::WorkResult {

@@ -226,7 +226,7 @@ impl Workers {
                     .filter(|(_, w)| w.types.contains(&task_type))
                     .collect();
                 if serving.is_empty() {
-                    return Err(HandlerError::Lost(format!(
+                    return Err(HandlerError::Unserved(format!(
                         "no worker serves {task_type:?} any more"
                     )));
                 }
@@ -314,7 +314,9 @@ impl Handler for RemoteHandler {
         Box::pin(async move {
             match workers {
                 Some(w) => w.lease(task).await,
-                None => Err(HandlerError::Lost("the orchestrator is stopping".into())),
+                None => Err(HandlerError::Unserved(
+                    "the orchestrator is stopping".into(),
+                )),
             }
         })
     }

@@ -20,9 +20,13 @@ use crate::tasks::model::TaskRecord;
 pub enum HandlerError {
     /// The handler failed: the attempt counts, and retries apply.
     Failed(String),
-    /// Whoever ran it went away (a remote worker died): the task goes back to the queue
-    /// without using up a retry.
+    /// Whoever ran it went away (a remote worker died): the task goes back to the queue. The
+    /// first few losses of a task do not use up a retry; after that each one does, so a task
+    /// that kills every worker it reaches ends as FAILED instead of going round forever.
     Lost(String),
+    /// It never reached anyone who could run it (no worker serves the type any more, the
+    /// orchestrator is stopping): back to the queue, at no cost.
+    Unserved(String),
 }
 
 /// A handler's answer: the result payload, or why there is none.

@@ -392,8 +392,9 @@ impl TaskQueue {
                     attempt,
                     "{reason}; the task goes back to the queue"
                 );
-                Outcome::Requeue(reason)
+                Outcome::Lost(reason)
             }
+            Err(HandlerError::Unserved(reason)) => Outcome::Requeue(reason),
         };
         match self.inner.store.finish(&task_id, attempt, outcome).await {
             Ok(Some(record)) => {

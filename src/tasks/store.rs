@@ -16,6 +16,9 @@ use tokio::sync::oneshot;
 pub use crate::config::Durability;
 use crate::tasks::model::{NewTask, TaskError, TaskRecord, TaskState};
 
+/// Losses of a task's runner forgiven before a loss counts as a failed attempt.
+pub const FREE_LOSSES: u32 = 3;
+
 /// Most writes committed together.
 const MAX_BATCH: usize = 4096;
 
@@ -27,9 +30,11 @@ type Job = Box<dyn FnOnce(&Transaction<'_>) -> (bool, Reply) + Send>;
 pub enum Outcome {
     Completed(Vec<u8>),
     Failed(String),
-    /// The attempt was lost through no fault of the task (its worker went away): back to
-    /// PENDING at once, and the attempt does not count against the retries.
+    /// The attempt never reached a handler: back to PENDING at once, at no cost.
     Requeue(String),
+    /// Whoever ran the attempt went away: back to PENDING at once. The first `FREE_LOSSES` losses
+    /// of a task do not count against its retries; later ones count as failed attempts.
+    Lost(String),
 }
 
 /// What `recover` did with tasks that were running when the last process stopped.
@@ -96,7 +101,8 @@ CREATE TABLE IF NOT EXISTS tasks (
     created_at INTEGER NOT NULL,
     started_at INTEGER,
     finished_at INTEGER,
-    not_before INTEGER NOT NULL DEFAULT 0
+    not_before INTEGER NOT NULL DEFAULT 0,
+    lost INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS tasks_ready ON tasks (state, task_type, priority DESC, seq);
 ";
@@ -190,6 +196,7 @@ impl TaskStore {
         }
         writer_conn
             .execute_batch(SCHEMA)
+            .and_then(|_| upgrade(&writer_conn))
             .map_err(|e| store_error(&e))?;
         let reader = match path {
             Some(_) => Some(Mutex::new(open().map_err(|e| store_error(&e))?)),
@@ -439,6 +446,31 @@ impl TaskStore {
                          RETURNING {COLUMNS}"
                     ))
                     .and_then(|mut stmt| stmt.query_row(params![task_id, attempt, reason, now], record).optional()),
+                Outcome::Lost(reason) => {
+                    // Every SET expression sees the row as it was: `lost` is the count before
+                    // this loss.
+                    let counted = format!(
+                        "{reason}; its runner was lost more than {FREE_LOSSES} times, so this \
+                         loss counts as a failed attempt (does the task bring its worker down?)"
+                    );
+                    let not_before = now + retry_backoff(attempt).as_millis() as i64;
+                    txn.prepare_cached(&format!(
+                        "UPDATE tasks SET lost = lost + 1, \
+                         error = CASE WHEN lost < ?5 THEN ?3 ELSE ?6 END, \
+                         attempt = CASE WHEN lost < ?5 THEN attempt - 1 ELSE attempt END, \
+                         state = CASE WHEN lost < ?5 OR attempt <= max_retries THEN 'PENDING' ELSE 'FAILED' END, \
+                         not_before = CASE WHEN lost < ?5 THEN ?4 WHEN attempt <= max_retries THEN ?7 ELSE not_before END, \
+                         finished_at = CASE WHEN lost < ?5 OR attempt <= max_retries THEN finished_at ELSE ?4 END \
+                         WHERE task_id = ?1 AND state = 'RUNNING' AND attempt = ?2 RETURNING {COLUMNS}"
+                    ))
+                    .and_then(|mut stmt| {
+                        stmt.query_row(
+                            params![task_id, attempt, reason, now, FREE_LOSSES, counted, not_before],
+                            record,
+                        )
+                        .optional()
+                    })
+                }
                 Outcome::Failed(error) => {
                     let not_before = now + retry_backoff(attempt).as_millis() as i64;
                     txn.prepare_cached(&format!(
@@ -566,6 +598,17 @@ impl TaskStore {
             .map(|(state, n)| (state.as_str().to_string(), *n as u64))
             .collect()
     }
+}
+
+/// Brings a store written by an earlier version up to the current schema.
+fn upgrade(conn: &Connection) -> rusqlite::Result<()> {
+    let has_lost = conn
+        .prepare("SELECT 1 FROM pragma_table_info('tasks') WHERE name = 'lost'")?
+        .exists([])?;
+    if !has_lost {
+        conn.execute_batch("ALTER TABLE tasks ADD COLUMN lost INTEGER NOT NULL DEFAULT 0")?;
+    }
+    Ok(())
 }
 
 /// Stored tasks per state, counted afresh.
@@ -777,6 +820,66 @@ mod tests {
         let counts = store.counts();
         assert_eq!((counts["FAILED"], counts["PENDING"]), (1, 1));
         assert!(!counts.contains_key("RUNNING"));
+    }
+
+    #[tokio::test]
+    async fn a_task_that_keeps_losing_its_runner_ends_failed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tasks.db");
+        // A store written before losses were counted.
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch(&SCHEMA.replace(",\n    lost INTEGER NOT NULL DEFAULT 0", ""))
+            .unwrap();
+        let store = TaskStore::open(Some(&path), Durability::default()).unwrap();
+        store.submit(task("poison", 1), false).await.unwrap();
+        let lose = |id: &'static str| {
+            let store = store.clone();
+            async move {
+                let claimed = store.claim("test", 10).await.unwrap();
+                let attempt = claimed
+                    .iter()
+                    .find(|r| r.task.task_id == id)
+                    .unwrap()
+                    .attempt;
+                store
+                    .finish(id, attempt, Outcome::Lost("worker w went away".into()))
+                    .await
+                    .unwrap()
+                    .unwrap()
+            }
+        };
+        for _ in 0..FREE_LOSSES {
+            let back = lose("poison").await;
+            assert_eq!((back.state, back.attempt), (TaskState::Pending, 0));
+        }
+        // Past the free losses each one is a failed attempt, with its retries and backoff.
+        let retried = lose("poison").await;
+        assert_eq!((retried.state, retried.attempt), (TaskState::Pending, 1));
+        assert!(retried
+            .error
+            .unwrap()
+            .contains("counts as a failed attempt"));
+        tokio::time::sleep(retry_backoff(1)).await;
+        let failed = lose("poison").await;
+        assert_eq!((failed.state, failed.attempt), (TaskState::Failed, 2));
+        assert!(failed.finished_at_ms.is_some());
+
+        // A task that was never handed to anyone costs nothing, however often that happens.
+        store.submit(task("unlucky", 0), false).await.unwrap();
+        for _ in 0..FREE_LOSSES + 2 {
+            let claimed = store.claim("test", 10).await.unwrap();
+            let r = claimed
+                .iter()
+                .find(|r| r.task.task_id == "unlucky")
+                .unwrap();
+            let back = store
+                .finish("unlucky", r.attempt, Outcome::Requeue("no worker".into()))
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!((back.state, back.attempt), (TaskState::Pending, 0));
+        }
     }
 
     #[tokio::test]

@@ -1282,6 +1282,11 @@ impl Supervisor {
                     }
                     let lost = matches!(info.state, RunState::Exited | RunState::Dead);
                     let phase = self.lock().get(&name).map(|s| s.phase);
+                    if lost && phase == Some(Phase::Healthy) {
+                        // Its `die` event may still be on its way: the follower must take it for
+                        // a death to heal, not for a stop of ours, once this marks it failed.
+                        self.healing().recovering.insert(name.clone());
+                    }
                     if lost && phase != Some(Phase::Completed) {
                         let code = info.exit_code.unwrap_or(-1);
                         self.set_phase(

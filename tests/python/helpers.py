@@ -3,11 +3,13 @@ on the local test images."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -30,6 +32,72 @@ service Health {
   rpc Check(HealthCheckRequest) returns (HealthCheckResponse);
 }
 """
+
+
+class EngineProxy:
+    """A Unix-socket relay to the real Docker Engine that can be cut and restored (the Engine
+    going away and coming back, as the core sees it, without disturbing other tests), and that
+    can hold back the Engine's event stream while everything else flows."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.listener: socket.socket | None = None
+        self.links: list[socket.socket] = []
+        self.events_flowing = threading.Event()
+        self.events_flowing.set()
+
+    def up(self) -> None:
+        self.listener = socket.socket(socket.AF_UNIX)
+        self.listener.bind(str(self.path))
+        self.listener.listen(64)
+        threading.Thread(target=self._accept, args=(self.listener,), daemon=True).start()
+
+    def down(self) -> None:
+        assert self.listener is not None
+        self.listener.close()
+        for s in self.links:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+        self.links.clear()
+        self.path.unlink()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            engine = socket.socket(socket.AF_UNIX)
+            engine.connect("/var/run/docker.sock")
+            self.links += [client, engine]
+            # Once a connection asked for the event stream, all it carries back is events.
+            streaming = threading.Event()
+            threading.Thread(
+                target=self._pump, args=(client, engine, streaming, None), daemon=True
+            ).start()
+            threading.Thread(
+                target=self._pump, args=(engine, client, None, streaming), daemon=True
+            ).start()
+
+    def _pump(
+        self,
+        src: socket.socket,
+        dst: socket.socket,
+        saw_events: threading.Event | None,
+        streaming: threading.Event | None,
+    ) -> None:
+        try:
+            while data := src.recv(65536):
+                if saw_events is not None and b"/events?" in data:
+                    saw_events.set()
+                if streaming is not None and streaming.is_set():
+                    self.events_flowing.wait()
+                dst.sendall(data)
+        except OSError:
+            pass
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
 
 
 def free_port() -> int:

@@ -3,14 +3,12 @@ Docker Engine."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from helpers import containers
+from helpers import EngineProxy, containers
 
 # The console script `pip install` puts next to the interpreter.
 DSPY_AGENT = str(Path(sys.executable).parent / "dspy-agent")
@@ -315,54 +313,6 @@ def test_module_entry_point_and_version() -> None:
     assert via_module.returncode == 0
     assert via_module.stdout.strip() == f"dspy-agent {dspy_agent_infra.__version__}"
     assert run("--help").stdout.startswith("Runs a DSPy agent's service stack")
-
-
-class EngineProxy:
-    """A Unix-socket relay to the real Docker Engine that can be cut and restored: the Engine
-    going away and coming back, as the daemon sees it, without disturbing other tests."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.listener: socket.socket | None = None
-        self.links: list[socket.socket] = []
-
-    def up(self) -> None:
-        self.listener = socket.socket(socket.AF_UNIX)
-        self.listener.bind(str(self.path))
-        self.listener.listen(64)
-        threading.Thread(target=self._accept, args=(self.listener,), daemon=True).start()
-
-    def down(self) -> None:
-        assert self.listener is not None
-        self.listener.close()
-        for s in self.links:
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
-            s.close()
-        self.links.clear()
-        self.path.unlink()
-
-    def _accept(self, listener: socket.socket) -> None:
-        while True:
-            try:
-                client, _ = listener.accept()
-            except OSError:
-                return
-            engine = socket.socket(socket.AF_UNIX)
-            engine.connect("/var/run/docker.sock")
-            self.links += [client, engine]
-            for a, b in ((client, engine), (engine, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        with contextlib.suppress(OSError):
-            dst.shutdown(socket.SHUT_WR)
 
 
 def test_the_engine_going_away_and_coming_back(

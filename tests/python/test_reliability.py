@@ -3,6 +3,7 @@ start removes what a dead owner left anyway; stacks kept running are left alone.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -10,10 +11,11 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 from typing import Any
 
 from dspy_agent_infra import AgentInfra
-from helpers import BUSYBOX, containers, docker, http_service
+from helpers import BUSYBOX, EngineProxy, containers, docker, http_service
 
 # Starts a stack of one HTTP service, says "ready", and waits to be killed.
 OWNER = textwrap.dedent(
@@ -145,6 +147,34 @@ async def test_a_killed_service_is_seen_and_comes_back_healthy(project: str) -> 
         docker("kill", app)
         seen = phases(infra, "app", "exited with code 137")
         assert seen[-1] == ("failed", "container exited with code 137")
+
+
+async def test_a_death_a_status_check_sees_first_still_heals(project: str, tmp_path: Path) -> None:
+    proxy = EngineProxy(tmp_path / "engine.sock")
+    proxy.up()
+    services = {"web": http_service(restart="always")}
+    try:
+        async with AgentInfra.start(
+            project=project,
+            services=list(services),
+            config={"services": services},
+            docker_host=f"unix://{proxy.path}",
+        ) as infra:
+            web = infra.service("web").container_id
+            assert web
+            # The death reaches a status check before the Engine's `die` event does.
+            proxy.events_flowing.clear()
+            docker("kill", web)
+            assert (await infra.status())["web"].status == "failed"
+            proxy.events_flowing.set()
+            deadline = time.monotonic() + 30
+            while "healthy again" not in infra.service("web").message:
+                assert time.monotonic() < deadline, infra.service("web")
+                await asyncio.sleep(0.01)
+            assert (await infra.status())["web"].status == "healthy"
+    finally:
+        proxy.events_flowing.set()
+        proxy.down()
 
 
 async def test_a_crash_loop_is_stopped_and_marked_failed(project: str) -> None:

@@ -217,3 +217,45 @@ async def test_reflection_lists_and_describes_services(
     assert {"orchestrator.v1.OrchestratorService", "grpc.health.v1.Health"} <= names
     descriptor = answers[1].file_descriptor_response.file_descriptor_proto[0]
     assert b"SubmitTask" in descriptor and b"orchestrator.v1" in descriptor
+
+
+async def test_a_worker_in_grpcio_serves_and_a_silent_one_loses_its_lease(
+    pb: dict[str, Any], channel: tuple[AgentInfra, grpc.aio.Channel]
+) -> None:
+    infra, ch = channel
+    o = pb["orchestrator_v1_pb2"]
+    stub = pb["orchestrator_v1_pb2_grpc"].OrchestratorServiceStub(ch)
+    outbox: asyncio.Queue[Any] = asyncio.Queue()
+
+    async def sent() -> AsyncIterator[Any]:
+        while True:
+            yield await outbox.get()
+
+    work = stub.Work(sent())
+    hello = o.WorkerHello(task_types=["remote"], concurrency=1, name="grpcio", generation=7)
+    await outbox.put(o.WorkerMessage(hello=hello))
+    assert (await work.read()).registered.generation == 7
+
+    await infra.submit_task("r1", "remote", b"in")
+    lease = (await work.read()).task
+    assert (lease.task_id, lease.payload, lease.attempt) == ("r1", b"in", 1)
+    result = o.WorkResult(task_id="r1", attempt=1, success=True, result_payload=b"out")
+    await outbox.put(o.WorkerMessage(result=result))
+    done = await infra.wait_for_task("r1", timeout=10)
+    assert done.result_payload == b"out"
+
+    # Leased, then silence: no result and no heartbeat. When the lease runs out the worker is
+    # dropped and the task is queued again, its attempt not used up.
+    await infra.submit_task("r2", "remote", b"")
+    assert (await work.read()).task.task_id == "r2"
+    ended = await asyncio.wait_for(work.read(), 60)
+    assert ended is grpc.aio.EOF
+    back = await infra.get_task_status("r2")
+    for _ in range(500):
+        if back.status_name != "RUNNING":
+            break
+        await asyncio.sleep(0.01)
+        back = await infra.get_task_status("r2")
+    assert back.status_name == "PENDING" and back.attempts == 0
+    assert "no heartbeat" in back.error
+    work.cancel()

@@ -24,7 +24,8 @@ fi
 
 if ! docker info >/dev/null 2>&1; then
     echo "provision: starting dockerd"
-    as_root sh -c 'nohup dockerd >/var/log/dspy-agent-dockerd.log 2>&1 &'
+    # The pid file tells the tests that this Engine is theirs to restart.
+    as_root sh -c 'nohup dockerd >/var/log/dspy-agent-dockerd.log 2>&1 & echo $! >/run/dspy-agent-dockerd.pid'
     for _ in $(seq 1 120); do
         docker info >/dev/null 2>&1 && break
         sleep 0.5

@@ -289,7 +289,7 @@ impl Supervisor {
                     }
                     if this.refresh().await.is_ok() {
                         tracing::info!(project = %this.config.project, "following the Docker Engine again");
-                        this.revive_exited();
+                        this.revive().await;
                         break;
                     }
                 }
@@ -298,18 +298,27 @@ impl Supervisor {
     }
 
     /// After the Engine came back: services that went down meanwhile are treated as if their
-    /// death had been seen.
-    fn revive_exited(self: &Arc<Self>) {
-        let down: Vec<(String, String)> = self
+    /// death had been seen, and those the Engine restarted itself (its restart policy, when the
+    /// Engine itself restarts) as if their start had been seen.
+    async fn revive(self: &Arc<Self>) {
+        let failed: Vec<(String, String, Option<RunState>)> = self
             .lock()
             .values()
-            .filter(|s| s.phase == Phase::Failed && s.engine_state == Some(RunState::Exited))
-            .filter_map(|s| Some((s.name.clone(), s.container_id.clone()?)))
+            .filter(|s| s.phase == Phase::Failed)
+            .filter_map(|s| Some((s.name.clone(), s.container_id.clone()?, s.engine_state)))
             .collect();
-        for (name, id) in down {
-            if let Ok(spec) = self.spec(&name).cloned() {
-                self.healing().recovering.insert(name);
-                self.on_die(&spec, &id, Phase::Failed, -1);
+        for (name, id, state) in failed {
+            let Ok(spec) = self.spec(&name).cloned() else {
+                continue;
+            };
+            match state {
+                // Without a restart policy its death was already reported as final.
+                Some(RunState::Exited) if !matches!(spec.restart, RestartPolicy::No) => {
+                    self.healing().recovering.insert(name);
+                    self.on_die(&spec, &id, Phase::Failed, -1);
+                }
+                Some(RunState::Running) => self.on_restart(spec, &id).await,
+                _ => {}
             }
         }
     }
@@ -373,9 +382,24 @@ impl Supervisor {
             tokio::spawn(async move {
                 tokio::time::sleep(delay).await;
                 if this.healing().awaiting.contains(&service) {
-                    if let Err(e) = this.docker.start(&id).await {
-                        this.healing().awaiting.remove(&service);
-                        this.set_phase(&service, Phase::Failed, format!("could not restart: {e}"));
+                    match this.docker.start(&id).await {
+                        Ok(()) => {}
+                        // Still awaited: once the Engine is back it is started, or seen running.
+                        Err(e @ DockerError::Unavailable { .. }) => this.set_phase(
+                            &service,
+                            Phase::Failed,
+                            format!(
+                                "could not restart: {e}; it is restarted when the Engine is back"
+                            ),
+                        ),
+                        Err(e) => {
+                            this.healing().awaiting.remove(&service);
+                            this.set_phase(
+                                &service,
+                                Phase::Failed,
+                                format!("could not restart: {e}"),
+                            );
+                        }
                     }
                 }
             });

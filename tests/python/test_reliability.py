@@ -14,14 +14,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dspy_agent_infra import AgentInfra
-from helpers import BUSYBOX, EngineProxy, containers, docker, http_service
+import pytest
+
+from dspy_agent_infra import AgentInfra, Task
+from helpers import BUSYBOX, ROOT, EngineProxy, containers, docker, http_service
 
 # Starts a stack of one HTTP service, says "ready", and waits to be killed.
 OWNER = textwrap.dedent(
     """
     import asyncio, json, sys
-    from dspy_agent_infra import AgentInfra
+    from dspy_agent_infra import AgentInfra, Task
 
     async def main() -> None:
         project, services, keep = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3] == "keep"
@@ -175,6 +177,58 @@ async def test_a_death_a_status_check_sees_first_still_heals(project: str, tmp_p
     finally:
         proxy.events_flowing.set()
         proxy.down()
+
+
+ENGINE_PID = Path("/run/dspy-agent-dockerd.pid")
+
+
+def provisioned_engine() -> int | None:
+    """The pid of the Docker Engine `scripts/provision.sh` started, if that is the one running:
+    only such an Engine is the tests' to restart."""
+    try:
+        pid = int(ENGINE_PID.read_text())
+        name = Path(f"/proc/{pid}/comm").read_text().strip()
+    except (OSError, ValueError):
+        return None
+    return pid if name == "dockerd" else None
+
+
+@pytest.mark.skipif(
+    provisioned_engine() is None,
+    reason="the running Docker Engine was not started by scripts/provision.sh",
+)
+async def test_the_engine_restarting_under_a_running_stack(project: str) -> None:
+    services = {"web": http_service(restart="always"), "app": http_service()}
+    async with AgentInfra.start(
+        project=project, services=list(services), config={"services": services}
+    ) as infra:
+        web = infra.service("web").container_id
+
+        @infra.task_handler("work")
+        async def work(task: Task) -> str:
+            return task.task_id
+
+        pid = provisioned_engine()
+        assert pid is not None
+        os.kill(pid, signal.SIGTERM)
+        while Path(f"/proc/{pid}").exists():
+            await asyncio.sleep(0.1)
+        # The queue does not need the Engine.
+        assert (await infra.submit_task("during", "work")).success
+        assert (await infra.wait_for_task("during", timeout=10)).result_payload == b"during"
+        subprocess.run(["bash", str(ROOT / "scripts" / "provision.sh")], check=True)
+
+        # Back with the Engine: the service with a restart policy runs again in its own
+        # container; the one without is reported down, and says why.
+        deadline = time.monotonic() + 60
+        while infra.service("web").status != "healthy" or infra.service("app").status != "failed":
+            assert time.monotonic() < deadline, (infra.service("web"), infra.service("app"))
+            await asyncio.sleep(0.05)
+        assert infra.service("web").container_id == web
+        assert "exited" in infra.service("app").message
+        status = await infra.status()
+        assert status["web"].status == "healthy"
+    assert containers(project) == []
 
 
 async def test_a_crash_loop_is_stopped_and_marked_failed(project: str) -> None:

@@ -58,18 +58,23 @@ fn state_from_pb(value: i32) -> Result<Option<TaskState>, Status> {
     }
 }
 
-pub fn info(r: TaskRecord) -> pb::TaskInfo {
+pub fn info(r: &TaskRecord) -> pb::TaskInfo {
     pb::TaskInfo {
         status: state_to_pb(r.state) as i32,
-        task_id: r.task.task_id,
-        task_type: r.task.task_type,
-        result_payload: r.result.unwrap_or_default(),
-        error: r.error.unwrap_or_default(),
+        task_id: r.task.task_id.clone(),
+        task_type: r.task.task_type.clone(),
+        result_payload: r.result.clone().unwrap_or_default(),
+        error: r.error.clone().unwrap_or_default(),
         attempts: r.attempt,
         created_at_ms: r.created_at_ms,
         started_at_ms: r.started_at_ms.unwrap_or(0),
         finished_at_ms: r.finished_at_ms.unwrap_or(0),
-        metadata: r.task.metadata.into_iter().collect(),
+        metadata: r
+            .task
+            .metadata
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
         priority: r.task.priority,
     }
 }
@@ -119,7 +124,7 @@ impl pb::orchestrator_service_server::OrchestratorService for Orchestrator {
             .get(&request.into_inner().task_id)
             .await
             .map_err(status)?;
-        Ok(Response::new(info(record)))
+        Ok(Response::new(info(&record)))
     }
 
     async fn cancel_task(
@@ -133,7 +138,7 @@ impl pb::orchestrator_service_server::OrchestratorService for Orchestrator {
             .map_err(status)?;
         Ok(Response::new(pb::CancelTaskResponse {
             cancelled,
-            task: Some(info(record)),
+            task: Some(info(&record)),
         }))
     }
 
@@ -170,7 +175,7 @@ impl pb::orchestrator_service_server::OrchestratorService for Orchestrator {
             String::new()
         };
         Ok(Response::new(pb::ListTasksResponse {
-            tasks: tasks.into_iter().map(info).collect(),
+            tasks: tasks.iter().map(info).collect(),
             next_page_token,
         }))
     }
@@ -189,14 +194,14 @@ impl pb::orchestrator_service_server::OrchestratorService for Orchestrator {
         if r.include_current {
             for id in &ids {
                 match self.queue.get(id).await {
-                    Ok(record) => current.push(Ok(info(record))),
+                    Ok(record) => current.push(Ok(info(&record))),
                     Err(e) => return Err(status(e)),
                 }
             }
         }
         let live = events.filter_map(move |event| {
             let item = match event {
-                Ok(record) if ids.is_empty() || ids.contains(&record.task.task_id) => Some(Ok(info(record))),
+                Ok(record) if ids.is_empty() || ids.contains(&record.task.task_id) => Some(Ok(info(&record))),
                 Ok(_) => None,
                 // A slow reader missed changes: say so instead of pretending the stream is whole.
                 Err(tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(n)) => Some(Err(

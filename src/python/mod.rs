@@ -629,7 +629,7 @@ impl Core {
                     .queue()
                     .wait(&task_id, timeout)
                     .await
-                    .map(|r| r.map(tasks::TaskInfo::from))
+                    .map(|r| r.as_ref().map(tasks::TaskInfo::from))
                     .map_err(CallError::from),
                 Backend::Remote(remote) => {
                     tasks::remote_wait(remote.orchestrator(), task_id, timeout)
@@ -659,7 +659,7 @@ impl Core {
                     .queue()
                     .get(&task_id)
                     .await
-                    .map(tasks::TaskInfo::from)
+                    .map(|r| tasks::TaskInfo::from(&r))
                     .map_err(CallError::from),
                 Backend::Remote(remote) => tasks::remote_status(remote.orchestrator(), task_id)
                     .await
@@ -677,7 +677,7 @@ impl Core {
                     .queue()
                     .cancel(&task_id)
                     .await
-                    .map(|(record, cancelled)| (cancelled, Some(tasks::TaskInfo::from(record))))
+                    .map(|(record, cancelled)| (cancelled, Some(tasks::TaskInfo::from(&record))))
                     .map_err(CallError::from),
                 Backend::Remote(remote) => tasks::remote_cancel(remote.orchestrator(), task_id)
                     .await

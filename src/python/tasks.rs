@@ -82,8 +82,8 @@ pub struct TaskInfo {
     priority: i32,
 }
 
-impl From<TaskRecord> for TaskInfo {
-    fn from(r: TaskRecord) -> Self {
+impl From<&TaskRecord> for TaskInfo {
+    fn from(r: &TaskRecord) -> Self {
         crate::grpc::orchestrator::info(r).into()
     }
 }
@@ -263,7 +263,7 @@ pub struct TaskWatch {
 enum WatchSource {
     Local {
         queue: TaskQueue,
-        events: broadcast::Receiver<TaskRecord>,
+        events: broadcast::Receiver<Arc<TaskRecord>>,
     },
     Remote(Box<tonic::Streaming<pb::TaskInfo>>),
 }
@@ -284,7 +284,7 @@ impl TaskWatch {
         let mut pending = VecDeque::new();
         if include_current {
             for id in &ids {
-                pending.push_back(queue.get(id).await?.into());
+                pending.push_back((&queue.get(id).await?).into());
             }
         }
         Ok(TaskWatch {
@@ -321,14 +321,15 @@ impl TaskWatch {
                 WatchSource::Local { queue, events } => loop {
                     match events.recv().await {
                         Ok(r) if ids.is_empty() || ids.contains(&r.task.task_id) => {
-                            return Ok(Some(r.into()))
+                            return Ok(Some(TaskInfo::from(&*r)))
                         }
                         Ok(_) => {}
                         Err(broadcast::error::RecvError::Lagged(_)) => {
                             // Missed changes: report the watched tasks' current states instead.
                             let mut current = VecDeque::new();
                             for id in &ids {
-                                current.push_back(queue.get(id).await.map_err(task_error)?.into());
+                                current
+                                    .push_back((&queue.get(id).await.map_err(task_error)?).into());
                             }
                             if let Some(first) = current.pop_front() {
                                 s.pending = current;

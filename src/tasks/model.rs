@@ -175,6 +175,30 @@ pub struct TaskRecord {
     pub finished_at_ms: Option<i64>,
 }
 
+impl TaskRecord {
+    /// A copy without the input payload: what state-change events and status answers carry.
+    pub fn status_copy(&self) -> TaskRecord {
+        TaskRecord {
+            task: NewTask {
+                task_id: self.task.task_id.clone(),
+                task_type: self.task.task_type.clone(),
+                payload: Vec::new(),
+                metadata: self.task.metadata.clone(),
+                priority: self.task.priority,
+                timeout: self.task.timeout,
+                max_retries: self.task.max_retries,
+            },
+            state: self.state,
+            attempt: self.attempt,
+            result: self.result.clone(),
+            error: self.error.clone(),
+            created_at_ms: self.created_at_ms,
+            started_at_ms: self.started_at_ms,
+            finished_at_ms: self.finished_at_ms,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

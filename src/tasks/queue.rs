@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{broadcast, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{broadcast, oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::tasks::handlers::{Handler, HandlerError};
@@ -47,7 +47,9 @@ pub struct QueueMetrics {
 struct Inner {
     store: TaskStore,
     handlers: RwLock<BTreeMap<String, Registered>>,
-    events: broadcast::Sender<TaskRecord>,
+    events: broadcast::Sender<Arc<TaskRecord>>,
+    /// Callers of `wait`, by task id: told once, when the task reaches a final state.
+    waiters: Mutex<HashMap<String, Vec<oneshot::Sender<Arc<TaskRecord>>>>>,
     wake: Notify,
     running: Mutex<HashMap<String, CancellationToken>>,
     counters: Counters,
@@ -59,6 +61,24 @@ struct Inner {
 #[derive(Clone)]
 pub struct TaskQueue {
     inner: Arc<Inner>,
+}
+
+/// Drops the registrations of waiters that stopped waiting (timed out, answered, gone).
+struct ForgetWaiter<'a> {
+    queue: &'a TaskQueue,
+    task_id: &'a str,
+}
+
+impl Drop for ForgetWaiter<'_> {
+    fn drop(&mut self) {
+        let mut waiters = lock(&self.queue.inner.waiters);
+        if let Some(list) = waiters.get_mut(self.task_id) {
+            list.retain(|w| !w.is_closed());
+            if list.is_empty() {
+                waiters.remove(self.task_id);
+            }
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -85,6 +105,7 @@ impl TaskQueue {
                 store,
                 handlers: RwLock::new(BTreeMap::new()),
                 events,
+                waiters: Mutex::new(HashMap::new()),
                 wake: Notify::new(),
                 running: Mutex::new(HashMap::new()),
                 counters: Counters::default(),
@@ -132,11 +153,25 @@ impl TaskQueue {
             .collect()
     }
 
-    pub fn subscribe(&self) -> broadcast::Receiver<TaskRecord> {
+    /// Every state change from now on; events never carry the input payload.
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<TaskRecord>> {
         self.inner.events.subscribe()
     }
 
     fn emit(&self, record: TaskRecord) {
+        let record = Arc::new(TaskRecord {
+            task: NewTask {
+                payload: Vec::new(),
+                ..record.task
+            },
+            ..record
+        });
+        if record.state.is_final() {
+            let waiting = lock(&self.inner.waiters).remove(&record.task.task_id);
+            for waiter in waiting.into_iter().flatten() {
+                let _ = waiter.send(Arc::clone(&record));
+            }
+        }
         let _ = self.inner.events.send(record);
     }
 
@@ -238,24 +273,25 @@ impl TaskQueue {
         task_id: &str,
         timeout: Option<Duration>,
     ) -> Result<Option<TaskRecord>, TaskError> {
-        let mut events = self.subscribe();
+        // Registered before the current state is read, so no change falls between the two.
+        let (tx, rx) = oneshot::channel();
+        lock(&self.inner.waiters)
+            .entry(task_id.to_string())
+            .or_default()
+            .push(tx);
+        let _forget = ForgetWaiter {
+            queue: self,
+            task_id,
+        };
         let wait = async {
             let current = self.get(task_id).await?;
             if current.state.is_final() {
                 return Ok(current);
             }
-            loop {
-                match events.recv().await {
-                    Ok(r) if r.task.task_id == task_id && r.state.is_final() => return Ok(r),
-                    Ok(_) => {}
-                    Err(broadcast::error::RecvError::Lagged(_)) => {
-                        let current = self.get(task_id).await?;
-                        if current.state.is_final() {
-                            return Ok(current);
-                        }
-                    }
-                    Err(broadcast::error::RecvError::Closed) => return self.get(task_id).await,
-                }
+            match rx.await {
+                Ok(record) => Ok(record.status_copy()),
+                // The queue is gone: report what the store says.
+                Err(_) => self.get(task_id).await,
             }
         };
         match timeout {
@@ -509,6 +545,36 @@ mod tests {
         let (_, again) = q.cancel("long").await.unwrap();
         assert!(!again);
         assert_eq!(q.metrics().await.unwrap().running, 0);
+    }
+
+    #[tokio::test]
+    async fn many_waiters_are_all_told_and_none_is_left_registered() {
+        let q = queue().await;
+        let mut gate = task("gate", "sleep", "200");
+        gate.timeout = Some(Duration::from_secs(5));
+        q.submit(gate).await.unwrap();
+        let waits: Vec<_> = (0..200)
+            .map(|_| {
+                let q = q.clone();
+                tokio::spawn(async move { q.wait("gate", Some(Duration::from_secs(5))).await })
+            })
+            .collect();
+        // One that gives up first, and one for a task that does not exist.
+        assert!(q
+            .wait("gate", Some(Duration::from_millis(10)))
+            .await
+            .unwrap()
+            .is_none());
+        assert!(matches!(
+            q.wait("nosuch", None).await,
+            Err(TaskError::NotFound { .. })
+        ));
+        for w in waits {
+            let done = w.await.unwrap().unwrap().unwrap();
+            assert_eq!(done.state, TaskState::Completed);
+            assert_eq!(done.result.as_deref(), Some(&b"slept 200"[..]));
+        }
+        assert!(lock(&q.inner.waiters).is_empty());
     }
 
     #[tokio::test]

@@ -23,6 +23,14 @@ pub const FREE_LOSSES: u32 = 3;
 const MAX_BATCH: usize = 4096;
 
 type Reply = Box<dyn FnOnce(Result<(), String>) + Send>;
+type ReadJob = Box<dyn FnOnce(&Connection) + Send>;
+
+/// The read connection and the one thread that serves queued reads with it: however many
+/// callers read at once, reads never take more than that thread.
+struct Reader {
+    conn: Arc<Mutex<Connection>>,
+    jobs: Mutex<mpsc::Sender<ReadJob>>,
+}
 type Job = Box<dyn FnOnce(&Transaction<'_>) -> (bool, Reply) + Send>;
 
 /// How an attempt ended, as reported to `finish`.
@@ -66,7 +74,7 @@ struct Inner {
     /// A second connection for reads (WAL lets it read beside the writer); `None` for an
     /// in-memory store, whose shared cache would make readers and the writer lock each other out,
     /// so reads go through the writer there.
-    reader: Option<Mutex<Connection>>,
+    reader: Option<Reader>,
     location: String,
 }
 
@@ -110,6 +118,12 @@ CREATE INDEX IF NOT EXISTS tasks_ready ON tasks (state, task_type, priority DESC
 const COLUMNS: &str = "task_id, task_type, payload, metadata, priority, timeout_ms, max_retries, \
                        state, attempt, result, error, created_at, started_at, finished_at";
 
+/// The same columns without the input payload (an empty blob in its place): for status answers,
+/// lists and events, which never show it, so a large payload is not read for them.
+const STATUS_COLUMNS: &str = "task_id, task_type, X'', metadata, priority, timeout_ms, \
+                              max_retries, state, attempt, result, error, created_at, started_at, \
+                              finished_at";
+
 fn record(row: &Row<'_>) -> rusqlite::Result<TaskRecord> {
     let metadata: String = row.get(3)?;
     let state: String = row.get(7)?;
@@ -136,9 +150,11 @@ fn record(row: &Row<'_>) -> rusqlite::Result<TaskRecord> {
 }
 
 fn get_in(conn: &Connection, task_id: &str) -> rusqlite::Result<Option<TaskRecord>> {
-    conn.prepare_cached(&format!("SELECT {COLUMNS} FROM tasks WHERE task_id = ?1"))?
-        .query_row([task_id], record)
-        .optional()
+    conn.prepare_cached(&format!(
+        "SELECT {STATUS_COLUMNS} FROM tasks WHERE task_id = ?1"
+    ))?
+    .query_row([task_id], record)
+    .optional()
 }
 
 impl TaskStore {
@@ -199,7 +215,23 @@ impl TaskStore {
             .and_then(|_| upgrade(&writer_conn))
             .map_err(|e| store_error(&e))?;
         let reader = match path {
-            Some(_) => Some(Mutex::new(open().map_err(|e| store_error(&e))?)),
+            Some(_) => {
+                let conn = Arc::new(Mutex::new(open().map_err(|e| store_error(&e))?));
+                let (jobs, queued) = mpsc::channel::<ReadJob>();
+                let served = Arc::clone(&conn);
+                std::thread::Builder::new()
+                    .name("dspy-task-reads".into())
+                    .spawn(move || {
+                        while let Ok(job) = queued.recv() {
+                            job(&lock(&served));
+                        }
+                    })
+                    .map_err(|e| store_error(&e))?;
+                Some(Reader {
+                    conn,
+                    jobs: Mutex::new(jobs),
+                })
+            }
             None => None,
         };
 
@@ -272,17 +304,19 @@ impl TaskStore {
         &self,
         f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
     ) -> Result<T, TaskError> {
-        if self.inner.reader.is_none() {
+        let Some(reader) = &self.inner.reader else {
             return self.write(move |txn| f(txn).map_err(sql)).await;
-        }
-        let inner = Arc::clone(&self.inner);
-        tokio::task::spawn_blocking(move || match &inner.reader {
-            Some(reader) => f(&reader.lock().unwrap_or_else(|e| e.into_inner())),
-            None => unreachable!("checked above"),
-        })
-        .await
-        .map_err(|e| self.store_error(e))?
-        .map_err(|e| self.store_error(e))
+        };
+        let (tx, rx) = oneshot::channel();
+        let job: ReadJob = Box::new(move |conn| {
+            let _ = tx.send(f(conn));
+        });
+        lock(&reader.jobs)
+            .send(job)
+            .map_err(|_| self.store_error("the reader thread has stopped"))?;
+        rx.await
+            .map_err(|_| self.store_error("the reader thread has stopped"))?
+            .map_err(|e| self.store_error(e))
     }
 
     /// Stores a new task. Submitting an id again with the same content returns the stored task
@@ -297,9 +331,10 @@ impl TaskStore {
         run_now: bool,
     ) -> Result<(TaskRecord, bool), TaskError> {
         task.validate()?;
+        // Hashed by the caller: the one writer thread only writes.
+        let hash = task.content_hash();
         let (record, created) = self
             .write(move |txn| {
-                let hash = task.content_hash();
                 let existing: Option<String> = txn
                     .prepare_cached("SELECT content_hash FROM tasks WHERE task_id = ?1")
                     .and_then(|mut stmt| stmt.query_row([&task.task_id], |r| r.get(0)).optional())
@@ -436,14 +471,14 @@ impl TaskStore {
                 Outcome::Completed(result) => txn
                     .prepare_cached(&format!(
                         "UPDATE tasks SET state = 'COMPLETED', result = ?3, error = NULL, finished_at = ?4 \
-                         WHERE task_id = ?1 AND state = 'RUNNING' AND attempt = ?2 RETURNING {COLUMNS}"
+                         WHERE task_id = ?1 AND state = 'RUNNING' AND attempt = ?2 RETURNING {STATUS_COLUMNS}"
                     ))
                     .and_then(|mut stmt| stmt.query_row(params![task_id, attempt, result, now], record).optional()),
                 Outcome::Requeue(reason) => txn
                     .prepare_cached(&format!(
                         "UPDATE tasks SET state = 'PENDING', attempt = attempt - 1, error = ?3, \
                          not_before = ?4 WHERE task_id = ?1 AND state = 'RUNNING' AND attempt = ?2 \
-                         RETURNING {COLUMNS}"
+                         RETURNING {STATUS_COLUMNS}"
                     ))
                     .and_then(|mut stmt| stmt.query_row(params![task_id, attempt, reason, now], record).optional()),
                 Outcome::Lost(reason) => {
@@ -461,7 +496,7 @@ impl TaskStore {
                          state = CASE WHEN lost < ?5 OR attempt <= max_retries THEN 'PENDING' ELSE 'FAILED' END, \
                          not_before = CASE WHEN lost < ?5 THEN ?4 WHEN attempt <= max_retries THEN ?7 ELSE not_before END, \
                          finished_at = CASE WHEN lost < ?5 OR attempt <= max_retries THEN finished_at ELSE ?4 END \
-                         WHERE task_id = ?1 AND state = 'RUNNING' AND attempt = ?2 RETURNING {COLUMNS}"
+                         WHERE task_id = ?1 AND state = 'RUNNING' AND attempt = ?2 RETURNING {STATUS_COLUMNS}"
                     ))
                     .and_then(|mut stmt| {
                         stmt.query_row(
@@ -478,7 +513,7 @@ impl TaskStore {
                          state = CASE WHEN attempt <= max_retries THEN 'PENDING' ELSE 'FAILED' END, \
                          not_before = CASE WHEN attempt <= max_retries THEN ?4 ELSE not_before END, \
                          finished_at = CASE WHEN attempt <= max_retries THEN finished_at ELSE ?5 END \
-                         WHERE task_id = ?1 AND state = 'RUNNING' AND attempt = ?2 RETURNING {COLUMNS}"
+                         WHERE task_id = ?1 AND state = 'RUNNING' AND attempt = ?2 RETURNING {STATUS_COLUMNS}"
                     ))
                     .and_then(|mut stmt| {
                         stmt.query_row(params![task_id, attempt, error, not_before, now], record)
@@ -551,16 +586,18 @@ impl TaskStore {
         Ok(recovered.0)
     }
 
+    /// The task's state, without its input payload.
     pub async fn get(&self, task_id: &str) -> Result<Option<TaskRecord>, TaskError> {
         // A lookup by key takes microseconds: done in place when the reader is free, it spares
-        // the hop to a blocking thread and back, which costs more than the lookup.
-        if let Some(Ok(reader)) = self.inner.reader.as_ref().map(Mutex::try_lock) {
-            return get_in(&reader, task_id).map_err(|e| self.store_error(e));
+        // the hop to the reader thread and back, which costs more than the lookup.
+        if let Some(Ok(conn)) = self.inner.reader.as_ref().map(|r| r.conn.try_lock()) {
+            return get_in(&conn, task_id).map_err(|e| self.store_error(e));
         }
         let task_id = task_id.to_string();
         self.read(move |conn| get_in(conn, &task_id)).await
     }
 
+    /// Tasks in submission order, without their input payloads.
     pub async fn list(&self, filter: ListFilter) -> Result<Vec<TaskRecord>, TaskError> {
         self.read(move |conn| {
             let after_seq: i64 = match &filter.after {
@@ -573,7 +610,7 @@ impl TaskStore {
                 None => 0,
             };
             let mut stmt = conn.prepare_cached(&format!(
-                "SELECT {COLUMNS} FROM tasks WHERE seq > ?1 AND (?2 IS NULL OR state = ?2) \
+                "SELECT {STATUS_COLUMNS} FROM tasks WHERE seq > ?1 AND (?2 IS NULL OR state = ?2) \
                  AND (?3 IS NULL OR task_type = ?3) ORDER BY seq LIMIT ?4"
             ))?;
             let rows = stmt.query_map(

@@ -21,6 +21,7 @@ import os
 import platform
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -240,6 +241,13 @@ async def bench_arq(n: int) -> dict[str, float] | None:
         redis.wait()
 
 
+def median_of(results: list[dict[str, float]]) -> dict[str, float] | None:
+    """Each figure's median over the rounds; None for a contender that was skipped."""
+    if not results:
+        return None
+    return {key: statistics.median(r[key] for r in results) for key in results[0]}
+
+
 def run_one(name: str, n: int) -> dict[str, float] | None:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
@@ -253,6 +261,7 @@ def run_one(name: str, n: int) -> dict[str, float] | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, default=20000)
+    parser.add_argument("--rounds", type=int, default=3, help="runs of each contender (median)")
     parser.add_argument("--write", type=Path)
     parser.add_argument("--only", choices=["ours", "taskito", "arq"], help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -268,17 +277,22 @@ def main() -> None:
         print(json.dumps(run_one(args.only, n)))
         return
 
-    # Each contender in a fresh process, so none inherits another's threads or memory.
-    results: dict[str, dict[str, float] | None] = {}
-    for name in ("ours", "taskito", "arq"):
-        out = subprocess.run(
-            [sys.executable, __file__, "--only", name, "--tasks", str(n)],
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout
-        results[name] = json.loads(out.strip().splitlines()[-1])
-        print(name, results[name], file=sys.stderr)
+    # Each contender in a fresh process, so none inherits another's threads or memory; rounds
+    # interleaved, so a slow spell of the machine falls on all of them.
+    runs: dict[str, list[dict[str, float]]] = {"ours": [], "taskito": [], "arq": []}
+    for _ in range(args.rounds):
+        for name, done in runs.items():
+            out = subprocess.run(
+                [sys.executable, __file__, "--only", name, "--tasks", str(n)],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout
+            result = json.loads(out.strip().splitlines()[-1])
+            print(name, result, file=sys.stderr)
+            if result is not None:
+                done.append(result)
+    results = {name: median_of(done) for name, done in runs.items()}
     ours = results["ours"]
     assert ours is not None
     taskito, arq = results["taskito"], results["arq"]
@@ -302,8 +316,9 @@ def main() -> None:
             f"""\
             ## Task queue: no-op tasks through a durable queue
 
-            `python bench/tasks.py --tasks {n}` on {platform.machine()}, {os.cpu_count()} CPUs,
-            Python {platform.python_version()}, each contender in a fresh process. Throughput:
+            `python bench/tasks.py --tasks {n} --rounds {args.rounds}` on {platform.machine()},
+            {os.cpu_count()} CPUs, Python {platform.python_version()}, each contender in a fresh
+            process, rounds interleaved, each figure the median of the rounds. Throughput:
             {n} tasks submitted with 1,000 in flight, until every one is complete. Latency: one
             task at a time, submit until its result is seen ({LATENCY_SAMPLES} samples). Each
             worker runs in the submitting process.

@@ -17,7 +17,7 @@ from .errors import InfraError
 class _Native(Protocol):
     @property
     def wake_fd(self) -> int: ...
-    def take_messages(self) -> list[tuple[str, int, Any]]: ...
+    def take_messages(self) -> tuple[str, list[int], list[Any]]: ...
 
 
 class Bridge:
@@ -73,8 +73,9 @@ class Bridge:
         return await future
 
     def _drain(self) -> None:
-        for kind, token, item in self._native.take_messages():
-            if kind == "reply":
+        kinds, tokens, items = self._native.take_messages()
+        for kind, token, item in zip(kinds, tokens, items):
+            if kind == "a":
                 future = self._replies.pop(token, None)
                 if future is None or future.done():
                     continue
@@ -82,7 +83,7 @@ class Bridge:
                     future.set_exception(item)
                 else:
                     future.set_result(item)
-            elif kind == "run" and self._on_run is not None:
+            elif kind == "r" and self._on_run is not None:
                 self._on_run(token, item)
-            elif kind == "cancel" and self._on_cancel is not None:
+            elif kind == "c" and self._on_cancel is not None:
                 self._on_cancel(token)

@@ -185,12 +185,12 @@ impl Handler for BridgedHandler {
     }
 }
 
-/// One message as the loop sees it: `("run", token, Task)`, `("cancel", token, None)`, or
-/// `("reply", token, answer | exception)`.
-pub fn to_python(py: Python<'_>, message: Message) -> PyResult<(&'static str, u64, Py<PyAny>)> {
+/// One message as the loop sees it: its kind (`r` run, `c` cancel, `a` answer), its token, and
+/// a `Task` to run, None, or the answer (a value or an exception).
+fn to_python(py: Python<'_>, message: Message) -> PyResult<(char, u64, Py<PyAny>)> {
     Ok(match message {
-        Message::Run { token, record } => ("run", token, Py::new(py, py_task(&record))?.into_any()),
-        Message::Cancel { token } => ("cancel", token, py.None()),
+        Message::Run { token, record } => ('r', token, Py::new(py, py_task(&record))?.into_any()),
+        Message::Cancel { token } => ('c', token, py.None()),
         Message::Reply { token, result } => {
             let value = match result {
                 // A failed conversion answers its own call, never the rest of the batch.
@@ -198,19 +198,28 @@ pub fn to_python(py: Python<'_>, message: Message) -> PyResult<(&'static str, u6
                 Err(CallError::Task(e)) => super::tasks::task_error(e).into_value(py).into_any(),
                 Err(CallError::Rpc(s)) => super::tasks::status_error(s).into_value(py).into_any(),
             };
-            ("reply", token, value)
+            ('a', token, value)
         }
     })
 }
 
-/// Everything the bridge has queued, as the loop sees it.
-pub fn take_messages(
-    py: Python<'_>,
-    bridge: &Bridge,
-) -> PyResult<Vec<(&'static str, u64, Py<PyAny>)>> {
-    bridge
-        .take()
-        .into_iter()
-        .map(|m| to_python(py, m))
-        .collect()
+/// A batch as the loop takes it.
+pub type Batch = (String, Vec<u64>, Vec<Py<PyAny>>);
+
+/// Everything the bridge has queued, as three columns (kinds, tokens, items) rather than a tuple
+/// per message: a batch of thousands then allocates three objects, not thousands.
+pub fn take_messages(py: Python<'_>, bridge: &Bridge) -> PyResult<Batch> {
+    let messages = bridge.take();
+    let mut batch: Batch = (
+        String::with_capacity(messages.len()),
+        Vec::with_capacity(messages.len()),
+        Vec::with_capacity(messages.len()),
+    );
+    for message in messages {
+        let (kind, token, item) = to_python(py, message)?;
+        batch.0.push(kind);
+        batch.1.push(token);
+        batch.2.push(item);
+    }
+    Ok(batch)
 }

@@ -560,7 +560,7 @@ impl Core {
     }
 
     /// Handler runs to start or cancel and answers to calls, queued since the last take.
-    fn take_messages(&self, py: Python<'_>) -> PyResult<Vec<(&'static str, u64, Py<PyAny>)>> {
+    fn take_messages(&self, py: Python<'_>) -> PyResult<bridge::Batch> {
         bridge::take_messages(py, &self.state.bridge)
     }
 

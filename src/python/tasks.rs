@@ -553,8 +553,8 @@ impl GrpcClient {
         self.bridge.wake_fd()
     }
 
-    /// Answers to calls, as `("reply", token, answer | exception)`, queued since the last take.
-    fn take_messages(&self, py: Python<'_>) -> PyResult<Vec<(&'static str, u64, Py<PyAny>)>> {
+    /// Answers to calls queued since the last take, as (kinds, tokens, answers).
+    fn take_messages(&self, py: Python<'_>) -> PyResult<super::bridge::Batch> {
         super::bridge::take_messages(py, &self.bridge)
     }
 

@@ -321,7 +321,9 @@ def main() -> None:
             process, rounds interleaved, each figure the median of the rounds. Throughput:
             {n} tasks submitted with 1,000 in flight, until every one is complete. Latency: one
             task at a time, submit until its result is seen ({LATENCY_SAMPLES} samples). Each
-            worker runs in the submitting process.
+            worker runs in the submitting process. On this virtual machine single runs of one
+            build vary by a quarter or more with the host's load, for every contender alike;
+            hence medians of interleaved rounds, and ratios taken within one run.
 
             """
         )

@@ -202,6 +202,9 @@ struct Healing {
     /// Restarted by the Engine and not yet healthy again.
     recovering: BTreeSet<String>,
     restarts: BTreeMap<String, std::collections::VecDeque<Instant>>,
+    /// Stopped as a crash loop: left down, even across an Engine restart, until started again
+    /// by hand.
+    halted: BTreeSet<String>,
 }
 
 enum Plan {
@@ -311,6 +314,9 @@ impl Supervisor {
             let Ok(spec) = self.spec(&name).cloned() else {
                 continue;
             };
+            if self.healing().halted.contains(&name) {
+                continue;
+            }
             match state {
                 // Without a restart policy its death was already reported as final.
                 Some(RunState::Exited) if !matches!(spec.restart, RestartPolicy::No) => {
@@ -447,6 +453,7 @@ impl Supervisor {
             s.engine_state = Some(RunState::Running);
         }
         if looping {
+            self.healing().halted.insert(name.clone());
             // Stopped by hand, the Engine does not restart it again.
             self.docker.stop(id, Duration::from_secs(1)).await;
             self.set_phase(
@@ -590,6 +597,9 @@ impl Supervisor {
     ) -> Result<(), StackError> {
         let selected = self.closure(names)?;
         let _op = self.ops.lock().await;
+        for name in &selected {
+            self.healing().halted.remove(name);
+        }
         let began = Instant::now();
         let plans = match self.prepare(&selected, names.is_empty()).await {
             Ok(plans) => plans,
@@ -1266,6 +1276,7 @@ impl Supervisor {
                     String::new(),
                 )
             })?;
+        self.healing().halted.remove(name);
         self.set_phase(name, Phase::Starting, "restarting");
         self.docker
             .restart(&id, spec.stop_timeout)
@@ -1311,7 +1322,8 @@ impl Supervisor {
                         // a death to heal, not for a stop of ours, once this marks it failed.
                         self.healing().recovering.insert(name.clone());
                     }
-                    if lost && phase != Some(Phase::Completed) {
+                    // A failure already reported keeps its own reason (a crash loop, say).
+                    if lost && !matches!(phase, Some(Phase::Completed | Phase::Failed)) {
                         let code = info.exit_code.unwrap_or(-1);
                         self.set_phase(
                             &name,

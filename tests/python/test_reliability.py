@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -231,16 +232,38 @@ async def test_the_engine_restarting_under_a_running_stack(project: str) -> None
     assert containers(project) == []
 
 
-async def test_a_crash_loop_is_stopped_and_marked_failed(project: str) -> None:
+async def test_a_crash_loop_is_stopped_and_stays_stopped(
+    project: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="dspy_agent_infra")
+    proxy = EngineProxy(tmp_path / "engine.sock")
+    proxy.up()
     # Healthy at once, then exits after a second, again and again.
     flaky = http_service(restart="always", command=["sh", "-c", "/serve & sleep 1; exit 3"])
     services = {"flaky": flaky}
-    async with AgentInfra.start(
-        project=project, services=list(services), config={"services": services}
-    ) as infra:
-        seen = phases(infra, "flaky", "crash loop", limit=60)
-        assert seen[-1][0] == "failed"
-        cid = infra.service("flaky").container_id
-        assert cid
-        time.sleep(1)
-        assert docker("inspect", "-f", "{{.State.Running}}", cid).strip() == "false"
+    try:
+        async with AgentInfra.start(
+            project=project,
+            services=list(services),
+            config={"services": services},
+            docker_host=f"unix://{proxy.path}",
+        ) as infra:
+            seen = phases(infra, "flaky", "crash loop", limit=60)
+            assert seen[-1][0] == "failed"
+            cid = infra.service("flaky").container_id
+            assert cid
+            time.sleep(1)
+            assert docker("inspect", "-f", "{{.State.Running}}", cid).strip() == "false"
+
+            # The Engine goes away and comes back: what went down meanwhile is revived, but
+            # not a service stopped for crash-looping.
+            proxy.down()
+            proxy.up()
+            deadline = time.monotonic() + 30
+            while "following the Docker Engine again" not in caplog.text:
+                assert time.monotonic() < deadline, caplog.text
+                await asyncio.sleep(0.05)
+            assert docker("inspect", "-f", "{{.State.Running}}", cid).strip() == "false"
+            assert "crash loop" in infra.service("flaky").message
+    finally:
+        proxy.down()

@@ -158,14 +158,8 @@ impl TaskQueue {
         self.inner.events.subscribe()
     }
 
-    fn emit(&self, record: TaskRecord) {
-        let record = Arc::new(TaskRecord {
-            task: NewTask {
-                payload: Vec::new(),
-                ..record.task
-            },
-            ..record
-        });
+    fn emit(&self, record: &TaskRecord) {
+        let record = Arc::new(record.status_copy());
         if record.state.is_final() {
             let waiting = lock(&self.inner.waiters).remove(&record.task.task_id);
             for waiter in waiting.into_iter().flatten() {
@@ -213,18 +207,18 @@ impl TaskQueue {
         match permit {
             Some(permit) if record.state == TaskState::Running => {
                 // Watchers see the same PENDING, RUNNING sequence as for a dispatched task.
-                self.emit(TaskRecord {
+                self.emit(&TaskRecord {
                     state: TaskState::Pending,
                     attempt: 0,
                     started_at_ms: None,
-                    ..record.clone()
+                    ..record.status_copy()
                 });
                 let this = self.clone();
                 let started = record.clone();
                 tokio::spawn(async move { this.run(started, handler, permit).await });
             }
             _ => {
-                self.emit(record.clone());
+                self.emit(&record);
                 self.inner.wake.notify_one();
             }
         }
@@ -262,7 +256,7 @@ impl TaskQueue {
                 .counters
                 .cancelled
                 .fetch_add(1, Ordering::Relaxed);
-            self.emit(record.clone());
+            self.emit(&record);
         }
         Ok((record, cancelled))
     }
@@ -401,7 +395,7 @@ impl TaskQueue {
         let attempt = task.attempt;
         let token = self.inner.shutdown.child_token();
         lock(&self.inner.running).insert(task_id.clone(), token.clone());
-        self.emit(task.clone());
+        self.emit(&task);
         let timeout = task.task.timeout;
         let work = handler.run(task);
         let outcome = tokio::select! {
@@ -443,7 +437,7 @@ impl TaskQueue {
                     TaskState::Failed => self.inner.counters.failed.fetch_add(1, Ordering::Relaxed),
                     _ => 0,
                 };
-                self.emit(record);
+                self.emit(&record);
             }
             Ok(None) => tracing::debug!(task_id, attempt, "stale result ignored"),
             Err(e) => tracing::error!(task_id, error = %e, "recording a task's result failed"),

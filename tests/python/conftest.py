@@ -6,10 +6,35 @@ from __future__ import annotations
 import subprocess
 import uuid
 from collections.abc import Iterator
+from types import ModuleType
 
 import pytest
 
-from helpers import BUSYBOX, REDIS, ROOT, containers, docker
+from helpers import (
+    BUSYBOX,
+    HEALTH_PROTO,
+    REDIS,
+    REFLECTION_PROTO,
+    ROOT,
+    containers,
+    docker,
+    generate_stubs,
+)
+
+
+@pytest.fixture(scope="session")
+def pb(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ModuleType]:
+    """grpcio stubs generated from proto/ (and the standard health and reflection services)
+    at test time: a client nobody here wrote. Generated once; module names are global."""
+    return generate_stubs(
+        tmp_path_factory.mktemp("stubs"),
+        {
+            "orchestrator_v1": (ROOT / "proto" / "orchestrator.v1.proto").read_text(),
+            "env_manager_v1": (ROOT / "proto" / "env_manager.v1.proto").read_text(),
+            "health": HEALTH_PROTO,
+            "reflection": REFLECTION_PROTO,
+        },
+    )
 
 
 @pytest.fixture(scope="session", autouse=True)

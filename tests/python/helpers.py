@@ -33,6 +33,34 @@ service Health {
 }
 """
 
+# The part of grpc/reflection/v1/reflection.proto a `list` and a `describe` need (same field
+# numbers), for a generated reflection client: what grpcurl does without the proto file.
+REFLECTION_PROTO = """
+syntax = "proto3";
+package grpc.reflection.v1;
+service ServerReflection {
+  rpc ServerReflectionInfo(stream ServerReflectionRequest)
+      returns (stream ServerReflectionResponse);
+}
+message ServerReflectionRequest {
+  string host = 1;
+  oneof message_request {
+    string file_containing_symbol = 4;
+    string list_services = 7;
+  }
+}
+message ServerReflectionResponse {
+  string valid_host = 1;
+  oneof message_response {
+    FileDescriptorResponse file_descriptor_response = 4;
+    ListServiceResponse list_services_response = 6;
+  }
+}
+message FileDescriptorResponse { repeated bytes file_descriptor_proto = 1; }
+message ListServiceResponse { repeated ServiceResponse service = 1; }
+message ServiceResponse { string name = 1; }
+"""
+
 
 class EngineProxy:
     """A Unix-socket relay to the real Docker Engine that can be cut and restored (the Engine

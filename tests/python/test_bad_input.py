@@ -8,25 +8,10 @@ import asyncio
 import random
 import socket
 from contextlib import suppress
-from types import ModuleType
 from typing import Any
-
-import pytest
 
 import grpc
 from dspy_agent_infra import AgentInfra
-from helpers import ROOT, generate_stubs
-
-
-@pytest.fixture(scope="module")
-def pb(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ModuleType]:
-    return generate_stubs(
-        tmp_path_factory.mktemp("stubs"),
-        {
-            "orchestrator_v1": (ROOT / "proto" / "orchestrator.v1.proto").read_text(),
-            "env_manager_v1": (ROOT / "proto" / "env_manager.v1.proto").read_text(),
-        },
-    )
 
 
 def methods(module: Any, service: str) -> list[tuple[str, bool]]:

@@ -7,7 +7,6 @@ import asyncio
 import os
 import socket
 from collections.abc import AsyncIterator
-from types import ModuleType
 from typing import Any
 
 import pytest
@@ -16,26 +15,11 @@ import grpc
 from dspy_agent_infra import AgentInfra
 from helpers import (
     BUSYBOX,
-    HEALTH_PROTO,
-    ROOT,
     containers,
     free_port,
-    generate_stubs,
     http_service,
     redis_service,
 )
-
-
-@pytest.fixture(scope="module")
-def pb(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ModuleType]:
-    return generate_stubs(
-        tmp_path_factory.mktemp("stubs"),
-        {
-            "env_manager_v1": (ROOT / "proto" / "env_manager.v1.proto").read_text(),
-            "health": HEALTH_PROTO,
-        },
-    )
-
 
 # Fails on every start after its first: the marker in its named volume outlives the container.
 ONCE = [

@@ -5,54 +5,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from types import ModuleType
 from typing import Any
 
 import pytest
 
 import grpc
 from dspy_agent_infra import AgentInfra, Task
-from helpers import HEALTH_PROTO, ROOT, generate_stubs
-
-# The part of grpc/reflection/v1/reflection.proto a `list` and a `describe` need (same field
-# numbers), for a generated reflection client: what grpcurl does without the proto file.
-REFLECTION_PROTO = """
-syntax = "proto3";
-package grpc.reflection.v1;
-service ServerReflection {
-  rpc ServerReflectionInfo(stream ServerReflectionRequest)
-      returns (stream ServerReflectionResponse);
-}
-message ServerReflectionRequest {
-  string host = 1;
-  oneof message_request {
-    string file_containing_symbol = 4;
-    string list_services = 7;
-  }
-}
-message ServerReflectionResponse {
-  string valid_host = 1;
-  oneof message_response {
-    FileDescriptorResponse file_descriptor_response = 4;
-    ListServiceResponse list_services_response = 6;
-  }
-}
-message FileDescriptorResponse { repeated bytes file_descriptor_proto = 1; }
-message ListServiceResponse { repeated ServiceResponse service = 1; }
-message ServiceResponse { string name = 1; }
-"""
-
-
-@pytest.fixture(scope="module")
-def pb(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ModuleType]:
-    return generate_stubs(
-        tmp_path_factory.mktemp("stubs"),
-        {
-            "orchestrator_v1": (ROOT / "proto" / "orchestrator.v1.proto").read_text(),
-            "health": HEALTH_PROTO,
-            "reflection": REFLECTION_PROTO,
-        },
-    )
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -152,32 +153,42 @@ async def test_a_killed_service_is_seen_and_comes_back_healthy(project: str) -> 
         assert seen[-1] == ("failed", "container exited with code 137")
 
 
-async def test_a_death_a_status_check_sees_first_still_heals(project: str, tmp_path: Path) -> None:
+@pytest.fixture
+def relay(tmp_path: Path) -> Iterator[EngineProxy]:
+    """A relay to the Docker Engine that the test can cut, restore, or hold events back on."""
     proxy = EngineProxy(tmp_path / "engine.sock")
     proxy.up()
-    services = {"web": http_service(restart="always")}
-    try:
-        async with AgentInfra.start(
-            project=project,
-            services=list(services),
-            config={"services": services},
-            docker_host=f"unix://{proxy.path}",
-        ) as infra:
-            web = infra.service("web").container_id
-            assert web
-            # The death reaches a status check before the Engine's `die` event does.
-            proxy.events_flowing.clear()
-            docker("kill", web)
-            assert (await infra.status())["web"].status == "failed"
-            proxy.events_flowing.set()
-            deadline = time.monotonic() + 30
-            while "healthy again" not in infra.service("web").message:
-                assert time.monotonic() < deadline, infra.service("web")
-                await asyncio.sleep(0.01)
-            assert (await infra.status())["web"].status == "healthy"
-    finally:
-        proxy.events_flowing.set()
-        proxy.down()
+    yield proxy
+    proxy.events_flowing.set()
+    proxy.down()
+
+
+def through(relay: EngineProxy, project: str, services: dict[str, Any]) -> AgentInfra:
+    """A stack of `services` that reaches the Engine through `relay`."""
+    return AgentInfra.start(
+        project=project,
+        services=list(services),
+        config={"services": services},
+        docker_host=f"unix://{relay.path}",
+    )
+
+
+async def test_a_death_a_status_check_sees_first_still_heals(
+    project: str, relay: EngineProxy
+) -> None:
+    async with through(relay, project, {"web": http_service(restart="always")}) as infra:
+        web = infra.service("web").container_id
+        assert web
+        # The death reaches a status check before the Engine's `die` event does.
+        relay.events_flowing.clear()
+        docker("kill", web)
+        assert (await infra.status())["web"].status == "failed"
+        relay.events_flowing.set()
+        deadline = time.monotonic() + 30
+        while "healthy again" not in infra.service("web").message:
+            assert time.monotonic() < deadline, infra.service("web")
+            await asyncio.sleep(0.01)
+        assert (await infra.status())["web"].status == "healthy"
 
 
 ENGINE_PID = Path("/run/dspy-agent-dockerd.pid")
@@ -233,37 +244,26 @@ async def test_the_engine_restarting_under_a_running_stack(project: str) -> None
 
 
 async def test_a_crash_loop_is_stopped_and_stays_stopped(
-    project: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    project: str, relay: EngineProxy, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="dspy_agent_infra")
-    proxy = EngineProxy(tmp_path / "engine.sock")
-    proxy.up()
     # Healthy at once, then exits after a second, again and again.
     flaky = http_service(restart="always", command=["sh", "-c", "/serve & sleep 1; exit 3"])
-    services = {"flaky": flaky}
-    try:
-        async with AgentInfra.start(
-            project=project,
-            services=list(services),
-            config={"services": services},
-            docker_host=f"unix://{proxy.path}",
-        ) as infra:
-            seen = phases(infra, "flaky", "crash loop", limit=60)
-            assert seen[-1][0] == "failed"
-            cid = infra.service("flaky").container_id
-            assert cid
-            time.sleep(1)
-            assert docker("inspect", "-f", "{{.State.Running}}", cid).strip() == "false"
+    async with through(relay, project, {"flaky": flaky}) as infra:
+        seen = phases(infra, "flaky", "crash loop", limit=60)
+        assert seen[-1][0] == "failed"
+        cid = infra.service("flaky").container_id
+        assert cid
+        time.sleep(1)
+        assert docker("inspect", "-f", "{{.State.Running}}", cid).strip() == "false"
 
-            # The Engine goes away and comes back: what went down meanwhile is revived, but
-            # not a service stopped for crash-looping.
-            proxy.down()
-            proxy.up()
-            deadline = time.monotonic() + 30
-            while "following the Docker Engine again" not in caplog.text:
-                assert time.monotonic() < deadline, caplog.text
-                await asyncio.sleep(0.05)
-            assert docker("inspect", "-f", "{{.State.Running}}", cid).strip() == "false"
-            assert "crash loop" in infra.service("flaky").message
-    finally:
-        proxy.down()
+        # The Engine goes away and comes back: what went down meanwhile is revived, but not a
+        # service stopped for crash-looping.
+        relay.down()
+        relay.up()
+        deadline = time.monotonic() + 30
+        while "following the Docker Engine again" not in caplog.text:
+            assert time.monotonic() < deadline, caplog.text
+            await asyncio.sleep(0.05)
+        assert docker("inspect", "-f", "{{.State.Running}}", cid).strip() == "false"
+        assert "crash loop" in infra.service("flaky").message

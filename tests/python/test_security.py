@@ -7,32 +7,16 @@ import logging
 import os
 import subprocess
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 from test_cli import DSPY_AGENT, catalog_on_free_ports
-from test_grpc_interop import REFLECTION_PROTO
 
 import grpc
 from dspy_agent_infra import AgentInfra, ConfigError, InfraError, OrchestratorClient
 from dspy_agent_infra.errors import OrchestratorUnavailableError
-from helpers import HEALTH_PROTO, ROOT, generate_stubs
 
 TOKEN = "t0ken-for-tests-5f2b9c1e7d"
-
-
-@pytest.fixture(scope="module")
-def pb(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ModuleType]:
-    return generate_stubs(
-        tmp_path_factory.mktemp("stubs"),
-        {
-            "orchestrator_v1": (ROOT / "proto" / "orchestrator.v1.proto").read_text(),
-            "env_manager_v1": (ROOT / "proto" / "env_manager.v1.proto").read_text(),
-            "health": HEALTH_PROTO,
-            "reflection": REFLECTION_PROTO,
-        },
-    )
 
 
 async def test_a_reachable_port_needs_a_token() -> None:

@@ -157,7 +157,7 @@ def bench_taskito(n: int, workdir: Path) -> dict[str, float] | None:
         scheduler_batch_size=256,
     )
 
-    @queue.task()
+    @queue.task()  # type: ignore[untyped-decorator, unused-ignore]
     def noop(i: int) -> None:
         return None
 

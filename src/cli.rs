@@ -15,10 +15,11 @@ use tonic::transport::Channel;
 
 use crate::config::{Config, ConfigError, LoadOptions, CONFIG_FILE_NAME};
 use crate::daemon::{self, DaemonInfo, Found};
-use crate::docker::{labels, Docker};
+use crate::docker::{labels, ContainerInfo, Docker, RunState};
 use crate::grpc::auth::{endpoint, AuthChannel, Bearer};
 use crate::grpc::env_manager::{rfc3339_ms, OWN_LOG_SERVICE};
 use crate::grpc::{env_pb, pb, MAX_MESSAGE_BYTES};
+use crate::owner::{self, Owner};
 use crate::services::spec::parse_duration;
 use crate::tasks::store::now_ms;
 use crate::watchdog::{self, Launcher};
@@ -666,15 +667,218 @@ async fn stop(options: LoadOptions, timeout: Option<u32>) -> Result<i32, Failure
             );
             Ok(EXIT_OK)
         }
-        Ok(Found::None) => Err(Failure(
+        Ok(Found::None) => stop_without_daemon(&config).await,
+        Err(e) => Err(fail(format!("cannot read the pid file: {e}"))),
+    }
+}
+
+/// The project's containers that no daemon runs: a stack kept running by an agent
+/// (`keep_running=True`), or one an agent runs now. Empty when the Engine cannot be reached.
+async fn undaemoned(config: &Config) -> Vec<ContainerInfo> {
+    let Ok(docker) = Docker::connect(
+        config.docker_host.as_deref(),
+        crate::infra::DOCKER_CONNECT_TIMEOUT,
+    )
+    .await
+    else {
+        return Vec::new();
+    };
+    let mut found = docker
+        .list_by_label(labels::PROJECT, &config.project)
+        .await
+        .unwrap_or_default();
+    found.sort_by(|a, b| {
+        a.labels
+            .get(labels::SERVICE)
+            .cmp(&b.labels.get(labels::SERVICE))
+    });
+    found
+}
+
+/// The live process that runs these containers' stack, if one does: the holder of the state
+/// folder's lock, or a creator (on this machine) that still runs.
+fn live_owner(config: &Config, found: &[ContainerInfo]) -> Option<Owner> {
+    owner::holder(&config.state_dir).or_else(|| {
+        if !config
+            .docker_host
+            .as_deref()
+            .unwrap_or(crate::docker::DEFAULT_HOST)
+            .starts_with("unix://")
+        {
+            return None;
+        }
+        found.iter().find_map(|c| {
+            if c.labels.get(labels::KEEP).is_some_and(|v| v == "true") {
+                return None;
+            }
+            let pid = c.labels.get(labels::OWNER_PID)?.parse::<u32>().ok()?;
+            (!watchdog::is_dead(pid)).then(|| Owner {
+                pid,
+                addr: c
+                    .labels
+                    .get(labels::OWNER_ADDR)
+                    .cloned()
+                    .unwrap_or_default(),
+            })
+        })
+    })
+}
+
+fn describe_owner(owner: &Option<Owner>, found: &[ContainerInfo]) -> String {
+    match owner {
+        Some(o) if o.addr.is_empty() => format!("run by process {} (no daemon)", o.pid),
+        Some(o) => format!(
+            "run by process {} (no daemon; orchestrator {})",
+            o.pid, o.addr
+        ),
+        None => {
+            let pid = found
+                .iter()
+                .find_map(|c| c.labels.get(labels::OWNER_PID).cloned())
+                .unwrap_or_else(|| "?".into());
+            if found
+                .iter()
+                .any(|c| c.labels.get(labels::KEEP).is_some_and(|v| v == "true"))
+            {
+                format!("kept running by process {pid}, which has exited")
+            } else {
+                format!("left behind by process {pid}, which exited without removing it")
+            }
+        }
+    }
+}
+
+/// `stop` with no daemon: removes a kept stack, and refuses to touch one a live agent runs.
+async fn stop_without_daemon(config: &Config) -> Result<i32, Failure> {
+    let found = undaemoned(config).await;
+    if let Some(owner) = live_owner(config, &found) {
+        return Err(fail(format!(
+            "project {:?} is {}; stop it there (leave its `async with`, or end that process), \
+             it is not this command's to remove",
+            config.project,
+            describe_owner(&Some(owner), &found)
+        )));
+    }
+    if found.is_empty() {
+        return Err(Failure(
             EXIT_NOT_RUNNING,
             format!(
                 "dspy-agent is not running for project {:?}; nothing to stop",
                 config.project
             ),
-        )),
-        Err(e) => Err(fail(format!("cannot read the pid file: {e}"))),
+        ));
     }
+    println!(
+        "project {:?} is {}: removing its containers",
+        config.project,
+        describe_owner(&None, &found)
+    );
+    let removed = sweep_all(config, &found).await;
+    println!(
+        "removed {removed} container(s) of project {:?}",
+        config.project
+    );
+    Ok(EXIT_OK)
+}
+
+async fn sweep_all(config: &Config, found: &[ContainerInfo]) -> usize {
+    let Ok(docker) = Docker::connect(
+        config.docker_host.as_deref(),
+        crate::infra::DOCKER_CONNECT_TIMEOUT,
+    )
+    .await
+    else {
+        return 0;
+    };
+    let mut removed = 0;
+    for c in found {
+        if docker.remove(&c.id, Duration::from_secs(10)).await.is_ok() {
+            let service = c.labels.get(labels::SERVICE).cloned().unwrap_or_default();
+            println!("stopped {service}");
+            removed += 1;
+        }
+    }
+    docker
+        .remove_network(&format!("{}_default", config.project))
+        .await;
+    removed
+}
+
+/// `status` with no daemon: the project's containers as the Engine sees them (exit 3 when there
+/// are none).
+async fn status_without_daemon(
+    config: &Config,
+    json: bool,
+    message: String,
+) -> Result<i32, Failure> {
+    let found = undaemoned(config).await;
+    if found.is_empty() {
+        if json {
+            println!(
+                "{}",
+                serde_json::json!({"project": config.project, "running": false, "message": message})
+            );
+            return Ok(EXIT_NOT_RUNNING);
+        }
+        return Err(Failure(EXIT_NOT_RUNNING, message));
+    }
+    let owner = live_owner(config, &found);
+    let all_running = found.iter().all(|c| c.state == RunState::Running);
+    let ports = |c: &ContainerInfo| {
+        c.ports
+            .iter()
+            .map(|((port, _), (ip, host))| format!("{ip}:{host}->{port}"))
+            .collect::<Vec<_>>()
+    };
+    let name = |c: &ContainerInfo| c.labels.get(labels::SERVICE).cloned().unwrap_or_default();
+    if json {
+        let services: Vec<serde_json::Value> = found
+            .iter()
+            .map(|c| {
+                serde_json::json!({
+                    "name": name(c),
+                    "state": c.state.as_str(),
+                    "container_id": c.id,
+                    "ports": ports(c),
+                    "kept": c.labels.get(labels::KEEP).is_some_and(|v| v == "true"),
+                })
+            })
+            .collect();
+        let out = serde_json::json!({
+            "project": config.project,
+            "running": true,
+            "daemon": null,
+            "owner": owner.as_ref().map(|o| serde_json::json!({"pid": o.pid, "orchestrator_addr": o.addr})),
+            "healthy": all_running,
+            "services": services,
+        });
+        println!("{out:#}");
+    } else {
+        println!(
+            "project {:?}: {}",
+            config.project,
+            describe_owner(&owner, &found)
+        );
+        let rows: Vec<[String; 5]> = found
+            .iter()
+            .map(|c| {
+                [
+                    name(c),
+                    c.state.as_str().to_string(),
+                    c.engine_health.clone().unwrap_or_else(|| "-".into()),
+                    ports(c).join(", "),
+                    c.id.chars().take(12).collect(),
+                ]
+            })
+            .collect();
+        print_table(["SERVICE", "STATE", "HEALTH", "PORTS", "CONTAINER"], &rows);
+        if owner.is_none() {
+            println!(
+                "`dspy-agent stop` removes them; the next start with the same config reuses them"
+            );
+        }
+    }
+    Ok(if all_running { EXIT_OK } else { EXIT_FAILURE })
 }
 
 fn uptime(started_at_ms: i64) -> Option<f64> {
@@ -695,6 +899,12 @@ async fn status(options: LoadOptions, json: bool) -> Result<i32, Failure> {
     let config = Config::load(options)?;
     let info = match running(&config) {
         Ok(i) => i,
+        // No daemon ever ran here (a dead one is reported as such): an agent's stack may.
+        Err(Failure(EXIT_NOT_RUNNING, message))
+            if matches!(daemon::find(&config.state_dir), Ok(Found::None)) =>
+        {
+            return status_without_daemon(&config, json, message).await
+        }
         Err(Failure(EXIT_NOT_RUNNING, message)) if json => {
             println!(
                 "{}",
@@ -734,6 +944,7 @@ async fn status(options: LoadOptions, json: bool) -> Result<i32, Failure> {
                     "uptime_seconds": uptime(s.started_at_ms),
                     "restart_count": s.restart_count,
                     "message": s.message,
+                    "stand_in": s.stand_in,
                 })
             })
             .collect();
@@ -805,6 +1016,20 @@ async fn status(options: LoadOptions, json: bool) -> Result<i32, Failure> {
             .filter(|s| !s.healthy && !s.message.is_empty())
         {
             println!("{}: {}", s.name, s.message.trim_end());
+        }
+        let stand_ins: Vec<&str> = r
+            .services
+            .iter()
+            .filter(|s| s.stand_in)
+            .map(|s| s.name.as_str())
+            .collect();
+        if !stand_ins.is_empty() {
+            // A warning, beside the table rather than in it.
+            eprintln!(
+                "note: {} run{} local stand-in images (tagged by scripts/provision.sh when no registry was reachable), not the real services",
+                stand_ins.join(", "),
+                if stand_ins.len() == 1 { "s" } else { "" }
+            );
         }
     }
     Ok(if all_healthy { EXIT_OK } else { EXIT_FAILURE })
@@ -1343,10 +1568,11 @@ fn print_task(t: &pb::TaskInfo, json: bool) -> i32 {
         println!("{:#}", task_json(t));
     } else {
         println!(
-            "{}: {} ({} attempts)",
+            "{}: {} ({} attempt{})",
             t.task_id,
             state_name(t.status),
-            t.attempts
+            t.attempts,
+            if t.attempts == 1 { "" } else { "s" }
         );
         if !t.result_payload.is_empty() {
             println!("{}", String::from_utf8_lossy(&t.result_payload));

@@ -13,6 +13,7 @@ use crate::docker::{Docker, DockerError};
 use crate::grpc::env_manager::EnvManager;
 use crate::grpc::{self, GrpcError};
 use crate::health;
+use crate::owner::{Owner, OwnerError, OwnerLock};
 use crate::services::supervisor::{ServiceState, StackError, Supervisor};
 use crate::tasks::handlers::{self, Handler, ServiceDirectory};
 use crate::tasks::model::TaskError;
@@ -35,6 +36,19 @@ pub enum InfraError {
     Task(#[from] TaskError),
     #[error(transparent)]
     Grpc(#[from] GrpcError),
+    #[error(transparent)]
+    InUse(#[from] OwnerError),
+}
+
+impl InfraError {
+    /// The live owner of the project's stack, when that is why this start was refused.
+    pub fn in_use(&self) -> Option<&Owner> {
+        match self {
+            InfraError::InUse(OwnerError::InUse { owner, .. })
+            | InfraError::Stack(StackError::InUse(OwnerError::InUse { owner, .. })) => Some(owner),
+            _ => None,
+        }
+    }
 }
 
 /// The stack's services as the task handlers see them.
@@ -74,6 +88,8 @@ pub struct Infra {
     watchdog: Option<Watchdog>,
     /// Stops following the Engine's events.
     follow: CancellationToken,
+    /// Held while this stack runs: no other start of the project runs beside it.
+    _owner: OwnerLock,
 }
 
 impl Infra {
@@ -103,6 +119,8 @@ impl Infra {
         launcher: Option<Launcher>,
     ) -> Result<Infra, InfraError> {
         let config = Arc::new(config);
+        // Before anything else: the task store and the containers are the owner's alone.
+        let mut owner = OwnerLock::acquire(&config.state_dir, &config.project)?;
         let store_path = config.tasks.store.clone();
         let durability = config.tasks.durability;
         let store =
@@ -120,6 +138,9 @@ impl Infra {
         let opened = Self::open_rest(&config, &queue, own_log).await;
         match opened {
             Ok((supervisor, servers)) => {
+                if let Err(e) = owner.record(&servers[0].addr.to_string()) {
+                    tracing::warn!(error = %e, "cannot record this stack's address in its owner lock; a second start of the project will not find it to attach");
+                }
                 let watchdog = match (&supervisor, launcher) {
                     (Some(s), Some(launcher)) => Watchdog::spawn(
                         &launcher,
@@ -146,6 +167,7 @@ impl Infra {
                     queue,
                     servers: Mutex::new(servers),
                     watchdog,
+                    _owner: owner,
                 })
             }
             Err((e, servers)) => {
@@ -179,7 +201,8 @@ impl Infra {
             Ok(s) => servers.push(s),
             Err(e) => return Err((e.into(), servers)),
         }
-        let (supervisor, docker) = match Self::prepare_supervisor(config, queue).await {
+        let owner_addr = servers[0].addr.to_string();
+        let (supervisor, docker) = match Self::prepare_supervisor(config, queue, owner_addr).await {
             Ok(s) => s,
             Err(e) => return Err((e, servers)),
         };
@@ -206,6 +229,7 @@ impl Infra {
     async fn prepare_supervisor(
         config: &Arc<Config>,
         queue: &TaskQueue,
+        owner_addr: String,
     ) -> Result<(Option<Arc<Supervisor>>, Option<Docker>), InfraError> {
         if config.services.is_empty() {
             return Ok((None, None));
@@ -215,6 +239,7 @@ impl Infra {
             docker.clone(),
             Arc::clone(config),
             new_session_id(),
+            owner_addr,
         ));
         let directory: Arc<dyn ServiceDirectory> = Arc::new(Directory(Arc::clone(&supervisor)));
         let limit = |t: &str| config.tasks.limits.get(t).copied();

@@ -9,6 +9,7 @@ pub mod docker;
 pub mod grpc;
 pub mod health;
 pub mod infra;
+pub mod owner;
 pub mod remote;
 pub mod runtime;
 pub mod services;

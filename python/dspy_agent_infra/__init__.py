@@ -7,6 +7,7 @@ async with AgentInfra.start() as infra:
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import TYPE_CHECKING, Any
 
 from ._native import ServiceInfo, SubmitResponse, Task, TaskInfo, __version__
@@ -18,6 +19,7 @@ from .errors import (
     OrchestratorUnavailableError,
     PortInUseError,
     ServiceStartError,
+    StackInUseError,
     TaskConflictError,
     TaskError,
     TaskNotFoundError,
@@ -37,6 +39,7 @@ __all__ = [
     "PortInUseError",
     "ServiceInfo",
     "ServiceStartError",
+    "StackInUseError",
     "SubmitResponse",
     "Task",
     "TaskConflictError",
@@ -48,6 +51,10 @@ __all__ = [
     "UnknownTaskTypeError",
     "__version__",
 ]
+
+# A library's records go where the application's logging config sends them; without one,
+# nothing is printed (errors reach the caller as exceptions).
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 if TYPE_CHECKING:
     from ._infra import AgentInfra

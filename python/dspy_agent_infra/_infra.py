@@ -8,11 +8,12 @@ import logging
 import os
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 from typing import Any, TypeVar
 
 from ._bridge import Bridge
-from ._native import Core, ServiceInfo, SubmitResponse, Task, TaskInfo
+from ._native import Core, ServiceInfo, SubmitResponse, Task, TaskInfo, TaskWatch
 from ._tasks import (
     OrchestratorClient,
     Payload,
@@ -27,6 +28,9 @@ __all__ = ["AgentInfra"]
 _log = logging.getLogger("dspy_agent_infra")
 _T = TypeVar("_T")
 _H = TypeVar("_H", bound=Callable[[Task], Any])
+# Plain (not async) handlers run at once up to this many, as many as the queue's default
+# concurrency per type.
+_SYNC_HANDLER_THREADS = 64
 
 
 async def _finish(awaitable: Awaitable[_T]) -> _T:
@@ -62,7 +66,8 @@ class AgentInfra:
         self._core = core
         self._keep_running = core.keep_running
         self._client: OrchestratorClient | None = None
-        self._handlers: dict[str, Callable[[Task], Any]] = {}
+        self._handlers: dict[str, tuple[Callable[[Task], Any], bool]] = {}
+        self._executor: ThreadPoolExecutor | None = None
         self._runs: dict[int, asyncio.Task[None]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._bridge = Bridge(core, self._start_run, self._cancel_run)
@@ -113,8 +118,10 @@ class AgentInfra:
         return cls(core)
 
     async def __aenter__(self) -> AgentInfra:
+        self._loop = asyncio.get_running_loop()
+        self._bridge.attach(self._loop)
         try:
-            await self._core.start()
+            await self._bridge.reply(self._core.start_nowait())
             if self._core.attached:
                 _log.info(
                     "attached to the running stack of project %r at %s",
@@ -123,10 +130,11 @@ class AgentInfra:
                 )
         except BaseException:
             # Failure, Ctrl-C or cancellation: remove whatever the start created.
-            await _finish(self._core.abort())
+            try:
+                await _finish(self._bridge.reply(self._core.abort_nowait()))
+            finally:
+                self._bridge.detach("the stack did not start")
             raise
-        self._loop = asyncio.get_running_loop()
-        self._bridge.attach(self._loop)
         return self
 
     async def __aexit__(
@@ -136,11 +144,28 @@ class AgentInfra:
         tb: TracebackType | None,
     ) -> None:
         try:
-            await _finish(self._core.stop(self._keep_running))
+            await _finish(self._bridge.reply(self._core.stop_nowait(self._keep_running)))
         finally:
             self._bridge.detach("the stack stopped before the call was answered")
             for run in list(self._runs.values()):
                 run.cancel()
+            if self._executor is not None:
+                # Handlers still running finish on their own; the interpreter waits for them.
+                self._executor.shutdown(wait=False)
+                self._executor = None
+
+    def __enter__(self) -> None:
+        raise TypeError(
+            "AgentInfra is an async context manager: use `async with AgentInfra.start() as infra:`"
+        )
+
+    def __exit__(self, *exc: object) -> None:
+        """Never reached: ``__enter__`` refuses."""
+
+    def __await__(self) -> Any:
+        raise TypeError(
+            "AgentInfra.start() is not awaited: use `async with AgentInfra.start() as infra:`"
+        )
 
     def _start_run(self, token: int, task: Task) -> None:
         assert self._loop is not None
@@ -153,9 +178,17 @@ class AgentInfra:
             running.cancel()
 
     async def _run(self, token: int, task: Task) -> None:
-        handler = self._handlers[task.task_type]
+        handler, is_async = self._handlers[task.task_type]
         try:
-            value = await handler(task)
+            if is_async:
+                value = await handler(task)
+            else:
+                if self._executor is None:
+                    self._executor = ThreadPoolExecutor(
+                        _SYNC_HANDLER_THREADS, thread_name_prefix="dspy-agent-handler"
+                    )
+                assert self._loop is not None
+                value = await self._loop.run_in_executor(self._executor, handler, task)
         except asyncio.CancelledError:
             self._core.complete(token, None, "the handler was cancelled")
             raise
@@ -213,17 +246,20 @@ class AgentInfra:
 
     async def status(self) -> dict[str, ServiceInfo]:
         """Each service with its state checked against the Docker Engine now."""
-        return {s.name: s for s in await self._core.status()}
+        services: list[ServiceInfo] = await self._bridge.reply(self._core.status_services_nowait())
+        return {s.name: s for s in services}
 
     async def logs(self, name: str, tail: int = 100) -> str:
         """The last ``tail`` lines of a service's output (stdout and stderr)."""
         if tail < 0:
             raise ValueError("tail must be 0 or more")
-        return await self._core.logs(name, tail)
+        text: str = await self._bridge.reply(self._core.logs_nowait(name, tail))
+        return text
 
     async def restart(self, name: str) -> ServiceInfo:
         """Restarts a service and waits until it is healthy again."""
-        return await self._core.restart(name)
+        info: ServiceInfo = await self._bridge.reply(self._core.restart_nowait(name))
+        return info
 
     @property
     def orchestrator_addr(self) -> str:
@@ -263,9 +299,8 @@ class AgentInfra:
         """
 
         def register(handler: _H) -> _H:
-            is_async = inspect.iscoroutinefunction(handler)
-            self._core.register_handler(task_type, handler, is_async)
-            self._handlers[task_type] = handler
+            self._core.register_handler(task_type)
+            self._handlers[task_type] = (handler, inspect.iscoroutinefunction(handler))
             return handler
 
         return register
@@ -321,8 +356,10 @@ class AgentInfra:
         self, task_ids: list[str] | None = None, *, include_current: bool = True
     ) -> AsyncIterator[TaskInfo]:
         """Every state change of the given tasks (of all tasks when None), as it happens."""
-        watch = await self._core.watch_tasks(list(task_ids or []), include_current)
-        async for info in iterate(watch):
+        watch: TaskWatch = await self._bridge.reply(
+            self._core.watch_nowait(list(task_ids or []), include_current)
+        )
+        async for info in iterate(self._bridge, watch):
             yield info
 
     def __repr__(self) -> str:

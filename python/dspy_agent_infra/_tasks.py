@@ -59,17 +59,20 @@ def check_metadata(metadata: Mapping[str, str] | None) -> dict[str, str] | None:
     return dict(metadata)
 
 
-async def iterate(watch: TaskWatch) -> AsyncIterator[TaskInfo]:
+async def iterate(bridge: Bridge, watch: TaskWatch) -> AsyncIterator[TaskInfo]:
+    """The watch's changes, each delivered through ``bridge`` (the one that made the watch)."""
     while True:
-        info = await watch.next()
+        info: TaskInfo | None = await bridge.reply(watch.next_nowait())
         if info is None:
             return
         yield info
 
 
-async def wait_final(watch: TaskWatch, task_id: str, timeout: float | None) -> TaskInfo:
+async def wait_final(
+    bridge: Bridge, watch: TaskWatch, task_id: str, timeout: float | None
+) -> TaskInfo:
     async def first_final() -> TaskInfo:
-        async for info in iterate(watch):
+        async for info in iterate(bridge, watch):
             if info.task_id == task_id and info.status.is_final:
                 return info
         raise InvalidTaskError(f"the watch on task {task_id!r} ended before it finished")
@@ -155,8 +158,8 @@ class OrchestratorClient:
     async def wait_for_task(self, task_id: str, timeout: float | None = None) -> TaskInfo:
         """Waits until the task is COMPLETED, FAILED or CANCELLED; ``TimeoutError`` after
         ``timeout`` seconds."""
-        watch = await self._grpc.watch_tasks([task_id], True)
-        return await wait_final(watch, task_id, timeout)
+        watch = await self._watch([task_id], True)
+        return await wait_final(self._bridge, watch, task_id, timeout)
 
     async def cancel_task(self, task_id: str) -> bool:
         """Cancels the task; False when it had already finished."""
@@ -173,11 +176,18 @@ class OrchestratorClient:
         limit: int = 100,
     ) -> list[TaskInfo]:
         """Tasks in submission order, at most ``limit``."""
+        self._attach()
         found: list[TaskInfo] = []
         token: str | None = None
         while len(found) < limit:
-            page, token = await self._grpc.list_tasks(
-                status.value if status else None, task_type, min(1000, limit - len(found)), token
+            page: list[TaskInfo]
+            page, token = await self._bridge.reply(
+                self._grpc.list_nowait(
+                    status.value if status else None,
+                    task_type,
+                    min(1000, limit - len(found)),
+                    token,
+                )
             )
             found.extend(page)
             if token is None:
@@ -188,14 +198,22 @@ class OrchestratorClient:
         self, task_ids: list[str] | None = None, *, include_current: bool = True
     ) -> AsyncIterator[TaskInfo]:
         """Every state change of the given tasks (of all tasks when None), as it happens."""
-        watch = await self._grpc.watch_tasks(list(task_ids or []), include_current)
-        async for info in iterate(watch):
+        watch = await self._watch(list(task_ids or []), include_current)
+        async for info in iterate(self._bridge, watch):
             yield info
+
+    async def _watch(self, task_ids: list[str], include_current: bool) -> TaskWatch:
+        self._attach()
+        watch: TaskWatch = await self._bridge.reply(
+            self._grpc.watch_nowait(task_ids, include_current)
+        )
+        return watch
 
     async def metrics(self) -> dict[str, Any]:
         """Task counts: ``by_status`` (stored tasks per state), and since the orchestrator
         started ``submitted``, ``completed``, ``failed``, ``cancelled``; ``running`` now; the
         served ``task_types``."""
+        self._attach()
         (
             by_status,
             submitted,
@@ -204,7 +222,7 @@ class OrchestratorClient:
             cancelled,
             running,
             types,
-        ) = await self._grpc.metrics()
+        ) = await self._bridge.reply(self._grpc.metrics_nowait())
         return {
             "by_status": by_status,
             "submitted": submitted,
@@ -216,8 +234,11 @@ class OrchestratorClient:
         }
 
     async def health(self) -> bool:
-        healthy, _, _ = await self._grpc.health()
-        return healthy
+        """Whether an orchestrator answers at this address and says it is healthy; False when
+        nothing answers (other errors, such as a refused token, are raised)."""
+        self._attach()
+        answer: tuple[bool, str, str] = await self._bridge.reply(self._grpc.health_nowait())
+        return answer[0]
 
     async def close(self) -> None:
         """Stops delivering answers on the current event loop (calls still waiting fail); the

@@ -10,6 +10,7 @@ __all__ = [
     "OrchestratorUnavailableError",
     "PortInUseError",
     "ServiceStartError",
+    "StackInUseError",
     "TaskConflictError",
     "TaskError",
     "TaskNotFoundError",
@@ -67,6 +68,20 @@ class PortInUseError(ServiceStartError):
         super().__init__(message, service=service, reason=reason, logs=logs)
         self.port = port
         self.host_ip = host_ip
+
+
+class StackInUseError(InfraError):
+    """The project's stack is run by another live process (a ``dspy-agent start`` daemon or
+    another agent) that this start could not attach to; its containers are left alone.
+
+    ``pid`` is that process and ``address`` its orchestrator (empty when unknown). Attach to it
+    by address (``ORCHESTRATOR_GRPC_ADDR``), or run a separate stack under another ``project``.
+    """
+
+    def __init__(self, message: str, *, pid: int = 0, address: str = "") -> None:
+        super().__init__(message)
+        self.pid = pid
+        self.address = address
 
 
 class _PlainKeyError(KeyError):

@@ -29,7 +29,11 @@ pub mod labels {
     pub const CONFIG_HASH: &str = "dspy-agent.config-hash";
     pub const SESSION: &str = "dspy-agent.session";
     pub const OWNER_PID: &str = "dspy-agent.owner-pid";
+    /// The owner's orchestrator address, where a second start of the project can attach.
+    pub const OWNER_ADDR: &str = "dspy-agent.owner-addr";
     pub const KEEP: &str = "dspy-agent.keep-running";
+    /// On an image (and so on its containers): a local stand-in, not the real service.
+    pub const STAND_IN: &str = "dspy-agent.stand-in";
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -711,7 +715,7 @@ impl Docker {
         })
     }
 
-    /// Container `start` and `die` events of `project`'s containers as they happen. Ends when
+    /// Container `start`, `die` and `destroy` events of `project`'s containers as they happen. Ends when
     /// the Engine goes away.
     pub fn container_events(
         &self,
@@ -720,7 +724,14 @@ impl Docker {
         let label = format!("{}={project}", labels::PROJECT);
         let filters = HashMap::from([
             ("type", vec!["container".to_string()]),
-            ("event", vec!["start".to_string(), "die".to_string()]),
+            (
+                "event",
+                vec![
+                    "start".to_string(),
+                    "die".to_string(),
+                    "destroy".to_string(),
+                ],
+            ),
             ("label", vec![label]),
         ]);
         let options = EventsOptionsBuilder::new().filters(&filters).build();

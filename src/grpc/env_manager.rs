@@ -155,6 +155,7 @@ pub fn service_state(s: pb::ServiceStatus) -> ServiceState {
         name: s.name,
         image: s.image,
         message: s.message,
+        stand_in: s.stand_in,
     }
 }
 
@@ -166,7 +167,7 @@ pub fn stack_status(e: StackError) -> Status {
     let message = e.to_string();
     match e {
         StackError::UnknownService { .. } => Status::not_found(message),
-        StackError::PortInUse { .. } => Status::failed_precondition(message),
+        StackError::PortInUse { .. } | StackError::InUse(_) => Status::failed_precondition(message),
         StackError::Docker(e) => docker_status(e),
         StackError::ServiceStart { .. } | StackError::Cancelled => Status::aborted(message),
     }
@@ -266,6 +267,7 @@ fn service_status(s: ServiceState) -> pb::ServiceStatus {
         name: s.name,
         image: s.image,
         usage: None,
+        stand_in: s.stand_in,
     }
 }
 
@@ -518,15 +520,7 @@ impl pb::env_manager_service_server::EnvManagerService for EnvManager {
     ) -> Result<Response<pb::ServiceStatus>, Status> {
         let name = request.into_inner().service;
         let sup = self.one(&name)?;
-        match sup.restart(&name).await {
-            Ok(()) => {}
-            Err(StackError::ServiceStart { reason, .. }) if reason.contains("has no container") => {
-                return Err(Status::failed_precondition(format!(
-                    "service {name:?} has no container (it is stopped); start it instead"
-                )))
-            }
-            Err(e) => return Err(stack_status(e)),
-        }
+        sup.restart(&name).await.map_err(stack_status)?;
         let state = sup
             .snapshot()
             .into_iter()

@@ -20,6 +20,8 @@ use pyo3::prelude::*;
 use pyo3::IntoPyObjectExt;
 use tokio::sync::oneshot;
 
+use crate::infra::InfraError;
+use crate::remote::AttachError;
 use crate::tasks::handlers::{Handler, HandlerFuture};
 use crate::tasks::model::{TaskError, TaskRecord};
 
@@ -44,10 +46,32 @@ pub enum Message {
     },
 }
 
-/// Why a call failed: in this process's queue, or at a remote orchestrator.
+/// Why a call failed. It stays a Rust value until the loop thread turns it into its exception,
+/// so no runtime thread ever needs the interpreter.
 pub enum CallError {
     Task(TaskError),
     Rpc(tonic::Status),
+    Infra(InfraError),
+    Attach(AttachError),
+    /// A service call to an attached stack's env-manager.
+    Service {
+        service: String,
+        status: tonic::Status,
+    },
+    /// The call's own task failed (a panic in the core).
+    Failed(String),
+}
+
+impl From<InfraError> for CallError {
+    fn from(e: InfraError) -> Self {
+        CallError::Infra(e)
+    }
+}
+
+impl From<AttachError> for CallError {
+    fn from(e: AttachError) -> Self {
+        CallError::Attach(e)
+    }
 }
 
 impl From<TaskError> for CallError {
@@ -195,12 +219,23 @@ fn to_python(py: Python<'_>, message: Message) -> PyResult<(char, u64, Py<PyAny>
             let value = match result {
                 // A failed conversion answers its own call, never the rest of the batch.
                 Ok(value) => value(py).unwrap_or_else(|e| e.into_value(py).into_any()),
-                Err(CallError::Task(e)) => super::tasks::task_error(e).into_value(py).into_any(),
-                Err(CallError::Rpc(s)) => super::tasks::status_error(s).into_value(py).into_any(),
+                Err(e) => call_error(e).into_value(py).into_any(),
             };
             ('a', token, value)
         }
     })
+}
+
+/// The exception of a failed call, built on the loop thread.
+fn call_error(e: CallError) -> PyErr {
+    match e {
+        CallError::Task(e) => super::tasks::task_error(e),
+        CallError::Rpc(s) => super::tasks::status_error(s),
+        CallError::Infra(e) => super::to_py_err(e),
+        CallError::Attach(e) => super::attach_error(e),
+        CallError::Service { service, status } => super::service_error(&service, status),
+        CallError::Failed(message) => pyo3::exceptions::PyRuntimeError::new_err(message),
+    }
 }
 
 /// A batch as the loop takes it.

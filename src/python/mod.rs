@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 mod bridge;
 use bridge::CallError;
+mod exit;
 mod tasks;
 
 use crate::config::{Config, ConfigError, ConfigLayer, LoadOptions};
@@ -25,7 +26,7 @@ use crate::services::supervisor::{ServiceState, StackError};
 /// A keyword attribute of an exception.
 enum Attr {
     Text(String),
-    Port(u16),
+    Port(u32),
 }
 
 /// Builds an exception of `dspy_agent_infra.errors` with keyword attributes.
@@ -37,7 +38,7 @@ fn py_error(class: &str, message: String, attrs: Vec<(&str, Attr)>) -> PyErr {
             for (k, v) in attrs {
                 match v {
                     Attr::Text(t) => kwargs.set_item(k, t)?,
-                    Attr::Port(p) => kwargs.set_item(k, p)?,
+                    Attr::Port(n) => kwargs.set_item(k, n)?,
                 }
             }
             let exc = cls.call((message.clone(),), Some(&kwargs))?;
@@ -54,7 +55,7 @@ fn port_in_use(message: String, service: String, port: u16, host_ip: String) -> 
         vec![
             ("service", Attr::Text(service)),
             ("reason", Attr::Text(message)),
-            ("port", Attr::Port(port)),
+            ("port", Attr::Port(port.into())),
             ("host_ip", Attr::Text(host_ip)),
         ],
     )
@@ -62,6 +63,16 @@ fn port_in_use(message: String, service: String, port: u16, host_ip: String) -> 
 
 fn to_py_err(error: InfraError) -> PyErr {
     let message = error.to_string();
+    if let Some(owner) = error.in_use() {
+        return py_error(
+            "StackInUseError",
+            message,
+            vec![
+                ("pid", Attr::Port(owner.pid)),
+                ("address", Attr::Text(owner.addr.clone())),
+            ],
+        );
+    }
     match error {
         InfraError::Config(_) => py_error("ConfigError", message, vec![]),
         InfraError::Docker(DockerError::Unavailable { host, .. })
@@ -95,7 +106,8 @@ fn to_py_err(error: InfraError) -> PyErr {
             vec![("service", Attr::Text(name))],
         ),
         InfraError::Docker(_)
-        | InfraError::Stack(StackError::Cancelled | StackError::Docker(_)) => {
+        | InfraError::InUse(_)
+        | InfraError::Stack(StackError::Cancelled | StackError::Docker(_) | StackError::InUse(_)) => {
             py_error("InfraError", message, vec![])
         }
         InfraError::Task(e) => tasks::task_error(e),
@@ -159,6 +171,8 @@ pub struct ServiceInfo {
     url: Option<String>,
     reused: bool,
     message: String,
+    /// The image is a local stand-in (see `scripts/provision.sh`), not the real service.
+    stand_in: bool,
 }
 
 impl From<ServiceState> for ServiceInfo {
@@ -173,6 +187,7 @@ impl From<ServiceState> for ServiceInfo {
             ports: s.ports.iter().map(|(c, (_, h))| (*c, *h)).collect(),
             reused: s.reused,
             message: s.message,
+            stand_in: s.stand_in,
         }
     }
 }
@@ -412,7 +427,9 @@ impl Core {
         }
     }
 
-    fn start<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+    /// Starts the stack, or attaches to the one of this project another process runs; answers
+    /// under the returned token whether it attached.
+    fn start_nowait(&self) -> PyResult<u64> {
         self.state.check_pid()?;
         let config = lock(&self.state.pending).take().ok_or_else(|| {
             py_error(
@@ -433,34 +450,48 @@ impl Core {
                     *lock(&state.remote) = Some(Arc::new(remote));
                     Ok(true)
                 }
-                Err(e) => Err(attach_error(e)),
+                Err(e) => Err(CallError::from(e)),
                 Ok(None) => {
+                    let mut at_owner = config.clone();
                     match Infra::start(config, state.cancel.clone(), state.launcher.clone()).await {
                         Ok(infra) => {
                             *lock(&state.infra) = Some(Arc::new(infra));
                             Ok(false)
                         }
-                        Err(e) => Err(to_py_err(e)),
+                        Err(e) => {
+                            // The project's stack runs in another live process: use it there,
+                            // never beside it.
+                            let owner_addr = e.in_use().map(|o| o.addr.clone()).unwrap_or_default();
+                            at_owner.orchestrator_addr = owner_addr.clone();
+                            let found = if owner_addr.is_empty() {
+                                Ok(None)
+                            } else {
+                                Remote::find(&at_owner).await
+                            };
+                            match found {
+                                Ok(Some(remote)) => {
+                                    *lock(&state.remote) = Some(Arc::new(remote));
+                                    Ok(true)
+                                }
+                                _ => Err(CallError::from(e)),
+                            }
+                        }
                     }
                 }
             };
             state.started.send_replace(true);
             outcome
         });
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
-            match task.await {
-                Ok(result) => result,
-                Err(e) => Err(PyRuntimeError::new_err(format!(
-                    "the start task failed: {e}"
-                ))),
-            }
-        })
+        Ok(self.state.bridge.spawn(async move {
+            task.await
+                .map_err(|e| CallError::Failed(format!("the start task failed: {e}")))?
+        }))
     }
 
     /// Cancels a start in progress and removes what it created; stops a finished one.
-    fn abort<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+    fn abort_nowait(&self) -> u64 {
         let state = Arc::clone(&self.state);
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+        self.state.bridge.spawn(async move {
             state.cancel.cancel();
             let mut started = state.started.subscribe();
             if lock(&state.pending).is_none() {
@@ -474,12 +505,12 @@ impl Core {
             if let Some(remote) = remote {
                 remote.close();
             }
-            Ok(())
+            Ok::<_, CallError>(())
         })
     }
 
     /// Stops and removes the stack's containers unless `keep_running`.
-    fn stop<'py>(&self, py: Python<'py>, keep_running: bool) -> PyResult<Bound<'py, PyAny>> {
+    fn stop_nowait(&self, keep_running: bool) -> PyResult<u64> {
         self.state.check_pid()?;
         let infra = lock(&self.state.infra).take();
         let remote = lock(&self.state.remote).take();
@@ -492,10 +523,10 @@ impl Core {
                 remote.close();
             }
         });
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+        Ok(self.state.bridge.spawn(async move {
             task.await
-                .map_err(|e| PyRuntimeError::new_err(format!("the stop task failed: {e}")))
-        })
+                .map_err(|e| CallError::Failed(format!("the stop task failed: {e}")))
+        }))
     }
 
     /// "host:port" of the orchestrator gRPC service.
@@ -534,18 +565,16 @@ impl Core {
         })
     }
 
-    /// Serves `task_type` with a Python function: a coroutine function is run on the event loop
-    /// that entered the stack (looked up there by task type); a plain one in a worker thread.
-    fn register_handler(&self, task_type: String, func: Py<PyAny>, is_async: bool) -> PyResult<()> {
+    /// Serves `task_type` with the Python function the event loop that entered the stack looks up
+    /// by task type.
+    fn register_handler(&self, task_type: String) -> PyResult<()> {
         let backend = self.state.backend()?;
         crate::tasks::model::validate_task_type(&task_type).map_err(tasks::task_error)?;
-        let handler: Arc<dyn crate::tasks::handlers::Handler> = if is_async {
-            Arc::new(bridge::BridgedHandler {
-                bridge: Arc::clone(&self.state.bridge),
-            })
-        } else {
-            Arc::new(tasks::ThreadHandler { func })
-        };
+        // Plain functions too run from the event loop (in its executor's threads): every call
+        // into Python then starts from a thread Python owns and waits for at exit.
+        let handler: Arc<dyn crate::tasks::handlers::Handler> = Arc::new(bridge::BridgedHandler {
+            bridge: Arc::clone(&self.state.bridge),
+        });
         match backend {
             Backend::Local(infra) => infra.register_handler(&task_type, handler),
             Backend::Remote(remote) => remote.serve(&task_type, handler),
@@ -686,27 +715,27 @@ impl Core {
         }))
     }
 
-    fn watch_tasks<'py>(
-        &self,
-        py: Python<'py>,
-        task_ids: Vec<String>,
-        include_current: bool,
-    ) -> PyResult<Bound<'py, PyAny>> {
+    /// A `TaskWatch` under the returned token; its changes come through this core's bridge.
+    fn watch_nowait(&self, task_ids: Vec<String>, include_current: bool) -> PyResult<u64> {
         let backend = self.state.backend()?;
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+        let bridge = Arc::clone(&self.state.bridge);
+        Ok(self.state.bridge.spawn(async move {
             match backend {
-                Backend::Local(infra) => {
-                    tasks::TaskWatch::local(infra.queue().clone(), task_ids, include_current)
-                        .await
-                        .map_err(tasks::task_error)
-                }
+                Backend::Local(infra) => tasks::TaskWatch::local(
+                    infra.queue().clone(),
+                    task_ids,
+                    include_current,
+                    bridge,
+                )
+                .await
+                .map_err(CallError::from),
                 Backend::Remote(remote) => {
-                    tasks::remote_watch(remote.orchestrator(), task_ids, include_current)
+                    tasks::remote_watch(remote.orchestrator(), task_ids, include_current, bridge)
                         .await
-                        .map_err(tasks::status_error)
+                        .map_err(CallError::from)
                 }
             }
-        })
+        }))
     }
 
     fn services(&self) -> PyResult<Vec<ServiceInfo>> {
@@ -724,54 +753,52 @@ impl Core {
         })
     }
 
-    fn status<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+    /// The services checked against the Engine now, under the returned token.
+    fn status_services_nowait(&self) -> PyResult<u64> {
         let backend = self.state.backend()?;
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+        Ok(self.state.bridge.spawn(async move {
             let services = match backend {
-                Backend::Local(infra) => infra.status().await.map_err(to_py_err)?,
-                Backend::Remote(remote) => remote.status().await.map_err(attach_error)?,
+                Backend::Local(infra) => infra.status().await.map_err(CallError::from)?,
+                Backend::Remote(remote) => remote.status().await.map_err(CallError::from)?,
             };
             Ok(services
                 .into_iter()
                 .map(ServiceInfo::from)
                 .collect::<Vec<_>>())
-        })
+        }))
     }
 
-    fn logs<'py>(
-        &self,
-        py: Python<'py>,
-        service: String,
-        tail: usize,
-    ) -> PyResult<Bound<'py, PyAny>> {
+    /// A service's last `tail` log lines, under the returned token.
+    fn logs_nowait(&self, service: String, tail: usize) -> PyResult<u64> {
         let backend = self.state.backend()?;
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+        Ok(self.state.bridge.spawn(async move {
             match backend {
-                Backend::Local(infra) => infra.logs(&service, tail).await.map_err(to_py_err),
+                Backend::Local(infra) => infra.logs(&service, tail).await.map_err(CallError::from),
                 Backend::Remote(remote) => remote
                     .logs(&service, tail)
                     .await
-                    .map_err(|s| service_error(&service, s)),
+                    .map_err(|status| CallError::Service { service, status }),
             }
-        })
+        }))
     }
 
-    fn restart<'py>(&self, py: Python<'py>, service: String) -> PyResult<Bound<'py, PyAny>> {
+    /// Restarts a service; its `ServiceInfo` once healthy, under the returned token.
+    fn restart_nowait(&self, service: String) -> PyResult<u64> {
         let backend = self.state.backend()?;
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+        Ok(self.state.bridge.spawn(async move {
             match backend {
                 Backend::Local(infra) => infra
                     .restart(&service)
                     .await
                     .map(ServiceInfo::from)
-                    .map_err(to_py_err),
+                    .map_err(CallError::from),
                 Backend::Remote(remote) => remote
                     .restart(&service)
                     .await
                     .map(ServiceInfo::from)
-                    .map_err(|s| service_error(&service, s)),
+                    .map_err(|status| CallError::Service { service, status }),
             }
-        })
+        }))
     }
 }
 
@@ -787,18 +814,29 @@ fn cli(py: Python<'_>, argv: Vec<String>, python: PathBuf, package_root: PathBuf
     py.detach(|| crate::cli::main(argv, launcher))
 }
 
+/// The encoded `FileDescriptorSet` of proto/, from which `dspy_agent_infra.pb` builds its stubs.
+#[pyfunction]
+fn file_descriptor_set(py: Python<'_>) -> Bound<'_, pyo3::types::PyBytes> {
+    pyo3::types::PyBytes::new(py, crate::grpc::pb::FILE_DESCRIPTOR_SET)
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     // Rust `log` records (and `tracing` events, through its `log` feature) go to Python's
     // `logging`, under the `dspy_agent_infra` logger; other crates only from warnings up.
-    if let Ok(handle) = pyo3_log::Logger::new(m.py(), pyo3_log::Caching::LoggersAndLevels)?
+    let logger = pyo3_log::Logger::new(m.py(), pyo3_log::Caching::LoggersAndLevels)?
         .filter(log::LevelFilter::Warn)
-        .filter_target("dspy_agent_infra".to_string(), log::LevelFilter::Debug)
-        .install()
-    {
+        .filter_target("dspy_agent_infra".to_string(), log::LevelFilter::Debug);
+    let handle = logger.reset_handle();
+    if log::set_boxed_logger(Box::new(exit::GatedLogger(logger))).is_ok() {
+        log::set_max_level(log::LevelFilter::Debug);
         let _ = LOG_RESET.set(handle);
     }
-    let _ = pyo3_async_runtimes::tokio::init_with_runtime(crate::runtime::get());
+    let quiesce = wrap_pyfunction!(exit::quiesce, m)?;
+    m.py()
+        .import("atexit")?
+        .call_method1("register", (&quiesce,))?;
+    m.add_function(quiesce)?;
     static AT_FORK: std::sync::Once = std::sync::Once::new();
     // SAFETY: the handler only bumps an atomic, which is async-signal-safe.
     AT_FORK.call_once(|| unsafe {
@@ -807,6 +845,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Core>()?;
     m.add_class::<ServiceInfo>()?;
     m.add_function(wrap_pyfunction!(cli, m)?)?;
+    m.add_function(wrap_pyfunction!(file_descriptor_set, m)?)?;
     tasks::register(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())

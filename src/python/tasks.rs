@@ -11,7 +11,6 @@ use tokio::sync::broadcast;
 
 use crate::grpc::pb;
 use crate::grpc::pb::orchestrator_service_client::OrchestratorServiceClient;
-use crate::tasks::handlers::{Handler, HandlerFuture};
 use crate::tasks::model::{NewTask, TaskError, TaskRecord};
 use crate::tasks::queue::TaskQueue;
 
@@ -206,25 +205,6 @@ pub fn encode_result(value: &Bound<'_, PyAny>) -> Result<Vec<u8>, String> {
     }
 }
 
-fn describe(py: Python<'_>, e: PyErr) -> String {
-    let name = e
-        .get_type(py)
-        .name()
-        .map(|n| n.to_string())
-        .unwrap_or_else(|_| "Exception".into());
-    let text = e.value(py).str().map(|s| s.to_string()).unwrap_or_default();
-    if text.is_empty() {
-        name
-    } else {
-        format!("{name}: {text}")
-    }
-}
-
-/// A plain (not async) Python function serving a task type: it runs in a worker thread.
-pub struct ThreadHandler {
-    pub func: Py<PyAny>,
-}
-
 pub fn py_task(record: &TaskRecord) -> Task {
     Task {
         task_id: record.task.task_id.clone(),
@@ -236,28 +216,12 @@ pub fn py_task(record: &TaskRecord) -> Task {
     }
 }
 
-impl Handler for ThreadHandler {
-    fn run(&self, record: TaskRecord) -> HandlerFuture {
-        let func = Python::attach(|py| self.func.clone_ref(py));
-        crate::tasks::handlers::boxed(async move {
-            let task = py_task(&record);
-            tokio::task::spawn_blocking(move || {
-                Python::attach(|py| match func.call1(py, (task,)) {
-                    Ok(value) => encode_result(value.bind(py)),
-                    Err(e) => Err(describe(py, e)),
-                })
-            })
-            .await
-            .map_err(|e| format!("the handler thread failed: {e}"))?
-        })
-    }
-}
-
-/// An open watch on task state changes; `next()` resolves to the next change, or None when the
-/// queue has stopped.
+/// An open watch on task state changes; `next_nowait()` answers through the bridge with the next
+/// change, or None when the queue has stopped.
 #[pyclass(module = "dspy_agent_infra._native")]
 pub struct TaskWatch {
     state: Arc<tokio::sync::Mutex<WatchState>>,
+    bridge: Arc<Bridge>,
 }
 
 enum WatchSource {
@@ -279,6 +243,7 @@ impl TaskWatch {
         queue: TaskQueue,
         ids: Vec<String>,
         include_current: bool,
+        bridge: Arc<Bridge>,
     ) -> Result<TaskWatch, TaskError> {
         let events = queue.subscribe();
         let mut pending = VecDeque::new();
@@ -293,25 +258,28 @@ impl TaskWatch {
                 ids: ids.into_iter().collect(),
                 source: WatchSource::Local { queue, events },
             })),
+            bridge,
         })
     }
 
-    fn remote(stream: tonic::Streaming<pb::TaskInfo>) -> TaskWatch {
+    fn remote(stream: tonic::Streaming<pb::TaskInfo>, bridge: Arc<Bridge>) -> TaskWatch {
         TaskWatch {
             state: Arc::new(tokio::sync::Mutex::new(WatchState {
                 pending: VecDeque::new(),
                 ids: HashSet::new(),
                 source: WatchSource::Remote(Box::new(stream)),
             })),
+            bridge,
         }
     }
 }
 
 #[pymethods]
 impl TaskWatch {
-    fn next<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+    /// The next change (a `TaskInfo`, or None once the source ended) under the returned token.
+    fn next_nowait(&self) -> u64 {
         let state = Arc::clone(&self.state);
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+        self.bridge.spawn(async move {
             let mut s = state.lock().await;
             if let Some(info) = s.pending.pop_front() {
                 return Ok(Some(info));
@@ -328,21 +296,22 @@ impl TaskWatch {
                             // Missed changes: report the watched tasks' current states instead.
                             let mut current = VecDeque::new();
                             for id in &ids {
-                                current
-                                    .push_back((&queue.get(id).await.map_err(task_error)?).into());
+                                current.push_back((&queue.get(id).await?).into());
                             }
                             if let Some(first) = current.pop_front() {
                                 s.pending = current;
                                 return Ok(Some(first));
                             }
                         }
-                        Err(broadcast::error::RecvError::Closed) => return Ok(None),
+                        Err(broadcast::error::RecvError::Closed) => {
+                            return Ok::<_, CallError>(None)
+                        }
                     }
                 },
                 WatchSource::Remote(stream) => match stream.message().await {
                     Ok(Some(info)) => Ok(Some(TaskInfo::from(info))),
                     Ok(None) => Ok(None),
-                    Err(e) => Err(status_error(e)),
+                    Err(e) => Err(e.into()),
                 },
             }
         })
@@ -433,6 +402,7 @@ pub async fn remote_watch(
     mut client: OrchestratorServiceClient<AuthChannel>,
     task_ids: Vec<String>,
     include_current: bool,
+    bridge: Arc<Bridge>,
 ) -> Result<TaskWatch, tonic::Status> {
     let stream = client
         .stream_task_results(pb::StreamTaskResultsRequest {
@@ -441,7 +411,7 @@ pub async fn remote_watch(
         })
         .await?
         .into_inner();
-    Ok(TaskWatch::remote(stream))
+    Ok(TaskWatch::remote(stream, bridge))
 }
 
 /// Waits for a task of an orchestrator over gRPC to finish; `None` after `timeout`.
@@ -497,6 +467,41 @@ pub struct GrpcClient {
 impl GrpcClient {
     fn client(&self) -> OrchestratorServiceClient<AuthChannel> {
         self.client.clone()
+    }
+
+    /// Runs `call` through the bridge; a failure to reach the orchestrator names its address and
+    /// what to do about it.
+    fn call<T, F>(&self, call: F) -> u64
+    where
+        F: std::future::Future<Output = Result<T, CallError>> + Send + 'static,
+        T: for<'py> IntoPyObject<'py> + Send + 'static,
+    {
+        let target = self.target.clone();
+        self.bridge.spawn(async move {
+            call.await.map_err(|e| match e {
+                // Unknown and Cancelled: the connection failed below gRPC (nothing listens, or
+                // TLS on one side only).
+                CallError::Rpc(s)
+                    if matches!(
+                        s.code(),
+                        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+                    ) =>
+                {
+                    let tls = if s.code() == tonic::Code::Unavailable {
+                        ""
+                    } else {
+                        "; if it speaks TLS, pass tls_ca"
+                    };
+                    CallError::Rpc(tonic::Status::unavailable(format!(
+                        "nothing answers at {target} ({}); start a stack there (`dspy-agent start`, \
+                         or AgentInfra.start() in another process) or pass the host and port of \
+                         a running one{tls}",
+                        s.message()
+                    )))
+                }
+                e => e,
+            })
+        })
     }
 }
 
@@ -585,34 +590,30 @@ impl GrpcClient {
             max_retries,
         )?;
         let client = self.client();
-        Ok(self
-            .bridge
-            .spawn(async move { Ok::<_, CallError>(remote_submit(client, task).await?) }))
+        Ok(self.call(async move { Ok::<_, CallError>(remote_submit(client, task).await?) }))
     }
 
     /// The task's `TaskInfo`, under the returned token.
     fn status_nowait(&self, task_id: String) -> u64 {
         let client = self.client();
-        self.bridge
-            .spawn(async move { Ok::<_, CallError>(remote_status(client, task_id).await?) })
+        self.call(async move { Ok::<_, CallError>(remote_status(client, task_id).await?) })
     }
 
     /// Cancels the task; `(cancelled, TaskInfo)` under the returned token.
     fn cancel_nowait(&self, task_id: String) -> u64 {
         let client = self.client();
-        self.bridge
-            .spawn(async move { Ok::<_, CallError>(remote_cancel(client, task_id).await?) })
+        self.call(async move { Ok::<_, CallError>(remote_cancel(client, task_id).await?) })
     }
 
+    /// A page of tasks and the next page's token, under the returned token.
     #[pyo3(signature = (status=None, task_type=None, page_size=100, page_token=None))]
-    fn list_tasks<'py>(
+    fn list_nowait(
         &self,
-        py: Python<'py>,
         status: Option<String>,
         task_type: Option<String>,
         page_size: u32,
         page_token: Option<String>,
-    ) -> PyResult<Bound<'py, PyAny>> {
+    ) -> PyResult<u64> {
         let status = match status.as_deref() {
             None => pb::TaskState::Unspecified,
             Some(name) => pb::TaskState::from_str_name(name).ok_or_else(|| {
@@ -624,7 +625,7 @@ impl GrpcClient {
             })?,
         };
         let mut client = self.client();
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+        Ok(self.call(async move {
             let r = client
                 .list_tasks(pb::ListTasksRequest {
                     status: status as i32,
@@ -632,50 +633,56 @@ impl GrpcClient {
                     page_size,
                     page_token: page_token.unwrap_or_default(),
                 })
-                .await
-                .map_err(status_error)?
+                .await?
                 .into_inner();
             let tasks: Vec<TaskInfo> = r.tasks.into_iter().map(TaskInfo::from).collect();
-            Ok((tasks, Some(r.next_page_token).filter(|t| !t.is_empty())))
-        })
+            Ok::<_, CallError>((tasks, Some(r.next_page_token).filter(|t| !t.is_empty())))
+        }))
     }
 
-    fn watch_tasks<'py>(
-        &self,
-        py: Python<'py>,
-        task_ids: Vec<String>,
-        include_current: bool,
-    ) -> PyResult<Bound<'py, PyAny>> {
+    /// A `TaskWatch` under the returned token.
+    fn watch_nowait(&self, task_ids: Vec<String>, include_current: bool) -> u64 {
         let client = self.client();
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
-            remote_watch(client, task_ids, include_current)
-                .await
-                .map_err(status_error)
+        let bridge = Arc::clone(&self.bridge);
+        self.call(async move {
+            Ok::<_, CallError>(remote_watch(client, task_ids, include_current, bridge).await?)
         })
     }
 
-    fn health<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+    /// `(healthy, version, project)` under the returned token.
+    fn health_nowait(&self) -> u64 {
         let mut client = self.client();
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
-            let r = client
-                .health(pb::HealthRequest {})
-                .await
-                .map_err(status_error)?
-                .into_inner();
-            Ok((r.healthy, r.version, r.project))
+        self.call(async move {
+            // Nothing listening (or the connection failing below gRPC) is an answer here: not
+            // healthy. A refusal, such as a wrong token, is still an error.
+            match client.health(pb::HealthRequest {}).await {
+                Ok(r) => {
+                    let r = r.into_inner();
+                    Ok::<_, CallError>((r.healthy, r.version, r.project))
+                }
+                Err(s)
+                    if matches!(
+                        s.code(),
+                        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+                    ) =>
+                {
+                    Ok((false, String::new(), String::new()))
+                }
+                Err(s) => Err(s.into()),
+            }
         })
     }
 
-    fn metrics<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+    /// The orchestrator's task counts under the returned token.
+    fn metrics_nowait(&self) -> u64 {
         let mut client = self.client();
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+        self.call(async move {
             let m = client
                 .get_metrics(pb::GetMetricsRequest {})
-                .await
-                .map_err(status_error)?
+                .await?
                 .into_inner();
             let by_status: BTreeMap<String, u64> = m.tasks_by_status.into_iter().collect();
-            Ok((
+            Ok::<_, CallError>((
                 by_status,
                 m.submitted,
                 m.completed,

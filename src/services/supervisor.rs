@@ -50,6 +50,9 @@ pub enum StackError {
     UnknownService { name: String, known: String },
     #[error("start was cancelled; every container it started has been removed")]
     Cancelled,
+    /// Containers of the project belong to another live process.
+    #[error(transparent)]
+    InUse(crate::owner::OwnerError),
 }
 
 fn logs_suffix(logs: &str) -> String {
@@ -119,6 +122,8 @@ pub struct ServiceState {
     pub started_at: Option<String>,
     /// Restarts by the Engine's restart policy plus those asked of the core.
     pub restart_count: u32,
+    /// The container runs a local stand-in image, not the real service.
+    pub stand_in: bool,
 }
 
 impl ServiceState {
@@ -184,6 +189,7 @@ pub struct Supervisor {
     docker: Docker,
     config: Arc<Config>,
     session: String,
+    owner_addr: String,
     network: String,
     state: Mutex<BTreeMap<String, ServiceState>>,
     events: broadcast::Sender<ServiceEvent>,
@@ -213,7 +219,9 @@ enum Plan {
 }
 
 impl Supervisor {
-    pub fn new(docker: Docker, config: Arc<Config>, session: String) -> Self {
+    /// `owner_addr` is this process's orchestrator address, written on every container so that
+    /// a second start of the project can find (and attach to) the stack's owner.
+    pub fn new(docker: Docker, config: Arc<Config>, session: String, owner_addr: String) -> Self {
         let network = format!("{}_default", config.project);
         let state = config
             .services
@@ -233,6 +241,7 @@ impl Supervisor {
                         engine_state: None,
                         started_at: None,
                         restart_count: 0,
+                        stand_in: false,
                     },
                 )
             })
@@ -242,6 +251,7 @@ impl Supervisor {
             docker,
             config,
             session,
+            owner_addr,
             network,
             state: Mutex::new(state),
             events,
@@ -275,7 +285,7 @@ impl Supervisor {
                         e = events.next() => e,
                     };
                     match next {
-                        Some(Ok(e)) => this.on_event(&e.id, &e.action, e.exit_code).await,
+                        Some(Ok(e)) => this.on_event(&e.id, &e.action, e.exit_code, &stop).await,
                         Some(Err(e)) => {
                             tracing::warn!(error = %e, "lost the Docker Engine's events; retrying");
                             break;
@@ -333,7 +343,13 @@ impl Supervisor {
         self.healing.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    async fn on_event(self: &Arc<Self>, id: &str, action: &str, exit_code: Option<i64>) {
+    async fn on_event(
+        self: &Arc<Self>,
+        id: &str,
+        action: &str,
+        exit_code: Option<i64>,
+        stop: &CancellationToken,
+    ) {
         let Some((name, phase)) = self
             .lock()
             .values()
@@ -348,8 +364,53 @@ impl Supervisor {
         match action {
             "die" => self.on_die(&spec, id, phase, exit_code.unwrap_or(-1)),
             "start" => self.on_restart(spec, id).await,
+            "destroy" => self.on_destroy(&spec.name, phase, stop),
             _ => {}
         }
+    }
+
+    /// A container of a running service was removed by someone else: it is created again, as
+    /// its owner would after a crash. Its own stops and rollbacks remove containers in the
+    /// `stopping` phase, and a finished job is not run again.
+    fn on_destroy(self: &Arc<Self>, name: &str, phase: Phase, stop: &CancellationToken) {
+        if matches!(
+            phase,
+            Phase::Stopping | Phase::Stopped | Phase::Completed | Phase::Pending
+        ) || self.healing().halted.contains(name)
+        {
+            return;
+        }
+        if let Some(s) = self.lock().get_mut(name) {
+            s.container_id = None;
+            s.engine_state = None;
+            s.started_at = None;
+            s.restart_count += 1;
+        }
+        {
+            let mut healing = self.healing();
+            healing.awaiting.remove(name);
+            healing.recovering.remove(name);
+        }
+        self.set_phase(
+            name,
+            Phase::Failed,
+            "its container was removed; creating it again",
+        );
+        let this = Arc::clone(self);
+        let name = name.to_string();
+        let cancel = stop.child_token();
+        tokio::spawn(async move {
+            if let Err(e) = this
+                .start_services(std::slice::from_ref(&name), cancel)
+                .await
+            {
+                this.set_phase(
+                    &name,
+                    Phase::Failed,
+                    format!("its container was removed and could not be created again: {e}"),
+                );
+            }
+        });
     }
 
     fn on_die(self: &Arc<Self>, spec: &ServiceSpec, id: &str, phase: Phase, code: i64) {
@@ -575,6 +636,7 @@ impl Supervisor {
                 labels::OWNER_PID.to_string(),
                 std::process::id().to_string(),
             ),
+            (labels::OWNER_ADDR.to_string(), self.owner_addr.clone()),
             (
                 labels::KEEP.to_string(),
                 self.config.keep_running.to_string(),
@@ -640,6 +702,11 @@ impl Supervisor {
 
         let walk = cancel.child_token();
         let mut tasks = JoinSet::new();
+        let creating: BTreeSet<String> = plans
+            .iter()
+            .filter(|(_, p)| matches!(p, Plan::Create))
+            .map(|(n, _)| n.clone())
+            .collect();
         let mut plans = plans;
         for spec in self
             .config
@@ -715,13 +782,19 @@ impl Supervisor {
                 self.stop_locked(&created, Some(Duration::from_secs(2)))
                     .await;
                 // A create cut short by cancellation may have left a container whose id never
-                // reached us: sweep by this session's label.
+                // reached us: sweep this session's containers of the services this call created
+                // (others of the session, already running, stay).
                 if let Ok(left) = self
                     .docker
                     .list_by_label(labels::SESSION, &self.session)
                     .await
                 {
-                    for c in left {
+                    let ours = |c: &ContainerInfo| {
+                        c.labels
+                            .get(labels::SERVICE)
+                            .is_some_and(|s| creating.contains(s))
+                    };
+                    for c in left.into_iter().filter(ours) {
                         let _ = self.docker.remove(&c.id, Duration::ZERO).await;
                     }
                 }
@@ -756,8 +829,15 @@ impl Supervisor {
                 .ensure_network(&self.network, &self.config.project)
         );
         network?;
+        let existing = existing?;
+        if let Some(owner) = existing.iter().find_map(|c| self.live_owner(c)) {
+            return Err(StackError::InUse(crate::owner::OwnerError::InUse {
+                project: self.config.project.clone(),
+                owner,
+            }));
+        }
         let (orphans, existing): (Vec<ContainerInfo>, Vec<ContainerInfo>) =
-            existing?.into_iter().partition(|c| self.is_orphan(c));
+            existing.into_iter().partition(|c| self.is_orphan(c));
         if !orphans.is_empty() {
             tracing::warn!(
                 project = %self.config.project,
@@ -781,6 +861,26 @@ impl Supervisor {
             }
         }
         Ok(plans)
+    }
+
+    /// The process of this machine that created `c` for a stack of its own, while it still runs:
+    /// its containers are not ours to reuse or remove. Containers created to be kept running are
+    /// handed on when their stack stops, so for those only the state folder's lock tells.
+    fn live_owner(&self, c: &ContainerInfo) -> Option<crate::owner::Owner> {
+        let keep = c.labels.get(labels::KEEP).is_some_and(|v| v == "true");
+        if keep || !self.docker.host().starts_with("unix://") {
+            return None;
+        }
+        let session = c.labels.get(labels::SESSION)?;
+        let pid = c.labels.get(labels::OWNER_PID)?.parse::<u32>().ok()?;
+        (session != &self.session && !crate::watchdog::is_dead(pid)).then(|| crate::owner::Owner {
+            pid,
+            addr: c
+                .labels
+                .get(labels::OWNER_ADDR)
+                .cloned()
+                .unwrap_or_default(),
+        })
     }
 
     /// A container left by a process of this machine that died without stopping it (and that
@@ -1032,6 +1132,8 @@ impl Supervisor {
         if let Some(s) = self.lock().get_mut(name) {
             s.container_id = Some(c.id.clone());
             s.reused = reused;
+            // Containers carry their image's labels.
+            s.stand_in = c.labels.get(labels::STAND_IN).is_some_and(|v| v == "true");
             s.engine_state = Some(c.state);
             s.started_at = c.started_at.clone();
             s.restart_count = s.restart_count.max(c.restart_count.max(0) as u32);
@@ -1261,21 +1363,20 @@ impl Supervisor {
         }
     }
 
-    /// Restarts one service's container and waits until it is healthy again.
+    /// Restarts one service's container and waits until it is healthy again; a service without
+    /// a container (stopped, or removed by someone else) is brought up instead.
     pub async fn restart(self: &Arc<Self>, name: &str) -> Result<(), StackError> {
         let spec = self.spec(name)?.clone();
-        let _op = self.ops.lock().await;
-        let id = self
-            .lock()
-            .get(name)
-            .and_then(|s| s.container_id.clone())
-            .ok_or_else(|| {
-                self.start_error(
-                    name,
-                    "it has no container (the stack is not up)".into(),
-                    String::new(),
-                )
-            })?;
+        let op = self.ops.lock().await;
+        let id = self.lock().get(name).and_then(|s| s.container_id.clone());
+        let Some(id) = id else {
+            // Stopped, or its container is gone: restarting it means bringing it up.
+            drop(op);
+            self.healing().halted.remove(name);
+            return self
+                .start_services(&[name.to_string()], CancellationToken::new())
+                .await;
+        };
         self.healing().halted.remove(name);
         self.set_phase(name, Phase::Starting, "restarting");
         self.docker

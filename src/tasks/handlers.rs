@@ -87,13 +87,34 @@ impl Handler for Builtin {
     }
 }
 
-fn output_json(exit_code: i64, stdout: &str, stderr: &str) -> Vec<u8> {
-    serde_json::to_vec(&serde_json::json!({
+/// The result of a command that ran to its end: `{"exit_code", "stdout", "stderr"}` when it
+/// exited 0; otherwise the attempt fails with the code and the output's last lines (stderr, or
+/// stdout when stderr is empty).
+fn command_result(
+    what: &str,
+    exit_code: i64,
+    stdout: &str,
+    stderr: &str,
+) -> Result<Vec<u8>, String> {
+    if exit_code != 0 {
+        let output = if stderr.trim().is_empty() {
+            stdout
+        } else {
+            stderr
+        };
+        let tail: Vec<&str> = output.lines().rev().take(10).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        return Err(format!(
+            "{what} exited with code {exit_code}: {}",
+            tail.join("\n")
+        ));
+    }
+    Ok(serde_json::to_vec(&serde_json::json!({
         "exit_code": exit_code,
         "stdout": stdout,
         "stderr": stderr,
     }))
-    .unwrap_or_default()
+    .unwrap_or_default())
 }
 
 #[derive(Deserialize)]
@@ -104,7 +125,8 @@ struct ExecPayload {
 }
 
 /// `exec`: `{"service": "redis", "command": ["redis-server", "--version"]}` runs the command in
-/// the service's container; the result is `{"exit_code", "stdout", "stderr"}`.
+/// the service's container; the result is `{"exit_code", "stdout", "stderr"}`; a non-zero exit
+/// fails the attempt.
 pub struct Exec {
     pub docker: Docker,
     pub directory: Arc<dyn ServiceDirectory>,
@@ -130,7 +152,7 @@ impl Handler for Exec {
                 .exec(&id, &p.command)
                 .await
                 .map_err(|e| e.to_string())?;
-            Ok(output_json(out.exit_code, &out.stdout, &out.stderr))
+            command_result("the command", out.exit_code, &out.stdout, &out.stderr)
         })
     }
 }
@@ -185,16 +207,7 @@ impl Handler for Container {
                 .run_once(&p.image, p.command, env, labels)
                 .await
                 .map_err(|e| e.to_string())?;
-            if out.exit_code != 0 {
-                let tail: Vec<&str> = out.stderr.lines().rev().take(10).collect();
-                let tail: Vec<&str> = tail.into_iter().rev().collect();
-                return Err(format!(
-                    "container exited with code {}: {}",
-                    out.exit_code,
-                    tail.join("\n")
-                ));
-            }
-            Ok(output_json(out.exit_code, &out.stdout, &out.stderr))
+            command_result("container", out.exit_code, &out.stdout, &out.stderr)
         })
     }
 }

@@ -2,8 +2,9 @@
 # Builds the small local images the tests use, from binaries of this host: nothing is pulled.
 #   dspy-agent-test/busybox  busybox + serve.sh: an HTTP service with /health (see serve.sh)
 #   dspy-agent-test/redis    the host's redis-server (with its libraries) + busybox
-# With --tag-catalog, also tags them with the built-in catalog's image names that are not
-# present yet (a real image of that name is never replaced), so the zero-config stack runs on a machine without registry access.
+# With --tag-catalog, makes sure of the built-in catalog's images: a real image is kept, a missing
+# one is pulled, and only when the pull fails (no registry) is a stand-in tagged under its name,
+# with a warning, so the zero-config stack runs on a machine without registry access.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 
@@ -60,17 +61,35 @@ done
 import "$root" dspy-agent-test/redis:latest '["redis-server", "--protected-mode", "no", "--save", "", "--appendonly", "no", "--dir", "/tmp"]'
 
 if [ "${1:-}" = "--tag-catalog" ]; then
-    tag_if_absent() {
-        local stand_in
-        stand_in=$(docker image inspect -f '{{index .Config.Labels "dspy-agent.stand-in"}}' "$2" 2>/dev/null || true)
-        if docker image inspect "$2" >/dev/null 2>&1 && [ "$stand_in" != "true" ]; then
-            echo "kept existing $2 (not a stand-in)"
+    # The catalog's images, each with the stand-in that can take its name.
+    catalog=${DSPY_AGENT_CATALOG_IMAGES:-"redis:7-alpine=dspy-agent-test/redis:latest
+dspy-agent/reddb:latest=dspy-agent-test/busybox:latest
+dspy-agent/infermesh:latest=dspy-agent-test/busybox:latest
+dspy-agent/model-server:latest=dspy-agent-test/busybox:latest
+ollama/ollama:latest=dspy-agent-test/busybox:latest"}
+    # How an image is pulled (a test replaces it to play a machine with or without a registry).
+    pull=${DSPY_AGENT_PULL:-"docker pull -q"}
+    stand_ins=()
+    while IFS='=' read -r image stand_in; do
+        [ -n "$image" ] || continue
+        label=$(docker image inspect -f '{{index .Config.Labels "dspy-agent.stand-in"}}' "$image" 2>/dev/null || true)
+        if docker image inspect "$image" >/dev/null 2>&1 && [ "$label" != "true" ]; then
+            echo "kept $image (the real image)"
+        elif timeout 120 $pull "$image" >/dev/null 2>&1; then
+            echo "pulled $image"
         else
-            docker tag "$1" "$2" && echo "tagged $2 (local stand-in)"
+            # Only a machine that cannot pull gets a stand-in under the real name.
+            docker tag "$stand_in" "$image"
+            stand_ins+=("$image")
         fi
-    }
-    tag_if_absent dspy-agent-test/redis:latest redis:7-alpine
-    for image in dspy-agent/reddb:latest dspy-agent/infermesh:latest dspy-agent/model-server:latest ollama/ollama:latest; do
-        tag_if_absent dspy-agent-test/busybox:latest "$image"
-    done
+    done <<< "$catalog"
+    if [ ${#stand_ins[@]} -gt 0 ]; then
+        {
+            echo "WARNING: no registry gave ${stand_ins[*]}."
+            echo "WARNING: tagged local stand-ins (labelled dspy-agent.stand-in=true) under those names, so the"
+            echo "WARNING: zero-config stack runs offline: a busybox HTTP server and the host's redis-server, not"
+            echo "WARNING: the real services. \`dspy-agent status\` and ServiceInfo.stand_in say so; once a registry"
+            echo "WARNING: is reachable, \`docker pull\` each of them (or rerun this script) to get the real images."
+        } >&2
+    fi
 fi

@@ -327,6 +327,13 @@ async def test_exec_container_and_http_handlers(project: str) -> None:
         done = await infra.wait_for_task("x", timeout=30)
         assert done.status == TaskStatus.COMPLETED, done.error
         assert json.loads(done.result_payload) == {"exit_code": 0, "stdout": "ok\n", "stderr": ""}
+        # A command that fails fails the attempt, as a failed one-off container does.
+        await infra.submit_task(
+            "x-fail", "exec", {"service": "web", "command": ["sh", "-c", "echo why >&2; exit 3"]}
+        )
+        failed = await infra.wait_for_task("x-fail", timeout=30)
+        assert failed.status == TaskStatus.FAILED
+        assert "exited with code 3" in failed.error and "why" in failed.error
 
         await infra.submit_task(
             "c",

@@ -1,0 +1,138 @@
+//! Who runs a project's stack. A running stack is held by one process, its owner; nobody else
+//! may remove its containers or run its task store. Two marks say so:
+//!
+//! - `owner.lock` in the project's state folder, exclusively locked by the owner for as long as
+//!   its stack runs, holding its pid and orchestrator address. It covers containers the owner
+//!   reused from an earlier, kept stack, whose labels name their first owner.
+//! - the `owner-pid` and `owner-addr` labels of every container it creates, which cover owners
+//!   with another state folder or another user on the same Engine.
+
+use std::fs::{File, OpenOptions, TryLockError};
+use std::io::{Read, Seek, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// The live owner of a project's stack.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Owner {
+    pub pid: u32,
+    /// Its orchestrator's address, where a second start can attach; empty while unknown.
+    #[serde(default)]
+    pub addr: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OwnerError {
+    #[error("project {project:?} is in use: process {} runs its stack (orchestrator {}), and this start could not attach to it. Attach to it by address (ORCHESTRATOR_GRPC_ADDR={}, with its token if it has one), or run a separate stack under another project (AgentInfra.start(project=...) or DSPY_AGENT_PROJECT)",
+        owner.pid,
+        if owner.addr.is_empty() { "address unknown" } else { owner.addr.as_str() },
+        if owner.addr.is_empty() { "HOST:PORT" } else { owner.addr.as_str() })]
+    InUse { project: String, owner: Owner },
+    #[error("cannot lock {path}: {message}")]
+    Io { path: String, message: String },
+}
+
+/// The owner's lock on its project's state folder, held until dropped.
+#[derive(Debug)]
+pub struct OwnerLock {
+    file: File,
+}
+
+pub fn lock_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("owner.lock")
+}
+
+impl OwnerLock {
+    /// Takes the lock for this process, or names the process that holds it.
+    pub fn acquire(state_dir: &Path, project: &str) -> Result<OwnerLock, OwnerError> {
+        let path = lock_path(state_dir);
+        let io = |e: std::io::Error| OwnerError::Io {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        };
+        std::fs::create_dir_all(state_dir).map_err(io)?;
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(io)?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => {
+                let owner = read_owner(&mut file).unwrap_or(Owner {
+                    pid: 0,
+                    addr: String::new(),
+                });
+                return Err(OwnerError::InUse {
+                    project: project.to_string(),
+                    owner,
+                });
+            }
+            Err(TryLockError::Error(e)) => return Err(io(e)),
+        }
+        let mut lock = OwnerLock { file };
+        lock.record("").map_err(io)?;
+        Ok(lock)
+    }
+
+    /// Writes this process's pid and orchestrator address for a second start to find.
+    pub fn record(&mut self, addr: &str) -> std::io::Result<()> {
+        let owner = Owner {
+            pid: std::process::id(),
+            addr: addr.to_string(),
+        };
+        let text = serde_json::to_vec(&owner).map_err(std::io::Error::other)?;
+        self.file.set_len(0)?;
+        self.file.rewind()?;
+        self.file.write_all(&text)?;
+        self.file.flush()
+    }
+}
+
+/// The process holding the project's state folder now, if any (`None` also when the folder has
+/// no lock file yet).
+pub fn holder(state_dir: &Path) -> Option<Owner> {
+    let mut file = File::open(lock_path(state_dir)).ok()?;
+    match file.try_lock_shared() {
+        Ok(()) => None,
+        Err(TryLockError::WouldBlock) => Some(read_owner(&mut file).unwrap_or(Owner {
+            pid: 0,
+            addr: String::new(),
+        })),
+        Err(TryLockError::Error(_)) => None,
+    }
+}
+
+fn read_owner(file: &mut File) -> Option<Owner> {
+    let mut text = String::new();
+    file.rewind().ok()?;
+    file.read_to_string(&mut text).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_second_lock_names_the_first_owner() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut first = OwnerLock::acquire(dir.path(), "p").unwrap();
+        first.record("127.0.0.1:50052").unwrap();
+        match OwnerLock::acquire(dir.path(), "p") {
+            Err(OwnerError::InUse { owner, project }) => {
+                assert_eq!(project, "p");
+                assert_eq!(owner.pid, std::process::id());
+                assert_eq!(owner.addr, "127.0.0.1:50052");
+            }
+            other => panic!("expected InUse, got {other:?}"),
+        }
+        assert_eq!(holder(dir.path()).map(|o| o.pid), Some(std::process::id()));
+        drop(first);
+        assert_eq!(holder(dir.path()), None);
+        OwnerLock::acquire(dir.path(), "p").expect("free again once the owner is gone");
+    }
+}

@@ -16,5 +16,5 @@ cargo clippy --features python -- -D warnings
 cargo test
 ruff check .
 ruff format --check .
-mypy --strict python/dspy_agent_infra tests/python examples bench
+mypy --strict python/dspy_agent_infra tests/python examples bench scripts
 python3 -m pytest

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from test_cli import run, workdir  # noqa: F401  (fixture)
 
+import grpc
 from dspy_agent_infra import AgentInfra, StackInUseError
 from helpers import containers, docker, redis_service
 
@@ -138,6 +139,21 @@ async def test_a_container_removed_under_its_owner_is_created_again(project: str
         writer.write(b"PING\r\n")
         assert await reader.readline() == b"+PONG\r\n"
         writer.close()
+    assert containers(project) == []
+
+
+async def test_restart_brings_up_a_service_without_a_container(project: str) -> None:
+    from dspy_agent_infra.pb.env_manager import env_manager_pb2, env_manager_pb2_grpc
+
+    async with start(project) as infra:
+        async with grpc.aio.insecure_channel(infra.env_manager_addr) as channel:
+            env = env_manager_pb2_grpc.EnvManagerServiceStub(channel)
+            await env.StopServices(env_manager_pb2.StopServicesRequest(services=["cache"]))
+        assert running(project) == []
+        # Not a dead end ("start it instead"): a restart brings it up.
+        restarted = await infra.restart("cache")
+        assert restarted.status == "healthy"
+        assert running(project) == [restarted.container_id]
     assert containers(project) == []
 
 

@@ -1,4 +1,5 @@
-"""The README's Python examples type-check with `mypy --strict` against the stubs."""
+"""The README's Python examples type-check with `mypy --strict` against the stubs, and the generated
+references match the code."""
 
 from __future__ import annotations
 
@@ -25,3 +26,12 @@ def test_readme_examples_pass_mypy_strict(tmp_path: Path) -> None:
         text=True,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_generated_references_are_current() -> None:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "gen_docs.py"), "--check"],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr

@@ -484,14 +484,19 @@ async fn clean_stale(config: &Config, info: Option<DaemonInfo>) {
     let _ = daemon::remove_stale(&config.state_dir);
 }
 
-/// Removes the project's containers (only those owned by `owner` when given).
-async fn sweep(config: &Config, owner: Option<u32>) -> usize {
-    let Ok(docker) = Docker::connect(
+/// The project's Docker Engine, if it answers.
+async fn engine(config: &Config) -> Option<Docker> {
+    Docker::connect(
         config.docker_host.as_deref(),
         crate::infra::DOCKER_CONNECT_TIMEOUT,
     )
     .await
-    else {
+    .ok()
+}
+
+/// Removes the project's containers (only those owned by `owner` when given).
+async fn sweep(config: &Config, owner: Option<u32>) -> usize {
+    let Some(docker) = engine(config).await else {
         return 0;
     };
     let Ok(found) = docker.list_by_label(labels::PROJECT, &config.project).await else {
@@ -675,12 +680,7 @@ async fn stop(options: LoadOptions, timeout: Option<u32>) -> Result<i32, Failure
 /// The project's containers that no daemon runs: a stack kept running by an agent
 /// (`keep_running=True`), or one an agent runs now. Empty when the Engine cannot be reached.
 async fn undaemoned(config: &Config) -> Vec<ContainerInfo> {
-    let Ok(docker) = Docker::connect(
-        config.docker_host.as_deref(),
-        crate::infra::DOCKER_CONNECT_TIMEOUT,
-    )
-    .await
-    else {
+    let Some(docker) = engine(config).await else {
         return Vec::new();
     };
     let mut found = docker
@@ -698,29 +698,14 @@ async fn undaemoned(config: &Config) -> Vec<ContainerInfo> {
 /// The live process that runs these containers' stack, if one does: the holder of the state
 /// folder's lock, or a creator (on this machine) that still runs.
 fn live_owner(config: &Config, found: &[ContainerInfo]) -> Option<Owner> {
+    let host = config
+        .docker_host
+        .as_deref()
+        .unwrap_or(crate::docker::DEFAULT_HOST);
     owner::holder(&config.state_dir).or_else(|| {
-        if !config
-            .docker_host
-            .as_deref()
-            .unwrap_or(crate::docker::DEFAULT_HOST)
-            .starts_with("unix://")
-        {
-            return None;
-        }
-        found.iter().find_map(|c| {
-            if c.labels.get(labels::KEEP).is_some_and(|v| v == "true") {
-                return None;
-            }
-            let pid = c.labels.get(labels::OWNER_PID)?.parse::<u32>().ok()?;
-            (!watchdog::is_dead(pid)).then(|| Owner {
-                pid,
-                addr: c
-                    .labels
-                    .get(labels::OWNER_ADDR)
-                    .cloned()
-                    .unwrap_or_default(),
-            })
-        })
+        found
+            .iter()
+            .find_map(|c| owner::live_creator(&c.labels, host))
     })
 }
 
@@ -782,12 +767,7 @@ async fn stop_without_daemon(config: &Config) -> Result<i32, Failure> {
 }
 
 async fn sweep_all(config: &Config, found: &[ContainerInfo]) -> usize {
-    let Ok(docker) = Docker::connect(
-        config.docker_host.as_deref(),
-        crate::infra::DOCKER_CONNECT_TIMEOUT,
-    )
-    .await
-    else {
+    let Some(docker) = engine(config).await else {
         return 0;
     };
     let mut removed = 0;

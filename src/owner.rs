@@ -7,11 +7,14 @@
 //! - the `owner-pid` and `owner-addr` labels of every container it creates, which cover owners
 //!   with another state folder or another user on the same Engine.
 
+use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+
+use crate::docker::labels as docker_labels;
 
 /// The live owner of a project's stack.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -104,6 +107,25 @@ pub fn holder(state_dir: &Path) -> Option<Owner> {
         })),
         Err(TryLockError::Error(_)) => None,
     }
+}
+
+/// The live process of this machine that created a container for a stack it still runs, from
+/// the container's labels. Containers made to be kept running are handed on when their stack
+/// stops, so for those only the state folder's lock tells; and on an Engine of another machine
+/// (`docker_host` not a Unix socket) a pid names nothing here.
+pub fn live_creator(labels: &BTreeMap<String, String>, docker_host: &str) -> Option<Owner> {
+    let keep = labels.get(docker_labels::KEEP).is_some_and(|v| v == "true");
+    if keep || !docker_host.starts_with("unix://") {
+        return None;
+    }
+    let pid = labels.get(docker_labels::OWNER_PID)?.parse::<u32>().ok()?;
+    (!crate::watchdog::is_dead(pid)).then(|| Owner {
+        pid,
+        addr: labels
+            .get(docker_labels::OWNER_ADDR)
+            .cloned()
+            .unwrap_or_default(),
+    })
 }
 
 fn read_owner(file: &mut File) -> Option<Owner> {

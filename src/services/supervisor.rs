@@ -863,24 +863,14 @@ impl Supervisor {
         Ok(plans)
     }
 
-    /// The process of this machine that created `c` for a stack of its own, while it still runs:
-    /// its containers are not ours to reuse or remove. Containers created to be kept running are
-    /// handed on when their stack stops, so for those only the state folder's lock tells.
+    /// The live process that created `c` for a stack of its own (not this one): its containers
+    /// are not ours to reuse or remove.
     fn live_owner(&self, c: &ContainerInfo) -> Option<crate::owner::Owner> {
-        let keep = c.labels.get(labels::KEEP).is_some_and(|v| v == "true");
-        if keep || !self.docker.host().starts_with("unix://") {
+        let session = c.labels.get(labels::SESSION)?;
+        if session == &self.session {
             return None;
         }
-        let session = c.labels.get(labels::SESSION)?;
-        let pid = c.labels.get(labels::OWNER_PID)?.parse::<u32>().ok()?;
-        (session != &self.session && !crate::watchdog::is_dead(pid)).then(|| crate::owner::Owner {
-            pid,
-            addr: c
-                .labels
-                .get(labels::OWNER_ADDR)
-                .cloned()
-                .unwrap_or_default(),
-        })
+        crate::owner::live_creator(&c.labels, self.docker.host())
     }
 
     /// A container left by a process of this machine that died without stopping it (and that

@@ -10,7 +10,9 @@ use serde::Deserialize;
 
 use crate::services::catalog;
 use crate::services::graph;
-use crate::services::spec::{self, Condition, HealthCheck, Probe, Resources, ServiceSpec};
+use crate::services::spec::{
+    self, Condition, HealthCheck, MountKind, Probe, Resources, ServiceSpec,
+};
 
 pub const CONFIG_FILE_NAME: &str = "dspy-agent.toml";
 pub const DEFAULT_PROJECT: &str = "dspy-agent";
@@ -848,6 +850,34 @@ fn resolve_tasks(t: TasksPatch, state_dir: &Path) -> Result<TasksConfig, ConfigE
     })
 }
 
+/// Where container engines put their sockets.
+const ENGINE_SOCKETS: &[&str] = &[
+    "/var/run/docker.sock",
+    "/run/docker.sock",
+    "/run/podman/podman.sock",
+    "/var/run/podman/podman.sock",
+];
+
+/// The engine socket a bind mount of `source` would expose: the socket itself (by name, by file
+/// type, or through a link) or a folder above one.
+fn engine_socket_under(source: &Path) -> Option<PathBuf> {
+    use std::os::unix::fs::FileTypeExt;
+    let real = std::fs::canonicalize(source).unwrap_or_else(|_| source.to_path_buf());
+    let named = |p: &Path| {
+        p.file_name()
+            .is_some_and(|n| n == "docker.sock" || n == "podman.sock")
+    };
+    let is_socket = std::fs::metadata(&real).is_ok_and(|m| m.file_type().is_socket());
+    if named(source) || named(&real) || is_socket {
+        return Some(real);
+    }
+    ENGINE_SOCKETS.iter().map(Path::new).find_map(|socket| {
+        let socket_real = std::fs::canonicalize(socket).unwrap_or_else(|_| socket.to_path_buf());
+        (socket.starts_with(source) || socket.starts_with(&real) || socket_real.starts_with(&real))
+            .then(|| socket.to_path_buf())
+    })
+}
+
 fn resolve_service(
     name: &str,
     patch: ServicePatch,
@@ -885,11 +915,13 @@ fn resolve_service(
         .map(|v| spec::parse_mount(&field("volumes"), v, base_dir))
         .collect::<Result<Vec<_>, _>>()?;
     if !patch.allow_docker_socket.unwrap_or(false) {
-        if let Some(m) = volumes.iter().find(|m| m.source.ends_with("docker.sock")) {
-            return Err(ConfigError::invalid(
-                field("volumes"),
-                format!("{:?} is the Docker Engine's socket, which gives the container control of this machine; set allow_docker_socket = true for this service if that is meant", m.source),
-            ));
+        for m in volumes.iter().filter(|m| m.kind == MountKind::Bind) {
+            if let Some(socket) = engine_socket_under(Path::new(&m.source)) {
+                return Err(ConfigError::invalid(
+                    field("volumes"),
+                    format!("{:?} exposes the container engine's socket ({}), which gives the container control of this machine; set allow_docker_socket = true for this service if that is meant", m.source, socket.display()),
+                ));
+            }
         }
     }
     let depends_on = patch
@@ -1177,13 +1209,20 @@ mod tests {
     #[test]
     fn graph_errors_are_reported() {
         let (_d, opts) = options(Some(
-            "[services.a]\nimage = \"x\"\ndepends_on = [\"b\"]\n[services.b]\nimage = \"x\"\ndepends_on = [\"c\"]\n[services.c]\nimage = \"x\"\ndepends_on = [\"a\"]\n",
+            "[services.ingest]\nimage = \"x\"\ndepends_on = [\"embed\"]\n[services.embed]\nimage = \"x\"\ndepends_on = [\"rank\"]\n[services.rank]\nimage = \"x\"\ndepends_on = [\"ingest\"]\n",
         ));
         let err = Config::load(opts).unwrap_err().to_string();
-        assert!(
-            err.contains("cycle") && err.contains("a") && err.contains("b") && err.contains("c"),
-            "{err}"
-        );
+        // The whole cycle, closed, each service once.
+        let path: Vec<&str> = err
+            .strip_prefix("dependency cycle: ")
+            .unwrap_or_else(|| panic!("{err}"))
+            .split(" -> ")
+            .collect();
+        assert_eq!(path.len(), 4, "{err}");
+        assert_eq!(path[0], path[3], "{err}");
+        let mut names = path[..3].to_vec();
+        names.sort_unstable();
+        assert_eq!(names, ["embed", "ingest", "rank"], "{err}");
 
         let (_d, opts) = options(Some(
             "[services.a]\nimage = \"x\"\ndepends_on = [\"nope\"]\n",
@@ -1215,6 +1254,20 @@ mod tests {
             err.starts_with("services.a.volumes:") && err.contains("allow_docker_socket"),
             "{err}"
         );
+        // A folder above the socket, or a link to it, exposes it as well.
+        let dir = tempfile::tempdir().unwrap();
+        let link = dir.path().join("engine");
+        std::os::unix::fs::symlink("/var/run/docker.sock", &link).unwrap();
+        for source in ["/var/run", "/run", "/", link.to_str().unwrap()] {
+            let text = format!("[services.a]\nimage = \"x\"\nvolumes = [\"{source}:/host\"]\n");
+            let (_d, opts) = options(Some(&text));
+            let err = Config::load(opts).unwrap_err().to_string();
+            assert!(err.contains("allow_docker_socket"), "{source}: {err}");
+        }
+        let (_d, opts) = options(Some(
+            "[services.a]\nimage = \"x\"\nvolumes = [\"/var/lib:/data:ro\", \"data:/data2\"]\n",
+        ));
+        Config::load(opts).expect("a folder without a socket is fine");
         let (_d, opts) = options(Some(&format!("{mount}allow_docker_socket = true\n")));
         let config = Config::load(opts).unwrap();
         let a = config.services.iter().find(|s| s.name == "a").unwrap();

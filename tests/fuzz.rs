@@ -43,21 +43,39 @@ fn names_a_field(e: &ConfigError) -> bool {
         }
 }
 
+/// Passes a value, or an error whose message starts with the field it was given.
+fn named<T>(result: Result<T, ConfigError>, field: &str) -> Result<(), TestCaseError> {
+    if let Err(e) = result {
+        prop_assert!(e.to_string().starts_with(&format!("{field}: ")), "{e}");
+    }
+    Ok(())
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(256))]
 
     #[test]
-    fn every_value_parser_answers(s in text()) {
-        let _ = spec::parse_port("f", &s, "127.0.0.1");
-        let _ = spec::parse_memory("f", &s);
-        let _ = spec::parse_cpus("f", &s);
-        let _ = spec::parse_duration("f", &s);
-        let _ = spec::parse_gpus("f", &s);
-        let _ = spec::parse_restart("f", &s);
-        let _ = spec::parse_pull("f", &s);
-        if let Err(e) = spec::parse_memory("services.x.resources.memory", &s) {
-            prop_assert!(e.to_string().starts_with("services.x.resources.memory: "));
-        }
+    fn every_value_parser_answers_or_names_its_field(s in text()) {
+        named(spec::parse_port("services.x.ports", &s, "127.0.0.1"), "services.x.ports")?;
+        named(spec::parse_memory("services.x.resources.memory", &s), "services.x.resources.memory")?;
+        named(spec::parse_cpus("services.x.resources.cpus", &s), "services.x.resources.cpus")?;
+        named(spec::parse_duration("services.x.stop_timeout", &s), "services.x.stop_timeout")?;
+        named(spec::parse_gpus("services.x.resources.gpus", &s), "services.x.resources.gpus")?;
+        named(spec::parse_restart("services.x.restart", &s), "services.x.restart")?;
+        named(spec::parse_pull("services.x.pull", &s), "services.x.pull")?;
+    }
+
+    #[test]
+    fn values_written_as_documented_read_back(
+        n in 0u32..1_000_000, host in 0u16.., container in 1u16.., unit in 0usize..4,
+    ) {
+        let (suffix, seconds) = [("ms", 0.001), ("s", 1.0), ("m", 60.0), ("", 1.0)][unit];
+        let d = spec::parse_duration("f", &format!("{n}{suffix}")).unwrap();
+        prop_assert!((d.as_secs_f64() - f64::from(n) * seconds).abs() < 1e-6);
+        prop_assert_eq!(spec::parse_memory("f", &format!("{n}m")).unwrap(), i64::from(n) << 20);
+        let port = spec::parse_port("f", &format!("{host}:{container}"), "127.0.0.1").unwrap();
+        prop_assert_eq!((port.host_port, port.container_port), (host, container));
+        prop_assert_eq!(port.host_ip.as_str(), "127.0.0.1");
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! the error mapping to status codes.
 
 pub mod auth;
+pub mod codec;
 pub mod env_manager;
 pub mod orchestrator;
 pub mod worker_client;

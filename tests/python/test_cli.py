@@ -116,7 +116,7 @@ def test_a_whole_session(workdir: Path, project: str) -> None:
     assert submitted.returncode == 0 and submitted.stdout.strip() == "cli-1"
     done = run("tasks", "submit", "ping", "--id", "cli-2", "--wait")
     assert done.returncode == 0 and "pong" in done.stdout
-    assert "cli-2: COMPLETED (1 attempt)" in done.stdout
+    assert "cli-2: completed (1 attempt)" in done.stdout
     task = run("tasks", "status", "cli-1", "--json")
     assert task.returncode == 0
     info = json.loads(task.stdout)

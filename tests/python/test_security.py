@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,8 @@ from test_cli import DSPY_AGENT, catalog_on_free_ports
 
 import grpc
 from dspy_agent_infra import AgentInfra, ConfigError, InfraError, OrchestratorClient
-from dspy_agent_infra.errors import OrchestratorUnavailableError
+from dspy_agent_infra.errors import OrchestratorUnavailableError, ServiceStartError
+from helpers import docker, http_service, inspect
 
 TOKEN = "t0ken-for-tests-5f2b9c1e7d"
 
@@ -190,6 +192,45 @@ async def test_tls_round_trip(pb: dict[str, Any], tmp_path: Path) -> None:
         # A plain-text client fails (how exactly depends on where the handshake breaks).
         with pytest.raises(InfraError):
             await OrchestratorClient(port=port).get_task_status("tls")
+        # A client refuses a server certificate from another CA, and one for another name.
+        (tmp_path / "other").mkdir()
+        other_ca, _, _ = certificates(tmp_path / "other")
+        for wrong in (
+            OrchestratorClient(port=port, tls_ca=other_ca),
+            OrchestratorClient(port=port, tls_ca=ca, server_name="other.example"),
+        ):
+            with pytest.raises(OrchestratorUnavailableError):
+                await wrong.get_task_status("tls")
+            assert await wrong.health() is False
+
+
+async def test_secret_env_reaches_the_container_and_nothing_else(
+    project: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="dspy_agent_infra")
+    secret = f"sk-{uuid.uuid4().hex}"
+    web = http_service(env={"API_KEY": secret}, secret_env=["API_KEY"])
+    async with AgentInfra.start(
+        project=project, services=["web"], config={"services": {"web": web}}
+    ) as infra:
+        container = infra.service("web").container_id or ""
+        assert f"API_KEY={secret}" in inspect(container)["Config"]["Env"]
+        assert docker("exec", container, "sh", "-c", "echo $API_KEY").strip() == secret
+        status = await infra.status()
+        shown = [repr(infra.services), repr(status), str(infra.env), repr(infra)]
+        shown += [s.message for s in status.values()]
+        assert all(secret not in text for text in shown)
+    # A start that fails: its error and the log lines it carries hold no secret either.
+    failing = http_service(
+        env={"API_KEY": secret}, secret_env=["API_KEY"], command=["sh", "-c", "exit 3"]
+    )
+    with pytest.raises(ServiceStartError) as failed:
+        async with AgentInfra.start(
+            project=project, services=["web"], config={"services": {"web": failing}}
+        ):
+            pass
+    assert secret not in str(failed.value) + failed.value.reason + failed.value.logs
+    assert caplog.records and secret not in caplog.text
 
 
 def test_the_daemon_speaks_tls(

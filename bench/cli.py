@@ -4,8 +4,9 @@ docker-compose and the floor, in one run.
 The stack is bench/startup.py's: five services with a three-deep dependency chain on the local
 test images. Measured, each as the median of --runs runs, contenders interleaved:
   start     `dspy-agent start` until it exits 0 (every service healthy), from no containers
-  compose   `docker-compose up -d` with 1 s in-container health checks, until all are healthy
-  floor     `docker run -d` per dependency level with host-side probes between levels, timed
+  compose   `docker-compose up -d` with 100 ms in-container health checks (its best), until all
+            are healthy
+  floor     `docker run -d` per service as its dependencies answer, probes every 10 ms, timed
             inside this process (no interpreter start), and as a command (`python floor.py`)
   status    `dspy-agent status` (a subprocess, as typed) against `docker-compose ps`
   attach    `AgentInfra.start()` entered in a new event loop while the daemon runs: attached
@@ -144,7 +145,7 @@ def main() -> None:
     have_compose = shutil.which("docker-compose") is not None
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        (workdir / "docker-compose.yml").write_text(compose_file())
+        (workdir / "docker-compose.yml").write_text(compose_file("100ms"))
         for i in range(args.runs):
 
             def ours_round(i: int = i) -> None:
@@ -197,7 +198,7 @@ def main() -> None:
     if have_compose:
         rows.append(
             (
-                "`docker-compose up -d` (healthcheck interval 1s), to all healthy",
+                "`docker-compose up -d` (health interval 100ms), to all healthy",
                 median_ms(r["compose"]),
                 median_ms(r["compose"]) / start,
             )
@@ -248,8 +249,7 @@ EXPLANATION = """
 command, the daemon's own interpreter, both gRPC ports, and the stack; it returns once
 every service is healthy. The floor is timed twice: as a command, which pays for its
 interpreter as `dspy-agent start` does, and inside the benchmark's own process, which
-does not. On this Engine each container start costs 0.3 to 0.45 s, three times on the
-chain's critical path, and single runs vary by several hundred milliseconds, so the
+does not. Single runs vary by several hundred milliseconds on this Engine, so the
 figures are medians of interleaved runs. `status` and `docker-compose ps` are whole
 commands as typed (interpreter start included). *attach* is what an agent pays in its
 own process when a daemon already runs: the health probe, the services' state and the

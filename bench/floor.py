@@ -1,7 +1,9 @@
-"""The floor of the start benchmarks: plain `docker run -d` per dependency level, in parallel
-within a level, with host-side probes between levels. It knows the stack in advance and does
-nothing else: the least any tool must spend on this Engine. Standard library only, so that run
-as a command (`python bench/floor.py PROJECT`) it starts as fast as a script can.
+"""The floor of the start benchmarks: the least work any tool must do to bring this stack up on
+this Engine. One network, then one `docker run -d` per service, each issued the moment its own
+dependencies answer their probe (independent services at once, no level waits for another), and
+host-side probes every 10 ms. It knows the stack in advance and does nothing else. Standard
+library only, so that run as a command (`python bench/floor.py PROJECT`) it starts as fast as a
+script can.
 """
 
 from __future__ import annotations
@@ -10,10 +12,10 @@ import functools
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 
 BUSYBOX = "dspy-agent-test/busybox:latest"
 REDIS = "dspy-agent-test/redis:latest"
@@ -26,7 +28,6 @@ STACK: dict[str, tuple[str, int, str, list[str]]] = {
     "infermesh": (BUSYBOX, 8000, "http", ["redis"]),
     "model_server": (BUSYBOX, 8001, "http", ["reddb", "infermesh"]),
 }
-LEVELS = [["redis", "ollama"], ["reddb", "infermesh"], ["model_server"]]
 
 
 def sh(*args: str) -> str:
@@ -45,13 +46,15 @@ def probe(kind: str, port: int) -> bool:
         return False
 
 
-def wait_until(check: Callable[[], bool], what: str, limit: float = 60) -> None:
-    delay, deadline = 0.005, time.monotonic() + limit
+def wait_until(
+    check: Callable[[], bool], what: str, limit: float = 60, every: float = 0.01
+) -> None:
+    """Polls `check` every `every` seconds (10 ms: the floor's probe interval)."""
+    deadline = time.monotonic() + limit
     while not check():
         if time.monotonic() > deadline:
             raise RuntimeError(f"{what} not ready within {limit} s")
-        time.sleep(delay)
-        delay = min(delay * 1.5, 0.25)
+        time.sleep(every)
 
 
 def floor_run(project: str) -> float:
@@ -59,37 +62,51 @@ def floor_run(project: str) -> float:
     began = time.perf_counter()
     sh("docker", "network", "create", network)
     ids: list[str] = []
+    healthy = {name: threading.Event() for name in STACK}
+    failures: list[BaseException] = []
+
+    def bring_up(name: str) -> None:
+        image, port, probe_kind, deps = STACK[name]
+        try:
+            for dep in deps:
+                if not healthy[dep].wait(60):
+                    raise RuntimeError(f"{dep} never became healthy")
+            cid = sh(
+                "docker",
+                "run",
+                "-d",
+                "--name",
+                f"{project}-{name}",
+                "--network",
+                network,
+                "--network-alias",
+                name,
+                "-e",
+                f"PORTS={port}",
+                "-p",
+                f"127.0.0.1::{port}",
+                "--label",
+                f"bench={project}",
+                image,
+            ).strip()
+            ids.append(cid)
+            host_port = int(sh("docker", "port", cid, f"{port}/tcp").split(":")[-1])
+            wait_until(functools.partial(probe, probe_kind, host_port), name)
+            healthy[name].set()
+        except BaseException as e:
+            failures.append(e)
+            # Dependents give up at once instead of waiting for a dependency that failed.
+            for event in healthy.values():
+                event.set()
+
     try:
-        for level in LEVELS:
-
-            def run(name: str) -> tuple[str, str, int]:
-                image, port, probe_kind, _ = STACK[name]
-                cid = sh(
-                    "docker",
-                    "run",
-                    "-d",
-                    "--name",
-                    f"{project}-{name}",
-                    "--network",
-                    network,
-                    "--network-alias",
-                    name,
-                    "-e",
-                    f"PORTS={port}",
-                    "-p",
-                    f"127.0.0.1::{port}",
-                    "--label",
-                    f"bench={project}",
-                    image,
-                ).strip()
-                host_port = int(sh("docker", "port", cid, f"{port}/tcp").split(":")[-1])
-                return cid, probe_kind, host_port
-
-            with ThreadPoolExecutor(len(level)) as pool:
-                started = list(pool.map(run, level))
-            for cid, probe_kind, host_port in started:
-                ids.append(cid)
-                wait_until(functools.partial(probe, probe_kind, host_port), cid)
+        threads = [threading.Thread(target=bring_up, args=(name,)) for name in STACK]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if failures:
+            raise failures[0]
         return time.perf_counter() - began
     finally:
         if ids:

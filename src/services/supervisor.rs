@@ -496,7 +496,7 @@ impl Supervisor {
         if !self.healing().awaiting.remove(&name) {
             return;
         }
-        let looping = {
+        let recent = {
             let mut healing = self.healing();
             let times = healing.restarts.entry(name.clone()).or_default();
             let now = Instant::now();
@@ -507,20 +507,20 @@ impl Supervisor {
             {
                 times.pop_front();
             }
-            times.len() > CRASH_LIMIT
+            times.len()
         };
         if let Some(s) = self.lock().get_mut(&name) {
             s.restart_count += 1;
             s.engine_state = Some(RunState::Running);
         }
-        if looping {
+        if recent > CRASH_LIMIT {
             self.healing().halted.insert(name.clone());
             // Stopped by hand, the Engine does not restart it again.
             self.docker.stop(id, Duration::from_secs(1)).await;
             self.set_phase(
                 &name,
                 Phase::Failed,
-                format!("crash loop: restarted {CRASH_LIMIT} times within {CRASH_WINDOW:?}; stopped. Fix it, then `dspy-agent restart {name}`"),
+                format!("crash loop: restarted {recent} times within {CRASH_WINDOW:?}; stopped. Fix it, then `dspy-agent restart {name}`"),
             );
             return;
         }

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import subprocess
 import uuid
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -57,13 +58,30 @@ def state_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Monk
 
 
 @pytest.fixture
-def project() -> Iterator[str]:
+def project(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A project name of the test's own. Whatever it leaves running fails the test (after the
+    cleanup, so one leak does not spill into the next test); a test that keeps a stack on
+    purpose removes it itself."""
     name = f"t-{uuid.uuid4().hex[:10]}"
     yield name
-    # Safety net so one failing test does not leak into the next; tests assert leaks themselves.
-    for cid in containers(name):
+    leaked = containers(name)
+    for cid in leaked:
         subprocess.run(["docker", "rm", "-f", "-v", cid], capture_output=True)
     subprocess.run(["docker", "network", "rm", f"{name}_default"], capture_output=True)
     volumes = docker("volume", "ls", "-q", "--filter", f"name={name}_").split()
     if volumes:
         subprocess.run(["docker", "volume", "rm", *volumes], capture_output=True)
+    failed = getattr(request.node, "failed_already", False)
+    if leaked and not failed:
+        pytest.fail(f"{len(leaked)} container(s) of project {name} left behind: {leaked}")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, Any, None]:
+    # Tells the `project` fixture that the test failed already: its leaks are that failure's.
+    outcome = yield
+    report = outcome.get_result()
+    if report.when == "call" and report.failed:
+        item.failed_already = True  # type: ignore[attr-defined]

@@ -29,18 +29,23 @@ class Round:
     failed_calls: list[str]
     seconds: float
     rss_after: int
+    #: Submits answered while the service restart was in progress.
+    during_restart: int
 
 
 async def one_round(
     port: int, daemon_pid: int, clients: int, per_client: int, tag: str, restart: str | None
 ) -> Round:
     failed: list[str] = []
+    answered: list[float] = []
+    restart_window = [float("inf"), float("-inf")]
 
     async def client(c: int) -> None:
         async with OrchestratorClient(port=port) as oc:
             for i in range(per_client):
                 try:
                     await oc.submit_task(f"{tag}-{c}-{i}", "echo", {"c": c, "i": i})
+                    answered.append(time.perf_counter())
                 except Exception as e:  # every failure is collected and reported
                     failed.append(f"{tag}-{c}-{i}: {e}")
 
@@ -48,10 +53,12 @@ async def one_round(
         if restart is None:
             return
         await asyncio.sleep(0.2)
+        restart_window[0] = time.perf_counter()
         proc = await asyncio.create_subprocess_exec(
             DSPY_AGENT, "restart", restart, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
         )
         _, err = await proc.communicate()
+        restart_window[1] = time.perf_counter()
         if proc.returncode != 0:
             failed.append(f"restart {restart}: {err.decode()}")
 
@@ -66,7 +73,14 @@ async def one_round(
                     failed.append(f"{tag}-{c}-{i} ended {info.status}: {info.error}")
                 elif json.loads(info.result_payload) != {"c": c, "i": i}:
                     failed.append(f"{tag}-{c}-{i} has a wrong result")
-    return Round(clients * per_client, failed, time.perf_counter() - began, rss_bytes(daemon_pid))
+    during = sum(restart_window[0] <= t <= restart_window[1] for t in answered)
+    return Round(
+        clients * per_client,
+        failed,
+        time.perf_counter() - began,
+        rss_bytes(daemon_pid),
+        during,
+    )
 
 
 def daemon_pid() -> int:

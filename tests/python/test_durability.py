@@ -117,3 +117,84 @@ async def test_sigkill_with_a_thousand_tasks_in_flight(tmp_path: Path) -> None:
     kill_after = random.randint(50, 900)
     print(f"killing after {kill_after} of 1000 tasks completed")
     await killed_mid_run(tmp_path / "tasks.db", n=1000, limit=64, kill_after=kill_after)
+
+
+SUBMITTER = textwrap.dedent(
+    """
+    import asyncio, sys
+    from dspy_agent_infra import AgentInfra
+
+    async def main(store, n):
+        config = {"tasks": {"store": store}, "orchestrator_addr": "127.0.0.1:0"}
+        async with AgentInfra.start(services=[], config=config) as infra:
+
+            @infra.task_handler("work")
+            async def work(task):
+                await asyncio.sleep(3600)
+
+            async def submit(i):
+                await infra.submit_task(
+                    f"s{i:04}", "work", {"i": i, "pad": "x" * 512}, max_retries=3
+                )
+                print(f"ACK s{i:04}", flush=True)
+
+            # Waves of submits, so that the kill lands while some are acknowledged and others
+            # are still on their way to the disk.
+            for start in range(0, n, 50):
+                await asyncio.gather(*(submit(i) for i in range(start, min(n, start + 50))))
+            await asyncio.Event().wait()
+
+    asyncio.run(main(sys.argv[1], int(sys.argv[2])))
+    """
+)
+
+ROWS = """
+import json, sqlite3, sys
+conn = sqlite3.connect(sys.argv[1])
+rows = conn.execute("SELECT task_id, payload FROM tasks")
+print(json.dumps({task_id: payload.decode() for task_id, payload in rows}))
+"""
+
+
+async def test_sigkill_while_submits_are_in_flight(tmp_path: Path) -> None:
+    db, n = tmp_path / "tasks.db", 2000
+    kill_after = random.randint(1, 1500)
+    print(f"killing after {kill_after} of {n} submits were acknowledged")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SUBMITTER, str(db), str(n)], stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None
+    acknowledged = []
+    for line in proc.stdout:
+        acknowledged.append(line.split()[1])
+        if len(acknowledged) == kill_after:
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait()
+    assert len(acknowledged) == kill_after
+
+    out = subprocess.run(
+        [sys.executable, "-c", ROWS, str(db)], check=True, capture_output=True, text=True
+    ).stdout
+    stored: dict[str, str] = json.loads(out)
+    # Every acknowledged submit is on disk; nothing past the submits that were sent is.
+    assert set(acknowledged) <= set(stored)
+    assert set(stored) <= {f"s{i:04}" for i in range(n)}
+    # Whatever is there is whole: the payload it was submitted with, not part of it.
+    for task_id, payload in stored.items():
+        assert json.loads(payload) == {"i": int(task_id[1:]), "pad": "x" * 512}, task_id
+
+    # A new process runs every stored task, acknowledged or not, exactly as submitted.
+    ran: list[int] = []
+    async with AgentInfra.start(
+        services=[], config={"tasks": {"store": str(db)}, "orchestrator_addr": "127.0.0.1:0"}
+    ) as infra:
+
+        @infra.task_handler("work")
+        async def work(task: Task) -> str:
+            ran.append(task.json()["i"])
+            return "done"
+
+        finals = [await infra.wait_for_task(task_id, timeout=60) for task_id in sorted(stored)]
+    assert {f.status for f in finals} == {TaskStatus.COMPLETED}
+    assert sorted(ran) == sorted(int(t[1:]) for t in stored)

@@ -29,10 +29,11 @@ async def test_fifty_clients_while_a_service_restarts(
         ]
         for r in rounds:
             assert r.failed_calls == []
-        # The first round grows the process to its working size; later rounds stay there.
-        assert rounds[2].rss_after <= rounds[1].rss_after * 1.15 + 16 * 2**20, [
-            r.rss_after for r in rounds
-        ]
+            # The restart happened under load, not before or after it.
+            assert r.during_restart > 0
+        # The first round grows the process to its working size; later rounds stay within 15%
+        # of it (docs/RELIABILITY.md).
+        assert rounds[2].rss_after <= rounds[1].rss_after * 1.15, [r.rss_after for r in rounds]
         assert run("status").returncode == 0
     finally:
         subprocess.run([DSPY_AGENT, "stop"], capture_output=True, timeout=60)

@@ -63,9 +63,12 @@ def test_each_example_runs_and_exits_cleanly_every_time(
         if run.returncode != 0:
             failures.append(f"run {i}: exit {run.returncode}\n{run.stderr[-2000:]}")
     assert not failures, f"{name}: {len(failures)} of {RUNS} runs failed\n" + "\n".join(failures)
-    # Only a stack kept on purpose (keep_running=True) may be left.
-    if "keep_running=True" not in code:
-        assert containers(project) == []
+    # Only a stack kept on purpose (keep_running=True) may be left; it is removed here.
+    if "keep_running=True" in code:
+        assert containers(project)
+        for cid in containers(project):
+            docker("rm", "-f", cid)
+    assert containers(project) == []
 
 
 # Two code blocks of the hand-off document users migrate with (PYTHON_DEVELOPER_HANDOFF.md:

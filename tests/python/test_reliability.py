@@ -18,7 +18,9 @@ from typing import Any
 
 import pytest
 
+import grpc
 from dspy_agent_infra import AgentInfra, Task
+from dspy_agent_infra.pb.env_manager import env_manager_pb2, env_manager_pb2_grpc
 from helpers import BUSYBOX, ROOT, EngineProxy, containers, docker, http_service
 
 # Starts a stack of one HTTP service, says "ready", and waits to be killed.
@@ -54,6 +56,27 @@ def start_owner(project: str, services: dict[str, Any], keep: bool) -> subproces
     return owner
 
 
+def watchdogs(project: str) -> list[int]:
+    """Pids of the watchdog processes of `project`, found by their command line."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"watchdog" in argv and project.encode() in argv and pid_alive(int(proc.name)):
+            found.append(int(proc.name))
+    return found
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
 def wait_for(check: Any, limit: float = 15) -> bool:
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
@@ -77,10 +100,11 @@ async def test_a_kept_stack_survives_its_owner_and_is_reused(project: str) -> No
     services = {"web": http_service()}
     owner = start_owner(project, services, keep=True)
     [kept] = containers(project)
+    [watchdog] = watchdogs(project)
     os.kill(owner.pid, signal.SIGKILL)
     owner.wait()
-    # Give a watchdog the time it would need, then check it left the stack alone.
-    time.sleep(2)
+    # The watchdog has done all it will do once it exits: it left the stack alone.
+    assert wait_for(lambda: not pid_alive(watchdog)), "the watchdog did not exit"
     assert containers(project) == [kept]
     async with AgentInfra.start(
         project=project, services=list(services), config={"services": services}
@@ -113,7 +137,9 @@ async def test_the_next_start_removes_what_a_dead_owner_left(project: str) -> No
     assert containers(project) == []
 
 
-def phases(infra: AgentInfra, name: str, until: str, limit: float = 30) -> list[tuple[str, str]]:
+async def phases(
+    infra: AgentInfra, name: str, until: str, limit: float = 30
+) -> list[tuple[str, str]]:
     """The (status, message) pairs a service goes through, until one's message contains
     `until`."""
     seen: list[tuple[str, str]] = []
@@ -124,8 +150,15 @@ def phases(infra: AgentInfra, name: str, until: str, limit: float = 30) -> list[
             seen.append((s.status, s.message))
             if until in s.message:
                 return seen
-        time.sleep(0.01)
+        await asyncio.sleep(0.01)
     raise AssertionError(f"{name} never said {until!r}: {seen}")
+
+
+async def restart_counts(infra: AgentInfra) -> dict[str, int]:
+    async with grpc.aio.insecure_channel(infra.env_manager_addr) as channel:
+        stub = env_manager_pb2_grpc.EnvManagerServiceStub(channel)
+        status = await stub.GetServicesStatus(env_manager_pb2.GetServicesStatusRequest())
+    return {s.name: s.restart_count for s in status.services}
 
 
 async def test_a_killed_service_is_seen_and_comes_back_healthy(project: str) -> None:
@@ -135,8 +168,23 @@ async def test_a_killed_service_is_seen_and_comes_back_healthy(project: str) -> 
     ) as infra:
         web = infra.service("web").container_id
         assert web
-        docker("kill", web)
-        seen = phases(infra, "web", "healthy again")
+        assert (await restart_counts(infra))["web"] == 0
+        async with grpc.aio.insecure_channel(infra.env_manager_addr) as channel:
+            stub = env_manager_pb2_grpc.EnvManagerServiceStub(channel)
+            updates = stub.StreamHealth(env_manager_pb2.StreamHealthRequest(services=["app"]))
+            await updates.wait_for_connection()
+            docker("kill", web)
+            seen = await phases(infra, "web", "healthy again")
+            # Its dependent is told.
+
+            async def told() -> None:
+                async for update in updates:
+                    if update.message == "its dependency web went down":
+                        return
+                raise AssertionError("the health stream ended before app was told")
+
+            await asyncio.wait_for(told(), 30)
+            updates.cancel()
         assert (
             "failed",
             "container exited with code 137; its restart policy brings it back",
@@ -144,12 +192,13 @@ async def test_a_killed_service_is_seen_and_comes_back_healthy(project: str) -> 
         assert seen[-1][0] == "healthy"
         assert infra.service("web").container_id == web  # the Engine restarted the same one
         assert infra.service("app").status == "healthy"
+        assert (await restart_counts(infra))["web"] == 1
 
         # Without a restart policy, a death is reported and stays so.
         app = infra.service("app").container_id
         assert app
         docker("kill", app)
-        seen = phases(infra, "app", "exited with code 137")
+        seen = await phases(infra, "app", "exited with code 137")
         assert seen[-1] == ("failed", "container exited with code 137")
 
 
@@ -250,11 +299,13 @@ async def test_a_crash_loop_is_stopped_and_stays_stopped(
     # Healthy at once, then exits after a second, again and again.
     flaky = http_service(restart="always", command=["sh", "-c", "/serve & sleep 1; exit 3"])
     async with through(relay, project, {"flaky": flaky}) as infra:
-        seen = phases(infra, "flaky", "crash loop", limit=60)
+        seen = await phases(infra, "flaky", "crash loop", limit=60)
         assert seen[-1][0] == "failed"
+        # More than 5 restarts within the 60 s window.
+        assert "restarted 6 times within 60s" in seen[-1][1]
+        assert (await restart_counts(infra))["flaky"] == 6
         cid = infra.service("flaky").container_id
         assert cid
-        time.sleep(1)
         assert docker("inspect", "-f", "{{.State.Running}}", cid).strip() == "false"
 
         # The Engine goes away and comes back: what went down meanwhile is revived, but not a
@@ -267,3 +318,6 @@ async def test_a_crash_loop_is_stopped_and_stays_stopped(
             await asyncio.sleep(0.05)
         assert docker("inspect", "-f", "{{.State.Running}}", cid).strip() == "false"
         assert "crash loop" in infra.service("flaky").message
+        # By hand, it runs again.
+        assert (await infra.restart("flaky")).status == "healthy"
+        assert docker("inspect", "-f", "{{.State.Running}}", cid).strip() == "true"

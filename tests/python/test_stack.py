@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 import socket
@@ -51,18 +52,25 @@ async def test_dependent_starts_after_its_dependency_is_healthy(project: str) ->
     assert containers(project) == []
 
 
+def gated(me: str, other: str, **extra: Any) -> dict[str, Any]:
+    """An HTTP service that serves (and so becomes healthy) only once `other` has started: both
+    mount one volume, where each marks its own start and waits for the other's mark."""
+    wait = f"touch /gate/{me}; until [ -e /gate/{other} ]; do sleep 0.05; done; exec /serve"
+    return http_service(volumes=["gate:/gate"], command=["sh", "-c", wait], **extra)
+
+
 async def test_independent_services_start_in_parallel(project: str) -> None:
+    # Were a's start to wait for b to be healthy, or b's for a, neither would ever be: the stack
+    # comes up only if both start before either is healthy.
     services = {
-        "a": http_service(env={"START_DELAY": "2"}),
-        "b": http_service(env={"START_DELAY": "2"}),
+        "a": gated("a", "b"),
+        "b": gated("b", "a"),
         "c": http_service(depends_on=["a", "b"]),
     }
     async with start(project, services) as infra:
-        a, b, c = (started_at(infra.service(n).container_id or "") for n in "abc")
-        # Neither a nor b waited for the other to become healthy (2 s)...
-        assert abs((a - b).total_seconds()) < 2.0
-        # ...and c waited for both.
-        assert (c - max(a, b)).total_seconds() >= 2.0 - abs((a - b).total_seconds())
+        assert {s.status for s in infra.services.values()} == {"healthy"}
+        a, b, c = (started_at(infra.service(n).container_id or "") for n in ("a", "b", "c"))
+        # c waited for both.
         assert c > a and c > b
 
 
@@ -351,14 +359,24 @@ async def test_container_settings_reach_the_engine(project: str, tmp_path: Path)
     assert containers(project) == []
 
 
-async def test_gpu_requests_on_an_engine_without_gpus(project: str) -> None:
-    # "auto" asks for GPUs only when the Engine offers the NVIDIA runtime; this one does not.
+def engine_has_gpus() -> bool:
+    runtimes = docker("info", "--format", "{{json .Runtimes}}")
+    return "nvidia" in json.loads(runtimes)
+
+
+async def test_gpu_requests_follow_the_engine(project: str) -> None:
+    gpus = engine_has_gpus()
+    # "auto" asks for GPUs exactly when the Engine offers the NVIDIA runtime.
     async with start(project, {"llm": http_service(resources={"gpus": "auto"})}) as infra:
         c = inspect(infra.service("llm").container_id or "")
-        assert not c["HostConfig"].get("DeviceRequests")
-    # An explicit request the Engine cannot meet fails with the service named.
-    with pytest.raises(ServiceStartError) as err:
-        async with start(project, {"llm": http_service(resources={"gpus": "all"})}):
-            pytest.fail("no GPU here")
-    assert err.value.service == "llm"
+        assert bool(c["HostConfig"].get("DeviceRequests")) == gpus
+    if gpus:
+        async with start(project, {"llm": http_service(resources={"gpus": "all"})}) as infra:
+            assert infra.service("llm").status == "healthy"
+    else:
+        # An explicit request the Engine cannot meet fails with the service named.
+        with pytest.raises(ServiceStartError) as err:
+            async with start(project, {"llm": http_service(resources={"gpus": "all"})}):
+                pytest.fail("this Engine has no GPU runtime")
+        assert err.value.service == "llm"
     assert containers(project) == []

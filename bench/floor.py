@@ -8,7 +8,11 @@ script can.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import http.client
+import json
+import os
 import socket
 import subprocess
 import sys
@@ -16,6 +20,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable
+from typing import Any
 
 BUSYBOX = "dspy-agent-test/busybox:latest"
 REDIS = "dspy-agent-test/redis:latest"
@@ -112,6 +117,101 @@ def floor_run(project: str) -> float:
         if ids:
             subprocess.run(["docker", "rm", "-f", *ids], capture_output=True)
         subprocess.run(["docker", "network", "rm", network], capture_output=True)
+
+
+class _EngineConnection(http.client.HTTPConnection):
+    """HTTP to the Docker Engine's Unix socket."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__("localhost", timeout=60)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(self._path)
+        self.sock = sock
+
+
+def engine_socket() -> str:
+    host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+    return host.removeprefix("unix://")
+
+
+def api(method: str, path: str, body: Any = None) -> Any:
+    """One Engine API call on a connection of its own (calls run in parallel threads)."""
+    conn = _EngineConnection(engine_socket())
+    try:
+        data = json.dumps(body).encode() if body is not None else None
+        headers = {"Content-Type": "application/json"} if data is not None else {}
+        conn.request(method, path, body=data, headers=headers)
+        response = conn.getresponse()
+        text = response.read()
+        if response.status >= 300:
+            raise RuntimeError(f"{method} {path}: {response.status} {text[:200]!r}")
+        return json.loads(text) if text else None
+    finally:
+        conn.close()
+
+
+def floor_api_run(project: str, create_first: bool = False) -> float:
+    """The floor without a CLI process per operation: the same steps as `floor_run`, each one
+    Engine API call over the Unix socket, from this process. With `create_first`, every
+    container is created at once up front, and only its start waits for its dependencies."""
+    network = f"{project}_net"
+    began = time.perf_counter()
+    api("POST", "/networks/create", {"Name": network})
+    ids: list[str] = []
+    healthy = {name: threading.Event() for name in STACK}
+    failures: list[BaseException] = []
+
+    def bring_up(name: str) -> None:
+        image, port, probe_kind, deps = STACK[name]
+        try:
+            if not create_first:
+                for dep in deps:
+                    if not healthy[dep].wait(60):
+                        raise RuntimeError(f"{dep} never became healthy")
+            spec = {
+                "Image": image,
+                "Env": [f"PORTS={port}"],
+                "Labels": {"bench": project},
+                "ExposedPorts": {f"{port}/tcp": {}},
+                "HostConfig": {
+                    "NetworkMode": network,
+                    "PortBindings": {f"{port}/tcp": [{"HostIp": "127.0.0.1", "HostPort": ""}]},
+                },
+                "NetworkingConfig": {"EndpointsConfig": {network: {"Aliases": [name]}}},
+            }
+            cid = api("POST", f"/containers/create?name={project}-{name}", spec)["Id"]
+            ids.append(cid)
+            for dep in deps:
+                if not healthy[dep].wait(60):
+                    raise RuntimeError(f"{dep} never became healthy")
+            api("POST", f"/containers/{cid}/start")
+            ports = api("GET", f"/containers/{cid}/json")["NetworkSettings"]["Ports"]
+            host_port = int(ports[f"{port}/tcp"][0]["HostPort"])
+            wait_until(functools.partial(probe, probe_kind, host_port), name)
+            healthy[name].set()
+        except BaseException as e:
+            failures.append(e)
+            for event in healthy.values():
+                event.set()
+
+    try:
+        threads = [threading.Thread(target=bring_up, args=(name,)) for name in STACK]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if failures:
+            raise failures[0]
+        return time.perf_counter() - began
+    finally:
+        for cid in ids:
+            with contextlib.suppress(RuntimeError, OSError):
+                api("DELETE", f"/containers/{cid}?force=true")
+        with contextlib.suppress(RuntimeError, OSError):
+            api("DELETE", f"/networks/{network}")
 
 
 if __name__ == "__main__":

@@ -30,6 +30,9 @@ async def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--write", type=Path)
     args = parser.parse_args()
+    # The run happens in a folder of its own; the report goes where it was asked for.
+    if args.write:
+        args.write = args.write.resolve()
 
     with tempfile.TemporaryDirectory() as tmp:
         os.chdir(tmp)
@@ -52,7 +55,8 @@ async def main() -> None:
                 )
                 rows.append(
                     f"| {n + 1} | {r.submitted} | {len(r.failed_calls)} | "
-                    f"{r.submitted / r.seconds:.0f} | {r.rss_after / 2**20:.0f} |"
+                    f"{r.during_restart} | {r.submitted / r.seconds:.0f} | "
+                    f"{r.rss_after / 2**20:.0f} |"
                 )
                 print(rows[-1], file=sys.stderr)
         finally:
@@ -68,10 +72,11 @@ async def main() -> None:
         `dspy-agent restart redis` runs; the round ends when every task has completed with its
         own result.
 
-        | round | tasks | failed calls | tasks/s, submit to all completed | daemon RSS MiB after |
-        | ---: | ---: | ---: | ---: | ---: |
         """
         )
+        + "| round | tasks | failed calls | submits answered during the restart "
+        + "| tasks/s, submit to all completed | daemon RSS MiB after |\n"
+        + "| ---: | ---: | ---: | ---: | ---: | ---: |\n"
         + "\n".join(rows)
         + "\n"
     )

@@ -17,11 +17,12 @@ use crate::config::{Config, ConfigError, LoadOptions, CONFIG_FILE_NAME};
 use crate::daemon::{self, DaemonInfo, Found};
 use crate::docker::{labels, ContainerInfo, Docker, RunState};
 use crate::grpc::auth::{endpoint, AuthChannel, Bearer};
-use crate::grpc::env_manager::{rfc3339_ms, OWN_LOG_SERVICE};
+use crate::grpc::env_manager::OWN_LOG_SERVICE;
 use crate::grpc::{env_pb, pb, MAX_MESSAGE_BYTES};
 use crate::owner::{self, Owner};
 use crate::services::spec::parse_duration;
 use crate::tasks::store::now_ms;
+use crate::util::rfc3339_ms;
 use crate::watchdog::{self, Launcher};
 
 pub const EXIT_OK: i32 = 0;
@@ -512,7 +513,7 @@ async fn sweep(config: &Config, owner: Option<u32>) -> usize {
         }
     }
     docker
-        .remove_network(&format!("{}_default", config.project))
+        .remove_network(&crate::util::network_name(&config.project))
         .await;
     removed
 }
@@ -779,7 +780,7 @@ async fn sweep_all(config: &Config, found: &[ContainerInfo]) -> usize {
         }
     }
     docker
-        .remove_network(&format!("{}_default", config.project))
+        .remove_network(&crate::util::network_name(&config.project))
         .await;
     removed
 }

@@ -163,7 +163,7 @@ fn redirect_output(file: &File) -> std::io::Result<()> {
 /// Runs the daemon to the end and returns the process exit code. Before its ready line, errors
 /// go to stderr (the starting command shows them); after it, everything goes to the log file.
 pub fn run(options: LoadOptions, launcher: Launcher) -> i32 {
-    ignore_sigpipe();
+    crate::util::ignore_sigpipe();
     let config = match Config::load(options) {
         Ok(c) => c,
         Err(e) => {
@@ -298,16 +298,6 @@ fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
             _ = int.recv() => {}
         }
     })
-}
-
-/// A long-running process must not die when a peer closes a socket it still writes to (a client
-/// that went away mid-response): the write fails with EPIPE instead. The command line, which
-/// launches the daemon and the watchdog, lets SIGPIPE end it like any Unix tool.
-pub fn ignore_sigpipe() {
-    // SAFETY: setting a signal's disposition to SIG_IGN has no memory effects.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
-    }
 }
 
 /// Sends `signal` to process `pid`.

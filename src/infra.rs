@@ -350,7 +350,7 @@ impl Infra {
     pub async fn shutdown(&self, keep_running: bool) {
         self.follow.cancel();
         self.queue.shutdown();
-        let servers = std::mem::take(&mut *self.servers.lock().unwrap_or_else(|e| e.into_inner()));
+        let servers = std::mem::take(&mut *crate::util::lock(&self.servers));
         for server in servers {
             server.shutdown().await;
         }

@@ -14,6 +14,7 @@ pub mod remote;
 pub mod runtime;
 pub mod services;
 pub mod tasks;
+pub mod util;
 pub mod watchdog;
 
 #[cfg(feature = "python")]

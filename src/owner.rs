@@ -119,7 +119,7 @@ pub fn live_creator(labels: &BTreeMap<String, String>, docker_host: &str) -> Opt
         return None;
     }
     let pid = labels.get(docker_labels::OWNER_PID)?.parse::<u32>().ok()?;
-    (!crate::watchdog::is_dead(pid)).then(|| Owner {
+    (!crate::util::is_dead(pid)).then(|| Owner {
         pid,
         addr: labels
             .get(docker_labels::OWNER_ADDR)

@@ -146,10 +146,7 @@ impl Remote {
 
     /// The services as last fetched.
     pub fn services(&self) -> Vec<ServiceState> {
-        self.services
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        crate::util::lock(&self.services).clone()
     }
 
     /// The services, fetched now.
@@ -162,7 +159,7 @@ impl Remote {
             .map_err(|s| rpc("services status", s))?
             .into_inner();
         let states: Vec<ServiceState> = r.services.into_iter().map(service_state).collect();
-        *self.services.lock().unwrap_or_else(|e| e.into_inner()) = states.clone();
+        *crate::util::lock(&self.services) = states.clone();
         Ok(states)
     }
 

@@ -71,10 +71,10 @@ impl Watchdog {
 
     /// The owner stopped (or kept) its stack itself: the watchdog leaves without cleaning up.
     pub fn release(&self) {
-        if let Some(mut stdin) = self.stdin.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        if let Some(mut stdin) = crate::util::lock(&self.stdin).take() {
             let _ = stdin.write_all(RELEASE);
         }
-        if let Some(mut child) = self.child.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        if let Some(mut child) = crate::util::lock(&self.child).take() {
             // Reaped on a thread of its own, so the caller does not wait for it.
             std::thread::spawn(move || child.wait());
         }
@@ -85,7 +85,7 @@ impl Drop for Watchdog {
     fn drop(&mut self) {
         // Dropping without `release` closes the pipe like a death would: the watchdog cleans
         // up, which is right when the stack was never stopped.
-        if let Some(mut child) = self.child.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        if let Some(mut child) = crate::util::lock(&self.child).take() {
             std::thread::spawn(move || child.wait());
         }
     }
@@ -94,7 +94,7 @@ impl Drop for Watchdog {
 /// The watchdog process: waits for its owner to end, and removes the session's containers
 /// (except those the user asked to keep running) unless the owner released it.
 pub fn run(project: &str, session: &str, docker_host: Option<&str>) -> i32 {
-    crate::daemon::ignore_sigpipe();
+    crate::util::ignore_sigpipe();
     let mut said = Vec::new();
     let _ = std::io::stdin().lock().read_to_end(&mut said);
     if said.starts_with(RELEASE) {
@@ -122,7 +122,9 @@ pub fn run(project: &str, session: &str, docker_host: Option<&str>) -> i32 {
             return 1;
         };
         let removed = remove_session(&docker, session).await;
-        docker.remove_network(&format!("{project}_default")).await;
+        docker
+            .remove_network(&crate::util::network_name(project))
+            .await;
         tracing::warn!(
             project,
             session,
@@ -148,24 +150,4 @@ async fn remove_session(docker: &Docker, session: &str) -> usize {
         }
     }
     removed
-}
-
-/// Whether process `pid` of this machine has ended (a zombie has).
-pub fn is_dead(pid: u32) -> bool {
-    let Ok(raw) = libc::pid_t::try_from(pid) else {
-        return true;
-    };
-    // SAFETY: signal 0 only checks that the process exists.
-    let exists = unsafe { libc::kill(raw, 0) } == 0
-        || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
-    if !exists {
-        return true;
-    }
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|stat| {
-            stat.rsplit_once(')')
-                .and_then(|(_, rest)| rest.split_whitespace().next().map(|s| s == "Z"))
-        })
-        .unwrap_or(false)
 }

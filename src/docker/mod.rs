@@ -43,7 +43,35 @@ pub enum DockerError {
     #[error("image {image:?} is not available: {message}")]
     Image { image: String, message: String },
     #[error("{context}: {message}")]
-    Api { context: String, message: String },
+    Api {
+        context: String,
+        message: String,
+        /// What the Engine's HTTP status says, so that callers never decide on the text.
+        kind: ApiErrorKind,
+    },
+}
+
+/// An Engine API error by its HTTP status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApiErrorKind {
+    /// 404: no such container, image, network...
+    NotFound,
+    /// 409: a name in use, a container in the wrong state.
+    Conflict,
+    Other,
+}
+
+impl DockerError {
+    /// The object the call named does not exist (any more).
+    pub fn is_not_found(&self) -> bool {
+        matches!(
+            self,
+            DockerError::Api {
+                kind: ApiErrorKind::NotFound,
+                ..
+            }
+        )
+    }
 }
 
 impl DockerError {
@@ -62,6 +90,11 @@ impl DockerError {
             _ => DockerError::Api {
                 context: context.into(),
                 message: engine_message(&e),
+                kind: match status_of(&e) {
+                    Some(404) => ApiErrorKind::NotFound,
+                    Some(409) => ApiErrorKind::Conflict,
+                    _ => ApiErrorKind::Other,
+                },
             },
         }
     }

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::config::Config;
-use crate::docker::{Docker, DockerError, RunState};
+use crate::docker::{ApiErrorKind, Docker, DockerError, RunState};
 use crate::grpc::env_pb as pb;
 use crate::services::spec::PullPolicy;
 use crate::services::supervisor::{Phase, ServiceEvent, ServiceState, StackError, Supervisor};
@@ -178,10 +178,11 @@ pub fn docker_status(e: DockerError) -> Status {
     match e {
         DockerError::Unavailable { .. } => Status::unavailable(message),
         DockerError::Image { .. } => Status::failed_precondition(message),
-        DockerError::Api { .. } if message.contains("No such container") => {
-            Status::not_found(message)
-        }
-        DockerError::Api { .. } => Status::internal(message),
+        DockerError::Api { kind, .. } => match kind {
+            ApiErrorKind::NotFound => Status::not_found(message),
+            ApiErrorKind::Conflict => Status::failed_precondition(message),
+            ApiErrorKind::Other => Status::internal(message),
+        },
     }
 }
 
@@ -204,42 +205,6 @@ fn health_update(service: &str, phase: Phase, message: &str) -> pb::HealthUpdate
     }
 }
 
-/// Milliseconds since the epoch of an RFC 3339 time as the Engine writes it
-/// (`2026-11-27T09:40:12.123456789Z`); `None` for the Engine's "never" (year 1).
-pub fn rfc3339_ms(text: &str) -> Option<i64> {
-    let (date, time) = text.split_once('T')?;
-    let mut d = date.splitn(3, '-').map(|p| p.parse::<i64>().ok());
-    let (y, m, day) = (d.next()??, d.next()??, d.next()??);
-    if y < 1970 {
-        return None;
-    }
-    let (clock, offset_s) = match time.find(['Z', '+', '-']) {
-        Some(i) if &time[i..i + 1] == "Z" => (&time[..i], 0),
-        Some(i) => {
-            let sign = if &time[i..i + 1] == "-" { -1 } else { 1 };
-            let (oh, om) = time[i + 1..].split_once(':')?;
-            (
-                &time[..i],
-                sign * (oh.parse::<i64>().ok()? * 3600 + om.parse::<i64>().ok()? * 60),
-            )
-        }
-        None => (time, 0),
-    };
-    let (hms, frac) = clock.split_once('.').unwrap_or((clock, ""));
-    let mut t = hms.splitn(3, ':').map(|p| p.parse::<i64>().ok());
-    let (h, min, s) = (t.next()??, t.next()??, t.next()??);
-    let millis: i64 = format!("{frac:0<3}")[..3].parse().ok()?;
-    // Days from the civil date (proleptic Gregorian), after Howard Hinnant's algorithm.
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    Some(((days * 86_400 + h * 3600 + min * 60 + s) - offset_s) * 1000 + millis)
-}
-
 fn service_status(s: ServiceState) -> pb::ServiceStatus {
     pb::ServiceStatus {
         url: s.url().unwrap_or_default(),
@@ -257,9 +222,11 @@ fn service_status(s: ServiceState) -> pb::ServiceStatus {
             })
             .collect(),
         started_at_ms: match s.engine_state {
-            Some(RunState::Running | RunState::Paused) => {
-                s.started_at.as_deref().and_then(rfc3339_ms).unwrap_or(0)
-            }
+            Some(RunState::Running | RunState::Paused) => s
+                .started_at
+                .as_deref()
+                .and_then(crate::util::rfc3339_ms)
+                .unwrap_or(0),
             _ => 0,
         },
         restart_count: s.restart_count,
@@ -805,21 +772,6 @@ impl pb::env_manager_service_server::EnvManagerService for EnvManager {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn engine_times_convert_to_epoch_milliseconds() {
-        assert_eq!(rfc3339_ms("1970-01-01T00:00:00Z"), Some(0));
-        assert_eq!(
-            rfc3339_ms("2026-11-27T09:40:12.123456789Z"),
-            Some(1_795_772_412_123)
-        );
-        assert_eq!(
-            rfc3339_ms("2026-11-27T10:40:12.5+01:00"),
-            Some(1_795_772_412_500)
-        );
-        assert_eq!(rfc3339_ms("0001-01-01T00:00:00Z"), None);
-        assert_eq!(rfc3339_ms("yesterday"), None);
-    }
 
     #[test]
     fn lines_are_split_per_stream_and_partial_lines_wait() {

@@ -2,7 +2,7 @@
 //! for an orchestrator in another process.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -17,13 +17,10 @@ use crate::grpc::workers::LEASE;
 use crate::tasks::handlers::{Handler, HandlerError};
 use crate::tasks::model::{NewTask, TaskRecord, TaskState};
 use crate::tasks::store::now_ms;
+use crate::util::lock;
 
 type Handlers = Arc<Mutex<BTreeMap<String, Arc<dyn Handler>>>>;
 type Running = Arc<Mutex<HashMap<(String, u32), CancellationToken>>>;
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 pub struct WorkerClient {
     handlers: Handlers,

@@ -62,7 +62,7 @@ impl Workers {
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        crate::util::lock(&self.state)
     }
 
     /// Checks a hello's fields.
@@ -327,10 +327,11 @@ mod tests {
     use std::sync::OnceLock;
 
     use super::*;
+    use crate::config::Durability;
     use crate::grpc::worker_client::WorkerClient;
     use crate::tasks::handlers::boxed;
     use crate::tasks::model::{NewTask, TaskState};
-    use crate::tasks::store::{Durability, TaskStore};
+    use crate::tasks::store::TaskStore;
 
     /// Answers "done by NAME", or never answers when the payload says "hang".
     struct Named(&'static str);

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
@@ -233,10 +233,7 @@ fn launcher(py: Python<'_>) -> Option<crate::watchdog::Launcher> {
     })
 }
 
-/// Locks `m`; a panic elsewhere while it was held leaves plain data behind, still usable.
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
+use crate::util::lock;
 
 /// How many times this process is a forked child of the process that loaded the module. Compared
 /// on every call instead of the pid, which costs a system call each time.

@@ -222,7 +222,7 @@ impl Supervisor {
     /// `owner_addr` is this process's orchestrator address, written on every container so that
     /// a second start of the project can find (and attach to) the stack's owner.
     pub fn new(docker: Docker, config: Arc<Config>, session: String, owner_addr: String) -> Self {
-        let network = format!("{}_default", config.project);
+        let network = crate::util::network_name(&config.project);
         let state = config
             .services
             .iter()
@@ -340,7 +340,7 @@ impl Supervisor {
     }
 
     fn healing(&self) -> MutexGuard<'_, Healing> {
-        self.healing.lock().unwrap_or_else(|e| e.into_inner())
+        crate::util::lock(&self.healing)
     }
 
     async fn on_event(
@@ -576,7 +576,7 @@ impl Supervisor {
 
     fn lock(&self) -> MutexGuard<'_, BTreeMap<String, ServiceState>> {
         // A panic while holding this lock leaves plain data behind; keep using it.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        crate::util::lock(&self.state)
     }
 
     pub fn snapshot(&self) -> Vec<ServiceState> {
@@ -886,7 +886,7 @@ impl Supervisor {
             .labels
             .get(labels::OWNER_PID)
             .and_then(|p| p.parse::<u32>().ok());
-        !keep && !ours && owner.is_some_and(crate::watchdog::is_dead)
+        !keep && !ours && owner.is_some_and(crate::util::is_dead)
     }
 
     /// Decides, per selected service, whether to reuse a running container or create one;
@@ -1423,7 +1423,7 @@ impl Supervisor {
                         );
                     }
                 }
-                Err(DockerError::Api { message, .. }) if message.contains("No such container") => {
+                Err(e) if e.is_not_found() => {
                     self.set_phase(&name, Phase::Failed, "container is gone");
                     if let Some(s) = self.lock().get_mut(&name) {
                         s.container_id = None;

@@ -3,17 +3,18 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{broadcast, oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
+#[cfg(test)]
+use crate::config::Durability;
 use crate::tasks::handlers::{Handler, HandlerError};
 use crate::tasks::model::{NewTask, TaskError, TaskRecord, TaskState};
-#[cfg(test)]
-use crate::tasks::store::Durability;
 use crate::tasks::store::{now_ms, ListFilter, Outcome, TaskStore};
+use crate::util::lock;
 
 /// Largest payload accepted, in bytes (the gRPC message limit is set a little above it).
 pub const MAX_PAYLOAD_BYTES: usize = 16 * 1024 * 1024;
@@ -81,10 +82,6 @@ impl Drop for ForgetWaiter<'_> {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 impl TaskQueue {
     /// Recovers what a previous process left running and starts dispatching.
     pub async fn start(
@@ -125,10 +122,7 @@ impl TaskQueue {
         let slots = Arc::new(Semaphore::new(
             concurrency.unwrap_or(self.inner.default_concurrency).max(1),
         ));
-        self.inner
-            .handlers
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
+        crate::util::write(&self.inner.handlers)
             .insert(task_type.to_string(), Registered { handler, slots });
         self.inner.wake.notify_one();
     }
@@ -136,18 +130,11 @@ impl TaskQueue {
     /// Stops serving `task_type`: new submits of it are refused, queued ones wait for a
     /// handler to come back.
     pub fn unregister(&self, task_type: &str) {
-        self.inner
-            .handlers
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(task_type);
+        crate::util::write(&self.inner.handlers).remove(task_type);
     }
 
     pub fn task_types(&self) -> Vec<String> {
-        self.inner
-            .handlers
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
+        crate::util::read(&self.inner.handlers)
             .keys()
             .cloned()
             .collect()
@@ -173,11 +160,7 @@ impl TaskQueue {
     /// A task whose type has a free slot and no ready task ahead of it starts at once.
     pub async fn submit(&self, task: NewTask) -> Result<(TaskRecord, bool), TaskError> {
         task.validate()?;
-        let served = self
-            .inner
-            .handlers
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
+        let served = crate::util::read(&self.inner.handlers)
             .get(&task.task_type)
             .map(|r| (Arc::clone(&r.handler), Arc::clone(&r.slots)));
         let Some((handler, slots)) = served else {
@@ -322,15 +305,12 @@ impl TaskQueue {
         // Safety net for retries whose backoff ends while nothing else wakes the dispatcher.
         const IDLE_CHECK: Duration = Duration::from_millis(500);
         loop {
-            let free: Vec<(String, Arc<dyn Handler>, Arc<Semaphore>)> = self
-                .inner
-                .handlers
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .iter()
-                .filter(|(_, r)| r.slots.available_permits() > 0)
-                .map(|(t, r)| (t.clone(), Arc::clone(&r.handler), Arc::clone(&r.slots)))
-                .collect();
+            let free: Vec<(String, Arc<dyn Handler>, Arc<Semaphore>)> =
+                crate::util::read(&self.inner.handlers)
+                    .iter()
+                    .filter(|(_, r)| r.slots.available_permits() > 0)
+                    .map(|(t, r)| (t.clone(), Arc::clone(&r.handler), Arc::clone(&r.slots)))
+                    .collect();
             // Slots first, then claims: a submit may take a slot meanwhile, and a claimed task
             // must never be left without one.
             let mut claimed_any = false;

@@ -13,8 +13,9 @@ use std::time::Duration;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Row, Transaction};
 use tokio::sync::oneshot;
 
-pub use crate::config::Durability;
+use crate::config::Durability;
 use crate::tasks::model::{NewTask, TaskError, TaskRecord, TaskState};
+use crate::util::lock;
 
 /// Losses of a task's runner forgiven before a loss counts as a failed attempt.
 pub const FREE_LOSSES: u32 = 3;
@@ -290,10 +291,7 @@ impl TaskStore {
             });
             (ok, reply)
         });
-        self.inner
-            .writer
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        crate::util::lock(&self.inner.writer)
             .send(job)
             .map_err(|_| self.store_error("the writer thread has stopped"))?;
         rx.await
@@ -660,10 +658,6 @@ fn count_states(conn: &Connection) -> rusqlite::Result<BTreeMap<TaskState, i64>>
         }
     }
     Ok(counts)
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn sql(e: rusqlite::Error) -> TaskError {

@@ -13,6 +13,7 @@ use clap::{Args, Parser, Subcommand};
 use futures_util::StreamExt;
 use tonic::transport::Channel;
 
+use crate::config::spec::parse_duration;
 use crate::config::{Config, ConfigError, LoadOptions, CONFIG_FILE_NAME};
 use crate::daemon::{self, DaemonInfo, Found};
 use crate::docker::{labels, ContainerInfo, Docker, RunState};
@@ -20,7 +21,6 @@ use crate::grpc::auth::{endpoint, AuthChannel, Bearer};
 use crate::grpc::env_manager::OWN_LOG_SERVICE;
 use crate::grpc::{env_pb, pb, MAX_MESSAGE_BYTES};
 use crate::owner::{self, Owner};
-use crate::services::spec::parse_duration;
 use crate::tasks::store::now_ms;
 use crate::util::rfc3339_ms;
 use crate::watchdog::{self, Launcher};

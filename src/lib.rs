@@ -1,6 +1,7 @@
 //! dspy-agent-infra: the Rust core behind the `dspy_agent_infra` Python package.
 //!
-//! Dependency direction: `python/cli/daemon → infra → {services, tasks} → {docker, health, config}`.
+//! Dependency direction: `python/cli/daemon → remote → infra → grpc → {services, tasks} →
+//! {owner, watchdog, docker, health} → config → util`; no module imports one above it.
 
 pub mod cli;
 pub mod config;

@@ -5,8 +5,8 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use dspy_agent_infra::config::spec;
 use dspy_agent_infra::config::{Config, ConfigError, ConfigLayer, LoadOptions};
-use dspy_agent_infra::services::spec;
 use dspy_agent_infra::tasks::model::NewTask;
 use proptest::prelude::*;
 

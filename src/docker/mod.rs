@@ -18,7 +18,7 @@ use bollard::query_parameters::{
 use futures_util::stream::BoxStream;
 use futures_util::StreamExt;
 
-use crate::services::spec::{GpuRequest, MountKind, PullPolicy, RestartPolicy, ServiceSpec};
+use crate::config::spec::{GpuRequest, MountKind, PullPolicy, RestartPolicy, ServiceSpec};
 
 pub const DEFAULT_HOST: &str = "unix:///var/run/docker.sock";
 

@@ -12,10 +12,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
+use crate::config::spec::PullPolicy;
 use crate::config::Config;
 use crate::docker::{ApiErrorKind, Docker, DockerError, RunState};
 use crate::grpc::env_pb as pb;
-use crate::services::spec::PullPolicy;
 use crate::services::supervisor::{Phase, ServiceEvent, ServiceState, StackError, Supervisor};
 use crate::tasks::store::now_ms;
 

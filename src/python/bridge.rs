@@ -25,8 +25,9 @@ use crate::remote::AttachError;
 use crate::tasks::handlers::{Handler, HandlerFuture};
 use crate::tasks::model::{TaskError, TaskRecord};
 
+use super::errors;
 use super::lock;
-use super::tasks::py_task;
+use super::types::py_task;
 
 /// The result payload, or the error text that fails the attempt.
 pub type HandlerResult = Result<Vec<u8>, String>;
@@ -229,11 +230,11 @@ fn to_python(py: Python<'_>, message: Message) -> PyResult<(char, u64, Py<PyAny>
 /// The exception of a failed call, built on the loop thread.
 fn call_error(e: CallError) -> PyErr {
     match e {
-        CallError::Task(e) => super::tasks::task_error(e),
-        CallError::Rpc(s) => super::tasks::status_error(s),
-        CallError::Infra(e) => super::to_py_err(e),
-        CallError::Attach(e) => super::attach_error(e),
-        CallError::Service { service, status } => super::service_error(&service, status),
+        CallError::Task(e) => errors::task_error(e),
+        CallError::Rpc(s) => errors::status_error(s),
+        CallError::Infra(e) => errors::to_py_err(e),
+        CallError::Attach(e) => errors::attach_error(e),
+        CallError::Service { service, status } => errors::service_error(&service, status),
         CallError::Failed(message) => pyo3::exceptions::PyRuntimeError::new_err(message),
     }
 }

@@ -1,5 +1,6 @@
-//! PyO3 bindings: thin wrappers that clone a handle, run the core's future on the shared
-//! runtime and map errors to the exceptions of `dspy_agent_infra.errors`.
+//! PyO3 bindings: thin wrappers that clone a handle and queue the core's future on the shared
+//! runtime; its answer, or its error as an exception of `dspy_agent_infra.errors` (`errors.rs`),
+//! reaches the event loop through the bridge (`bridge.rs`).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -8,155 +9,21 @@ use std::sync::{Arc, Mutex};
 
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 mod bridge;
 use bridge::CallError;
+mod errors;
+use errors::{py_error, to_py_err};
 mod exit;
 mod tasks;
+mod types;
 
 use crate::config::{Config, ConfigError, ConfigLayer, LoadOptions};
-use crate::docker::DockerError;
 use crate::infra::{Infra, InfraError};
-use crate::remote::{AttachError, Remote};
-use crate::services::supervisor::{ServiceState, StackError};
-
-/// A keyword attribute of an exception.
-enum Attr {
-    Text(String),
-    Port(u32),
-}
-
-/// Builds an exception of `dspy_agent_infra.errors` with keyword attributes.
-fn py_error(class: &str, message: String, attrs: Vec<(&str, Attr)>) -> PyErr {
-    Python::attach(|py| {
-        let build = || -> PyResult<PyErr> {
-            let cls = py.import("dspy_agent_infra.errors")?.getattr(class)?;
-            let kwargs = PyDict::new(py);
-            for (k, v) in attrs {
-                match v {
-                    Attr::Text(t) => kwargs.set_item(k, t)?,
-                    Attr::Port(n) => kwargs.set_item(k, n)?,
-                }
-            }
-            let exc = cls.call((message.clone(),), Some(&kwargs))?;
-            Ok(PyErr::from_value(exc))
-        };
-        build().unwrap_or_else(|e| e)
-    })
-}
-
-fn port_in_use(message: String, service: String, port: u16, host_ip: String) -> PyErr {
-    py_error(
-        "PortInUseError",
-        message.clone(),
-        vec![
-            ("service", Attr::Text(service)),
-            ("reason", Attr::Text(message)),
-            ("port", Attr::Port(port.into())),
-            ("host_ip", Attr::Text(host_ip)),
-        ],
-    )
-}
-
-fn to_py_err(error: InfraError) -> PyErr {
-    let message = error.to_string();
-    if let Some(owner) = error.in_use() {
-        return py_error(
-            "StackInUseError",
-            message,
-            vec![
-                ("pid", Attr::Port(owner.pid)),
-                ("address", Attr::Text(owner.addr.clone())),
-            ],
-        );
-    }
-    match error {
-        InfraError::Config(_) => py_error("ConfigError", message, vec![]),
-        InfraError::Docker(DockerError::Unavailable { host, .. })
-        | InfraError::Stack(StackError::Docker(DockerError::Unavailable { host, .. })) => py_error(
-            "DockerUnavailableError",
-            message,
-            vec![("host", Attr::Text(host))],
-        ),
-        InfraError::Stack(StackError::ServiceStart {
-            service,
-            reason,
-            logs,
-        }) => py_error(
-            "ServiceStartError",
-            message,
-            vec![
-                ("service", Attr::Text(service)),
-                ("reason", Attr::Text(reason)),
-                ("logs", Attr::Text(logs)),
-            ],
-        ),
-        InfraError::Stack(StackError::PortInUse {
-            service,
-            port,
-            host_ip,
-            ..
-        }) => port_in_use(message, service, port, host_ip),
-        InfraError::Stack(StackError::UnknownService { name, .. }) => py_error(
-            "UnknownServiceError",
-            message,
-            vec![("service", Attr::Text(name))],
-        ),
-        InfraError::Docker(_)
-        | InfraError::InUse(_)
-        | InfraError::Stack(StackError::Cancelled | StackError::Docker(_) | StackError::InUse(_)) => {
-            py_error("InfraError", message, vec![])
-        }
-        InfraError::Task(e) => tasks::task_error(e),
-        InfraError::Grpc(crate::grpc::GrpcError::Bind { addr, what, .. }) => {
-            let port = addr
-                .rsplit(':')
-                .next()
-                .and_then(|p| p.parse().ok())
-                .unwrap_or(0);
-            port_in_use(message, what.into(), port, addr)
-        }
-    }
-}
-
-fn attach_error(e: AttachError) -> PyErr {
-    let message = e.to_string();
-    match e {
-        AttachError::OtherProject { addr, .. } => {
-            let port = addr
-                .rsplit(':')
-                .next()
-                .and_then(|p| p.parse().ok())
-                .unwrap_or(0);
-            port_in_use(message, "orchestrator".into(), port, addr)
-        }
-        AttachError::Unauthenticated { .. } => {
-            py_error("OrchestratorUnavailableError", message, vec![])
-        }
-        AttachError::NoEnvManager { .. } | AttachError::Rpc { .. } => {
-            py_error("InfraError", message, vec![])
-        }
-    }
-}
-
-/// A service call to an attached stack's env-manager failed.
-fn service_error(service: &str, s: tonic::Status) -> PyErr {
-    match s.code() {
-        tonic::Code::NotFound => py_error(
-            "UnknownServiceError",
-            s.message().to_string(),
-            vec![("service", Attr::Text(service.to_string()))],
-        ),
-        _ => py_error(
-            "InfraError",
-            format!("the attached stack's env-manager: {}", s.message()),
-            vec![],
-        ),
-    }
-}
+use crate::remote::Remote;
+use crate::services::supervisor::ServiceState;
 
 /// One service of a running stack, as Python sees it.
 #[pyclass(frozen, get_all, module = "dspy_agent_infra._native")]
@@ -566,7 +433,7 @@ impl Core {
     /// by task type.
     fn register_handler(&self, task_type: String) -> PyResult<()> {
         let backend = self.state.backend()?;
-        crate::tasks::model::validate_task_type(&task_type).map_err(tasks::task_error)?;
+        crate::tasks::model::validate_task_type(&task_type).map_err(errors::task_error)?;
         // Plain functions too run from the event loop (in its executor's threads): every call
         // into Python then starts from a thread Python owns and waits for at exit.
         let handler: Arc<dyn crate::tasks::handlers::Handler> = Arc::new(bridge::BridgedHandler {
@@ -614,14 +481,14 @@ impl Core {
             timeout,
             max_retries,
         )?;
-        task.validate().map_err(tasks::task_error)?;
+        task.validate().map_err(errors::task_error)?;
         Ok(self.state.bridge.spawn(async move {
             match backend {
                 Backend::Local(infra) => infra
                     .queue()
                     .submit(task)
                     .await
-                    .map(|(record, created)| tasks::submit_response(record, created))
+                    .map(|(record, created)| types::submit_response(record, created))
                     .map_err(CallError::from),
                 Backend::Remote(remote) => {
                     remote.ready().await;
@@ -655,7 +522,7 @@ impl Core {
                     .queue()
                     .wait(&task_id, timeout)
                     .await
-                    .map(|r| r.as_ref().map(tasks::TaskInfo::from))
+                    .map(|r| r.as_ref().map(types::TaskInfo::from))
                     .map_err(CallError::from),
                 Backend::Remote(remote) => {
                     tasks::remote_wait(remote.orchestrator(), task_id, timeout)
@@ -671,7 +538,7 @@ impl Core {
     fn complete(&self, token: u64, value: Bound<'_, PyAny>, error: Option<String>) {
         let result = match error {
             Some(e) => Err(e),
-            None => tasks::encode_result(&value),
+            None => types::encode_result(&value),
         };
         self.state.bridge.complete(token, result);
     }
@@ -685,7 +552,7 @@ impl Core {
                     .queue()
                     .get(&task_id)
                     .await
-                    .map(|r| tasks::TaskInfo::from(&r))
+                    .map(|r| types::TaskInfo::from(&r))
                     .map_err(CallError::from),
                 Backend::Remote(remote) => tasks::remote_status(remote.orchestrator(), task_id)
                     .await
@@ -703,7 +570,7 @@ impl Core {
                     .queue()
                     .cancel(&task_id)
                     .await
-                    .map(|(record, cancelled)| (cancelled, Some(tasks::TaskInfo::from(&record))))
+                    .map(|(record, cancelled)| (cancelled, Some(types::TaskInfo::from(&record))))
                     .map_err(CallError::from),
                 Backend::Remote(remote) => tasks::remote_cancel(remote.orchestrator(), task_id)
                     .await

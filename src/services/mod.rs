@@ -1,6 +1,3 @@
-//! The service stack: specs, the built-in catalog, the dependency graph and the supervisor.
+//! The service stack: the supervisor that brings the configured services up and keeps them so.
 
-pub mod catalog;
-pub mod graph;
-pub mod spec;
 pub mod supervisor;

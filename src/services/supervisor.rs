@@ -15,11 +15,11 @@ use tokio::sync::{broadcast, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::config::graph;
+use crate::config::spec::{Condition, GpuRequest, Probe, Protocol, RestartPolicy, ServiceSpec};
 use crate::config::Config;
 use crate::docker::{labels, ContainerInfo, ContainerPlan, Docker, DockerError, RunState};
 use crate::health::{self, Backoff};
-use crate::services::graph;
-use crate::services::spec::{Condition, GpuRequest, Probe, Protocol, RestartPolicy, ServiceSpec};
 
 /// How many log lines a start error carries.
 const ERROR_LOG_LINES: usize = 20;

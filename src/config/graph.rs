@@ -2,8 +2,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::config::ConfigError;
-use crate::services::spec::ServiceSpec;
+use super::error::ConfigError;
+use super::spec::ServiceSpec;
 
 /// Checks dependencies, cycles and host ports; returns the services in a start order where each
 /// comes after everything it depends on (ties broken by name, so the order is stable).
@@ -142,7 +142,7 @@ pub fn dependents_of(services: &[ServiceSpec], name: &str) -> BTreeSet<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::services::spec::*;
+    use crate::config::spec::*;
     use std::time::Duration;
 
     fn svc(name: &str, deps: &[&str], port: Option<u16>) -> ServiceSpec {

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::ConfigError;
+use super::error::ConfigError;
 
 /// A fully resolved service.
 #[derive(Debug, Clone, PartialEq, Serialize)]

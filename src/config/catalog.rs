@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::config::{ConfigLayer, DependsOn, HealthPatch, ResourcesPatch, Scalar, ServicePatch};
+use super::{ConfigLayer, DependsOn, HealthPatch, ResourcesPatch, Scalar, ServicePatch};
 
 pub const REDIS_IMAGE: &str = "redis:7-alpine";
 pub const REDDB_IMAGE: &str = "dspy-agent/reddb:latest";

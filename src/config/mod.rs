@@ -8,51 +8,18 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::services::catalog;
-use crate::services::graph;
-use crate::services::spec::{
-    self, Condition, HealthCheck, MountKind, Probe, Resources, ServiceSpec,
-};
+pub mod catalog;
+mod error;
+pub mod graph;
+pub mod spec;
+
+pub use error::ConfigError;
+use spec::{Condition, HealthCheck, MountKind, Probe, Resources, ServiceSpec};
 
 pub const CONFIG_FILE_NAME: &str = "dspy-agent.toml";
 pub const DEFAULT_PROJECT: &str = "dspy-agent";
 pub const DEFAULT_ORCHESTRATOR_ADDR: &str = "127.0.0.1:50052";
 pub const DEFAULT_ENV_MANAGER_ADDR: &str = "127.0.0.1:50051";
-
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("{field}: {message}")]
-    Invalid { field: String, message: String },
-    #[error("cannot read config file {path}: {message}")]
-    Read { path: PathBuf, message: String },
-    #[error("config file {path} is not valid: {message}")]
-    Parse { path: String, message: String },
-    #[error("service {service:?} depends on {dependency:?}, which is not defined (defined services: {known})")]
-    UnknownDependency {
-        service: String,
-        dependency: String,
-        known: String,
-    },
-    #[error("unknown service {name:?}; defined services: {known}")]
-    UnknownService { name: String, known: String },
-    #[error("dependency cycle: {}", cycle.join(" -> "))]
-    Cycle { cycle: Vec<String> },
-    #[error("host port {port} is published by both {first:?} and {second:?}; give one of them another port, or 0 for any free port")]
-    DuplicatePort {
-        port: u16,
-        first: String,
-        second: String,
-    },
-}
-
-impl ConfigError {
-    pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
-        ConfigError::Invalid {
-            field: field.into(),
-            message: message.into(),
-        }
-    }
-}
 
 /// A number or a string, for values users write either way (`cpus = 2`, `cpus = "1.5"`).
 #[derive(Debug, Clone, Deserialize, PartialEq)]

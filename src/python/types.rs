@@ -31,7 +31,19 @@ pub struct TaskInfo {
 
 impl From<&TaskRecord> for TaskInfo {
     fn from(r: &TaskRecord) -> Self {
-        crate::grpc::orchestrator::info(r).into()
+        TaskInfo {
+            task_id: r.task.task_id.clone(),
+            task_type: r.task.task_type.clone(),
+            status_name: r.state.as_str().to_string(),
+            result_payload: r.result.clone().unwrap_or_default(),
+            error: r.error.clone().unwrap_or_default(),
+            attempts: r.attempt,
+            created_at: ms_to_seconds(r.created_at_ms),
+            started_at: r.started_at_ms.and_then(ms_to_seconds),
+            finished_at: r.finished_at_ms.and_then(ms_to_seconds),
+            metadata: r.task.metadata.clone(),
+            priority: r.task.priority,
+        }
     }
 }
 

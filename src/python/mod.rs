@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+
 use std::sync::{Arc, Mutex};
 
 use pyo3::exceptions::PyRuntimeError;
@@ -102,14 +102,6 @@ fn launcher(py: Python<'_>) -> Option<crate::watchdog::Launcher> {
 
 use crate::util::lock;
 
-/// How many times this process is a forked child of the process that loaded the module. Compared
-/// on every call instead of the pid, which costs a system call each time.
-static FORKS: AtomicU64 = AtomicU64::new(0);
-
-extern "C" fn count_fork() {
-    FORKS.fetch_add(1, Ordering::Relaxed);
-}
-
 /// Python's logging levels are cached on the Rust side; each new `Core` picks up changes made
 /// since (users configure logging before they start a stack).
 static LOG_RESET: std::sync::OnceLock<pyo3_log::ResetHandle> = std::sync::OnceLock::new();
@@ -161,7 +153,7 @@ impl CoreState {
     }
 
     fn check_pid(&self) -> PyResult<()> {
-        if FORKS.load(Ordering::Relaxed) != self.forks {
+        if crate::runtime::forks() != self.forks {
             return Err(PyRuntimeError::new_err(
                 "this AgentInfra belongs to the parent process; a forked child must start its own",
             ));
@@ -245,7 +237,7 @@ impl Core {
                 remote: Mutex::new(None),
                 cancel: CancellationToken::new(),
                 started,
-                forks: FORKS.load(Ordering::Relaxed),
+                forks: crate::runtime::forks(),
                 token,
                 tls_trust,
                 launcher,
@@ -701,11 +693,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
         .import("atexit")?
         .call_method1("register", (&quiesce,))?;
     m.add_function(quiesce)?;
-    static AT_FORK: std::sync::Once = std::sync::Once::new();
-    // SAFETY: the handler only bumps an atomic, which is async-signal-safe.
-    AT_FORK.call_once(|| unsafe {
-        libc::pthread_atfork(None, None, Some(count_fork));
-    });
+    // Counting forks from now on: a forked child must not use its parent's stack.
+    crate::runtime::forks();
     m.add_class::<Core>()?;
     m.add_class::<ServiceInfo>()?;
     m.add_function(wrap_pyfunction!(cli, m)?)?;

@@ -62,40 +62,23 @@ def wait_until(
         time.sleep(every)
 
 
-def floor_run(project: str) -> float:
-    network = f"{project}_net"
-    began = time.perf_counter()
-    sh("docker", "network", "create", network)
-    ids: list[str] = []
+def in_dependency_order(bring_up: Callable[[str, Callable[[], None]], int]) -> None:
+    """Brings every service up at once, each in a thread: `bring_up(name, dependencies_ready)`
+    calls `dependencies_ready()` where it must wait for them and returns the published host
+    port, which is then probed every 10 ms. A failure releases every waiter and is raised."""
     healthy = {name: threading.Event() for name in STACK}
     failures: list[BaseException] = []
 
-    def bring_up(name: str) -> None:
-        image, port, probe_kind, deps = STACK[name]
-        try:
+    def one(name: str) -> None:
+        _, _, probe_kind, deps = STACK[name]
+
+        def dependencies_ready() -> None:
             for dep in deps:
                 if not healthy[dep].wait(60):
                     raise RuntimeError(f"{dep} never became healthy")
-            cid = sh(
-                "docker",
-                "run",
-                "-d",
-                "--name",
-                f"{project}-{name}",
-                "--network",
-                network,
-                "--network-alias",
-                name,
-                "-e",
-                f"PORTS={port}",
-                "-p",
-                f"127.0.0.1::{port}",
-                "--label",
-                f"bench={project}",
-                image,
-            ).strip()
-            ids.append(cid)
-            host_port = int(sh("docker", "port", cid, f"{port}/tcp").split(":")[-1])
+
+        try:
+            host_port = bring_up(name, dependencies_ready)
             wait_until(functools.partial(probe, probe_kind, host_port), name)
             healthy[name].set()
         except BaseException as e:
@@ -104,14 +87,47 @@ def floor_run(project: str) -> float:
             for event in healthy.values():
                 event.set()
 
+    threads = [threading.Thread(target=one, args=(name,)) for name in STACK]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if failures:
+        raise failures[0]
+
+
+def floor_run(project: str) -> float:
+    network = f"{project}_net"
+    began = time.perf_counter()
+    sh("docker", "network", "create", network)
+    ids: list[str] = []
+
+    def bring_up(name: str, dependencies_ready: Callable[[], None]) -> int:
+        image, port, _, _ = STACK[name]
+        dependencies_ready()
+        cid = sh(
+            "docker",
+            "run",
+            "-d",
+            "--name",
+            f"{project}-{name}",
+            "--network",
+            network,
+            "--network-alias",
+            name,
+            "-e",
+            f"PORTS={port}",
+            "-p",
+            f"127.0.0.1::{port}",
+            "--label",
+            f"bench={project}",
+            image,
+        ).strip()
+        ids.append(cid)
+        return int(sh("docker", "port", cid, f"{port}/tcp").split(":")[-1])
+
     try:
-        threads = [threading.Thread(target=bring_up, args=(name,)) for name in STACK]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        if failures:
-            raise failures[0]
+        in_dependency_order(bring_up)
         return time.perf_counter() - began
     finally:
         if ids:
@@ -161,50 +177,32 @@ def floor_api_run(project: str, create_first: bool = False) -> float:
     began = time.perf_counter()
     api("POST", "/networks/create", {"Name": network})
     ids: list[str] = []
-    healthy = {name: threading.Event() for name in STACK}
-    failures: list[BaseException] = []
 
-    def bring_up(name: str) -> None:
-        image, port, probe_kind, deps = STACK[name]
-        try:
-            if not create_first:
-                for dep in deps:
-                    if not healthy[dep].wait(60):
-                        raise RuntimeError(f"{dep} never became healthy")
-            spec = {
-                "Image": image,
-                "Env": [f"PORTS={port}"],
-                "Labels": {"bench": project},
-                "ExposedPorts": {f"{port}/tcp": {}},
-                "HostConfig": {
-                    "NetworkMode": network,
-                    "PortBindings": {f"{port}/tcp": [{"HostIp": "127.0.0.1", "HostPort": ""}]},
-                },
-                "NetworkingConfig": {"EndpointsConfig": {network: {"Aliases": [name]}}},
-            }
-            cid = api("POST", f"/containers/create?name={project}-{name}", spec)["Id"]
-            ids.append(cid)
-            for dep in deps:
-                if not healthy[dep].wait(60):
-                    raise RuntimeError(f"{dep} never became healthy")
-            api("POST", f"/containers/{cid}/start")
-            ports = api("GET", f"/containers/{cid}/json")["NetworkSettings"]["Ports"]
-            host_port = int(ports[f"{port}/tcp"][0]["HostPort"])
-            wait_until(functools.partial(probe, probe_kind, host_port), name)
-            healthy[name].set()
-        except BaseException as e:
-            failures.append(e)
-            for event in healthy.values():
-                event.set()
+    def bring_up(name: str, dependencies_ready: Callable[[], None]) -> int:
+        image, port, _, _ = STACK[name]
+        if not create_first:
+            dependencies_ready()
+        spec = {
+            "Image": image,
+            "Env": [f"PORTS={port}"],
+            "Labels": {"bench": project},
+            "ExposedPorts": {f"{port}/tcp": {}},
+            "HostConfig": {
+                "NetworkMode": network,
+                "PortBindings": {f"{port}/tcp": [{"HostIp": "127.0.0.1", "HostPort": ""}]},
+            },
+            "NetworkingConfig": {"EndpointsConfig": {network: {"Aliases": [name]}}},
+        }
+        cid = api("POST", f"/containers/create?name={project}-{name}", spec)["Id"]
+        ids.append(cid)
+        if create_first:
+            dependencies_ready()
+        api("POST", f"/containers/{cid}/start")
+        ports = api("GET", f"/containers/{cid}/json")["NetworkSettings"]["Ports"]
+        return int(ports[f"{port}/tcp"][0]["HostPort"])
 
     try:
-        threads = [threading.Thread(target=bring_up, args=(name,)) for name in STACK]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        if failures:
-            raise failures[0]
+        in_dependency_order(bring_up)
         return time.perf_counter() - began
     finally:
         for cid in ids:

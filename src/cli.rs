@@ -495,27 +495,19 @@ async fn engine(config: &Config) -> Option<Docker> {
     .ok()
 }
 
-/// Removes the project's containers (only those owned by `owner` when given).
+/// Removes the project's containers (only those owned by `owner` when given), at once.
 async fn sweep(config: &Config, owner: Option<u32>) -> usize {
-    let Some(docker) = engine(config).await else {
-        return 0;
-    };
-    let Ok(found) = docker.list_by_label(labels::PROJECT, &config.project).await else {
-        return 0;
-    };
-    let mut removed = 0;
-    for c in found {
-        let owned =
-            owner.is_none_or(|pid| c.labels.get(labels::OWNER_PID) == Some(&pid.to_string()));
-        let keep = c.labels.get(labels::KEEP).is_some_and(|v| v == "true");
-        if owned && !keep && docker.remove(&c.id, Duration::ZERO).await.is_ok() {
-            removed += 1;
-        }
-    }
-    docker
-        .remove_network(&crate::util::network_name(&config.project))
-        .await;
-    removed
+    let found: Vec<ContainerInfo> = undaemoned(config)
+        .await
+        .into_iter()
+        .filter(|c| {
+            let owned =
+                owner.is_none_or(|pid| c.labels.get(labels::OWNER_PID) == Some(&pid.to_string()));
+            let kept = c.labels.get(labels::KEEP).is_some_and(|v| v == "true");
+            owned && !kept
+        })
+        .collect();
+    remove_containers(config, &found, Duration::ZERO, false).await
 }
 
 /// Follows the stack's health until every service is healthy (0) or one failed (1). When this
@@ -759,7 +751,7 @@ async fn stop_without_daemon(config: &Config) -> Result<i32, Failure> {
         config.project,
         describe_owner(&None, &found)
     );
-    let removed = sweep_all(config, &found).await;
+    let removed = remove_containers(config, &found, Duration::from_secs(10), true).await;
     println!(
         "removed {removed} container(s) of project {:?}",
         config.project
@@ -767,15 +759,24 @@ async fn stop_without_daemon(config: &Config) -> Result<i32, Failure> {
     Ok(EXIT_OK)
 }
 
-async fn sweep_all(config: &Config, found: &[ContainerInfo]) -> usize {
+/// Removes `found` (each with `grace` to stop, naming each when `report`) and the project's
+/// network.
+async fn remove_containers(
+    config: &Config,
+    found: &[ContainerInfo],
+    grace: Duration,
+    report: bool,
+) -> usize {
     let Some(docker) = engine(config).await else {
         return 0;
     };
     let mut removed = 0;
     for c in found {
-        if docker.remove(&c.id, Duration::from_secs(10)).await.is_ok() {
-            let service = c.labels.get(labels::SERVICE).cloned().unwrap_or_default();
-            println!("stopped {service}");
+        if docker.remove(&c.id, grace).await.is_ok() {
+            if report {
+                let service = c.labels.get(labels::SERVICE).cloned().unwrap_or_default();
+                println!("stopped {service}");
+            }
             removed += 1;
         }
     }

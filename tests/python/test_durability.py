@@ -46,20 +46,24 @@ WORKER = textwrap.dedent(
 
 READER = """
 import json, sqlite3, sys
-conn = sqlite3.connect(sys.argv[1])
-rows = conn.execute("SELECT task_id, result FROM tasks WHERE state = 'COMPLETED'")
-print(json.dumps({task_id: result.decode() for task_id, result in rows}))
+rows = sqlite3.connect(sys.argv[1]).execute(sys.argv[2])
+print(json.dumps({key: value.decode() for key, value in rows}))
 """
 
 
-def completed(db: Path) -> dict[str, str]:
-    """The COMPLETED tasks and their results, read from the file by another process: two copies
-    of SQLite in one process (Python's and the core's) must not share a database file."""
+def read_pairs(db: Path, query: str) -> dict[str, str]:
+    """(text, blob) rows of `query` on the file, read by another process: two copies of SQLite
+    in one process (Python's and the core's) must not share a database file."""
     out = subprocess.run(
-        [sys.executable, "-c", READER, str(db)], check=True, capture_output=True, text=True
+        [sys.executable, "-c", READER, str(db), query], check=True, capture_output=True, text=True
     ).stdout
     result: dict[str, str] = json.loads(out)
     return result
+
+
+def completed(db: Path) -> dict[str, str]:
+    """The COMPLETED tasks and their results."""
+    return read_pairs(db, "SELECT task_id, result FROM tasks WHERE state = 'COMPLETED'")
 
 
 async def killed_mid_run(db: Path, n: int, limit: int, kill_after: int) -> None:
@@ -148,13 +152,6 @@ SUBMITTER = textwrap.dedent(
     """
 )
 
-ROWS = """
-import json, sqlite3, sys
-conn = sqlite3.connect(sys.argv[1])
-rows = conn.execute("SELECT task_id, payload FROM tasks")
-print(json.dumps({task_id: payload.decode() for task_id, payload in rows}))
-"""
-
 
 async def test_sigkill_while_submits_are_in_flight(tmp_path: Path) -> None:
     db, n = tmp_path / "tasks.db", 2000
@@ -173,10 +170,7 @@ async def test_sigkill_while_submits_are_in_flight(tmp_path: Path) -> None:
     proc.wait()
     assert len(acknowledged) == kill_after
 
-    out = subprocess.run(
-        [sys.executable, "-c", ROWS, str(db)], check=True, capture_output=True, text=True
-    ).stdout
-    stored: dict[str, str] = json.loads(out)
+    stored = read_pairs(db, "SELECT task_id, payload FROM tasks")
     # Every acknowledged submit is on disk; nothing past the submits that were sent is.
     assert set(acknowledged) <= set(stored)
     assert set(stored) <= {f"s{i:04}" for i in range(n)}

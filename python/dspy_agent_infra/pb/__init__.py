@@ -71,7 +71,7 @@ def build_services(proto: str, messages: ModuleType, namespace: dict[str, Any]) 
     grpc = _require("grpc")
     file = _file(proto)
     for service in file.services_by_name.values():
-        namespace[f"{service.name}Stub"] = _stub(grpc, service, messages)
+        namespace[f"{service.name}Stub"] = _stub(service, messages)
         namespace[f"{service.name}Servicer"] = _servicer(grpc, service)
         namespace[f"add_{service.name}Servicer_to_server"] = _adder(grpc, service, messages)
 
@@ -85,7 +85,7 @@ def _kind(method: Any) -> str:
     }[(method.client_streaming, method.server_streaming)]
 
 
-def _stub(grpc: ModuleType, service: Any, messages: ModuleType) -> type:
+def _stub(service: Any, messages: ModuleType) -> type:
     def __init__(self: Any, channel: Any) -> None:
         for method in service.methods:
             request = getattr(messages, method.input_type.name)

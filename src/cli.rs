@@ -16,7 +16,7 @@ use tonic::transport::Channel;
 use crate::config::spec::parse_duration;
 use crate::config::{Config, ConfigError, LoadOptions, CONFIG_FILE_NAME};
 use crate::daemon::{self, DaemonInfo, Found};
-use crate::docker::{labels, ContainerInfo, Docker, RunState};
+use crate::engine::{labels, ContainerInfo, Docker, Engine, RunState};
 use crate::grpc::auth::{endpoint, AuthChannel, Bearer};
 use crate::grpc::env_manager::OWN_LOG_SERVICE;
 use crate::grpc::{env_pb, pb, MAX_MESSAGE_BYTES};
@@ -694,7 +694,7 @@ fn live_owner(config: &Config, found: &[ContainerInfo]) -> Option<Owner> {
     let host = config
         .docker_host
         .as_deref()
-        .unwrap_or(crate::docker::DEFAULT_HOST);
+        .unwrap_or(crate::engine::DEFAULT_HOST);
     owner::holder(&config.state_dir).or_else(|| {
         found
             .iter()

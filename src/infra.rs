@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ConfigError};
-use crate::docker::{Docker, DockerError};
+use crate::engine::{Docker, EngineError, SharedEngine};
 use crate::grpc::env_manager::EnvManager;
 use crate::grpc::{self, GrpcError};
 use crate::health;
@@ -29,7 +29,7 @@ pub enum InfraError {
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error(transparent)]
-    Docker(#[from] DockerError),
+    Engine(#[from] EngineError),
     #[error(transparent)]
     Stack(#[from] StackError),
     #[error(transparent)]
@@ -202,11 +202,11 @@ impl Infra {
             Err(e) => return Err((e.into(), servers)),
         }
         let owner_addr = servers[0].addr.to_string();
-        let (supervisor, docker) = match Self::prepare_supervisor(config, queue, owner_addr).await {
+        let (supervisor, engine) = match Self::prepare_supervisor(config, queue, owner_addr).await {
             Ok(s) => s,
             Err(e) => return Err((e, servers)),
         };
-        let manager = EnvManager::new(Arc::clone(config), supervisor.clone(), docker, own_log);
+        let manager = EnvManager::new(Arc::clone(config), supervisor.clone(), engine, own_log);
         match grpc::serve_env_manager(
             &config.env_manager_addr,
             manager,
@@ -230,13 +230,14 @@ impl Infra {
         config: &Arc<Config>,
         queue: &TaskQueue,
         owner_addr: String,
-    ) -> Result<(Option<Arc<Supervisor>>, Option<Docker>), InfraError> {
+    ) -> Result<(Option<Arc<Supervisor>>, Option<SharedEngine>), InfraError> {
         if config.services.is_empty() {
             return Ok((None, None));
         }
-        let docker = Docker::connect(config.docker_host.as_deref(), DOCKER_CONNECT_TIMEOUT).await?;
+        let engine: SharedEngine =
+            Arc::new(Docker::connect(config.docker_host.as_deref(), DOCKER_CONNECT_TIMEOUT).await?);
         let supervisor = Arc::new(Supervisor::new(
-            docker.clone(),
+            Arc::clone(&engine),
             Arc::clone(config),
             new_session_id(),
             owner_addr,
@@ -244,12 +245,12 @@ impl Infra {
         let directory: Arc<dyn ServiceDirectory> = Arc::new(Directory(Arc::clone(&supervisor)));
         let limit = |t: &str| config.tasks.limits.get(t).copied();
         let exec = handlers::Exec {
-            docker: docker.clone(),
+            engine: Arc::clone(&engine),
             directory: Arc::clone(&directory),
         };
         queue.register("exec", Arc::new(exec), limit("exec"));
         let container = handlers::Container {
-            docker: docker.clone(),
+            engine: Arc::clone(&engine),
             project: config.project.clone(),
         };
         queue.register("container", Arc::new(container), limit("container"));
@@ -258,7 +259,7 @@ impl Infra {
             timeout: Duration::from_secs(300),
         };
         queue.register("http", Arc::new(http), limit("http"));
-        Ok((Some(supervisor), Some(docker)))
+        Ok((Some(supervisor), Some(engine)))
     }
 
     /// Brings the named services (all when empty) and their dependencies up.

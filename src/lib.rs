@@ -1,12 +1,12 @@
 //! dspy-agent-infra: the Rust core behind the `dspy_agent_infra` Python package.
 //!
 //! Dependency direction: `python/cli/daemon → remote → infra → grpc → {services, tasks} →
-//! {owner, watchdog, docker, health} → config → util`; no module imports one above it.
+//! {owner, watchdog, engine, health} → config → util`; no module imports one above it.
 
 pub mod cli;
 pub mod config;
 pub mod daemon;
-pub mod docker;
+pub mod engine;
 pub mod grpc;
 pub mod health;
 pub mod infra;

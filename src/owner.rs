@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::docker::labels as docker_labels;
+use crate::engine::labels as docker_labels;
 
 /// The live owner of a project's stack.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

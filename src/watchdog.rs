@@ -12,7 +12,7 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use crate::docker::{labels, Docker};
+use crate::engine::{labels, Docker, Engine};
 
 /// What the owner writes before it lets the watchdog go.
 const RELEASE: &[u8] = b"release\n";

@@ -24,7 +24,7 @@ pub fn validate(services: Vec<ServiceSpec>) -> Result<Vec<ServiceSpec>, ConfigEr
             }
         }
     }
-    if let Some(cycle) = find_cycle(&by_name) {
+    if let Some(cycle) = find_cycle(by_name.values()) {
         return Err(ConfigError::Cycle { cycle });
     }
 
@@ -78,7 +78,9 @@ pub fn validate(services: Vec<ServiceSpec>) -> Result<Vec<ServiceSpec>, ConfigEr
 }
 
 /// A cycle as the list of services along it, the first repeated at the end.
-fn find_cycle(by_name: &BTreeMap<String, ServiceSpec>) -> Option<Vec<String>> {
+pub fn find_cycle<'a>(services: impl IntoIterator<Item = &'a ServiceSpec>) -> Option<Vec<String>> {
+    let by_name: BTreeMap<&str, &ServiceSpec> =
+        services.into_iter().map(|s| (s.name.as_str(), s)).collect();
     #[derive(Clone, Copy, PartialEq)]
     enum Mark {
         Open,
@@ -86,7 +88,7 @@ fn find_cycle(by_name: &BTreeMap<String, ServiceSpec>) -> Option<Vec<String>> {
     }
     fn visit<'a>(
         name: &'a str,
-        by_name: &'a BTreeMap<String, ServiceSpec>,
+        by_name: &BTreeMap<&'a str, &'a ServiceSpec>,
         marks: &mut BTreeMap<&'a str, Mark>,
         path: &mut Vec<&'a str>,
     ) -> Option<Vec<String>> {
@@ -115,7 +117,7 @@ fn find_cycle(by_name: &BTreeMap<String, ServiceSpec>) -> Option<Vec<String>> {
     }
     let mut marks = BTreeMap::new();
     for name in by_name.keys() {
-        if let Some(cycle) = visit(name, by_name, &mut marks, &mut Vec::new()) {
+        if let Some(cycle) = visit(name, &by_name, &mut marks, &mut Vec::new()) {
             return Some(cycle);
         }
     }
@@ -142,45 +144,7 @@ pub fn dependents_of(services: &[ServiceSpec], name: &str) -> BTreeSet<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::spec::*;
-    use std::time::Duration;
-
-    fn svc(name: &str, deps: &[&str], port: Option<u16>) -> ServiceSpec {
-        ServiceSpec {
-            secret_env: Default::default(),
-            name: name.into(),
-            image: "img".into(),
-            command: None,
-            env: Default::default(),
-            ports: port
-                .map(|p| PortSpec {
-                    host_ip: "127.0.0.1".into(),
-                    host_port: p,
-                    container_port: 80,
-                    protocol: Protocol::Tcp,
-                })
-                .into_iter()
-                .collect(),
-            volumes: vec![],
-            depends_on: deps
-                .iter()
-                .map(|d| (d.to_string(), Condition::Healthy))
-                .collect(),
-            healthcheck: HealthCheck {
-                probe: Probe::None,
-                interval: Duration::from_millis(100),
-                timeout: Duration::from_secs(1),
-                retries: 3,
-                start_period: Duration::from_secs(1),
-            },
-            resources: Resources::default(),
-            restart: RestartPolicy::No,
-            pull: PullPolicy::Never,
-            labels: Default::default(),
-            stop_timeout: Duration::from_secs(1),
-            scheme: "tcp".into(),
-        }
-    }
+    use crate::config::spec::test_service as svc;
 
     fn names(v: &[ServiceSpec]) -> Vec<&str> {
         v.iter().map(|s| s.name.as_str()).collect()

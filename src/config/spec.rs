@@ -433,6 +433,45 @@ mod duration_ms {
     }
 }
 
+/// A service with no probe and short timeouts, for tests of logic over the graph.
+#[cfg(test)]
+pub fn test_service(name: &str, deps: &[&str], port: Option<u16>) -> ServiceSpec {
+    ServiceSpec {
+        secret_env: Default::default(),
+        name: name.into(),
+        image: "img".into(),
+        command: None,
+        env: Default::default(),
+        ports: port
+            .map(|p| PortSpec {
+                host_ip: "127.0.0.1".into(),
+                host_port: p,
+                container_port: 80,
+                protocol: Protocol::Tcp,
+            })
+            .into_iter()
+            .collect(),
+        volumes: vec![],
+        depends_on: deps
+            .iter()
+            .map(|d| (d.to_string(), Condition::Healthy))
+            .collect(),
+        healthcheck: HealthCheck {
+            probe: Probe::None,
+            interval: Duration::from_millis(100),
+            timeout: Duration::from_secs(1),
+            retries: 3,
+            start_period: Duration::from_secs(1),
+        },
+        resources: Resources::default(),
+        restart: RestartPolicy::No,
+        pull: PullPolicy::Never,
+        labels: Default::default(),
+        stop_timeout: Duration::from_secs(1),
+        scheme: "tcp".into(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

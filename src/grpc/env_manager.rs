@@ -14,9 +14,9 @@ use tonic::{Request, Response, Status};
 
 use crate::config::spec::PullPolicy;
 use crate::config::Config;
-use crate::docker::{ApiErrorKind, Docker, DockerError, RunState};
+use crate::engine::{RunState, SharedEngine};
 use crate::grpc::env_pb as pb;
-use crate::services::supervisor::{Phase, ServiceEvent, ServiceState, StackError, Supervisor};
+use crate::services::supervisor::{Phase, ServiceEvent, ServiceState, Supervisor};
 use crate::tasks::store::now_ms;
 
 /// The name under which the env-manager serves its own log.
@@ -27,7 +27,7 @@ type Out<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 pub struct EnvManager {
     config: Arc<Config>,
     supervisor: Option<Arc<Supervisor>>,
-    docker: Option<Docker>,
+    engine: Option<SharedEngine>,
     own_log: Option<PathBuf>,
 }
 
@@ -35,13 +35,13 @@ impl EnvManager {
     pub fn new(
         config: Arc<Config>,
         supervisor: Option<Arc<Supervisor>>,
-        docker: Option<Docker>,
+        engine: Option<SharedEngine>,
         own_log: Option<PathBuf>,
     ) -> Self {
         EnvManager {
             config,
             supervisor,
-            docker,
+            engine,
             own_log,
         }
     }
@@ -55,7 +55,7 @@ impl EnvManager {
                         return Err(Status::invalid_argument("services: a name is empty"));
                     }
                 }
-                let chosen = s.closure(names).map_err(stack_status)?;
+                let chosen = s.closure(names).map_err(Status::from)?;
                 Ok((s, chosen))
             }
             None => Err(Status::not_found(match names.first() {
@@ -88,8 +88,8 @@ impl EnvManager {
             })
     }
 
-    fn docker(&self) -> Result<&Docker, Status> {
-        self.docker.as_ref().ok_or_else(|| {
+    fn engine(&self) -> Result<&SharedEngine, Status> {
+        self.engine.as_ref().ok_or_else(|| {
             Status::failed_precondition(format!(
                 "project {:?} runs no services, so no Docker Engine is in use",
                 self.config.project
@@ -161,29 +161,6 @@ pub fn service_state(s: pb::ServiceStatus) -> ServiceState {
 
 fn is_healthy(p: Phase) -> bool {
     matches!(p, Phase::Healthy | Phase::Completed)
-}
-
-pub fn stack_status(e: StackError) -> Status {
-    let message = e.to_string();
-    match e {
-        StackError::UnknownService { .. } => Status::not_found(message),
-        StackError::PortInUse { .. } | StackError::InUse(_) => Status::failed_precondition(message),
-        StackError::Docker(e) => docker_status(e),
-        StackError::ServiceStart { .. } | StackError::Cancelled => Status::aborted(message),
-    }
-}
-
-pub fn docker_status(e: DockerError) -> Status {
-    let message = e.to_string();
-    match e {
-        DockerError::Unavailable { .. } => Status::unavailable(message),
-        DockerError::Image { .. } => Status::failed_precondition(message),
-        DockerError::Api { kind, .. } => match kind {
-            ApiErrorKind::NotFound => Status::not_found(message),
-            ApiErrorKind::Conflict => Status::failed_precondition(message),
-            ApiErrorKind::Other => Status::internal(message),
-        },
-    }
 }
 
 fn update(e: &ServiceEvent) -> pb::ServiceStatusUpdate {
@@ -447,7 +424,7 @@ impl pb::env_manager_service_server::EnvManagerService for EnvManager {
             match result {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
-                    let _ = tx.send(Err(stack_status(e))).await;
+                    let _ = tx.send(Err(Status::from(e))).await;
                 }
                 Err(e) => {
                     let _ = tx
@@ -487,7 +464,7 @@ impl pb::env_manager_service_server::EnvManagerService for EnvManager {
     ) -> Result<Response<pb::ServiceStatus>, Status> {
         let name = request.into_inner().service;
         let sup = self.one(&name)?;
-        sup.restart(&name).await.map_err(stack_status)?;
+        sup.restart(&name).await.map_err(Status::from)?;
         let state = sup
             .snapshot()
             .into_iter()
@@ -520,14 +497,14 @@ impl pb::env_manager_service_server::EnvManagerService for EnvManager {
         let mut services: Vec<pb::ServiceStatus> = Vec::with_capacity(states.len());
         let mut stats = tokio::task::JoinSet::new();
         for (i, s) in states.into_iter().enumerate() {
-            if let (true, true, Some(id), Some(docker)) = (
+            if let (true, true, Some(id), Some(engine)) = (
                 include_stats,
                 response.engine_reachable,
                 s.container_id.clone(),
-                self.docker.clone(),
+                self.engine.clone(),
             ) {
                 if s.engine_state == Some(RunState::Running) {
-                    stats.spawn(async move { (i, docker.stats(&id).await) });
+                    stats.spawn(async move { (i, engine.stats(&id).await) });
                 }
             }
             services.push(service_status(s));
@@ -564,7 +541,7 @@ impl pb::env_manager_service_server::EnvManagerService for EnvManager {
             return Ok(Response::new(Box::pin(tokio_stream::pending())));
         };
         for n in &names {
-            sup.closure(std::slice::from_ref(n)).map_err(stack_status)?;
+            sup.closure(std::slice::from_ref(n)).map_err(Status::from)?;
         }
         let wanted: BTreeSet<String> = names.into_iter().collect();
         let keep = move |name: &str| wanted.is_empty() || wanted.contains(name);
@@ -619,9 +596,9 @@ impl pb::env_manager_service_server::EnvManagerService for EnvManager {
             return Ok(Response::new(follow_file(path, r.tail as usize, r.follow)));
         }
         let id = self.container_of(&r.service)?;
-        let docker = self.docker()?.clone();
+        let engine = Arc::clone(self.engine()?);
         let service = r.service;
-        let mut chunks = docker.log_stream(&id, r.follow, r.tail as usize, r.since_seconds);
+        let mut chunks = engine.log_stream(&id, r.follow, r.tail as usize, r.since_seconds);
         let (tx, rx) = mpsc::channel(256);
         tokio::spawn(async move {
             let mut split = LineSplitter {
@@ -637,7 +614,7 @@ impl pb::env_manager_service_server::EnvManagerService for EnvManager {
                 match chunk {
                     Some(Ok((stderr, bytes))) => split.push(stderr, &bytes, &mut lines),
                     Some(Err(e)) => {
-                        let _ = tx.send(Err(docker_status(e))).await;
+                        let _ = tx.send(Err(Status::from(e))).await;
                         return;
                     }
                     None => split.finish(&mut lines),
@@ -666,8 +643,8 @@ impl pb::env_manager_service_server::EnvManagerService for EnvManager {
             ));
         }
         let id = self.container_of(&r.service)?;
-        let docker = self.docker()?;
-        let run = docker.exec(&id, &r.command);
+        let engine = self.engine()?;
+        let run = engine.exec(&id, &r.command);
         let output = if r.timeout_seconds > 0 {
             let limit = Duration::from_secs(r.timeout_seconds.into());
             tokio::time::timeout(limit, run).await.map_err(|_| {
@@ -679,7 +656,7 @@ impl pb::env_manager_service_server::EnvManagerService for EnvManager {
         } else {
             run.await
         }
-        .map_err(docker_status)?;
+        .map_err(Status::from)?;
         Ok(Response::new(pb::ExecuteTaskResponse {
             exit_code: output.exit_code,
             stdout: output.stdout,
@@ -698,7 +675,7 @@ impl pb::env_manager_service_server::EnvManagerService for EnvManager {
             return Ok(Response::new(Box::pin(tokio_stream::empty())));
         }
         self.chosen(&r.services)?;
-        let docker = self.docker()?.clone();
+        let engine = Arc::clone(self.engine()?);
         let named: BTreeSet<&String> = r.services.iter().collect();
         let targets: Vec<(String, String)> = self
             .config
@@ -714,7 +691,7 @@ impl pb::env_manager_service_server::EnvManagerService for EnvManager {
         };
         let (tx, rx) = mpsc::unbounded_channel();
         for (service, image) in targets {
-            let docker = docker.clone();
+            let engine = Arc::clone(&engine);
             let tx = tx.clone();
             tokio::spawn(async move {
                 let progress = |status: String| {
@@ -726,7 +703,7 @@ impl pb::env_manager_service_server::EnvManagerService for EnvManager {
                         error: String::new(),
                     }));
                 };
-                let result = docker.ensure_image(&image, policy, &progress).await;
+                let result = engine.ensure_image(&image, policy, &progress).await;
                 let _ = tx.send(Ok(pb::PullProgress {
                     service: service.clone(),
                     image: image.clone(),
@@ -758,8 +735,8 @@ impl pb::env_manager_service_server::EnvManagerService for EnvManager {
             gpus,
             ..Default::default()
         };
-        if let Some(docker) = &self.docker {
-            if let Ok(info) = docker.engine_info().await {
+        if let Some(engine) = &self.engine {
+            if let Ok(info) = engine.engine_info().await {
                 out.engine_cpus = info.cpus;
                 out.engine_memory_bytes = info.memory_bytes;
                 out.engine_version = info.version;

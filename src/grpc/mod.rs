@@ -5,6 +5,7 @@ pub mod auth;
 pub mod codec;
 pub mod env_manager;
 pub mod orchestrator;
+mod status;
 pub mod worker_client;
 pub mod workers;
 
@@ -21,7 +22,6 @@ use tonic::transport::{Identity, ServerTlsConfig};
 use crate::config::Tls;
 use tokio_util::sync::CancellationToken;
 
-use crate::tasks::model::TaskError;
 use crate::tasks::queue::{TaskQueue, MAX_PAYLOAD_BYTES};
 
 pub mod pb {
@@ -51,17 +51,6 @@ pub enum GrpcError {
         env_var: &'static str,
         config_key: &'static str,
     },
-}
-
-pub fn status(e: TaskError) -> tonic::Status {
-    let message = e.to_string();
-    match e {
-        TaskError::Invalid { .. } => tonic::Status::invalid_argument(message),
-        TaskError::Conflict { .. } => tonic::Status::already_exists(message),
-        TaskError::UnknownType { .. } => tonic::Status::failed_precondition(message),
-        TaskError::NotFound { .. } => tonic::Status::not_found(message),
-        TaskError::Store { .. } => tonic::Status::internal(message),
-    }
 }
 
 /// How long a stopping server waits for open calls before it cuts them.

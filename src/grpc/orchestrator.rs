@@ -9,8 +9,8 @@ use futures_util::{Stream, StreamExt};
 use tokio_stream::wrappers::BroadcastStream;
 use tonic::{Request, Response, Status};
 
+use crate::grpc::pb;
 use crate::grpc::workers::{Workers, LEASE};
-use crate::grpc::{pb, status};
 use crate::tasks::model::{NewTask, TaskRecord, TaskState};
 use crate::tasks::queue::TaskQueue;
 use crate::tasks::store::ListFilter;
@@ -105,7 +105,7 @@ impl pb::orchestrator_service_server::OrchestratorService for Orchestrator {
             timeout: (r.timeout_ms > 0).then(|| Duration::from_millis(r.timeout_ms)),
             max_retries: r.max_retries,
         };
-        let (record, created) = self.queue.submit(task).await.map_err(status)?;
+        let (record, created) = self.queue.submit(task).await.map_err(Status::from)?;
         Ok(Response::new(pb::SubmitTaskResponse {
             success: true,
             status: state_to_pb(record.state) as i32,
@@ -123,7 +123,7 @@ impl pb::orchestrator_service_server::OrchestratorService for Orchestrator {
             .queue
             .get(&request.into_inner().task_id)
             .await
-            .map_err(status)?;
+            .map_err(Status::from)?;
         Ok(Response::new(info(&record)))
     }
 
@@ -135,7 +135,7 @@ impl pb::orchestrator_service_server::OrchestratorService for Orchestrator {
             .queue
             .cancel(&request.into_inner().task_id)
             .await
-            .map_err(status)?;
+            .map_err(Status::from)?;
         Ok(Response::new(pb::CancelTaskResponse {
             cancelled,
             task: Some(info(&record)),
@@ -165,7 +165,7 @@ impl pb::orchestrator_service_server::OrchestratorService for Orchestrator {
                 after: Some(r.page_token).filter(|t| !t.is_empty()),
             })
             .await
-            .map_err(status)?;
+            .map_err(Status::from)?;
         let next_page_token = if tasks.len() == limit {
             tasks
                 .last()
@@ -195,7 +195,7 @@ impl pb::orchestrator_service_server::OrchestratorService for Orchestrator {
             for id in &ids {
                 match self.queue.get(id).await {
                     Ok(record) => current.push(Ok(info(&record))),
-                    Err(e) => return Err(status(e)),
+                    Err(e) => return Err(Status::from(e)),
                 }
             }
         }
@@ -219,7 +219,7 @@ impl pb::orchestrator_service_server::OrchestratorService for Orchestrator {
         &self,
         _: Request<pb::GetMetricsRequest>,
     ) -> Result<Response<pb::Metrics>, Status> {
-        let m = self.queue.metrics().await.map_err(status)?;
+        let m = self.queue.metrics().await.map_err(Status::from)?;
         Ok(Response::new(pb::Metrics {
             tasks_by_status: m.by_state.into_iter().collect(),
             submitted: m.submitted,

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 mod bridge;
 use bridge::CallError;
 mod errors;
-use errors::{py_error, to_py_err};
+use errors::{exc, py_error, to_py_err};
 mod exit;
 mod tasks;
 mod types;
@@ -133,8 +133,7 @@ enum Backend {
 }
 
 fn not_running() -> PyErr {
-    py_error(
-        "InfraError",
+    py_error::<exc::InfraError>(
         "the stack is not running; use it inside `async with AgentInfra.start() as infra:`".into(),
         vec![],
     )
@@ -191,8 +190,7 @@ impl Core {
                     .import("json")?
                     .call_method1("dumps", (mapping,))
                     .map_err(|e| {
-                        py_error(
-                            "ConfigError",
+                        py_error::<exc::ConfigError>(
                             format!("the config argument must be a JSON-like mapping: {e}"),
                             vec![],
                         )
@@ -242,8 +240,7 @@ impl Core {
                 tls_trust,
                 launcher,
                 bridge: bridge::Bridge::new().map_err(|e| {
-                    py_error(
-                        "InfraError",
+                    py_error::<exc::InfraError>(
                         format!("cannot create the event loop's wake-up socket: {e}"),
                         vec![],
                     )
@@ -288,8 +285,7 @@ impl Core {
     fn start_nowait(&self) -> PyResult<u64> {
         self.state.check_pid()?;
         let config = lock(&self.state.pending).take().ok_or_else(|| {
-            py_error(
-                "InfraError",
+            py_error::<exc::InfraError>(
                 "this AgentInfra was already started; call AgentInfra.start() again for a new one"
                     .into(),
                 vec![],

@@ -13,7 +13,7 @@ use crate::tasks::model::{NewTask, TaskError, TaskRecord};
 use crate::tasks::queue::TaskQueue;
 
 use super::bridge::{Bridge, CallError};
-use super::errors::{py_error, task_error};
+use super::errors::{exc, py_error, task_error};
 use super::types::{SubmitResponse, Task, TaskInfo};
 use crate::grpc::auth::{AuthChannel, Bearer};
 
@@ -309,7 +309,7 @@ impl GrpcClient {
         server_name: Option<String>,
     ) -> PyResult<Self> {
         let bearer = Bearer::new(token.as_deref())
-            .map_err(|e| py_error("ConfigError", format!("token: {e}"), vec![]))?;
+            .map_err(|e| py_error::<exc::ConfigError>(format!("token: {e}"), vec![]))?;
         let host = if host.contains(':') && !host.starts_with('[') {
             format!("[{host}]")
         } else {
@@ -320,7 +320,7 @@ impl GrpcClient {
             &format!("{host}:{port}"),
             tls_ca.as_deref().map(|ca| (ca, server_name.as_str())),
         )
-        .map_err(|e| py_error("InfraError", e, vec![]))?
+        .map_err(|e| py_error::<exc::InfraError>(e, vec![]))?
         .connect_timeout(Duration::from_secs(2));
         // The channel needs the runtime's reactor even though it connects lazily.
         let _guard = crate::runtime::get().enter();
@@ -331,8 +331,7 @@ impl GrpcClient {
         let scheme = if tls_ca.is_some() { "https" } else { "http" };
         let target = format!("{scheme}://{host}:{port}");
         let bridge = Bridge::new().map_err(|e| {
-            py_error(
-                "InfraError",
+            py_error::<exc::InfraError>(
                 format!("cannot create the event loop's wake-up socket: {e}"),
                 vec![],
             )
@@ -409,11 +408,7 @@ impl GrpcClient {
         let status = match status.as_deref() {
             None => pb::TaskState::Unspecified,
             Some(name) => pb::TaskState::from_str_name(name).ok_or_else(|| {
-                py_error(
-                    "InvalidTaskError",
-                    format!("{name:?} is not a task status"),
-                    vec![],
-                )
+                py_error::<exc::InvalidTaskError>(format!("{name:?} is not a task status"), vec![])
             })?,
         };
         let mut client = self.client();

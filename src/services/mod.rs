@@ -1,3 +1,4 @@
 //! The service stack: the supervisor that brings the configured services up and keeps them so.
 
 pub mod supervisor;
+pub mod walk;

@@ -1,4 +1,4 @@
-//! Brings a validated stack up and down on the Docker Engine.
+//! Brings a validated stack up and down on a container engine.
 //!
 //! Start walks the dependency graph: every service pulls its image and creates its container at
 //! once, then starts as soon as its own dependencies meet their condition, so independent
@@ -7,19 +7,21 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures_util::StreamExt;
 use sha2::{Digest, Sha256};
-use tokio::sync::{broadcast, watch};
+use tokio::sync::broadcast;
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::graph;
 use crate::config::spec::{Condition, GpuRequest, Probe, Protocol, RestartPolicy, ServiceSpec};
-use crate::config::Config;
-use crate::docker::{labels, ContainerInfo, ContainerPlan, Docker, DockerError, RunState};
+use crate::config::{Config, ConfigError};
+use crate::engine::{labels, ContainerInfo, ContainerPlan, EngineError, RunState, SharedEngine};
 use crate::health::{self, Backoff};
+use crate::services::walk::{self, Direction, Reached, Turn};
 
 /// How many log lines a start error carries.
 const ERROR_LOG_LINES: usize = 20;
@@ -32,7 +34,9 @@ const CRASH_WINDOW: Duration = Duration::from_secs(60);
 #[derive(Debug, thiserror::Error)]
 pub enum StackError {
     #[error(transparent)]
-    Docker(#[from] DockerError),
+    Engine(#[from] EngineError),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
     #[error("service {service:?} cannot publish {host_ip}:{port}: {message}. Stop what holds it, or give the service another port (0 picks any free port)")]
     PortInUse {
         service: String,
@@ -162,31 +166,8 @@ pub fn config_hash(spec: &ServiceSpec) -> String {
         .collect()
 }
 
-/// Readiness a dependent can wait on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Readiness {
-    NotYet,
-    Started,
-    Healthy,
-    Completed,
-    Failed,
-}
-
-impl Readiness {
-    fn satisfies(self, condition: Condition) -> bool {
-        match condition {
-            Condition::Started => matches!(
-                self,
-                Readiness::Started | Readiness::Healthy | Readiness::Completed
-            ),
-            Condition::Healthy => matches!(self, Readiness::Healthy | Readiness::Completed),
-            Condition::Completed => self == Readiness::Completed,
-        }
-    }
-}
-
 pub struct Supervisor {
-    docker: Docker,
+    engine: SharedEngine,
     config: Arc<Config>,
     session: String,
     owner_addr: String,
@@ -221,7 +202,12 @@ enum Plan {
 impl Supervisor {
     /// `owner_addr` is this process's orchestrator address, written on every container so that
     /// a second start of the project can find (and attach to) the stack's owner.
-    pub fn new(docker: Docker, config: Arc<Config>, session: String, owner_addr: String) -> Self {
+    pub fn new(
+        engine: SharedEngine,
+        config: Arc<Config>,
+        session: String,
+        owner_addr: String,
+    ) -> Self {
         let network = crate::util::network_name(&config.project);
         let state = config
             .services
@@ -248,7 +234,7 @@ impl Supervisor {
             .collect();
         let (events, _) = broadcast::channel(1024);
         Supervisor {
-            docker,
+            engine,
             config,
             session,
             owner_addr,
@@ -278,7 +264,7 @@ impl Supervisor {
         let this = Arc::clone(self);
         tokio::spawn(async move {
             loop {
-                let mut events = this.docker.container_events(&this.config.project);
+                let mut events = this.engine.container_events(&this.config.project);
                 loop {
                     let next = tokio::select! {
                         () = stop.cancelled() => return,
@@ -449,10 +435,10 @@ impl Supervisor {
             tokio::spawn(async move {
                 tokio::time::sleep(delay).await;
                 if this.healing().awaiting.contains(&service) {
-                    match this.docker.start(&id).await {
+                    match this.engine.start(&id).await {
                         Ok(()) => {}
                         // Still awaited: once the Engine is back it is started, or seen running.
-                        Err(e @ DockerError::Unavailable { .. }) => this.set_phase(
+                        Err(e @ EngineError::Unavailable { .. }) => this.set_phase(
                             &service,
                             Phase::Failed,
                             format!(
@@ -516,7 +502,7 @@ impl Supervisor {
         if recent > CRASH_LIMIT {
             self.healing().halted.insert(name.clone());
             // Stopped by hand, the Engine does not restart it again.
-            self.docker.stop(id, Duration::from_secs(1)).await;
+            self.engine.stop(id, Duration::from_secs(1)).await;
             self.set_phase(
                 &name,
                 Phase::Failed,
@@ -525,7 +511,7 @@ impl Supervisor {
             return;
         }
         // A port published as 0 gets a new host port on every start.
-        if let Ok(info) = self.docker.inspect(id).await {
+        if let Ok(info) = self.engine.inspect(id).await {
             let reused = self.lock().get(&name).is_some_and(|s| s.reused);
             self.record_container(&name, &info, reused);
         }
@@ -667,7 +653,7 @@ impl Supervisor {
             Ok(plans) => plans,
             Err(e) => {
                 // No container was created; the network goes again unless something uses it.
-                self.docker.remove_network(&self.network).await;
+                self.engine.remove_network(&self.network).await;
                 // The state (and every progress stream) still says why.
                 let message = e.to_string();
                 match &e {
@@ -684,13 +670,6 @@ impl Supervisor {
             }
         };
 
-        let mut ready_tx = BTreeMap::new();
-        let mut ready_rx = BTreeMap::new();
-        for s in &self.config.services {
-            let (tx, rx) = watch::channel(Readiness::NotYet);
-            ready_tx.insert(s.name.clone(), tx);
-            ready_rx.insert(s.name.clone(), rx);
-        }
         let jobs: BTreeSet<String> = self
             .config
             .services
@@ -699,55 +678,37 @@ impl Supervisor {
             .filter(|(_, c)| **c == Condition::Completed)
             .map(|(n, _)| n.clone())
             .collect();
-
-        let walk = cancel.child_token();
-        let mut tasks = JoinSet::new();
         let creating: BTreeSet<String> = plans
             .iter()
             .filter(|(_, p)| matches!(p, Plan::Create))
             .map(|(n, _)| n.clone())
             .collect();
+        // The first failure ends the walk: the others stop where they are.
+        let halt = cancel.child_token();
         let mut plans = plans;
-        for spec in self
-            .config
-            .services
-            .iter()
-            .filter(|s| selected.contains(&s.name))
-        {
-            let plan = plans.remove(&spec.name).unwrap_or(Plan::Create);
-            let deps: Vec<(String, Condition, watch::Receiver<Readiness>)> = spec
-                .depends_on
-                .iter()
-                .map(|(d, c)| (d.clone(), *c, ready_rx[d].clone()))
-                .collect();
-            let tx = ready_tx.remove(&spec.name).expect("one sender per service");
-            let this = Arc::clone(self);
-            let name = spec.name.clone();
-            let is_job = jobs.contains(&spec.name);
-            let walk = walk.clone();
-            tasks.spawn(async move {
-                let result = this.bring_up(&name, plan, deps, &tx, is_job, &walk).await;
-                if result.is_err() {
-                    let _ = tx.send(Readiness::Failed);
+        let results = walk::walk(
+            &self.config.services,
+            &selected,
+            Direction::Up,
+            |name, turn| {
+                let this = Arc::clone(self);
+                let plan = plans.remove(&name).unwrap_or(Plan::Create);
+                let is_job = jobs.contains(&name);
+                let halt = halt.clone();
+                async move {
+                    let result = this.bring_up(&name, plan, turn, is_job, &halt).await;
+                    if result.is_err() {
+                        halt.cancel();
+                    }
+                    result
                 }
-                (name, result)
-            });
-        }
+            },
+        )
+        .await?;
 
         let mut failure: Option<StackError> = None;
         let mut failed_service: Option<(String, String)> = None;
-        while let Some(joined) = tasks.join_next().await {
-            let (name, result) = match joined {
-                Ok(r) => r,
-                Err(e) => (
-                    "unknown".to_string(),
-                    Err(StackError::ServiceStart {
-                        service: "unknown".into(),
-                        reason: format!("internal error: {e}"),
-                        logs: String::new(),
-                    }),
-                ),
-            };
+        for (name, result) in results {
             if let Err(e) = result {
                 // Keep the first real failure; cancellations are its echo in the other services.
                 let real = !matches!(e, StackError::Cancelled);
@@ -758,7 +719,6 @@ impl Supervisor {
                 if failure.is_none() || (real && matches!(failure, Some(StackError::Cancelled))) {
                     failure = Some(e);
                 }
-                walk.cancel();
             }
         }
 
@@ -785,7 +745,7 @@ impl Supervisor {
                 // reached us: sweep this session's containers of the services this call created
                 // (others of the session, already running, stay).
                 if let Ok(left) = self
-                    .docker
+                    .engine
                     .list_by_label(labels::SESSION, &self.session)
                     .await
                 {
@@ -795,11 +755,11 @@ impl Supervisor {
                             .is_some_and(|s| creating.contains(s))
                     };
                     for c in left.into_iter().filter(ours) {
-                        let _ = self.docker.remove(&c.id, Duration::ZERO).await;
+                        let _ = self.engine.remove(&c.id, Duration::ZERO).await;
                     }
                 }
                 // Fails harmlessly while reused containers still use it.
-                self.docker.remove_network(&self.network).await;
+                self.engine.remove_network(&self.network).await;
                 // The rollback stopped it too; its state should still say why it failed.
                 if let Some((name, message)) = failed_service {
                     self.set_phase(&name, Phase::Failed, message);
@@ -823,9 +783,9 @@ impl Supervisor {
         // The network is made sure of alongside the listing: a cold start needs it, and for a
         // warm one it exists already, so asking costs nothing on the critical path.
         let (existing, network) = tokio::join!(
-            self.docker
+            self.engine
                 .list_by_label(labels::PROJECT, &self.config.project),
-            self.docker
+            self.engine
                 .ensure_network(&self.network, &self.config.project)
         );
         network?;
@@ -853,7 +813,7 @@ impl Supervisor {
         for c in &stale {
             let this = Arc::clone(self);
             let id = c.id.clone();
-            removals.spawn(async move { this.docker.remove(&id, Duration::from_secs(10)).await });
+            removals.spawn(async move { this.engine.remove(&id, Duration::from_secs(10)).await });
         }
         while let Some(result) = removals.join_next().await {
             if let Ok(Err(e)) = result {
@@ -870,13 +830,13 @@ impl Supervisor {
         if session == &self.session {
             return None;
         }
-        crate::owner::live_creator(&c.labels, self.docker.host())
+        crate::owner::live_creator(&c.labels, self.engine.host())
     }
 
     /// A container left by a process of this machine that died without stopping it (and that
     /// nobody asked to keep running): its watchdog missed it, so this start removes it.
     fn is_orphan(&self, c: &ContainerInfo) -> bool {
-        if !self.docker.host().starts_with("unix://") {
+        if !self.engine.host().starts_with("unix://") {
             // Owner pids name processes of the Engine's machine, which may not be this one.
             return false;
         }
@@ -992,8 +952,7 @@ impl Supervisor {
         &self,
         name: &str,
         plan: Plan,
-        deps: Vec<(String, Condition, watch::Receiver<Readiness>)>,
-        ready: &watch::Sender<Readiness>,
+        mut turn: Turn,
         is_job: bool,
         cancel: &CancellationToken,
     ) -> Result<(), StackError> {
@@ -1019,7 +978,7 @@ impl Supervisor {
                 };
                 cancellable(
                     cancel,
-                    self.docker.ensure_image(&spec.image, spec.pull, &progress),
+                    self.engine.ensure_image(&spec.image, spec.pull, &progress),
                 )
                 .await?
                 .map_err(|e| self.start_error(name, e.to_string(), String::new()))?;
@@ -1029,7 +988,7 @@ impl Supervisor {
                     GpuRequest::Auto => {
                         let has = *self
                             .gpu_runtime
-                            .get_or_init(|| self.docker.has_gpu_runtime())
+                            .get_or_init(|| self.engine.has_gpu_runtime())
                             .await;
                         if !has {
                             tracing::info!(
@@ -1050,61 +1009,54 @@ impl Supervisor {
                     labels: self.labels_for(&spec),
                     gpus,
                 };
-                let id = cancellable(cancel, self.docker.create_container(&plan))
+                let id = cancellable(cancel, self.engine.create_container(&plan))
                     .await?
                     .map_err(|e| self.start_error(name, e.to_string(), String::new()))?;
                 if let Some(s) = self.lock().get_mut(name) {
                     s.container_id = Some(id.clone());
                 }
 
-                if !deps.is_empty() {
+                let waits = turn.waits_on();
+                if !waits.is_empty() {
                     self.set_phase(
                         name,
                         Phase::Waiting,
                         format!(
                             "waiting for {}",
-                            deps.iter()
-                                .map(|(d, c, _)| format!("{d} ({c})"))
+                            waits
+                                .iter()
+                                .map(|(d, c)| format!("{d} ({c})"))
                                 .collect::<Vec<_>>()
                                 .join(", ")
                         ),
                     );
                 }
-                for (dep, condition, mut rx) in deps {
-                    let reached = cancellable(
-                        cancel,
-                        rx.wait_for(|r| r.satisfies(condition) || *r == Readiness::Failed),
-                    )
+                // A dependency that failed ends this start too; the failure is reported there.
+                cancellable(cancel, turn.wait())
                     .await?
-                    .map(|r| *r);
-                    match reached {
-                        Ok(r) if r.satisfies(condition) => {}
-                        _ => return Err(StackError::Cancelled),
-                    }
-                    tracing::debug!(service = name, dependency = %dep, "dependency ready");
-                }
+                    .map_err(|_| StackError::Cancelled)?;
 
                 self.set_phase(name, Phase::Starting, "starting container");
-                cancellable(cancel, self.docker.start(&id))
+                cancellable(cancel, self.engine.start(&id))
                     .await?
                     .map_err(|e| self.start_error(name, e.to_string(), String::new()))?;
-                let info = cancellable(cancel, self.docker.inspect(&id))
+                let info = cancellable(cancel, self.engine.inspect(&id))
                     .await?
                     .map_err(|e| self.start_error(name, e.to_string(), String::new()))?;
                 self.record_container(name, &info, false);
                 id
             }
         };
-        let _ = ready.send(Readiness::Started);
+        turn.reach(Reached::Started);
 
         if is_job {
             self.wait_completed(name, &id, cancel).await?;
-            let _ = ready.send(Readiness::Completed);
+            turn.reach(Reached::Completed);
             self.set_phase(name, Phase::Completed, "ran to completion");
         } else {
             let began = Instant::now();
             self.wait_healthy(&spec, &id, cancel).await?;
-            let _ = ready.send(Readiness::Healthy);
+            turn.reach(Reached::Healthy);
             self.set_phase(
                 name,
                 Phase::Healthy,
@@ -1146,7 +1098,7 @@ impl Supervisor {
 
     async fn failure_with_logs(&self, service: &str, id: &str, reason: String) -> StackError {
         let logs = self
-            .docker
+            .engine
             .logs(id, ERROR_LOG_LINES)
             .await
             .unwrap_or_default();
@@ -1171,7 +1123,7 @@ impl Supervisor {
             }
             Probe::Redis { port } => health::redis(published(*port)?, timeout).await,
             Probe::Exec { command } => {
-                match tokio::time::timeout(timeout, self.docker.exec(id, command)).await {
+                match tokio::time::timeout(timeout, self.engine.exec(id, command)).await {
                     Err(_) => Err(format!(
                         "exec {command:?} gave no answer within {timeout:?}"
                     )),
@@ -1185,7 +1137,7 @@ impl Supervisor {
                 }
             }
             Probe::Docker => {
-                let info = self.docker.inspect(id).await.map_err(|e| e.to_string())?;
+                let info = self.engine.inspect(id).await.map_err(|e| e.to_string())?;
                 match info.engine_health.as_deref() {
                     Some("healthy") => Ok(()),
                     Some(other) => Err(format!("the image's HEALTHCHECK reports {other}")),
@@ -1212,7 +1164,7 @@ impl Supervisor {
                 Err(e) => e,
             };
             let info = self
-                .docker
+                .engine
                 .inspect(id)
                 .await
                 .map_err(|e| self.start_error(&spec.name, e.to_string(), String::new()))?;
@@ -1258,7 +1210,7 @@ impl Supervisor {
         let mut backoff = Backoff::new(Duration::from_millis(250));
         loop {
             let info = self
-                .docker
+                .engine
                 .inspect(id)
                 .await
                 .map_err(|e| self.start_error(name, e.to_string(), String::new()))?;
@@ -1295,61 +1247,52 @@ impl Supervisor {
         } else {
             names.iter().cloned().collect()
         };
-        let mut done_tx = BTreeMap::new();
-        let mut done_rx = BTreeMap::new();
-        for s in &self.config.services {
-            let (tx, rx) = watch::channel(!chosen.contains(&s.name));
-            done_tx.insert(s.name.clone(), tx);
-            done_rx.insert(s.name.clone(), rx);
-        }
-        let mut tasks = JoinSet::new();
-        for spec in self
-            .config
-            .services
-            .iter()
-            .filter(|s| chosen.contains(&s.name))
-        {
-            let dependents: Vec<watch::Receiver<bool>> = self
-                .config
-                .services
-                .iter()
-                .filter(|d| d.depends_on.contains_key(&spec.name))
-                .map(|d| done_rx[&d.name].clone())
-                .collect();
-            let tx = done_tx.remove(&spec.name).expect("one sender per service");
-            let this = Arc::clone(self);
-            let name = spec.name.clone();
-            let stop_timeout = timeout.unwrap_or(spec.stop_timeout);
-            tasks.spawn(async move {
-                for mut rx in dependents {
-                    let _ = rx.wait_for(|done| *done).await;
-                }
-                let id = this.lock().get(&name).and_then(|s| s.container_id.clone());
-                if let Some(id) = id {
-                    this.set_phase(&name, Phase::Stopping, "stopping");
-                    this.docker.stop(&id, stop_timeout).await;
-                    // Once it no longer runs, its dependencies may stop; deleting the stopped
-                    // container need not hold them up.
-                    let _ = tx.send(true);
-                    match this.docker.remove_stopped(&id).await {
-                        Ok(()) => this.set_phase(&name, Phase::Stopped, "removed"),
-                        Err(e) => {
-                            this.set_phase(&name, Phase::Failed, format!("could not remove: {e}"))
+        let walked = walk::walk(
+            &self.config.services,
+            &chosen,
+            Direction::Down,
+            |name, mut turn| {
+                let this = Arc::clone(self);
+                let stop_timeout =
+                    timeout.or_else(|| this.spec(&name).ok().map(|s| s.stop_timeout));
+                async move {
+                    // Its dependents never fail a stop: each ends by being done.
+                    let _ = turn.wait().await;
+                    let id = this.lock().get(&name).and_then(|s| s.container_id.clone());
+                    if let Some(id) = id {
+                        this.set_phase(&name, Phase::Stopping, "stopping");
+                        this.engine
+                            .stop(&id, stop_timeout.unwrap_or_default())
+                            .await;
+                        // Once it no longer runs, its dependencies may stop; deleting the
+                        // stopped container need not hold them up.
+                        turn.reach(Reached::Completed);
+                        match this.engine.remove_stopped(&id).await {
+                            Ok(()) => this.set_phase(&name, Phase::Stopped, "removed"),
+                            Err(e) => this.set_phase(
+                                &name,
+                                Phase::Failed,
+                                format!("could not remove: {e}"),
+                            ),
+                        }
+                        if let Some(s) = this.lock().get_mut(&name) {
+                            s.container_id = None;
+                            s.ports.clear();
+                            s.engine_state = None;
+                            s.started_at = None;
                         }
                     }
-                    if let Some(s) = this.lock().get_mut(&name) {
-                        s.container_id = None;
-                        s.ports.clear();
-                        s.engine_state = None;
-                        s.started_at = None;
-                    }
+                    Ok::<(), std::convert::Infallible>(())
                 }
-                let _ = tx.send(true);
-            });
+            },
+        )
+        .await;
+        if let Err(e) = walked {
+            tracing::error!(project = %self.config.project, error = %e, "nothing stopped");
+            return;
         }
-        while tasks.join_next().await.is_some() {}
         if names.is_empty() {
-            self.docker.remove_network(&self.network).await;
+            self.engine.remove_network(&self.network).await;
         }
     }
 
@@ -1369,12 +1312,12 @@ impl Supervisor {
         };
         self.healing().halted.remove(name);
         self.set_phase(name, Phase::Starting, "restarting");
-        self.docker
+        self.engine
             .restart(&id, spec.stop_timeout)
             .await
             .map_err(|e| self.start_error(name, e.to_string(), String::new()))?;
         let info = self
-            .docker
+            .engine
             .inspect(&id)
             .await
             .map_err(|e| self.start_error(name, e.to_string(), String::new()))?;
@@ -1400,7 +1343,7 @@ impl Supervisor {
             .filter_map(|s| s.container_id.map(|id| (s.name, id)))
             .collect();
         for (name, id) in ids {
-            match self.docker.inspect(&id).await {
+            match self.engine.inspect(&id).await {
                 Ok(info) => {
                     if let Some(s) = self.lock().get_mut(&name) {
                         s.engine_state = Some(info.state);
@@ -1440,7 +1383,7 @@ impl Supervisor {
         self.spec(name)?;
         let id = self.lock().get(name).and_then(|s| s.container_id.clone());
         match id {
-            Some(id) => Ok(self.docker.logs(&id, tail).await?),
+            Some(id) => Ok(self.engine.logs(&id, tail).await?),
             None => Ok(String::new()),
         }
     }
@@ -1457,3 +1400,7 @@ async fn cancellable<T>(
         v = fut => Ok(v),
     }
 }
+
+#[cfg(test)]
+#[path = "supervisor_tests.rs"]
+mod tests;

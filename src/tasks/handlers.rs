@@ -11,7 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use serde::Deserialize;
 
-use crate::docker::{labels, Docker};
+use crate::engine::{labels, SharedEngine};
 use crate::health;
 use crate::tasks::model::TaskRecord;
 
@@ -128,13 +128,13 @@ struct ExecPayload {
 /// the service's container; the result is `{"exit_code", "stdout", "stderr"}`; a non-zero exit
 /// fails the attempt.
 pub struct Exec {
-    pub docker: Docker,
+    pub engine: SharedEngine,
     pub directory: Arc<dyn ServiceDirectory>,
 }
 
 impl Handler for Exec {
     fn run(&self, task: TaskRecord) -> HandlerFuture {
-        let docker = self.docker.clone();
+        let engine = Arc::clone(&self.engine);
         let directory = Arc::clone(&self.directory);
         boxed(async move {
             let p: ExecPayload = parse(
@@ -148,7 +148,7 @@ impl Handler for Exec {
             let id = directory
                 .container_id(&p.service)
                 .ok_or_else(|| unknown_service(directory.as_ref(), &p.service))?;
-            let out = docker
+            let out = engine
                 .exec(&id, &p.command)
                 .await
                 .map_err(|e| e.to_string())?;
@@ -173,13 +173,13 @@ struct ContainerPayload {
 /// one-off container (with `TASK_ID` and `TASK_INPUT` set) and removes it afterwards. The result
 /// is `{"exit_code", "stdout", "stderr"}`; a non-zero exit fails the attempt.
 pub struct Container {
-    pub docker: Docker,
+    pub engine: SharedEngine,
     pub project: String,
 }
 
 impl Handler for Container {
     fn run(&self, task: TaskRecord) -> HandlerFuture {
-        let docker = self.docker.clone();
+        let engine = Arc::clone(&self.engine);
         let project = self.project.clone();
         boxed(async move {
             let p: ContainerPayload = parse(
@@ -203,7 +203,7 @@ impl Handler for Container {
                     std::process::id().to_string(),
                 ),
             ]);
-            let out = docker
+            let out = engine
                 .run_once(&p.image, p.command, env, labels)
                 .await
                 .map_err(|e| e.to_string())?;

@@ -1,4 +1,4 @@
-//! The Docker Engine API: the only module that talks to bollard.
+//! The Docker Engine API (and Podman's compatible one): the only module that talks to bollard.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
@@ -18,85 +18,35 @@ use bollard::query_parameters::{
 use futures_util::stream::BoxStream;
 use futures_util::StreamExt;
 
-use crate::config::spec::{GpuRequest, MountKind, PullPolicy, RestartPolicy, ServiceSpec};
+use async_trait::async_trait;
 
-pub const DEFAULT_HOST: &str = "unix:///var/run/docker.sock";
+use super::{
+    labels, ApiErrorKind, ContainerEvent, ContainerInfo, ContainerPlan, Engine, EngineError,
+    EngineInfo, ExecOutput, RunState, Usage, DEFAULT_HOST,
+};
+use crate::config::spec::{GpuRequest, MountKind, PullPolicy, RestartPolicy};
 
-/// Labels every container of a stack carries.
-pub mod labels {
-    pub const PROJECT: &str = "dspy-agent.project";
-    pub const SERVICE: &str = "dspy-agent.service";
-    pub const CONFIG_HASH: &str = "dspy-agent.config-hash";
-    pub const SESSION: &str = "dspy-agent.session";
-    pub const OWNER_PID: &str = "dspy-agent.owner-pid";
-    /// The owner's orchestrator address, where a second start of the project can attach.
-    pub const OWNER_ADDR: &str = "dspy-agent.owner-addr";
-    pub const KEEP: &str = "dspy-agent.keep-running";
-    /// On an image (and so on its containers): a local stand-in, not the real service.
-    pub const STAND_IN: &str = "dspy-agent.stand-in";
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum DockerError {
-    #[error("cannot reach the Docker Engine at {host}: {message}. Start Docker (for example `sudo systemctl start docker`), or point ENV_MANAGER_DOCKER_HOST / DOCKER_HOST at a running Engine")]
-    Unavailable { host: String, message: String },
-    #[error("image {image:?} is not available: {message}")]
-    Image { image: String, message: String },
-    #[error("{context}: {message}")]
-    Api {
-        context: String,
-        message: String,
-        /// What the Engine's HTTP status says, so that callers never decide on the text.
-        kind: ApiErrorKind,
-    },
-}
-
-/// An Engine API error by its HTTP status.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ApiErrorKind {
-    /// 404: no such container, image, network...
-    NotFound,
-    /// 409: a name in use, a container in the wrong state.
-    Conflict,
-    Other,
-}
-
-impl DockerError {
-    /// The object the call named does not exist (any more).
-    pub fn is_not_found(&self) -> bool {
-        matches!(
-            self,
-            DockerError::Api {
-                kind: ApiErrorKind::NotFound,
-                ..
-            }
-        )
-    }
-}
-
-impl DockerError {
-    /// An Engine error; one that means the Engine cannot be reached at all (the socket is gone,
-    /// nothing answers) becomes `Unavailable`, which says how to fix it.
-    fn api(host: &str, context: impl Into<String>, e: bollard::errors::Error) -> Self {
-        use bollard::errors::Error as E;
-        match e {
-            E::HyperLegacyError { .. }
-            | E::IOError { .. }
-            | E::RequestTimeoutError
-            | E::SocketNotFoundError(_) => DockerError::Unavailable {
-                host: host.to_string(),
-                message: engine_message(&e),
+/// An Engine error; one that means the Engine cannot be reached at all (the socket is gone,
+/// nothing answers) becomes `Unavailable`, which says how to fix it.
+fn api_error(host: &str, context: impl Into<String>, e: bollard::errors::Error) -> EngineError {
+    use bollard::errors::Error as E;
+    match e {
+        E::HyperLegacyError { .. }
+        | E::IOError { .. }
+        | E::RequestTimeoutError
+        | E::SocketNotFoundError(_) => EngineError::Unavailable {
+            host: host.to_string(),
+            message: engine_message(&e),
+        },
+        _ => EngineError::Api {
+            context: context.into(),
+            message: engine_message(&e),
+            kind: match status_of(&e) {
+                Some(404) => ApiErrorKind::NotFound,
+                Some(409) => ApiErrorKind::Conflict,
+                _ => ApiErrorKind::Other,
             },
-            _ => DockerError::Api {
-                context: context.into(),
-                message: engine_message(&e),
-                kind: match status_of(&e) {
-                    Some(404) => ApiErrorKind::NotFound,
-                    Some(409) => ApiErrorKind::Conflict,
-                    _ => ApiErrorKind::Other,
-                },
-            },
-        }
+        },
     }
 }
 
@@ -114,104 +64,6 @@ fn status_of(e: &bollard::errors::Error) -> Option<u16> {
     }
 }
 
-/// Lifecycle state of a container as the Engine reports it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RunState {
-    Created,
-    Running,
-    Restarting,
-    Paused,
-    Exited,
-    Dead,
-    Other,
-}
-
-impl RunState {
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            RunState::Created => "created",
-            RunState::Running => "running",
-            RunState::Restarting => "restarting",
-            RunState::Paused => "paused",
-            RunState::Exited => "exited",
-            RunState::Dead => "dead",
-            RunState::Other => "unknown",
-        }
-    }
-
-    fn parse(s: &str) -> Self {
-        match s {
-            "created" => RunState::Created,
-            "running" => RunState::Running,
-            "restarting" => RunState::Restarting,
-            "paused" => RunState::Paused,
-            "exited" => RunState::Exited,
-            "dead" => RunState::Dead,
-            _ => RunState::Other,
-        }
-    }
-}
-
-/// What the core needs to know about one container.
-#[derive(Debug, Clone)]
-pub struct ContainerInfo {
-    pub id: String,
-    pub labels: BTreeMap<String, String>,
-    pub state: RunState,
-    pub exit_code: Option<i64>,
-    /// The Engine's HEALTHCHECK status, when the image has one.
-    pub engine_health: Option<String>,
-    pub started_at: Option<String>,
-    /// (container port, protocol) → (host ip, host port) for published ports.
-    pub ports: BTreeMap<(u16, String), (String, u16)>,
-    pub restart_count: i64,
-}
-
-/// Something that happened to a container.
-#[derive(Debug, Clone)]
-pub struct ContainerEvent {
-    pub id: String,
-    /// `start`, `die`, ...
-    pub action: String,
-    /// Set on `die`.
-    pub exit_code: Option<i64>,
-}
-
-/// Resource use of a running container.
-#[derive(Debug, Clone, Default)]
-pub struct Usage {
-    pub cpu_percent: f64,
-    pub memory_bytes: u64,
-    pub memory_limit_bytes: u64,
-    pub network_rx_bytes: u64,
-    pub network_tx_bytes: u64,
-}
-
-#[derive(Debug, Clone)]
-pub struct EngineInfo {
-    pub version: String,
-    pub cpus: u32,
-    pub memory_bytes: u64,
-}
-
-/// Result of a command run inside a container.
-#[derive(Debug, Clone)]
-pub struct ExecOutput {
-    pub exit_code: i64,
-    pub stdout: String,
-    pub stderr: String,
-}
-
-/// Everything the core decides about a container besides the service spec itself.
-pub struct ContainerPlan<'a> {
-    pub name: &'a str,
-    pub network: &'a str,
-    pub volume_prefix: &'a str,
-    pub spec: &'a ServiceSpec,
-    pub labels: BTreeMap<String, String>,
-    pub gpus: bool,
-}
-
 #[derive(Clone)]
 pub struct Docker {
     client: bollard::Docker,
@@ -221,9 +73,9 @@ pub struct Docker {
 impl Docker {
     /// Connects and negotiates the API version; gives up after `timeout` so an absent Engine
     /// is reported at once instead of hanging.
-    pub async fn connect(host: Option<&str>, timeout: Duration) -> Result<Docker, DockerError> {
+    pub async fn connect(host: Option<&str>, timeout: Duration) -> Result<Docker, EngineError> {
         let host = host.unwrap_or(DEFAULT_HOST).to_string();
-        let unavailable = |message: String| DockerError::Unavailable {
+        let unavailable = |message: String| EngineError::Unavailable {
             host: host.clone(),
             message,
         };
@@ -236,43 +88,38 @@ impl Docker {
         };
         Ok(Docker { client, host })
     }
+}
 
-    pub fn host(&self) -> &str {
+#[async_trait]
+impl Engine for Docker {
+    fn host(&self) -> &str {
         &self.host
     }
 
-    /// Whether the Engine offers the NVIDIA runtime, i.e. whether GPUs can be requested.
-    pub async fn has_gpu_runtime(&self) -> bool {
+    async fn has_gpu_runtime(&self) -> bool {
         match self.client.info().await {
             Ok(info) => info.runtimes.is_some_and(|r| r.contains_key("nvidia")),
             Err(_) => false,
         }
     }
 
-    /// Makes `image` present according to `policy`; `progress` receives pull status lines.
-    pub async fn ensure_image(
+    async fn ensure_image(
         &self,
         image: &str,
         policy: PullPolicy,
         progress: &(dyn Fn(String) + Send + Sync),
-    ) -> Result<(), DockerError> {
+    ) -> Result<(), EngineError> {
         let present = match self.client.inspect_image(image).await {
             Ok(_) => true,
             Err(e) if status_of(&e) == Some(404) => false,
-            Err(e) => {
-                return Err(DockerError::api(
-                    &self.host,
-                    format!("inspect image {image:?}"),
-                    e,
-                ))
-            }
+            Err(e) => return Err(api_error(&self.host, format!("inspect image {image:?}"), e)),
         };
         let pull = match policy {
             PullPolicy::Always => true,
             PullPolicy::Missing => !present,
             PullPolicy::Never if present => false,
             PullPolicy::Never => {
-                return Err(DockerError::Image {
+                return Err(EngineError::Image {
                     image: image.to_string(),
                     message: "it is not present locally and the pull policy is \"never\"; build or load it, or set pull = \"missing\"".into(),
                 })
@@ -307,7 +154,7 @@ impl Docker {
                     return Ok(());
                 }
                 Err(e) => {
-                    return Err(DockerError::Image {
+                    return Err(EngineError::Image {
                         image: image.to_string(),
                         message: format!(
                             "it is not present locally and pulling it failed: {}",
@@ -320,8 +167,7 @@ impl Docker {
         Ok(())
     }
 
-    /// Creates the project's network unless it exists.
-    pub async fn ensure_network(&self, name: &str, project: &str) -> Result<(), DockerError> {
+    async fn ensure_network(&self, name: &str, project: &str) -> Result<(), EngineError> {
         let filters = HashMap::from([("name", vec![name])]);
         let existing = self
             .client
@@ -329,9 +175,7 @@ impl Docker {
                 ListNetworksOptionsBuilder::new().filters(&filters).build(),
             ))
             .await
-            .map_err(|e| {
-                DockerError::api(&self.host, format!("list networks named {name:?}"), e)
-            })?;
+            .map_err(|e| api_error(&self.host, format!("list networks named {name:?}"), e))?;
         if existing.iter().any(|n| n.name.as_deref() == Some(name)) {
             return Ok(());
         }
@@ -348,16 +192,11 @@ impl Docker {
             Ok(_) => Ok(()),
             // Another start of the same project created it meanwhile.
             Err(e) if status_of(&e) == Some(409) => Ok(()),
-            Err(e) => Err(DockerError::api(
-                &self.host,
-                format!("create network {name:?}"),
-                e,
-            )),
+            Err(e) => Err(api_error(&self.host, format!("create network {name:?}"), e)),
         }
     }
 
-    /// Removes the network; a network still in use by other containers is left alone.
-    pub async fn remove_network(&self, name: &str) {
+    async fn remove_network(&self, name: &str) {
         if let Err(e) = self.client.remove_network(name).await {
             if !matches!(status_of(&e), Some(404) | Some(403) | Some(409)) {
                 tracing::debug!(network = name, error = %engine_message(&e), "network not removed");
@@ -365,12 +204,11 @@ impl Docker {
         }
     }
 
-    /// Every container (running or not) that carries `label=value`.
-    pub async fn list_by_label(
+    async fn list_by_label(
         &self,
         label: &str,
         value: &str,
-    ) -> Result<Vec<ContainerInfo>, DockerError> {
+    ) -> Result<Vec<ContainerInfo>, EngineError> {
         let filter = format!("{label}={value}");
         let filters = HashMap::from([("label", vec![filter.as_str()])]);
         let options = ListContainersOptionsBuilder::new()
@@ -381,7 +219,7 @@ impl Docker {
             .client
             .list_containers(Some(options))
             .await
-            .map_err(|e| DockerError::api(&self.host, "list containers", e))?;
+            .map_err(|e| api_error(&self.host, "list containers", e))?;
         Ok(list
             .into_iter()
             .map(|c| {
@@ -406,12 +244,12 @@ impl Docker {
             .collect())
     }
 
-    pub async fn inspect(&self, id: &str) -> Result<ContainerInfo, DockerError> {
+    async fn inspect(&self, id: &str) -> Result<ContainerInfo, EngineError> {
         let c = self
             .client
             .inspect_container(id, None)
             .await
-            .map_err(|e| DockerError::api(&self.host, format!("inspect container {id}"), e))?;
+            .map_err(|e| api_error(&self.host, format!("inspect container {id}"), e))?;
         let state = c.state.unwrap_or_default();
         let mut ports = BTreeMap::new();
         for (key, bindings) in c.network_settings.and_then(|n| n.ports).unwrap_or_default() {
@@ -451,8 +289,7 @@ impl Docker {
         })
     }
 
-    /// Creates (does not start) a service's container; returns its id.
-    pub async fn create_container(&self, plan: &ContainerPlan<'_>) -> Result<String, DockerError> {
+    async fn create_container(&self, plan: &ContainerPlan<'_>) -> Result<String, EngineError> {
         let spec = plan.spec;
         let mut port_bindings = HashMap::new();
         let mut exposed = Vec::new();
@@ -561,10 +398,10 @@ impl Docker {
                     .await
                     .map(|r| r.id)
                     .map_err(|e| {
-                        DockerError::api(&self.host, format!("create container {:?}", plan.name), e)
+                        api_error(&self.host, format!("create container {:?}", plan.name), e)
                     })
             }
-            Err(e) => Err(DockerError::api(
+            Err(e) => Err(api_error(
                 &self.host,
                 format!("create container {:?}", plan.name),
                 e,
@@ -572,34 +409,25 @@ impl Docker {
         }
     }
 
-    pub async fn start(&self, id: &str) -> Result<(), DockerError> {
+    async fn start(&self, id: &str) -> Result<(), EngineError> {
         match self.client.start_container(id, None).await {
             Ok(()) => Ok(()),
             Err(e) if status_of(&e) == Some(304) => Ok(()),
-            Err(e) => Err(DockerError::api(&self.host, "start container", e)),
+            Err(e) => Err(api_error(&self.host, "start container", e)),
         }
     }
 
-    pub async fn restart(&self, id: &str, timeout: Duration) -> Result<(), DockerError> {
+    async fn restart(&self, id: &str, timeout: Duration) -> Result<(), EngineError> {
         let options = bollard::query_parameters::RestartContainerOptionsBuilder::new()
             .t(timeout.as_secs() as i32)
             .build();
         self.client
             .restart_container(id, Some(options))
             .await
-            .map_err(|e| DockerError::api(&self.host, "restart container", e))
+            .map_err(|e| api_error(&self.host, "restart container", e))
     }
 
-    /// Stops (SIGTERM, then SIGKILL after `timeout`) and removes a container with its anonymous
-    /// volumes; named volumes stay. A container that is already gone is not an error.
-    pub async fn remove(&self, id: &str, timeout: Duration) -> Result<(), DockerError> {
-        self.stop(id, timeout).await;
-        self.remove_stopped(id).await
-    }
-
-    /// SIGTERM, then SIGKILL after `timeout` (at once when zero). A container that is not
-    /// running, or gone, is fine; a failure is left to the removal that follows.
-    pub async fn stop(&self, id: &str, timeout: Duration) {
+    async fn stop(&self, id: &str, timeout: Duration) {
         if timeout.is_zero() {
             return;
         }
@@ -615,8 +443,7 @@ impl Docker {
         }
     }
 
-    /// Removes a container (killing it if it still runs) with its anonymous volumes.
-    pub async fn remove_stopped(&self, id: &str) -> Result<(), DockerError> {
+    async fn remove_stopped(&self, id: &str) -> Result<(), EngineError> {
         let options = RemoveContainerOptionsBuilder::new()
             .force(true)
             .v(true)
@@ -625,16 +452,11 @@ impl Docker {
             Ok(()) => Ok(()),
             // 404: gone already; 409: removal already in progress.
             Err(e) if matches!(status_of(&e), Some(404) | Some(409)) => Ok(()),
-            Err(e) => Err(DockerError::api(
-                &self.host,
-                format!("remove container {id}"),
-                e,
-            )),
+            Err(e) => Err(api_error(&self.host, format!("remove container {id}"), e)),
         }
     }
 
-    /// The last `tail` lines of a container's output, stdout and stderr interleaved.
-    pub async fn logs(&self, id: &str, tail: usize) -> Result<String, DockerError> {
+    async fn logs(&self, id: &str, tail: usize) -> Result<String, EngineError> {
         let options = LogsOptionsBuilder::new()
             .stdout(true)
             .stderr(true)
@@ -643,22 +465,20 @@ impl Docker {
         let mut stream = self.client.logs(id, Some(options));
         let mut out = String::new();
         while let Some(item) = stream.next().await {
-            let chunk = item
-                .map_err(|e| DockerError::api(&self.host, format!("logs of container {id}"), e))?;
+            let chunk =
+                item.map_err(|e| api_error(&self.host, format!("logs of container {id}"), e))?;
             out.push_str(&String::from_utf8_lossy(chunk.as_ref()));
         }
         Ok(out)
     }
 
-    /// A container's output as it comes, each chunk tagged stderr (`true`) or stdout.
-    /// `tail` 0 = everything; `since` in seconds since the epoch, 0 = from the beginning.
-    pub fn log_stream(
+    fn log_stream(
         &self,
         id: &str,
         follow: bool,
         tail: usize,
         since: i64,
-    ) -> BoxStream<'static, Result<(bool, bytes::Bytes), DockerError>> {
+    ) -> BoxStream<'static, Result<(bool, bytes::Bytes), EngineError>> {
         let tail = if tail == 0 {
             "all".to_string()
         } else {
@@ -678,14 +498,12 @@ impl Docker {
             .map(move |item| match item {
                 Ok(LogOutput::StdErr { message }) => Ok((true, message)),
                 Ok(other) => Ok((false, other.into_bytes())),
-                Err(e) => Err(DockerError::api(&host, context.clone(), e)),
+                Err(e) => Err(api_error(&host, context.clone(), e)),
             })
             .boxed()
     }
 
-    /// CPU, memory and network use of a running container. The Engine samples twice to work out
-    /// the CPU share, so this takes about a second.
-    pub async fn stats(&self, id: &str) -> Result<Usage, DockerError> {
+    async fn stats(&self, id: &str) -> Result<Usage, EngineError> {
         let options = StatsOptionsBuilder::new()
             .stream(false)
             .one_shot(false)
@@ -694,11 +512,7 @@ impl Docker {
         let stats = match stream.next().await {
             Some(Ok(s)) => s,
             Some(Err(e)) => {
-                return Err(DockerError::api(
-                    &self.host,
-                    format!("stats of container {id}"),
-                    e,
-                ))
+                return Err(api_error(&self.host, format!("stats of container {id}"), e))
             }
             None => return Ok(Usage::default()),
         };
@@ -748,12 +562,10 @@ impl Docker {
         })
     }
 
-    /// Container `start`, `die` and `destroy` events of `project`'s containers as they happen. Ends when
-    /// the Engine goes away.
-    pub fn container_events(
+    fn container_events(
         &self,
         project: &str,
-    ) -> BoxStream<'static, Result<ContainerEvent, DockerError>> {
+    ) -> BoxStream<'static, Result<ContainerEvent, EngineError>> {
         let label = format!("{}={project}", labels::PROJECT);
         let filters = HashMap::from([
             ("type", vec!["container".to_string()]),
@@ -772,7 +584,7 @@ impl Docker {
         self.client
             .events(Some(options))
             .map(move |item| {
-                let event = item.map_err(|e| DockerError::api(&host, "follow Engine events", e))?;
+                let event = item.map_err(|e| api_error(&host, "follow Engine events", e))?;
                 let actor = event.actor.unwrap_or_default();
                 let exit_code = actor
                     .attributes
@@ -788,13 +600,12 @@ impl Docker {
             .boxed()
     }
 
-    /// The Engine's version, CPU count and memory.
-    pub async fn engine_info(&self) -> Result<EngineInfo, DockerError> {
+    async fn engine_info(&self) -> Result<EngineInfo, EngineError> {
         let info = self
             .client
             .info()
             .await
-            .map_err(|e| DockerError::api(&self.host, "Engine info", e))?;
+            .map_err(|e| api_error(&self.host, "Engine info", e))?;
         Ok(EngineInfo {
             version: info.server_version.unwrap_or_default(),
             cpus: info.ncpu.unwrap_or(0).max(0) as u32,
@@ -802,15 +613,13 @@ impl Docker {
         })
     }
 
-    /// Runs a one-off container to completion and returns its exit code and output; the
-    /// container is removed afterwards, also when the caller stops waiting (cancellation).
-    pub async fn run_once(
+    async fn run_once(
         &self,
         image: &str,
         command: Option<Vec<String>>,
         env: Vec<String>,
         labels: HashMap<String, String>,
-    ) -> Result<ExecOutput, DockerError> {
+    ) -> Result<ExecOutput, EngineError> {
         let body = ContainerCreateBody {
             image: Some(image.to_string()),
             cmd: command,
@@ -827,11 +636,11 @@ impl Docker {
             .create_container(None, body)
             .await
             .map_err(|e| match status_of(&e) {
-                Some(404) => DockerError::Image {
+                Some(404) => EngineError::Image {
                     image: image.to_string(),
                     message: "it is not present locally".into(),
                 },
-                _ => DockerError::api(&self.host, format!("create a container from {image:?}"), e),
+                _ => api_error(&self.host, format!("create a container from {image:?}"), e),
             })?
             .id;
         let guard = RemoveOnDrop {
@@ -844,11 +653,7 @@ impl Docker {
             Some(Ok(r)) => r.status_code,
             Some(Err(bollard::errors::Error::DockerContainerWaitError { code, .. })) => code,
             Some(Err(e)) => {
-                return Err(DockerError::api(
-                    &self.host,
-                    format!("wait for container {id}"),
-                    e,
-                ))
+                return Err(api_error(&self.host, format!("wait for container {id}"), e))
             }
             None => -1,
         };
@@ -856,9 +661,7 @@ impl Docker {
         let mut logs = self.client.logs(&id, Some(options));
         let (mut stdout, mut stderr) = (String::new(), String::new());
         while let Some(item) = logs.next().await {
-            match item
-                .map_err(|e| DockerError::api(&self.host, format!("logs of container {id}"), e))?
-            {
+            match item.map_err(|e| api_error(&self.host, format!("logs of container {id}"), e))? {
                 LogOutput::StdErr { message } => {
                     stderr.push_str(&String::from_utf8_lossy(&message))
                 }
@@ -873,8 +676,7 @@ impl Docker {
         })
     }
 
-    /// Runs `command` in a running container and collects its output.
-    pub async fn exec(&self, id: &str, command: &[String]) -> Result<ExecOutput, DockerError> {
+    async fn exec(&self, id: &str, command: &[String]) -> Result<ExecOutput, EngineError> {
         let exec = self
             .client
             .create_exec(
@@ -887,19 +689,19 @@ impl Docker {
                 },
             )
             .await
-            .map_err(|e| DockerError::api(&self.host, format!("exec in container {id}"), e))?;
+            .map_err(|e| api_error(&self.host, format!("exec in container {id}"), e))?;
         let mut stdout = String::new();
         let mut stderr = String::new();
         if let StartExecResults::Attached { mut output, .. } = self
             .client
             .start_exec(&exec.id, None)
             .await
-            .map_err(|e| DockerError::api(&self.host, format!("exec in container {id}"), e))?
+            .map_err(|e| api_error(&self.host, format!("exec in container {id}"), e))?
         {
             while let Some(item) = output.next().await {
-                match item.map_err(|e| {
-                    DockerError::api(&self.host, format!("exec in container {id}"), e)
-                })? {
+                match item
+                    .map_err(|e| api_error(&self.host, format!("exec in container {id}"), e))?
+                {
                     LogOutput::StdErr { message } => {
                         stderr.push_str(&String::from_utf8_lossy(&message))
                     }
@@ -911,7 +713,7 @@ impl Docker {
             .client
             .inspect_exec(&exec.id)
             .await
-            .map_err(|e| DockerError::api(&self.host, format!("exec in container {id}"), e))?;
+            .map_err(|e| api_error(&self.host, format!("exec in container {id}"), e))?;
         Ok(ExecOutput {
             exit_code: inspect.exit_code.unwrap_or(-1),
             stdout,

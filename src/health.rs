@@ -92,7 +92,6 @@ pub async fn request(
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| fail(&e))?;
-        let driver = tokio::spawn(conn);
         let mut builder = hyper::Request::builder()
             .method(method.clone())
             .uri(path)
@@ -101,7 +100,7 @@ pub async fn request(
             builder = builder.header(hyper::header::CONTENT_TYPE, "application/json");
         }
         let request = builder.body(Full::new(body)).map_err(|e| fail(&e))?;
-        let result = async {
+        let exchange = async {
             let response = sender.send_request(request).await.map_err(|e| fail(&e))?;
             let status = response.status().as_u16();
             let body = response
@@ -111,10 +110,18 @@ pub async fn request(
                 .map_err(|e| fail(&e))?
                 .to_bytes();
             Ok((status, body))
+        };
+        // The connection is driven beside the exchange, in this task; it ends with it.
+        tokio::pin!(conn);
+        tokio::pin!(exchange);
+        tokio::select! {
+            result = &mut exchange => result,
+            driven = &mut conn => match driven {
+                Err(e) => Err(fail(&e)),
+                // Closed after the response: the exchange finishes on what it has.
+                Ok(()) => exchange.await,
+            },
         }
-        .await;
-        driver.abort();
-        result
     })
     .await
 }

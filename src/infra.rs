@@ -19,6 +19,7 @@ use crate::tasks::handlers::{self, Handler, ServiceDirectory};
 use crate::tasks::model::TaskError;
 use crate::tasks::queue::TaskQueue;
 use crate::tasks::store::TaskStore;
+use crate::util::Background;
 use crate::watchdog::{Launcher, Watchdog};
 
 /// How long to wait for the Docker Engine before reporting it unavailable.
@@ -86,8 +87,9 @@ pub struct Infra {
     orchestrator_addr: SocketAddr,
     env_manager_addr: SocketAddr,
     watchdog: Option<Watchdog>,
-    /// Stops following the Engine's events.
-    follow: CancellationToken,
+    /// Every task the stack spawned: the gRPC servers and their streams, the queue's dispatcher
+    /// and handler runs, the supervisor's event following and healing.
+    background: Background,
     /// Held while this stack runs: no other start of the project runs beside it.
     _owner: OwnerLock,
 }
@@ -130,12 +132,13 @@ impl Infra {
                     path: String::new(),
                     message: e.to_string(),
                 })??;
-        let queue = TaskQueue::start(store, config.tasks.concurrency).await?;
+        let background = Background::default();
+        let queue = TaskQueue::start(store, config.tasks.concurrency, background.clone()).await?;
         let limit = |t: &str| config.tasks.limits.get(t).copied();
         for t in ["ping", "test", "echo"] {
             queue.register(t, Arc::new(handlers::Builtin(t)), limit(t));
         }
-        let opened = Self::open_rest(&config, &queue, own_log).await;
+        let opened = Self::open_rest(&config, &queue, own_log, &background).await;
         match opened {
             Ok((supervisor, servers)) => {
                 if let Err(e) = owner.record(&servers[0].addr.to_string()) {
@@ -154,12 +157,11 @@ impl Infra {
                     .ok(),
                     _ => None,
                 };
-                let follow = CancellationToken::new();
                 if let Some(s) = &supervisor {
-                    s.follow_engine(follow.clone());
+                    s.follow_engine();
                 }
                 Ok(Infra {
-                    follow,
+                    background,
                     orchestrator_addr: servers[0].addr,
                     env_manager_addr: servers[1].addr,
                     config,
@@ -171,10 +173,11 @@ impl Infra {
                 })
             }
             Err((e, servers)) => {
-                queue.shutdown();
+                background.cancel();
                 for s in servers {
                     s.shutdown().await;
                 }
+                background.stop().await;
                 Err(e)
             }
         }
@@ -185,7 +188,13 @@ impl Infra {
         config: &Arc<Config>,
         queue: &TaskQueue,
         own_log: Option<PathBuf>,
+        background: &Background,
     ) -> Result<(Option<Arc<Supervisor>>, Vec<grpc::Server>), (InfraError, Vec<grpc::Server>)> {
+        let serving = grpc::Serving {
+            guard: guard(config),
+            tls: config.tls.clone(),
+            background: background.clone(),
+        };
         let mut servers = Vec::new();
         let env_manager_addr = Arc::new(std::sync::OnceLock::new());
         match grpc::serve_orchestrator(
@@ -193,8 +202,7 @@ impl Infra {
             queue.clone(),
             config.project.clone(),
             Arc::clone(&env_manager_addr),
-            guard(config),
-            config.tls.clone(),
+            serving.clone(),
         )
         .await
         {
@@ -202,19 +210,19 @@ impl Infra {
             Err(e) => return Err((e.into(), servers)),
         }
         let owner_addr = servers[0].addr.to_string();
-        let (supervisor, engine) = match Self::prepare_supervisor(config, queue, owner_addr).await {
-            Ok(s) => s,
-            Err(e) => return Err((e, servers)),
-        };
-        let manager = EnvManager::new(Arc::clone(config), supervisor.clone(), engine, own_log);
-        match grpc::serve_env_manager(
-            &config.env_manager_addr,
-            manager,
-            guard(config),
-            config.tls.clone(),
-        )
-        .await
-        {
+        let (supervisor, engine) =
+            match Self::prepare_supervisor(config, queue, owner_addr, background).await {
+                Ok(s) => s,
+                Err(e) => return Err((e, servers)),
+            };
+        let manager = EnvManager::new(
+            Arc::clone(config),
+            supervisor.clone(),
+            engine,
+            own_log,
+            background.clone(),
+        );
+        match grpc::serve_env_manager(&config.env_manager_addr, manager, serving).await {
             Ok(s) => {
                 let _ = env_manager_addr.set(s.addr.to_string());
                 servers.push(s);
@@ -230,6 +238,7 @@ impl Infra {
         config: &Arc<Config>,
         queue: &TaskQueue,
         owner_addr: String,
+        background: &Background,
     ) -> Result<(Option<Arc<Supervisor>>, Option<SharedEngine>), InfraError> {
         if config.services.is_empty() {
             return Ok((None, None));
@@ -241,6 +250,7 @@ impl Infra {
             Arc::clone(config),
             new_session_id(),
             owner_addr,
+            background.clone(),
         ));
         let directory: Arc<dyn ServiceDirectory> = Arc::new(Directory(Arc::clone(&supervisor)));
         let limit = |t: &str| config.tasks.limits.get(t).copied();
@@ -349,8 +359,9 @@ impl Infra {
     /// Stops the task queue and the orchestrator port, then stops and removes the stack's
     /// containers (named volumes stay) unless `keep_running`.
     pub async fn shutdown(&self, keep_running: bool) {
-        self.follow.cancel();
-        self.queue.shutdown();
+        // Following, healing, dispatching, handler runs and open streams end first, so nothing
+        // reacts to the stop that follows.
+        self.background.cancel();
         let servers = std::mem::take(&mut *crate::util::lock(&self.servers));
         for server in servers {
             server.shutdown().await;
@@ -362,9 +373,15 @@ impl Infra {
                 s.stop_services(&[], None).await;
             }
         }
+        self.background.stop().await;
         if let Some(w) = &self.watchdog {
             w.release();
         }
+    }
+
+    /// How many of the stack's background tasks still run: none once `shutdown` returns.
+    pub fn background_tasks(&self) -> usize {
+        self.background.running()
     }
 }
 

@@ -1,7 +1,8 @@
 //! dspy-agent-infra: the Rust core behind the `dspy_agent_infra` Python package.
 //!
-//! Dependency direction: `python/cli/daemon → remote → infra → grpc → {services, tasks} →
-//! {owner, watchdog, engine, health} → config → util`; no module imports one above it.
+//! Dependency direction: `python/cli/daemon → stack (local, remote) → infra → grpc →
+//! {services, tasks} → {owner, watchdog, engine, health} → config → util`; no module imports one
+//! above it.
 
 pub mod cli;
 pub mod config;
@@ -11,9 +12,9 @@ pub mod grpc;
 pub mod health;
 pub mod infra;
 pub mod owner;
-pub mod remote;
 pub mod runtime;
 pub mod services;
+pub mod stack;
 pub mod tasks;
 pub mod util;
 pub mod watchdog;

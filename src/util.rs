@@ -108,3 +108,59 @@ mod tests {
         assert_eq!(rfc3339_ms("yesterday"), None);
     }
 }
+
+/// The tasks a stack started and the token that stops them: every background task of a stack is
+/// spawned here, with a child of the root token, so stopping can cancel all of them and then wait
+/// until each has ended.
+#[derive(Clone, Default)]
+pub struct Background {
+    tracker: tokio_util::task::TaskTracker,
+    root: tokio_util::sync::CancellationToken,
+}
+
+impl Background {
+    /// A token cancelled when the stack stops (or earlier, by its holder).
+    pub fn token(&self) -> tokio_util::sync::CancellationToken {
+        self.root.child_token()
+    }
+
+    /// Runs `task` as one of the stack's tasks; it should end once `token()` is cancelled.
+    pub fn spawn<F>(&self, task: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.tracker.spawn(task)
+    }
+
+    /// Runs `task` until it ends or the stack stops, whichever comes first.
+    pub fn spawn_until_stopped<F>(&self, task: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let stop = self.token();
+        self.tracker.spawn(async move {
+            tokio::select! {
+                () = stop.cancelled() => {}
+                () = task => {}
+            }
+        });
+    }
+
+    /// How many of its tasks are still running.
+    pub fn running(&self) -> usize {
+        self.tracker.len()
+    }
+
+    /// Cancels every task's token; `stop` also waits for them.
+    pub fn cancel(&self) {
+        self.root.cancel();
+    }
+
+    /// Cancels every task's token, then waits until all of them have ended.
+    pub async fn stop(&self) {
+        self.cancel();
+        self.tracker.close();
+        self.tracker.wait().await;
+    }
+}

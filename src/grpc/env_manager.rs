@@ -9,15 +9,16 @@ use std::time::Duration;
 use futures_util::{Stream, StreamExt};
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
-use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::config::spec::PullPolicy;
 use crate::config::Config;
 use crate::engine::{RunState, SharedEngine};
+use crate::grpc::convert;
 use crate::grpc::env_pb as pb;
-use crate::services::supervisor::{Phase, ServiceEvent, ServiceState, Supervisor};
+use crate::services::supervisor::{Phase, ServiceEvent, Supervisor};
 use crate::tasks::store::now_ms;
+use crate::util::Background;
 
 /// The name under which the env-manager serves its own log.
 pub const OWN_LOG_SERVICE: &str = "env-manager";
@@ -29,6 +30,8 @@ pub struct EnvManager {
     supervisor: Option<Arc<Supervisor>>,
     engine: Option<SharedEngine>,
     own_log: Option<PathBuf>,
+    /// Owns the tasks behind its streams and the starts it runs.
+    background: Background,
 }
 
 impl EnvManager {
@@ -37,12 +40,14 @@ impl EnvManager {
         supervisor: Option<Arc<Supervisor>>,
         engine: Option<SharedEngine>,
         own_log: Option<PathBuf>,
+        background: Background,
     ) -> Self {
         EnvManager {
             config,
             supervisor,
             engine,
             own_log,
+            background,
         }
     }
 
@@ -98,75 +103,10 @@ impl EnvManager {
     }
 }
 
-pub fn phase_to_pb(p: Phase) -> pb::ServicePhase {
-    match p {
-        Phase::Pending => pb::ServicePhase::Pending,
-        Phase::Pulling => pb::ServicePhase::Pulling,
-        Phase::Creating => pb::ServicePhase::Creating,
-        Phase::Waiting => pb::ServicePhase::Waiting,
-        Phase::Starting => pb::ServicePhase::Starting,
-        Phase::Healthy => pb::ServicePhase::Healthy,
-        Phase::Completed => pb::ServicePhase::Completed,
-        Phase::Failed => pb::ServicePhase::Failed,
-        Phase::Stopping => pb::ServicePhase::Stopping,
-        Phase::Stopped => pb::ServicePhase::Stopped,
-    }
-}
-
-pub fn phase_from_pb(p: i32) -> Phase {
-    match pb::ServicePhase::try_from(p) {
-        Ok(pb::ServicePhase::Pulling) => Phase::Pulling,
-        Ok(pb::ServicePhase::Creating) => Phase::Creating,
-        Ok(pb::ServicePhase::Waiting) => Phase::Waiting,
-        Ok(pb::ServicePhase::Starting) => Phase::Starting,
-        Ok(pb::ServicePhase::Healthy) => Phase::Healthy,
-        Ok(pb::ServicePhase::Completed) => Phase::Completed,
-        Ok(pb::ServicePhase::Failed) => Phase::Failed,
-        Ok(pb::ServicePhase::Stopping) => Phase::Stopping,
-        Ok(pb::ServicePhase::Stopped) => Phase::Stopped,
-        Ok(pb::ServicePhase::Pending | pb::ServicePhase::Unspecified) | Err(_) => Phase::Pending,
-    }
-}
-
-/// A service as another process's env-manager reports it.
-pub fn service_state(s: pb::ServiceStatus) -> ServiceState {
-    ServiceState {
-        phase: phase_from_pb(s.phase),
-        container_id: Some(s.container_id).filter(|c| !c.is_empty()),
-        ports: s
-            .ports
-            .into_iter()
-            .filter_map(|p| {
-                Some((
-                    u16::try_from(p.container_port).ok()?,
-                    (p.host_ip, u16::try_from(p.host_port).ok()?),
-                ))
-            })
-            .collect(),
-        reused: true,
-        scheme: s
-            .url
-            .split_once("://")
-            .map(|(scheme, _)| scheme.to_string())
-            .unwrap_or_else(|| "http".into()),
-        engine_state: None,
-        started_at: None,
-        restart_count: s.restart_count,
-        name: s.name,
-        image: s.image,
-        message: s.message,
-        stand_in: s.stand_in,
-    }
-}
-
-fn is_healthy(p: Phase) -> bool {
-    matches!(p, Phase::Healthy | Phase::Completed)
-}
-
 fn update(e: &ServiceEvent) -> pb::ServiceStatusUpdate {
     pb::ServiceStatusUpdate {
         service: e.service.clone(),
-        phase: phase_to_pb(e.phase) as i32,
+        phase: convert::phase_to_pb(e.phase) as i32,
         message: e.message.clone(),
         timestamp_ms: now_ms(),
     }
@@ -175,43 +115,10 @@ fn update(e: &ServiceEvent) -> pb::ServiceStatusUpdate {
 fn health_update(service: &str, phase: Phase, message: &str) -> pb::HealthUpdate {
     pb::HealthUpdate {
         service: service.to_string(),
-        phase: phase_to_pb(phase) as i32,
-        healthy: is_healthy(phase),
+        phase: convert::phase_to_pb(phase) as i32,
+        healthy: convert::is_healthy(phase),
         message: message.to_string(),
         timestamp_ms: now_ms(),
-    }
-}
-
-fn service_status(s: ServiceState) -> pb::ServiceStatus {
-    pb::ServiceStatus {
-        url: s.url().unwrap_or_default(),
-        phase: phase_to_pb(s.phase) as i32,
-        state: s.engine_state.map(|r| r.as_str()).unwrap_or("").to_string(),
-        healthy: is_healthy(s.phase) && s.engine_state != Some(RunState::Exited),
-        container_id: s.container_id.unwrap_or_default(),
-        ports: s
-            .ports
-            .iter()
-            .map(|(c, (ip, h))| pb::PortMapping {
-                container_port: u32::from(*c),
-                host_ip: ip.clone(),
-                host_port: u32::from(*h),
-            })
-            .collect(),
-        started_at_ms: match s.engine_state {
-            Some(RunState::Running | RunState::Paused) => s
-                .started_at
-                .as_deref()
-                .and_then(crate::util::rfc3339_ms)
-                .unwrap_or(0),
-            _ => 0,
-        },
-        restart_count: s.restart_count,
-        message: s.message,
-        name: s.name,
-        image: s.image,
-        usage: None,
-        stand_in: s.stand_in,
     }
 }
 
@@ -254,9 +161,14 @@ fn log_line(service: &str, stderr: bool, line: String) -> pb::LogLine {
 }
 
 /// The last `tail` lines of `path` (all when 0), then, when `follow`, what is appended to it.
-fn follow_file(path: PathBuf, tail: usize, follow: bool) -> Out<pb::LogLine> {
+fn follow_file(
+    background: &Background,
+    path: PathBuf,
+    tail: usize,
+    follow: bool,
+) -> Out<pb::LogLine> {
     let (tx, rx) = mpsc::channel(256);
-    tokio::spawn(async move {
+    background.spawn_until_stopped(async move {
         let text = match tokio::fs::read(&path).await {
             Ok(t) => t,
             Err(e) => {
@@ -392,13 +304,12 @@ impl pb::env_manager_service_server::EnvManagerService for EnvManager {
         let mut events = sup.subscribe();
         // The start runs on its own, so a client that goes away does not stop it half-way.
         let starter = Arc::clone(sup);
-        let mut start = tokio::spawn(async move {
-            starter
-                .start_services(&names, CancellationToken::new())
-                .await
-        });
+        let cancel = self.background.token();
+        let mut start = self
+            .background
+            .spawn(async move { starter.start_services(&names, cancel).await });
         let (tx, rx) = mpsc::channel(256);
-        tokio::spawn(async move {
+        self.background.spawn_until_stopped(async move {
             let forward = |e: &ServiceEvent| chosen.contains(&e.service).then(|| update(e));
             let result = loop {
                 tokio::select! {
@@ -470,7 +381,7 @@ impl pb::env_manager_service_server::EnvManagerService for EnvManager {
             .into_iter()
             .find(|s| s.name == name)
             .ok_or_else(|| Status::not_found(format!("unknown service {name:?}")))?;
-        Ok(Response::new(service_status(state)))
+        Ok(Response::new(convert::service_status(state)))
     }
 
     async fn get_services_status(
@@ -507,7 +418,7 @@ impl pb::env_manager_service_server::EnvManagerService for EnvManager {
                     stats.spawn(async move { (i, engine.stats(&id).await) });
                 }
             }
-            services.push(service_status(s));
+            services.push(convert::service_status(s));
         }
         while let Some(joined) = stats.join_next().await {
             if let Ok((i, Ok(u))) = joined {
@@ -593,14 +504,19 @@ impl pb::env_manager_service_server::EnvManagerService for EnvManager {
                     "this env-manager runs inside an agent's process and keeps no log file of its own; its log goes to Python's logging",
                 )
             })?;
-            return Ok(Response::new(follow_file(path, r.tail as usize, r.follow)));
+            return Ok(Response::new(follow_file(
+                &self.background,
+                path,
+                r.tail as usize,
+                r.follow,
+            )));
         }
         let id = self.container_of(&r.service)?;
         let engine = Arc::clone(self.engine()?);
         let service = r.service;
         let mut chunks = engine.log_stream(&id, r.follow, r.tail as usize, r.since_seconds);
         let (tx, rx) = mpsc::channel(256);
-        tokio::spawn(async move {
+        self.background.spawn_until_stopped(async move {
             let mut split = LineSplitter {
                 partial: [Vec::new(), Vec::new()],
             };
@@ -693,7 +609,7 @@ impl pb::env_manager_service_server::EnvManagerService for EnvManager {
         for (service, image) in targets {
             let engine = Arc::clone(&engine);
             let tx = tx.clone();
-            tokio::spawn(async move {
+            self.background.spawn_until_stopped(async move {
                 let progress = |status: String| {
                     let _ = tx.send(Ok(pb::PullProgress {
                         service: service.clone(),

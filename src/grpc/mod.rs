@@ -3,6 +3,7 @@
 
 pub mod auth;
 pub mod codec;
+pub mod convert;
 pub mod env_manager;
 pub mod orchestrator;
 mod status;
@@ -14,15 +15,16 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
 
 use auth::Guard;
 use tonic::transport::{Identity, ServerTlsConfig};
 
 use crate::config::Tls;
-use tokio_util::sync::CancellationToken;
 
 use crate::tasks::queue::{TaskQueue, MAX_PAYLOAD_BYTES};
+use crate::util::Background;
 
 pub mod pb {
     #![allow(clippy::all)]
@@ -78,34 +80,46 @@ impl Server {
     }
 }
 
+/// What both servers share: who may call, over what, and the stack's background tasks, where
+/// the servers and the tasks behind their streams run.
+#[derive(Clone)]
+pub struct Serving {
+    pub guard: Guard,
+    pub tls: Option<Tls>,
+    pub background: Background,
+}
+
 /// Serves the orchestrator on `addr` ("HOST:PORT"; port 0 = any free port).
 pub async fn serve_orchestrator(
     addr: &str,
     queue: TaskQueue,
     project: String,
     env_manager_addr: Arc<OnceLock<String>>,
-    guard: Guard,
-    tls: Option<Tls>,
+    serving: Serving,
 ) -> Result<Server, GrpcError> {
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_serving::<pb::orchestrator_service_server::OrchestratorServiceServer<orchestrator::Orchestrator>>()
         .await;
     let service = pb::orchestrator_service_server::OrchestratorServiceServer::new(
-        orchestrator::Orchestrator::new(queue, project, env_manager_addr),
+        orchestrator::Orchestrator::new(
+            queue,
+            project,
+            env_manager_addr,
+            serving.background.clone(),
+        ),
     )
     .max_decoding_message_size(MAX_MESSAGE_BYTES)
     .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let routes = tonic::service::Routes::new(health_service)
-        .add_service(InterceptedService::new(service, guard.clone()));
+        .add_service(InterceptedService::new(service, serving.guard.clone()));
     serve(
         addr,
         "ORCHESTRATOR_GRPC_ADDR",
         "orchestrator_addr",
         "orchestrator",
         routes,
-        guard,
-        tls,
+        serving,
     )
     .await
 }
@@ -114,8 +128,7 @@ pub async fn serve_orchestrator(
 pub async fn serve_env_manager(
     addr: &str,
     manager: env_manager::EnvManager,
-    guard: Guard,
-    tls: Option<Tls>,
+    serving: Serving,
 ) -> Result<Server, GrpcError> {
     let (health, health_service) = tonic_health::server::health_reporter();
     health
@@ -123,15 +136,14 @@ pub async fn serve_env_manager(
         .await;
     let service = env_pb::env_manager_service_server::EnvManagerServiceServer::new(manager);
     let routes = tonic::service::Routes::new(health_service)
-        .add_service(InterceptedService::new(service, guard.clone()));
+        .add_service(InterceptedService::new(service, serving.guard.clone()));
     serve(
         addr,
         "ENV_MANAGER_GRPC_ADDR",
         "env_manager_addr",
         "env-manager",
         routes,
-        guard,
-        tls,
+        serving,
     )
     .await
 }
@@ -144,9 +156,13 @@ async fn serve(
     config_key: &'static str,
     what: &'static str,
     routes: tonic::service::Routes,
-    guard: Guard,
-    tls: Option<Tls>,
+    serving: Serving,
 ) -> Result<Server, GrpcError> {
+    let Serving {
+        guard,
+        tls,
+        background,
+    } = serving;
     let bind_error = |message: String| GrpcError::Bind {
         what,
         addr: addr.to_string(),
@@ -174,9 +190,9 @@ async fn serve(
             .tls_config(ServerTlsConfig::new().identity(identity))
             .map_err(|e| bind_error(format!("TLS: {e}")))?;
     }
-    let stop = CancellationToken::new();
+    let stop = background.token();
     let signal = stop.clone();
-    let task = tokio::spawn(async move {
+    let task = background.spawn(async move {
         let result = builder
             .add_routes(routes)
             .serve_with_incoming_shutdown(

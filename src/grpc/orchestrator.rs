@@ -9,11 +9,12 @@ use futures_util::{Stream, StreamExt};
 use tokio_stream::wrappers::BroadcastStream;
 use tonic::{Request, Response, Status};
 
-use crate::grpc::pb;
 use crate::grpc::workers::{Workers, LEASE};
-use crate::tasks::model::{NewTask, TaskRecord, TaskState};
+use crate::grpc::{convert, pb};
+use crate::tasks::model::NewTask;
 use crate::tasks::queue::TaskQueue;
 use crate::tasks::store::ListFilter;
+use crate::util::Background;
 
 pub struct Orchestrator {
     queue: TaskQueue,
@@ -21,61 +22,24 @@ pub struct Orchestrator {
     workers: Arc<Workers>,
     /// Where this process serves the env-manager, once it does.
     env_manager_addr: Arc<OnceLock<String>>,
+    /// Owns the tasks that read the workers' streams.
+    background: Background,
 }
 
 impl Orchestrator {
-    pub fn new(queue: TaskQueue, project: String, env_manager_addr: Arc<OnceLock<String>>) -> Self {
+    pub fn new(
+        queue: TaskQueue,
+        project: String,
+        env_manager_addr: Arc<OnceLock<String>>,
+        background: Background,
+    ) -> Self {
         Orchestrator {
             workers: Workers::new(queue.clone()),
             queue,
             project,
             env_manager_addr,
+            background,
         }
-    }
-}
-
-pub fn state_to_pb(s: TaskState) -> pb::TaskState {
-    match s {
-        TaskState::Pending => pb::TaskState::Pending,
-        TaskState::Running => pb::TaskState::Running,
-        TaskState::Completed => pb::TaskState::Completed,
-        TaskState::Failed => pb::TaskState::Failed,
-        TaskState::Cancelled => pb::TaskState::Cancelled,
-    }
-}
-
-fn state_from_pb(value: i32) -> Result<Option<TaskState>, Status> {
-    match pb::TaskState::try_from(value) {
-        Ok(pb::TaskState::Unspecified) => Ok(None),
-        Ok(pb::TaskState::Pending) => Ok(Some(TaskState::Pending)),
-        Ok(pb::TaskState::Running) => Ok(Some(TaskState::Running)),
-        Ok(pb::TaskState::Completed) => Ok(Some(TaskState::Completed)),
-        Ok(pb::TaskState::Failed) => Ok(Some(TaskState::Failed)),
-        Ok(pb::TaskState::Cancelled) => Ok(Some(TaskState::Cancelled)),
-        Err(_) => Err(Status::invalid_argument(format!(
-            "status: {value} is not a TaskState"
-        ))),
-    }
-}
-
-pub fn info(r: &TaskRecord) -> pb::TaskInfo {
-    pb::TaskInfo {
-        status: state_to_pb(r.state) as i32,
-        task_id: r.task.task_id.clone(),
-        task_type: r.task.task_type.clone(),
-        result_payload: r.result.clone().unwrap_or_default(),
-        error: r.error.clone().unwrap_or_default(),
-        attempts: r.attempt,
-        created_at_ms: r.created_at_ms,
-        started_at_ms: r.started_at_ms.unwrap_or(0),
-        finished_at_ms: r.finished_at_ms.unwrap_or(0),
-        metadata: r
-            .task
-            .metadata
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect(),
-        priority: r.task.priority,
     }
 }
 
@@ -108,7 +72,7 @@ impl pb::orchestrator_service_server::OrchestratorService for Orchestrator {
         let (record, created) = self.queue.submit(task).await.map_err(Status::from)?;
         Ok(Response::new(pb::SubmitTaskResponse {
             success: true,
-            status: state_to_pb(record.state) as i32,
+            status: convert::state_to_pb(record.state) as i32,
             task_id: record.task.task_id,
             error: String::new(),
             duplicate: !created,
@@ -124,7 +88,7 @@ impl pb::orchestrator_service_server::OrchestratorService for Orchestrator {
             .get(&request.into_inner().task_id)
             .await
             .map_err(Status::from)?;
-        Ok(Response::new(info(&record)))
+        Ok(Response::new(convert::task_info(&record)))
     }
 
     async fn cancel_task(
@@ -138,7 +102,7 @@ impl pb::orchestrator_service_server::OrchestratorService for Orchestrator {
             .map_err(Status::from)?;
         Ok(Response::new(pb::CancelTaskResponse {
             cancelled,
-            task: Some(info(&record)),
+            task: Some(convert::task_info(&record)),
         }))
     }
 
@@ -159,7 +123,7 @@ impl pb::orchestrator_service_server::OrchestratorService for Orchestrator {
         let tasks = self
             .queue
             .list(ListFilter {
-                state: state_from_pb(r.status)?,
+                state: convert::state_from_pb(r.status)?,
                 task_type: Some(r.task_type).filter(|t| !t.is_empty()),
                 limit,
                 after: Some(r.page_token).filter(|t| !t.is_empty()),
@@ -175,7 +139,7 @@ impl pb::orchestrator_service_server::OrchestratorService for Orchestrator {
             String::new()
         };
         Ok(Response::new(pb::ListTasksResponse {
-            tasks: tasks.iter().map(info).collect(),
+            tasks: tasks.iter().map(convert::task_info).collect(),
             next_page_token,
         }))
     }
@@ -194,14 +158,14 @@ impl pb::orchestrator_service_server::OrchestratorService for Orchestrator {
         if r.include_current {
             for id in &ids {
                 match self.queue.get(id).await {
-                    Ok(record) => current.push(Ok(info(&record))),
+                    Ok(record) => current.push(Ok(convert::task_info(&record))),
                     Err(e) => return Err(Status::from(e)),
                 }
             }
         }
         let live = events.filter_map(move |event| {
             let item = match event {
-                Ok(record) if ids.is_empty() || ids.contains(&record.task.task_id) => Some(Ok(info(&record))),
+                Ok(record) if ids.is_empty() || ids.contains(&record.task.task_id) => Some(Ok(convert::task_info(&record))),
                 Ok(_) => None,
                 // A slow reader missed changes: say so instead of pretending the stream is whole.
                 Err(tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(n)) => Some(Err(
@@ -276,7 +240,7 @@ impl pb::orchestrator_service_server::OrchestratorService for Orchestrator {
         let workers = Arc::clone(&self.workers);
         let id = workers.join(name, types, capacity, outbox.clone())?;
         let _ = outbox.send(Ok(registered(hello.generation)));
-        tokio::spawn(async move {
+        self.background.spawn_until_stopped(async move {
             let reason = loop {
                 let message = tokio::select! {
                     m = tokio::time::timeout(LEASE, inbound.message()) => m,

@@ -3,7 +3,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use futures_util::StreamExt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -12,12 +11,10 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::grpc::auth::AuthChannel;
-use crate::grpc::pb;
 use crate::grpc::workers::LEASE;
+use crate::grpc::{convert, pb};
 use crate::tasks::handlers::{Handler, HandlerError};
-use crate::tasks::model::{NewTask, TaskRecord, TaskState};
-use crate::tasks::store::now_ms;
-use crate::util::lock;
+use crate::util::{lock, Background};
 
 type Handlers = Arc<Mutex<BTreeMap<String, Arc<dyn Handler>>>>;
 type Running = Arc<Mutex<HashMap<(String, u32), CancellationToken>>>;
@@ -27,7 +24,8 @@ pub struct WorkerClient {
     outbox: mpsc::UnboundedSender<pb::WorkerMessage>,
     name: String,
     capacity: u32,
-    stop: CancellationToken,
+    /// Owns the stream's reader and every handler run; stopping it ends the stream.
+    background: Background,
     /// The latest hello sent, and the latest the orchestrator confirmed (`u64::MAX` once the
     /// stream is gone, so that nobody waits for a confirmation that cannot come).
     sent: AtomicU64,
@@ -47,7 +45,7 @@ impl WorkerClient {
             outbox,
             name,
             capacity,
-            stop: CancellationToken::new(),
+            background: Background::default(),
             sent: AtomicU64::new(0),
             confirmed: watch::Sender::new(0),
         };
@@ -58,13 +56,13 @@ impl WorkerClient {
         // The request stream ends when the worker stops, even while handler runs still hold
         // a sender: that is how the orchestrator learns to requeue their tasks.
         let requests = tokio_stream::wrappers::UnboundedReceiverStream::new(requests)
-            .take_until(client.stop.clone().cancelled_owned());
+            .take_until(client.background.token().cancelled_owned());
         let inbound = grpc.work(requests).await?.into_inner();
-        tokio::spawn(serve_loop(
+        client.background.spawn(serve_loop(
             inbound,
             Arc::clone(&client.handlers),
             client.outbox.clone(),
-            client.stop.clone(),
+            client.background.clone(),
             client.confirmed.clone(),
         ));
         Ok(client)
@@ -99,36 +97,16 @@ impl WorkerClient {
         self.hello();
     }
 
-    /// Ends the stream: the orchestrator puts unfinished tasks back in its queue.
-    pub fn close(&self) {
-        self.stop.cancel();
+    /// Ends the stream (the orchestrator puts unfinished tasks back in its queue) and waits
+    /// until the reader and every handler run have ended.
+    pub async fn close(&self) {
+        self.background.stop().await;
     }
 }
 
 impl Drop for WorkerClient {
     fn drop(&mut self) {
-        self.stop.cancel();
-    }
-}
-
-fn record(lease: pb::TaskLease) -> TaskRecord {
-    TaskRecord {
-        task: NewTask {
-            task_id: lease.task_id,
-            task_type: lease.task_type,
-            payload: lease.payload,
-            metadata: lease.metadata.into_iter().collect(),
-            priority: lease.priority,
-            timeout: (lease.timeout_ms > 0).then(|| Duration::from_millis(lease.timeout_ms)),
-            max_retries: 0,
-        },
-        state: TaskState::Running,
-        attempt: lease.attempt,
-        result: None,
-        error: None,
-        created_at_ms: lease.created_at_ms,
-        started_at_ms: Some(now_ms()),
-        finished_at_ms: None,
+        self.background.cancel();
     }
 }
 
@@ -136,9 +114,10 @@ async fn serve_loop(
     mut inbound: tonic::Streaming<pb::WorkAssignment>,
     handlers: Handlers,
     outbox: mpsc::UnboundedSender<pb::WorkerMessage>,
-    stop: CancellationToken,
+    background: Background,
     confirmed: watch::Sender<u64>,
 ) {
+    let stop = background.token();
     let running: Running = Arc::new(Mutex::new(HashMap::new()));
     let mut heartbeat = tokio::time::interval(LEASE / 3);
     loop {
@@ -164,12 +143,12 @@ async fn serve_loop(
             Some(pb::work_assignment::Assignment::Task(lease)) => {
                 let key = (lease.task_id.clone(), lease.attempt);
                 let handler = lock(&handlers).get(&lease.task_type).cloned();
-                let token = CancellationToken::new();
+                let token = background.token();
                 lock(&running).insert(key.clone(), token.clone());
                 let outbox = outbox.clone();
                 let running = Arc::clone(&running);
-                let task = record(lease);
-                tokio::spawn(async move {
+                let task = convert::leased_task(lease);
+                background.spawn(async move {
                     let result = match handler {
                         Some(h) => {
                             tokio::select! {

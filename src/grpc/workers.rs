@@ -373,17 +373,25 @@ mod tests {
 
     #[tokio::test]
     async fn a_lost_worker_puts_its_task_back_for_another() {
-        let queue = TaskQueue::start(TaskStore::open(None, Durability::default()).unwrap(), 8)
-            .await
-            .unwrap();
+        let background = crate::util::Background::default();
+        let queue = TaskQueue::start(
+            TaskStore::open(None, Durability::default()).unwrap(),
+            8,
+            background.clone(),
+        )
+        .await
+        .unwrap();
         queue.register("local", Arc::new(Named("local")), None);
         let server = crate::grpc::serve_orchestrator(
             "127.0.0.1:0",
             queue.clone(),
             "p".into(),
             Arc::new(OnceLock::new()),
-            crate::grpc::auth::Guard::default(),
-            None,
+            crate::grpc::Serving {
+                guard: crate::grpc::auth::Guard::default(),
+                tls: None,
+                background: background.clone(),
+            },
         )
         .await
         .unwrap();
@@ -422,7 +430,7 @@ mod tests {
         queue.submit(task("b", "hang")).await.unwrap();
         let running = wait_for(&queue, "b", TaskState::Running).await;
         assert_eq!(running.attempt, 1);
-        first.close();
+        first.close().await;
         let back = wait_for(&queue, "b", TaskState::Pending).await;
         assert_eq!(back.attempt, 0, "a lost lease does not use up a retry");
         assert!(back.error.unwrap().contains("worker first went away"));
@@ -447,7 +455,9 @@ mod tests {
         queue.submit(task("c", "")).await.unwrap();
         let done = wait_for(&queue, "c", TaskState::Completed).await;
         assert_eq!(done.result.as_deref(), Some(&b"done by second"[..]));
-        queue.shutdown();
+        background.cancel();
         server.shutdown().await;
+        background.stop().await;
+        assert_eq!(background.running(), 0);
     }
 }

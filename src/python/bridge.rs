@@ -20,10 +20,9 @@ use pyo3::prelude::*;
 use pyo3::IntoPyObjectExt;
 use tokio::sync::oneshot;
 
-use crate::infra::InfraError;
-use crate::remote::AttachError;
+pub use crate::stack::CallError;
 use crate::tasks::handlers::{Handler, HandlerFuture};
-use crate::tasks::model::{TaskError, TaskRecord};
+use crate::tasks::model::TaskRecord;
 
 use super::errors;
 use super::lock;
@@ -45,46 +44,6 @@ pub enum Message {
         token: u64,
         result: Result<Value, CallError>,
     },
-}
-
-/// Why a call failed. It stays a Rust value until the loop thread turns it into its exception,
-/// so no runtime thread ever needs the interpreter.
-pub enum CallError {
-    Task(TaskError),
-    Rpc(tonic::Status),
-    Infra(InfraError),
-    Attach(AttachError),
-    /// A service call to an attached stack's env-manager.
-    Service {
-        service: String,
-        status: tonic::Status,
-    },
-    /// The call's own task failed (a panic in the core).
-    Failed(String),
-}
-
-impl From<InfraError> for CallError {
-    fn from(e: InfraError) -> Self {
-        CallError::Infra(e)
-    }
-}
-
-impl From<AttachError> for CallError {
-    fn from(e: AttachError) -> Self {
-        CallError::Attach(e)
-    }
-}
-
-impl From<TaskError> for CallError {
-    fn from(e: TaskError) -> Self {
-        CallError::Task(e)
-    }
-}
-
-impl From<tonic::Status> for CallError {
-    fn from(s: tonic::Status) -> Self {
-        CallError::Rpc(s)
-    }
 }
 
 pub struct Bridge {

@@ -8,8 +8,8 @@ use pyo3::PyTypeInfo;
 
 use crate::engine::EngineError;
 use crate::infra::InfraError;
-use crate::remote::AttachError;
 use crate::services::supervisor::StackError;
+use crate::stack::AttachError;
 use crate::tasks::model::TaskError;
 
 /// The exception classes of `dspy_agent_infra.errors`.

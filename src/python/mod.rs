@@ -22,8 +22,8 @@ mod types;
 
 use crate::config::{Config, ConfigError, ConfigLayer, LoadOptions};
 use crate::infra::{Infra, InfraError};
-use crate::remote::Remote;
 use crate::services::supervisor::ServiceState;
+use crate::stack::{Remote, Stack};
 
 /// One service of a running stack, as Python sees it.
 #[pyclass(frozen, get_all, module = "dspy_agent_infra._native")]
@@ -110,9 +110,8 @@ struct CoreState {
     project: String,
     keep_running: bool,
     pending: Mutex<Option<Config>>,
-    infra: Mutex<Option<Arc<Infra>>>,
-    /// Set instead of `infra` when the start attached to a stack another process runs.
-    remote: Mutex<Option<Arc<Remote>>>,
+    /// The stack once started: this process's own, or one another process runs.
+    stack: Mutex<Option<Arc<dyn Stack>>>,
     cancel: CancellationToken,
     started: watch::Sender<bool>,
     /// `FORKS` when this state was made: a child forked since must start its own stack.
@@ -125,13 +124,6 @@ struct CoreState {
     bridge: Arc<bridge::Bridge>,
 }
 
-/// Where the stack lives: in this process, or in another one this process attached to.
-#[derive(Clone)]
-enum Backend {
-    Local(Arc<Infra>),
-    Remote(Arc<Remote>),
-}
-
 fn not_running() -> PyErr {
     py_error::<exc::InfraError>(
         "the stack is not running; use it inside `async with AgentInfra.start() as infra:`".into(),
@@ -140,15 +132,9 @@ fn not_running() -> PyErr {
 }
 
 impl CoreState {
-    fn backend(&self) -> PyResult<Backend> {
+    fn stack(&self) -> PyResult<Arc<dyn Stack>> {
         self.check_pid()?;
-        if let Some(infra) = lock(&self.infra).clone() {
-            return Ok(Backend::Local(infra));
-        }
-        lock(&self.remote)
-            .clone()
-            .map(Backend::Remote)
-            .ok_or_else(not_running)
+        lock(&self.stack).clone().ok_or_else(not_running)
     }
 
     fn check_pid(&self) -> PyResult<()> {
@@ -231,8 +217,7 @@ impl Core {
                 project: config.project.clone(),
                 keep_running: config.keep_running,
                 pending: Mutex::new(Some(config)),
-                infra: Mutex::new(None),
-                remote: Mutex::new(None),
+                stack: Mutex::new(None),
                 cancel: CancellationToken::new(),
                 started,
                 forks: crate::runtime::forks(),
@@ -262,17 +247,9 @@ impl Core {
     /// Names of the services this stack will run, dependencies first.
     #[getter]
     fn planned_services(&self) -> Vec<String> {
-        if let Some(remote) = lock(&self.state.remote).clone() {
-            return remote.services().into_iter().map(|s| s.name).collect();
-        }
-        let infra = lock(&self.state.infra).clone();
-        match infra {
-            Some(infra) => infra
-                .config()
-                .services
-                .iter()
-                .map(|s| s.name.clone())
-                .collect(),
+        let stack = lock(&self.state.stack).clone();
+        match stack {
+            Some(stack) => stack.services().into_iter().map(|s| s.name).collect(),
             None => lock(&self.state.pending)
                 .as_ref()
                 .map(|c| c.services.iter().map(|s| s.name.clone()).collect())
@@ -299,7 +276,7 @@ impl Core {
             // is, instead of starting a second one.
             let outcome = match Remote::find(&config).await {
                 Ok(Some(remote)) => {
-                    *lock(&state.remote) = Some(Arc::new(remote));
+                    *lock(&state.stack) = Some(Arc::new(remote));
                     Ok(true)
                 }
                 Err(e) => Err(CallError::from(e)),
@@ -307,7 +284,7 @@ impl Core {
                     let mut at_owner = config.clone();
                     match Infra::start(config, state.cancel.clone(), state.launcher.clone()).await {
                         Ok(infra) => {
-                            *lock(&state.infra) = Some(Arc::new(infra));
+                            *lock(&state.stack) = Some(Arc::new(infra));
                             Ok(false)
                         }
                         Err(e) => {
@@ -322,7 +299,7 @@ impl Core {
                             };
                             match found {
                                 Ok(Some(remote)) => {
-                                    *lock(&state.remote) = Some(Arc::new(remote));
+                                    *lock(&state.stack) = Some(Arc::new(remote));
                                     Ok(true)
                                 }
                                 _ => Err(CallError::from(e)),
@@ -349,13 +326,9 @@ impl Core {
             if lock(&state.pending).is_none() {
                 let _ = started.wait_for(|done| *done).await;
             }
-            let infra = lock(&state.infra).take();
-            if let Some(infra) = infra {
-                infra.shutdown(false).await;
-            }
-            let remote = lock(&state.remote).take();
-            if let Some(remote) = remote {
-                remote.close();
+            let stack = lock(&state.stack).take();
+            if let Some(stack) = stack {
+                stack.stop(false).await;
             }
             Ok::<_, CallError>(())
         })
@@ -364,15 +337,11 @@ impl Core {
     /// Stops and removes the stack's containers unless `keep_running`.
     fn stop_nowait(&self, keep_running: bool) -> PyResult<u64> {
         self.state.check_pid()?;
-        let infra = lock(&self.state.infra).take();
-        let remote = lock(&self.state.remote).take();
+        let stack = lock(&self.state.stack).take();
         let task = crate::runtime::get().spawn(async move {
-            if let Some(infra) = infra {
-                infra.shutdown(keep_running).await;
-            }
-            // An attached stack belongs to whoever started it: only detach.
-            if let Some(remote) = remote {
-                remote.close();
+            // An attached stack belongs to whoever started it: this only detaches.
+            if let Some(stack) = stack {
+                stack.stop(keep_running).await;
             }
         });
         Ok(self.state.bridge.spawn(async move {
@@ -384,10 +353,7 @@ impl Core {
     /// "host:port" of the orchestrator gRPC service.
     #[getter]
     fn orchestrator_addr(&self) -> PyResult<String> {
-        Ok(match self.state.backend()? {
-            Backend::Local(infra) => infra.orchestrator_addr().to_string(),
-            Backend::Remote(remote) => remote.orchestrator_addr.clone(),
-        })
+        Ok(self.state.stack()?.orchestrator_addr())
     }
 
     /// What clients of this stack's ports trust, when they speak TLS: (CA PEM, server name).
@@ -405,32 +371,28 @@ impl Core {
     /// Whether this stack is one another process runs, attached to at start.
     #[getter]
     fn attached(&self) -> bool {
-        lock(&self.state.remote).is_some()
+        lock(&self.state.stack)
+            .as_ref()
+            .is_some_and(|s| s.attached())
     }
 
     /// "host:port" of the env-manager gRPC service.
     #[getter]
     fn env_manager_addr(&self) -> PyResult<String> {
-        Ok(match self.state.backend()? {
-            Backend::Local(infra) => infra.env_manager_addr().to_string(),
-            Backend::Remote(remote) => remote.env_manager_addr.clone(),
-        })
+        Ok(self.state.stack()?.env_manager_addr())
     }
 
     /// Serves `task_type` with the Python function the event loop that entered the stack looks up
     /// by task type.
     fn register_handler(&self, task_type: String) -> PyResult<()> {
-        let backend = self.state.backend()?;
+        let stack = self.state.stack()?;
         crate::tasks::model::validate_task_type(&task_type).map_err(errors::task_error)?;
         // Plain functions too run from the event loop (in its executor's threads): every call
         // into Python then starts from a thread Python owns and waits for at exit.
         let handler: Arc<dyn crate::tasks::handlers::Handler> = Arc::new(bridge::BridgedHandler {
             bridge: Arc::clone(&self.state.bridge),
         });
-        match backend {
-            Backend::Local(infra) => infra.register_handler(&task_type, handler),
-            Backend::Remote(remote) => remote.serve(&task_type, handler),
-        }
+        stack.register_handler(&task_type, handler);
         Ok(())
     }
 
@@ -459,7 +421,7 @@ impl Core {
         timeout: Option<f64>,
         max_retries: u32,
     ) -> PyResult<u64> {
-        let backend = self.state.backend()?;
+        let stack = self.state.stack()?;
         let task = tasks::new_task(
             task_id,
             task_type,
@@ -470,29 +432,17 @@ impl Core {
             max_retries,
         )?;
         task.validate().map_err(errors::task_error)?;
-        Ok(self.state.bridge.spawn(async move {
-            match backend {
-                Backend::Local(infra) => infra
-                    .queue()
-                    .submit(task)
-                    .await
-                    .map(|(record, created)| types::submit_response(record, created))
-                    .map_err(CallError::from),
-                Backend::Remote(remote) => {
-                    remote.ready().await;
-                    tasks::remote_submit(remote.orchestrator(), task)
-                        .await
-                        .map_err(CallError::from)
-                }
-            }
-        }))
+        Ok(self
+            .state
+            .bridge
+            .spawn(async move { stack.submit(task).await.map(types::SubmitResponse::from) }))
     }
 
     /// Waits until the task reaches a final state; the answer is its `TaskInfo`, or None after
     /// `timeout` seconds.
     #[pyo3(signature = (task_id, timeout=None))]
     fn wait_nowait(&self, task_id: String, timeout: Option<f64>) -> PyResult<u64> {
-        let backend = self.state.backend()?;
+        let stack = self.state.stack()?;
         let timeout = match timeout {
             None => None,
             Some(t) if t.is_finite() && t >= 0.0 => {
@@ -505,19 +455,8 @@ impl Core {
             }
         };
         Ok(self.state.bridge.spawn(async move {
-            match backend {
-                Backend::Local(infra) => infra
-                    .queue()
-                    .wait(&task_id, timeout)
-                    .await
-                    .map(|r| r.as_ref().map(types::TaskInfo::from))
-                    .map_err(CallError::from),
-                Backend::Remote(remote) => {
-                    tasks::remote_wait(remote.orchestrator(), task_id, timeout)
-                        .await
-                        .map_err(CallError::from)
-                }
-            }
+            let done = stack.wait(&task_id, timeout).await?;
+            Ok(done.as_ref().map(types::TaskInfo::from))
         }))
     }
 
@@ -533,86 +472,46 @@ impl Core {
 
     /// The task's `TaskInfo`, answered under the returned token.
     fn status_nowait(&self, task_id: String) -> PyResult<u64> {
-        let backend = self.state.backend()?;
-        Ok(self.state.bridge.spawn(async move {
-            match backend {
-                Backend::Local(infra) => infra
-                    .queue()
-                    .get(&task_id)
-                    .await
-                    .map(|r| types::TaskInfo::from(&r))
-                    .map_err(CallError::from),
-                Backend::Remote(remote) => tasks::remote_status(remote.orchestrator(), task_id)
-                    .await
-                    .map_err(CallError::from),
-            }
-        }))
+        let stack = self.state.stack()?;
+        Ok(self
+            .state
+            .bridge
+            .spawn(async move { stack.get(&task_id).await.map(|r| types::TaskInfo::from(&r)) }))
     }
 
     /// Cancels the task; answered under the returned token with `(cancelled, TaskInfo)`.
     fn cancel_nowait(&self, task_id: String) -> PyResult<u64> {
-        let backend = self.state.backend()?;
+        let stack = self.state.stack()?;
         Ok(self.state.bridge.spawn(async move {
-            match backend {
-                Backend::Local(infra) => infra
-                    .queue()
-                    .cancel(&task_id)
-                    .await
-                    .map(|(record, cancelled)| (cancelled, Some(types::TaskInfo::from(&record))))
-                    .map_err(CallError::from),
-                Backend::Remote(remote) => tasks::remote_cancel(remote.orchestrator(), task_id)
-                    .await
-                    .map_err(CallError::from),
-            }
+            let (cancelled, record) = stack.cancel(&task_id).await?;
+            Ok((cancelled, record.as_ref().map(types::TaskInfo::from)))
         }))
     }
 
     /// A `TaskWatch` under the returned token; its changes come through this core's bridge.
     fn watch_nowait(&self, task_ids: Vec<String>, include_current: bool) -> PyResult<u64> {
-        let backend = self.state.backend()?;
+        let stack = self.state.stack()?;
         let bridge = Arc::clone(&self.state.bridge);
         Ok(self.state.bridge.spawn(async move {
-            match backend {
-                Backend::Local(infra) => tasks::TaskWatch::local(
-                    infra.queue().clone(),
-                    task_ids,
-                    include_current,
-                    bridge,
-                )
-                .await
-                .map_err(CallError::from),
-                Backend::Remote(remote) => {
-                    tasks::remote_watch(remote.orchestrator(), task_ids, include_current, bridge)
-                        .await
-                        .map_err(CallError::from)
-                }
-            }
+            let changes = stack.watch(task_ids, include_current).await?;
+            Ok(tasks::TaskWatch::new(changes, bridge))
         }))
     }
 
     fn services(&self) -> PyResult<Vec<ServiceInfo>> {
-        let services = match self.state.backend()? {
-            Backend::Local(infra) => infra.services(),
-            Backend::Remote(remote) => remote.services(),
-        };
+        let services = self.state.stack()?.services();
         Ok(services.into_iter().map(ServiceInfo::from).collect())
     }
 
     fn env(&self) -> PyResult<BTreeMap<String, String>> {
-        Ok(match self.state.backend()? {
-            Backend::Local(infra) => infra.env(),
-            Backend::Remote(remote) => remote.env(),
-        })
+        Ok(self.state.stack()?.env())
     }
 
     /// The services checked against the Engine now, under the returned token.
     fn status_services_nowait(&self) -> PyResult<u64> {
-        let backend = self.state.backend()?;
+        let stack = self.state.stack()?;
         Ok(self.state.bridge.spawn(async move {
-            let services = match backend {
-                Backend::Local(infra) => infra.status().await.map_err(CallError::from)?,
-                Backend::Remote(remote) => remote.status().await.map_err(CallError::from)?,
-            };
+            let services = stack.status().await?;
             Ok(services
                 .into_iter()
                 .map(ServiceInfo::from)
@@ -622,35 +521,20 @@ impl Core {
 
     /// A service's last `tail` log lines, under the returned token.
     fn logs_nowait(&self, service: String, tail: usize) -> PyResult<u64> {
-        let backend = self.state.backend()?;
-        Ok(self.state.bridge.spawn(async move {
-            match backend {
-                Backend::Local(infra) => infra.logs(&service, tail).await.map_err(CallError::from),
-                Backend::Remote(remote) => remote
-                    .logs(&service, tail)
-                    .await
-                    .map_err(|status| CallError::Service { service, status }),
-            }
-        }))
+        let stack = self.state.stack()?;
+        Ok(self
+            .state
+            .bridge
+            .spawn(async move { stack.logs(&service, tail).await }))
     }
 
     /// Restarts a service; its `ServiceInfo` once healthy, under the returned token.
     fn restart_nowait(&self, service: String) -> PyResult<u64> {
-        let backend = self.state.backend()?;
-        Ok(self.state.bridge.spawn(async move {
-            match backend {
-                Backend::Local(infra) => infra
-                    .restart(&service)
-                    .await
-                    .map(ServiceInfo::from)
-                    .map_err(CallError::from),
-                Backend::Remote(remote) => remote
-                    .restart(&service)
-                    .await
-                    .map(ServiceInfo::from)
-                    .map_err(|status| CallError::Service { service, status }),
-            }
-        }))
+        let stack = self.state.stack()?;
+        Ok(self
+            .state
+            .bridge
+            .spawn(async move { stack.restart(&service).await.map(ServiceInfo::from) }))
     }
 }
 

@@ -1,75 +1,34 @@
 //! Task watches, and the gRPC client behind `OrchestratorClient`.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use pyo3::prelude::*;
-use tokio::sync::broadcast;
 
+use crate::grpc::auth::Bearer;
 use crate::grpc::pb;
-use crate::grpc::pb::orchestrator_service_client::OrchestratorServiceClient;
-use crate::tasks::model::{NewTask, TaskError, TaskRecord};
-use crate::tasks::queue::TaskQueue;
+use crate::stack::remote::OrchestratorClient;
+use crate::stack::{TaskChanges, TaskClient};
+use crate::tasks::model::{NewTask, TaskError, TaskState};
 
 use super::bridge::{Bridge, CallError};
 use super::errors::{exc, py_error, task_error};
 use super::types::{SubmitResponse, Task, TaskInfo};
-use crate::grpc::auth::{AuthChannel, Bearer};
 
 /// An open watch on task state changes; `next_nowait()` answers through the bridge with the next
 /// change, or None when the queue has stopped.
 #[pyclass(module = "dspy_agent_infra._native")]
 pub struct TaskWatch {
-    state: Arc<tokio::sync::Mutex<WatchState>>,
+    changes: Arc<tokio::sync::Mutex<TaskChanges>>,
     bridge: Arc<Bridge>,
 }
 
-enum WatchSource {
-    Local {
-        queue: TaskQueue,
-        events: broadcast::Receiver<Arc<TaskRecord>>,
-    },
-    Remote(Box<tonic::Streaming<pb::TaskInfo>>),
-}
-
-struct WatchState {
-    pending: VecDeque<TaskInfo>,
-    ids: HashSet<String>,
-    source: WatchSource,
-}
-
 impl TaskWatch {
-    pub async fn local(
-        queue: TaskQueue,
-        ids: Vec<String>,
-        include_current: bool,
-        bridge: Arc<Bridge>,
-    ) -> Result<TaskWatch, TaskError> {
-        let events = queue.subscribe();
-        let mut pending = VecDeque::new();
-        if include_current {
-            for id in &ids {
-                pending.push_back((&queue.get(id).await?).into());
-            }
-        }
-        Ok(TaskWatch {
-            state: Arc::new(tokio::sync::Mutex::new(WatchState {
-                pending,
-                ids: ids.into_iter().collect(),
-                source: WatchSource::Local { queue, events },
-            })),
-            bridge,
-        })
-    }
-
-    fn remote(stream: tonic::Streaming<pb::TaskInfo>, bridge: Arc<Bridge>) -> TaskWatch {
+    pub fn new(changes: TaskChanges, bridge: Arc<Bridge>) -> TaskWatch {
         TaskWatch {
-            state: Arc::new(tokio::sync::Mutex::new(WatchState {
-                pending: VecDeque::new(),
-                ids: HashSet::new(),
-                source: WatchSource::Remote(Box::new(stream)),
-            })),
+            changes: Arc::new(tokio::sync::Mutex::new(changes)),
             bridge,
         }
     }
@@ -79,41 +38,11 @@ impl TaskWatch {
 impl TaskWatch {
     /// The next change (a `TaskInfo`, or None once the source ended) under the returned token.
     fn next_nowait(&self) -> u64 {
-        let state = Arc::clone(&self.state);
+        let changes = Arc::clone(&self.changes);
         self.bridge.spawn(async move {
-            let mut s = state.lock().await;
-            if let Some(info) = s.pending.pop_front() {
-                return Ok(Some(info));
-            }
-            let ids = s.ids.clone();
-            match &mut s.source {
-                WatchSource::Local { queue, events } => loop {
-                    match events.recv().await {
-                        Ok(r) if ids.is_empty() || ids.contains(&r.task.task_id) => {
-                            return Ok(Some(TaskInfo::from(&*r)))
-                        }
-                        Ok(_) => {}
-                        Err(broadcast::error::RecvError::Lagged(_)) => {
-                            // Missed changes: report the watched tasks' current states instead.
-                            let mut current = VecDeque::new();
-                            for id in &ids {
-                                current.push_back((&queue.get(id).await?).into());
-                            }
-                            if let Some(first) = current.pop_front() {
-                                s.pending = current;
-                                return Ok(Some(first));
-                            }
-                        }
-                        Err(broadcast::error::RecvError::Closed) => {
-                            return Ok::<_, CallError>(None)
-                        }
-                    }
-                },
-                WatchSource::Remote(stream) => match stream.message().await {
-                    Ok(Some(info)) => Ok(Some(TaskInfo::from(info))),
-                    Ok(None) => Ok(None),
-                    Err(e) => Err(e.into()),
-                },
+            match changes.lock().await.next().await {
+                Some(change) => Ok(Some(TaskInfo::from(&change?))),
+                None => Ok(None),
             }
         })
     }
@@ -149,116 +78,18 @@ pub fn new_task(
     })
 }
 
-/// Submits `task` to an orchestrator over gRPC.
-pub async fn remote_submit(
-    mut client: OrchestratorServiceClient<AuthChannel>,
-    task: NewTask,
-) -> Result<SubmitResponse, tonic::Status> {
-    let request = pb::SubmitTaskRequest {
-        task_id: task.task_id,
-        task_type: task.task_type,
-        payload: task.payload,
-        metadata: task.metadata.into_iter().collect::<HashMap<_, _>>(),
-        priority: task.priority,
-        timeout_ms: task
-            .timeout
-            .map(|t| t.as_millis().max(1) as u64)
-            .unwrap_or(0),
-        max_retries: task.max_retries,
-    };
-    let r = client.submit_task(request).await?.into_inner();
-    Ok(SubmitResponse {
-        success: r.success,
-        task_id: r.task_id,
-        error: r.error,
-        duplicate: r.duplicate,
-    })
-}
-
-/// A task's status from an orchestrator over gRPC.
-pub async fn remote_status(
-    mut client: OrchestratorServiceClient<AuthChannel>,
-    task_id: String,
-) -> Result<TaskInfo, tonic::Status> {
-    let r = client
-        .get_task_status(pb::GetTaskStatusRequest { task_id })
-        .await?;
-    Ok(TaskInfo::from(r.into_inner()))
-}
-
-/// Cancels a task of an orchestrator over gRPC: whether it was cancelled, and its state.
-pub async fn remote_cancel(
-    mut client: OrchestratorServiceClient<AuthChannel>,
-    task_id: String,
-) -> Result<(bool, Option<TaskInfo>), tonic::Status> {
-    let r = client
-        .cancel_task(pb::CancelTaskRequest { task_id })
-        .await?
-        .into_inner();
-    Ok((r.cancelled, r.task.map(TaskInfo::from)))
-}
-
-/// Every state change of the given tasks of an orchestrator over gRPC.
-pub async fn remote_watch(
-    mut client: OrchestratorServiceClient<AuthChannel>,
-    task_ids: Vec<String>,
-    include_current: bool,
-    bridge: Arc<Bridge>,
-) -> Result<TaskWatch, tonic::Status> {
-    let stream = client
-        .stream_task_results(pb::StreamTaskResultsRequest {
-            task_ids,
-            include_current,
-        })
-        .await?
-        .into_inner();
-    Ok(TaskWatch::remote(stream, bridge))
-}
-
-/// Waits for a task of an orchestrator over gRPC to finish; `None` after `timeout`.
-pub async fn remote_wait(
-    mut client: OrchestratorServiceClient<AuthChannel>,
-    task_id: String,
-    timeout: Option<Duration>,
-) -> Result<Option<TaskInfo>, tonic::Status> {
-    let wait = async {
-        let mut stream = client
-            .stream_task_results(pb::StreamTaskResultsRequest {
-                task_ids: vec![task_id.clone()],
-                include_current: true,
-            })
-            .await?
-            .into_inner();
-        while let Some(info) = stream.message().await? {
-            if info.status >= pb::TaskState::Completed as i32 {
-                return Ok(TaskInfo::from(info));
-            }
-        }
-        Err(tonic::Status::unavailable(format!(
-            "the orchestrator closed the stream before task {task_id:?} finished"
-        )))
-    };
-    match timeout {
-        Some(t) => match tokio::time::timeout(t, wait).await {
-            Ok(r) => r.map(Some),
-            Err(_) => Ok(None),
-        },
-        None => wait.await.map(Some),
-    }
-}
-
 /// The transport behind `OrchestratorClient`: a lazily connected gRPC channel.
 #[pyclass(frozen, module = "dspy_agent_infra._native")]
 pub struct GrpcClient {
-    client: OrchestratorServiceClient<AuthChannel>,
+    tasks: TaskClient,
     target: String,
     /// Carries the answers of the task calls to the event loop, a batch per wake-up.
     bridge: Arc<Bridge>,
 }
 
 impl GrpcClient {
-    fn client(&self) -> OrchestratorServiceClient<AuthChannel> {
-        self.client.clone()
+    fn client(&self) -> OrchestratorClient {
+        self.tasks.raw()
     }
 
     /// Runs `call` through the bridge; a failure to reach the orchestrator names its address and
@@ -325,9 +156,7 @@ impl GrpcClient {
         // The channel needs the runtime's reactor even though it connects lazily.
         let _guard = crate::runtime::get().enter();
         let channel = endpoint.connect_lazy();
-        let client = OrchestratorServiceClient::new(bearer.channel(channel))
-            .max_decoding_message_size(crate::grpc::MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(crate::grpc::MAX_MESSAGE_BYTES);
+        let tasks = TaskClient::new(bearer.channel(channel));
         let scheme = if tls_ca.is_some() { "https" } else { "http" };
         let target = format!("{scheme}://{host}:{port}");
         let bridge = Bridge::new().map_err(|e| {
@@ -337,7 +166,7 @@ impl GrpcClient {
             )
         })?;
         Ok(GrpcClient {
-            client,
+            tasks,
             target,
             bridge,
         })
@@ -380,20 +209,25 @@ impl GrpcClient {
             timeout,
             max_retries,
         )?;
-        let client = self.client();
-        Ok(self.call(async move { Ok::<_, CallError>(remote_submit(client, task).await?) }))
+        let tasks = self.tasks.clone();
+        Ok(self.call(
+            async move { Ok::<_, CallError>(SubmitResponse::from(tasks.submit(task).await?)) },
+        ))
     }
 
     /// The task's `TaskInfo`, under the returned token.
     fn status_nowait(&self, task_id: String) -> u64 {
-        let client = self.client();
-        self.call(async move { Ok::<_, CallError>(remote_status(client, task_id).await?) })
+        let tasks = self.tasks.clone();
+        self.call(async move { Ok::<_, CallError>(TaskInfo::from(&tasks.get(&task_id).await?)) })
     }
 
     /// Cancels the task; `(cancelled, TaskInfo)` under the returned token.
     fn cancel_nowait(&self, task_id: String) -> u64 {
-        let client = self.client();
-        self.call(async move { Ok::<_, CallError>(remote_cancel(client, task_id).await?) })
+        let tasks = self.tasks.clone();
+        self.call(async move {
+            let (cancelled, record) = tasks.cancel(&task_id).await?;
+            Ok::<_, CallError>((cancelled, record.as_ref().map(TaskInfo::from)))
+        })
     }
 
     /// A page of tasks and the next page's token, under the returned token.
@@ -405,34 +239,27 @@ impl GrpcClient {
         page_size: u32,
         page_token: Option<String>,
     ) -> PyResult<u64> {
-        let status = match status.as_deref() {
-            None => pb::TaskState::Unspecified,
-            Some(name) => pb::TaskState::from_str_name(name).ok_or_else(|| {
+        let state = match status.as_deref() {
+            None => None,
+            Some(name) => Some(TaskState::parse(name).ok_or_else(|| {
                 py_error::<exc::InvalidTaskError>(format!("{name:?} is not a task status"), vec![])
-            })?,
+            })?),
         };
-        let mut client = self.client();
+        let tasks = self.tasks.clone();
         Ok(self.call(async move {
-            let r = client
-                .list_tasks(pb::ListTasksRequest {
-                    status: status as i32,
-                    task_type: task_type.unwrap_or_default(),
-                    page_size,
-                    page_token: page_token.unwrap_or_default(),
-                })
-                .await?
-                .into_inner();
-            let tasks: Vec<TaskInfo> = r.tasks.into_iter().map(TaskInfo::from).collect();
-            Ok::<_, CallError>((tasks, Some(r.next_page_token).filter(|t| !t.is_empty())))
+            let (page, next) = tasks.list(state, task_type, page_size, page_token).await?;
+            let page: Vec<TaskInfo> = page.iter().map(TaskInfo::from).collect();
+            Ok::<_, CallError>((page, next))
         }))
     }
 
     /// A `TaskWatch` under the returned token.
     fn watch_nowait(&self, task_ids: Vec<String>, include_current: bool) -> u64 {
-        let client = self.client();
+        let tasks = self.tasks.clone();
         let bridge = Arc::clone(&self.bridge);
         self.call(async move {
-            Ok::<_, CallError>(remote_watch(client, task_ids, include_current, bridge).await?)
+            let changes = tasks.watch(task_ids, include_current).await?;
+            Ok::<_, CallError>(TaskWatch::new(changes, bridge))
         })
     }
 

@@ -5,7 +5,6 @@ use std::collections::BTreeMap;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyString};
 
-use crate::grpc::pb;
 use crate::tasks::model::TaskRecord;
 
 fn ms_to_seconds(ms: i64) -> Option<f64> {
@@ -43,27 +42,6 @@ impl From<&TaskRecord> for TaskInfo {
             finished_at: r.finished_at_ms.and_then(ms_to_seconds),
             metadata: r.task.metadata.clone(),
             priority: r.task.priority,
-        }
-    }
-}
-
-impl From<pb::TaskInfo> for TaskInfo {
-    fn from(i: pb::TaskInfo) -> Self {
-        let status_name = pb::TaskState::try_from(i.status)
-            .map(|s| s.as_str_name().to_string())
-            .unwrap_or_else(|_| "TASK_STATE_UNSPECIFIED".to_string());
-        TaskInfo {
-            task_id: i.task_id,
-            task_type: i.task_type,
-            status_name,
-            result_payload: i.result_payload,
-            error: i.error,
-            attempts: i.attempts,
-            created_at: ms_to_seconds(i.created_at_ms),
-            started_at: ms_to_seconds(i.started_at_ms),
-            finished_at: ms_to_seconds(i.finished_at_ms),
-            metadata: i.metadata.into_iter().collect(),
-            priority: i.priority,
         }
     }
 }
@@ -176,11 +154,13 @@ pub fn py_task(record: &TaskRecord) -> Task {
     }
 }
 
-pub fn submit_response(record: TaskRecord, created: bool) -> SubmitResponse {
-    SubmitResponse {
-        success: true,
-        task_id: record.task.task_id,
-        error: String::new(),
-        duplicate: !created,
+impl From<crate::stack::Submitted> for SubmitResponse {
+    fn from(s: crate::stack::Submitted) -> Self {
+        SubmitResponse {
+            success: true,
+            task_id: s.task_id,
+            error: String::new(),
+            duplicate: s.duplicate,
+        }
     }
 }

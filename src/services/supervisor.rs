@@ -22,6 +22,7 @@ use crate::config::{Config, ConfigError};
 use crate::engine::{labels, ContainerInfo, ContainerPlan, EngineError, RunState, SharedEngine};
 use crate::health::{self, Backoff};
 use crate::services::walk::{self, Direction, Reached, Turn};
+use crate::util::Background;
 
 /// How many log lines a start error carries.
 const ERROR_LOG_LINES: usize = 20;
@@ -180,6 +181,8 @@ pub struct Supervisor {
     /// Services that died and that their restart policy brings back, with their recent
     /// restarts (for crash-loop detection).
     healing: Mutex<Healing>,
+    /// Owns every task this supervisor spawns (event following, healing, restarts).
+    background: Background,
 }
 
 #[derive(Default)]
@@ -202,11 +205,13 @@ enum Plan {
 impl Supervisor {
     /// `owner_addr` is this process's orchestrator address, written on every container so that
     /// a second start of the project can find (and attach to) the stack's owner.
+    /// Its background tasks run in `background`, and end when that stops.
     pub fn new(
         engine: SharedEngine,
         config: Arc<Config>,
         session: String,
         owner_addr: String,
+        background: Background,
     ) -> Self {
         let network = crate::util::network_name(&config.project);
         let state = config
@@ -244,6 +249,7 @@ impl Supervisor {
             gpu_runtime: tokio::sync::OnceCell::new(),
             ops: tokio::sync::Mutex::new(()),
             healing: Mutex::new(Healing::default()),
+            background,
         }
     }
 
@@ -260,9 +266,10 @@ impl Supervisor {
     /// is marked failed at once, one its restart policy brings back is probed until healthy
     /// again, and one that keeps crashing is stopped. When the Engine goes away, this retries
     /// with backoff and rebuilds its view once the Engine answers again.
-    pub fn follow_engine(self: &Arc<Self>, stop: CancellationToken) {
+    pub fn follow_engine(self: &Arc<Self>) {
         let this = Arc::clone(self);
-        tokio::spawn(async move {
+        let stop = self.background.token();
+        self.background.spawn(async move {
             loop {
                 let mut events = this.engine.container_events(&this.config.project);
                 loop {
@@ -271,7 +278,7 @@ impl Supervisor {
                         e = events.next() => e,
                     };
                     match next {
-                        Some(Ok(e)) => this.on_event(&e.id, &e.action, e.exit_code, &stop).await,
+                        Some(Ok(e)) => this.on_event(&e.id, &e.action, e.exit_code).await,
                         Some(Err(e)) => {
                             tracing::warn!(error = %e, "lost the Docker Engine's events; retrying");
                             break;
@@ -329,13 +336,7 @@ impl Supervisor {
         crate::util::lock(&self.healing)
     }
 
-    async fn on_event(
-        self: &Arc<Self>,
-        id: &str,
-        action: &str,
-        exit_code: Option<i64>,
-        stop: &CancellationToken,
-    ) {
+    async fn on_event(self: &Arc<Self>, id: &str, action: &str, exit_code: Option<i64>) {
         let Some((name, phase)) = self
             .lock()
             .values()
@@ -350,7 +351,7 @@ impl Supervisor {
         match action {
             "die" => self.on_die(&spec, id, phase, exit_code.unwrap_or(-1)),
             "start" => self.on_restart(spec, id).await,
-            "destroy" => self.on_destroy(&spec.name, phase, stop),
+            "destroy" => self.on_destroy(&spec.name, phase),
             _ => {}
         }
     }
@@ -358,7 +359,7 @@ impl Supervisor {
     /// A container of a running service was removed by someone else: it is created again, as
     /// its owner would after a crash. Its own stops and rollbacks remove containers in the
     /// `stopping` phase, and a finished job is not run again.
-    fn on_destroy(self: &Arc<Self>, name: &str, phase: Phase, stop: &CancellationToken) {
+    fn on_destroy(self: &Arc<Self>, name: &str, phase: Phase) {
         if matches!(
             phase,
             Phase::Stopping | Phase::Stopped | Phase::Completed | Phase::Pending
@@ -384,8 +385,8 @@ impl Supervisor {
         );
         let this = Arc::clone(self);
         let name = name.to_string();
-        let cancel = stop.child_token();
-        tokio::spawn(async move {
+        let cancel = self.background.token();
+        self.background.spawn(async move {
             if let Err(e) = this
                 .start_services(std::slice::from_ref(&name), cancel)
                 .await
@@ -432,7 +433,7 @@ impl Supervisor {
             let this = Arc::clone(self);
             let id = id.to_string();
             let service = name.clone();
-            tokio::spawn(async move {
+            self.background.spawn_until_stopped(async move {
                 tokio::time::sleep(delay).await;
                 if this.healing().awaiting.contains(&service) {
                     match this.engine.start(&id).await {
@@ -519,10 +520,9 @@ impl Supervisor {
         self.set_phase(&name, Phase::Starting, "restarted by its restart policy");
         let this = Arc::clone(self);
         let id = id.to_string();
-        tokio::spawn(async move {
-            let result = this
-                .wait_healthy(&spec, &id, &CancellationToken::new())
-                .await;
+        let cancel = self.background.token();
+        self.background.spawn(async move {
+            let result = this.wait_healthy(&spec, &id, &cancel).await;
             // A die while it came up is its own event.
             if this.healing().recovering.remove(&spec.name) {
                 match result {
@@ -1307,7 +1307,7 @@ impl Supervisor {
             drop(op);
             self.healing().halted.remove(name);
             return self
-                .start_services(&[name.to_string()], CancellationToken::new())
+                .start_services(&[name.to_string()], self.background.token())
                 .await;
         };
         self.healing().halted.remove(name);
@@ -1326,7 +1326,7 @@ impl Supervisor {
             s.restart_count += 1;
         }
         let result = self
-            .wait_healthy(&spec, &id, &CancellationToken::new())
+            .wait_healthy(&spec, &id, &self.background.token())
             .await;
         match &result {
             Ok(()) => self.set_phase(name, Phase::Healthy, "healthy after restart"),

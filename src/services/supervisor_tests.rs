@@ -48,6 +48,7 @@ fn supervisor(engine: &Arc<FakeEngine>, config: Arc<Config>) -> Arc<Supervisor> 
         config,
         "session-1".into(),
         "127.0.0.1:50052".into(),
+        Background::default(),
     ))
 }
 
@@ -68,15 +69,12 @@ async fn start(sup: &Arc<Supervisor>) -> Result<(), StackError> {
     .expect("the start never ended")
 }
 
-/// Starts the stack and follows the engine's events, as the core does after a start; cancel the
-/// token to stop following.
-async fn running_and_followed(sup: &Arc<Supervisor>) -> CancellationToken {
+/// Starts the stack and follows the engine's events, as the core does after a start.
+async fn running_and_followed(sup: &Arc<Supervisor>) {
     start(sup).await.unwrap();
-    let follow = CancellationToken::new();
-    sup.follow_engine(follow.clone());
+    sup.follow_engine();
     // Let the follower subscribe before the test makes something happen.
     tokio::time::sleep(Duration::from_millis(10)).await;
-    follow
 }
 
 fn phase(sup: &Supervisor, name: &str) -> Phase {
@@ -434,11 +432,8 @@ async fn stop_goes_dependents_first_and_removes_the_network() {
 async fn a_crashed_service_is_restarted_by_its_policy_and_probed_healthy_again() {
     let toml = service("db", "restart = \"always\"") + &service("api", "depends_on = [\"db\"]");
     let (engine, sup) = stack(&toml, &["api"]);
-    start(&sup).await.unwrap();
     let mut events = sup.subscribe();
-    let follow = CancellationToken::new();
-    sup.follow_engine(follow.clone());
-    tokio::time::sleep(Duration::from_millis(10)).await;
+    running_and_followed(&sup).await;
     engine.crash("db", 1);
     until(&sup, "db marked failed", |s| {
         phase(s, "db") == Phase::Failed
@@ -456,13 +451,12 @@ async fn a_crashed_service_is_restarted_by_its_policy_and_probed_healthy_again()
         told |= e.service == "api" && e.message == "its dependency db went down";
     }
     assert!(told);
-    follow.cancel();
 }
 
 #[tokio::test(start_paused = true)]
 async fn without_a_restart_policy_a_crash_is_final() {
     let (engine, sup) = stack(&two_tier(), &["api"]);
-    let follow = running_and_followed(&sup).await;
+    running_and_followed(&sup).await;
     engine.crash("db", 137);
     until(&sup, "db marked failed", |s| {
         phase(s, "db") == Phase::Failed
@@ -472,13 +466,12 @@ async fn without_a_restart_policy_a_crash_is_final() {
     assert_eq!(phase(&sup, "db"), Phase::Failed);
     assert_eq!(state(&sup, "db").message, "container exited with code 137");
     assert_eq!(engine.calls("start db").len(), 1);
-    follow.cancel();
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_crash_loop_is_stopped_and_reported_with_its_count() {
     let (engine, sup) = stack(&service("db", "restart = \"always\""), &["db"]);
-    let follow = running_and_followed(&sup).await;
+    running_and_followed(&sup).await;
     engine.state().faults.exit_on_start.insert("db".into(), 1);
     engine.crash("db", 1);
     until(&sup, "the crash loop stopped", |s| {
@@ -501,13 +494,12 @@ async fn a_crash_loop_is_stopped_and_reported_with_its_count() {
     engine.state().faults.exit_on_start.clear();
     sup.restart("db").await.unwrap();
     assert_eq!(phase(&sup, "db"), Phase::Healthy);
-    follow.cancel();
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_container_removed_by_someone_else_is_created_again() {
     let (engine, sup) = stack(&two_tier(), &["api"]);
-    let follow = running_and_followed(&sup).await;
+    running_and_followed(&sup).await;
     let old = engine.container_of("db").unwrap().0;
     engine.destroy("db");
     until(&sup, "db created again", |s| {
@@ -520,13 +512,12 @@ async fn a_container_removed_by_someone_else_is_created_again() {
     .await;
     assert_eq!(engine.calls("create db").len(), 2);
     assert_eq!(state(&sup, "db").restart_count, 1);
-    follow.cancel();
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_death_during_an_engine_outage_is_healed_once_the_engine_is_back() {
     let (engine, sup) = stack(&service("db", "restart = \"always\""), &["db"]);
-    let follow = running_and_followed(&sup).await;
+    running_and_followed(&sup).await;
     engine.set_available(false);
     // Dies while nobody hears it.
     engine.crash("db", 1);
@@ -542,7 +533,6 @@ async fn a_death_during_an_engine_outage_is_healed_once_the_engine_is_back() {
     })
     .await;
     assert_eq!(engine.calls("start db").len(), 2);
-    follow.cancel();
 }
 
 #[tokio::test(start_paused = true)]
@@ -558,4 +548,29 @@ async fn restart_of_a_service_without_a_container_brings_it_up() {
         sup.restart("ghost").await,
         Err(StackError::UnknownService { .. })
     ));
+}
+
+#[tokio::test(start_paused = true)]
+async fn after_stop_no_task_of_the_supervisor_is_left() {
+    let (engine, sup) = stack(&service("db", "restart = \"always\""), &["db"]);
+    running_and_followed(&sup).await;
+    // A restart after its backoff is pending, and the follower runs.
+    engine.crash("db", 1);
+    until(&sup, "db marked failed", |s| {
+        phase(s, "db") == Phase::Failed
+    })
+    .await;
+    assert!(
+        sup.background.running() >= 2,
+        "{}",
+        sup.background.running()
+    );
+    sup.stop_services(&[], None).await;
+    tokio::time::timeout(Duration::from_secs(3600), sup.background.stop())
+        .await
+        .expect("a background task did not end");
+    assert_eq!(sup.background.running(), 0);
+    // Nothing restarted it after the stop.
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert!(engine.state().containers.is_empty());
 }

@@ -14,7 +14,7 @@ use crate::config::Durability;
 use crate::tasks::handlers::{Handler, HandlerError};
 use crate::tasks::model::{NewTask, TaskError, TaskRecord, TaskState};
 use crate::tasks::store::{now_ms, ListFilter, Outcome, TaskStore};
-use crate::util::lock;
+use crate::util::{lock, Background};
 
 /// Largest payload accepted, in bytes (the gRPC message limit is set a little above it).
 pub const MAX_PAYLOAD_BYTES: usize = 16 * 1024 * 1024;
@@ -55,7 +55,12 @@ struct Inner {
     running: Mutex<HashMap<String, CancellationToken>>,
     counters: Counters,
     started: Instant,
+    /// Cancelled when the stack stops: dispatching ends and running handlers are cancelled;
+    /// their tasks stay RUNNING in the store and are recovered (retried) by the next process that
+    /// opens it.
     shutdown: CancellationToken,
+    /// Owns the dispatcher and every handler run.
+    background: Background,
     default_concurrency: usize,
 }
 
@@ -83,10 +88,12 @@ impl Drop for ForgetWaiter<'_> {
 }
 
 impl TaskQueue {
-    /// Recovers what a previous process left running and starts dispatching.
+    /// Recovers what a previous process left running and starts dispatching; the dispatcher and
+    /// the handlers run in `background`.
     pub async fn start(
         store: TaskStore,
         default_concurrency: usize,
+        background: Background,
     ) -> Result<TaskQueue, TaskError> {
         let recovered = store.recover().await?;
         if recovered.requeued + recovered.failed > 0 {
@@ -107,12 +114,16 @@ impl TaskQueue {
                 running: Mutex::new(HashMap::new()),
                 counters: Counters::default(),
                 started: Instant::now(),
-                shutdown: CancellationToken::new(),
+                shutdown: background.token(),
+                background,
                 default_concurrency: default_concurrency.max(1),
             }),
         };
         let dispatcher = queue.clone();
-        tokio::spawn(async move { dispatcher.dispatch().await });
+        queue
+            .inner
+            .background
+            .spawn(async move { dispatcher.dispatch().await });
         Ok(queue)
     }
 
@@ -198,7 +209,9 @@ impl TaskQueue {
                 });
                 let this = self.clone();
                 let started = record.clone();
-                tokio::spawn(async move { this.run(started, handler, permit).await });
+                self.inner
+                    .background
+                    .spawn(async move { this.run(started, handler, permit).await });
             }
             _ => {
                 self.emit(&record);
@@ -292,15 +305,6 @@ impl TaskQueue {
         })
     }
 
-    /// Stops dispatching and cancels running handlers; their tasks stay RUNNING in the store
-    /// and are recovered (retried) by the next process that opens it.
-    pub fn shutdown(&self) {
-        self.inner.shutdown.cancel();
-        for (_, token) in lock(&self.inner.running).drain() {
-            token.cancel();
-        }
-    }
-
     async fn dispatch(self) {
         // Safety net for retries whose backoff ends while nothing else wakes the dispatcher.
         const IDLE_CHECK: Duration = Duration::from_millis(500);
@@ -338,7 +342,9 @@ impl TaskQueue {
                             claimed_any = true;
                             let this = self.clone();
                             let handler = Arc::clone(&handler);
-                            tokio::spawn(async move { this.run(task, handler, permit).await });
+                            self.inner
+                                .background
+                                .spawn(async move { this.run(task, handler, permit).await });
                         }
                     }
                     Err(e) => tracing::error!(error = %e, "claiming tasks failed"),
@@ -460,9 +466,13 @@ mod tests {
     }
 
     async fn queue() -> TaskQueue {
-        let q = TaskQueue::start(TaskStore::open(None, Durability::default()).unwrap(), 4)
-            .await
-            .unwrap();
+        let q = TaskQueue::start(
+            TaskStore::open(None, Durability::default()).unwrap(),
+            4,
+            Background::default(),
+        )
+        .await
+        .unwrap();
         q.register("ping", Arc::new(Builtin("ping")), None);
         q.register("sleep", Arc::new(Sleeper), Some(2));
         q

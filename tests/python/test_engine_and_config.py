@@ -131,3 +131,18 @@ def test_ctrl_c_while_starting_removes_everything(project: str, tmp_path: Path) 
     out, err = proc.communicate(timeout=60)
     assert "interrupted" in out, err
     assert containers(project) == []
+
+
+def test_every_exception_class_the_core_raises_exists() -> None:
+    """The core names the classes of `dspy_agent_infra.errors` as Rust types
+    (`import_exception!`); each must exist there and be an InfraError."""
+    import re
+
+    import dspy_agent_infra.errors as errors
+
+    source = (Path(__file__).resolve().parents[2] / "src/python/errors.rs").read_text()
+    names = re.findall(r"import_exception!\(dspy_agent_infra\.errors, (\w+)\)", source)
+    assert len(names) >= 10, names
+    for name in names:
+        cls = getattr(errors, name, None)
+        assert isinstance(cls, type) and issubclass(cls, InfraError), name

@@ -1,0 +1,373 @@
+//! The `dspy-agent` command line. It runs in the Python wheel's entry point (`dspy-agent` or
+//! `python -m dspy_agent_infra`) and talks to the project's daemon over its two gRPC ports.
+//!
+//! Exit codes: 0 success, 1 failure, 2 bad usage or configuration, 3 the daemon is not running.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, Read, Write};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use clap::{Args, Parser, Subcommand};
+use futures_util::StreamExt;
+use tonic::transport::Channel;
+
+use crate::config::spec::parse_duration;
+use crate::config::{Config, ConfigError, LoadOptions, CONFIG_FILE_NAME};
+use crate::daemon::{self, DaemonInfo, Found};
+use crate::engine::{labels, ContainerInfo, Docker, Engine, RunState};
+use crate::grpc::auth::{endpoint, AuthChannel, Bearer};
+use crate::grpc::env_manager::OWN_LOG_SERVICE;
+use crate::grpc::env_pb;
+use crate::owner::{self, Owner};
+use crate::stack::{CallError, TaskClient};
+use crate::tasks::store::now_ms;
+use crate::util::rfc3339_ms;
+use crate::watchdog::{self, Launcher};
+
+mod config_cmd;
+mod daemon_control;
+mod render;
+mod services;
+mod tasks_cmd;
+
+use config_cmd::*;
+use daemon_control::*;
+use render::*;
+use services::*;
+use tasks_cmd::*;
+pub const EXIT_OK: i32 = 0;
+pub const EXIT_FAILURE: i32 = 1;
+pub const EXIT_USAGE: i32 = 2;
+pub const EXIT_NOT_RUNNING: i32 = 3;
+
+#[derive(Parser)]
+#[command(
+    name = "dspy-agent",
+    version,
+    about = "Runs a DSPy agent's service stack, task queue and gRPC ports in the background"
+)]
+struct Cli {
+    /// Config file (default: $DSPY_AGENT_CONFIG, then ./dspy-agent.toml)
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Project name (default: $DSPY_AGENT_PROJECT, then the config, then "dspy-agent")
+    #[arg(long, global = true)]
+    project: Option<String>,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Start the daemon and the stack in the background; returns once every service is healthy
+    Start {
+        /// Services to run (their dependencies come along), comma-separated
+        #[arg(long, value_delimiter = ',')]
+        services: Option<Vec<String>>,
+    },
+    /// Stop every service, dependents first, and the daemon
+    Stop {
+        /// Seconds each service gets to exit before it is killed
+        #[arg(long, value_name = "S")]
+        timeout: Option<u32>,
+    },
+    /// Show each service's state, health, ports, container and uptime
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show service output (all services, or one; "env-manager" is the daemon's own log)
+    Logs {
+        #[arg(long, short = 's')]
+        service: Option<String>,
+        /// Keep following new output
+        #[arg(long, short = 'f')]
+        follow: bool,
+        /// Lines from the end of each log (default: all)
+        #[arg(long, short = 'n', value_name = "N")]
+        tail: Option<u32>,
+        /// Only output newer than this: a duration ("10m", "30s") or a time (RFC 3339 or Unix seconds)
+        #[arg(long, value_name = "T")]
+        since: Option<String>,
+    },
+    /// Restart one service and wait until it is healthy again
+    Restart { service: String },
+    /// Create, show or check the configuration
+    #[command(subcommand)]
+    Config(ConfigCmd),
+    /// Submit, inspect and follow tasks on the orchestrator
+    #[command(subcommand)]
+    Tasks(TasksCmd),
+    /// Print the version
+    Version,
+    /// Run the daemon in this process (what `start` launches)
+    #[command(hide = true)]
+    Daemon {
+        #[arg(long, value_delimiter = ',')]
+        services: Option<Vec<String>>,
+    },
+    /// Watch a stack's owner and remove its containers if it dies (what the core launches)
+    #[command(hide = true)]
+    Watchdog {
+        #[arg(long)]
+        session: String,
+        #[arg(long = "docker-host")]
+        docker_host: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCmd {
+    /// Write a commented dspy-agent.toml
+    Init {
+        /// Replace an existing file
+        #[arg(long)]
+        force: bool,
+    },
+    /// Print the configuration in effect, every layer merged
+    Show,
+    /// Check the configuration and report every problem
+    Validate,
+    /// Print which config file is in use
+    Path,
+}
+
+#[derive(Subcommand)]
+enum TasksCmd {
+    /// Queue a task and print its id
+    Submit(SubmitArgs),
+    /// Print a task's state, result and error
+    Status {
+        task_id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List tasks, oldest first
+    List {
+        /// pending, running, completed, failed or cancelled
+        #[arg(long)]
+        state: Option<String>,
+        #[arg(long = "type", value_name = "TYPE")]
+        task_type: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print every state change of the given tasks (all tasks when none are given)
+    Watch { task_ids: Vec<String> },
+    /// Cancel a pending or running task
+    Cancel { task_id: String },
+}
+
+#[derive(Args)]
+struct SubmitArgs {
+    task_type: String,
+    /// The payload (JSON or any text); "-" reads it from stdin
+    payload: Option<String>,
+    /// Task id (default: a new unique one)
+    #[arg(long)]
+    id: Option<String>,
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+    priority: i32,
+    /// Seconds before an attempt is cancelled
+    #[arg(long)]
+    timeout: Option<f64>,
+    #[arg(long, default_value_t = 0)]
+    retries: u32,
+    /// KEY=VALUE, repeatable
+    #[arg(long = "meta", value_name = "KEY=VALUE")]
+    metadata: Vec<String>,
+    /// Wait for the task to finish and print its result
+    #[arg(long)]
+    wait: bool,
+}
+
+/// A failure to report: the message and the exit code.
+struct Failure(i32, String);
+
+impl From<ConfigError> for Failure {
+    fn from(e: ConfigError) -> Self {
+        Failure(EXIT_USAGE, format!("error: {e}"))
+    }
+}
+
+fn fail(message: impl Into<String>) -> Failure {
+    Failure(EXIT_FAILURE, message.into())
+}
+
+/// Runs the command line.
+pub fn main(args: Vec<String>, launcher: Launcher) -> i32 {
+    let cli = match Cli::try_parse_from(args) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return match e.kind() {
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
+                    EXIT_OK
+                }
+                _ => EXIT_USAGE,
+            };
+        }
+    };
+    let mut options = LoadOptions::from_process();
+    options.config_file = cli.config.clone();
+    options.project = cli.project.clone();
+    match cli.command {
+        Cmd::Daemon { services } => {
+            options.services = services;
+            return daemon::run(options, launcher);
+        }
+        Cmd::Watchdog {
+            session,
+            docker_host,
+        } => {
+            let project = cli.project.unwrap_or_default();
+            return watchdog::run(&project, &session, docker_host.as_deref());
+        }
+        _ => {}
+    }
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_max_level(tracing::Level::WARN)
+        .with_target(false)
+        .try_init();
+    let runtime = crate::runtime::get();
+    match runtime.block_on(run(cli, options, launcher)) {
+        Ok(code) => code,
+        Err(Failure(code, message)) => {
+            eprintln!("{}", message.trim_end());
+            code
+        }
+    }
+}
+
+async fn run(cli: Cli, mut options: LoadOptions, launcher: Launcher) -> Result<i32, Failure> {
+    match cli.command {
+        Cmd::Start { services } => {
+            options.services = services;
+            start(options, launcher).await
+        }
+        Cmd::Stop { timeout } => stop(options, timeout).await,
+        Cmd::Status { json } => status(options, json).await,
+        Cmd::Logs {
+            service,
+            follow,
+            tail,
+            since,
+        } => logs(options, service, follow, tail.unwrap_or(0), since).await,
+        Cmd::Restart { service } => restart(options, service).await,
+        Cmd::Config(c) => config(options, c),
+        Cmd::Tasks(t) => tasks(options, t).await,
+        Cmd::Version => {
+            println!("dspy-agent {}", env!("CARGO_PKG_VERSION"));
+            Ok(EXIT_OK)
+        }
+        Cmd::Daemon { .. } | Cmd::Watchdog { .. } => {
+            unreachable!("handled before the runtime starts")
+        }
+    }
+}
+
+/// The running daemon, or the exit a command takes when there is none.
+fn running(config: &Config) -> Result<DaemonInfo, Failure> {
+    let not_running = |extra: &str| {
+        Failure(
+            EXIT_NOT_RUNNING,
+            format!(
+                "dspy-agent is not running for project {:?}{extra}; start it with `dspy-agent start`",
+                config.project
+            ),
+        )
+    };
+    match daemon::find(&config.state_dir) {
+        Ok(Found::Running(Some(info))) => Ok(info),
+        Ok(Found::Running(None)) => Err(fail(format!(
+            "the daemon of project {:?} is still starting; try again in a moment",
+            config.project
+        ))),
+        Ok(Found::None) => Err(not_running("")),
+        Ok(Found::Stale(info)) => Err(not_running(&format!(
+            " (its daemon{} died without cleaning up; `dspy-agent stop` removes what it left)",
+            info.map(|i| format!(", pid {},", i.pid))
+                .unwrap_or_default()
+        ))),
+        Err(e) => Err(fail(format!(
+            "cannot read {}: {e}",
+            daemon::pid_path(&config.state_dir).display()
+        ))),
+    }
+}
+
+/// A connection to `addr` (over TLS when configured); `unreachable` words the failure.
+async fn connect(
+    config: &Config,
+    addr: &str,
+    unreachable: impl FnOnce(tonic::transport::Error) -> Failure,
+) -> Result<Channel, Failure> {
+    endpoint(addr, config.tls.as_ref())
+        .map_err(|e| fail(format!("error: {e}")))?
+        .connect_timeout(Duration::from_secs(2))
+        .connect()
+        .await
+        .map_err(unreachable)
+}
+
+async fn channel(config: &Config, addr: &str) -> Result<Channel, Failure> {
+    connect(config, addr, |e| {
+        fail(format!(
+            "cannot reach the daemon at {addr}: {e}. `dspy-agent logs --service env-manager` shows its log"
+        ))
+    })
+    .await
+}
+
+/// Adds the configured token to a channel's calls.
+fn authed(config: &Config, channel: Channel) -> Result<AuthChannel, Failure> {
+    let bearer = Bearer::new(config.token.as_ref().map(|t| t.expose()))
+        .map_err(|e| Failure(EXIT_USAGE, format!("error: token: {e}")))?;
+    Ok(bearer.channel(channel))
+}
+
+async fn env_client(
+    config: &Config,
+    info: &DaemonInfo,
+) -> Result<env_pb::env_manager_service_client::EnvManagerServiceClient<AuthChannel>, Failure> {
+    let channel = channel(config, &info.env_manager_addr).await?;
+    Ok(env_pb::env_manager_service_client::EnvManagerServiceClient::new(authed(config, channel)?))
+}
+
+/// The task client of the project's orchestrator: the daemon's, or one at the configured address.
+async fn orchestrator_client(config: &Config) -> Result<TaskClient, Failure> {
+    // Without a daemon, the configured address may still hold an orchestrator (an agent's own).
+    let addr = match daemon::find(&config.state_dir) {
+        Ok(Found::Running(Some(info))) => info.orchestrator_addr,
+        // Still opening its ports, or its pid file was being read as it was written.
+        Ok(Found::Running(None)) => wait_ready(config).await?.orchestrator_addr,
+        Ok(Found::None | Found::Stale(_)) => config.orchestrator_addr.clone(),
+        Err(e) => {
+            return Err(fail(format!(
+                "cannot read {}: {e}",
+                daemon::pid_path(&config.state_dir).display()
+            )))
+        }
+    };
+    let channel = connect(config, &addr, |e| {
+        Failure(
+            EXIT_NOT_RUNNING,
+            format!("no orchestrator at {addr} ({e}); start one with `dspy-agent start`"),
+        )
+    })
+    .await?;
+    Ok(TaskClient::new(authed(config, channel)?))
+}
+
+fn rpc_failure(what: &str, s: tonic::Status) -> Failure {
+    let code = match s.code() {
+        tonic::Code::NotFound | tonic::Code::InvalidArgument => EXIT_USAGE,
+        _ => EXIT_FAILURE,
+    };
+    Failure(code, format!("error: {what}: {}", s.message()))
+}

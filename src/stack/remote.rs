@@ -1,0 +1,401 @@
+//! Attach mode: a stack that another process runs (a `dspy-agent start` daemon, another agent),
+//! used over its two gRPC ports instead of starting a second one.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures_util::StreamExt;
+use tonic::transport::Channel;
+
+use super::{CallError, Stack, Submitted, TaskChanges};
+use crate::config::{Config, Tls};
+use crate::grpc::auth::{endpoint, AuthChannel, Bearer};
+use crate::grpc::convert::{self, service_state};
+use crate::grpc::worker_client::WorkerClient;
+use crate::grpc::{env_pb, pb, MAX_MESSAGE_BYTES};
+use crate::services::supervisor::ServiceState;
+use crate::tasks::handlers::Handler;
+use crate::tasks::model::{NewTask, TaskRecord, TaskState};
+
+/// How long the probe for a running orchestrator may take; nothing listening answers at once.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
+
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    #[error("an orchestrator of project {found:?} already listens on {addr}, not one of project {wanted:?}. Use project {found:?}, or set ORCHESTRATOR_GRPC_ADDR (orchestrator_addr) to another address")]
+    OtherProject {
+        addr: String,
+        found: String,
+        wanted: String,
+    },
+    #[error("the orchestrator on {addr} serves no env-manager, so its services cannot be reached from here")]
+    NoEnvManager { addr: String },
+    #[error("an orchestrator of this project runs on {addr}, but refuses this process: {message}")]
+    Unauthenticated { addr: String, message: String },
+    #[error("{what}: {message}")]
+    Rpc { what: String, message: String },
+}
+
+pub type OrchestratorClient =
+    pb::orchestrator_service_client::OrchestratorServiceClient<AuthChannel>;
+type EnvClient = env_pb::env_manager_service_client::EnvManagerServiceClient<AuthChannel>;
+
+/// A stack another process runs, attached to over its two gRPC ports.
+pub struct Remote {
+    orchestrator_addr: String,
+    env_manager_addr: String,
+    tasks: TaskClient,
+    env: EnvClient,
+    services: Mutex<Vec<ServiceState>>,
+    /// Serves this process's task handlers for the remote orchestrator.
+    worker: WorkerClient,
+}
+
+async fn connect(addr: &str, tls: Option<&Tls>, timeout: Duration) -> Option<Channel> {
+    let endpoint = endpoint(addr, tls).ok()?.connect_timeout(timeout);
+    endpoint.connect().await.ok()
+}
+
+impl Remote {
+    /// Looks for a healthy orchestrator of `config.project` at `config.orchestrator_addr`.
+    /// `None` when nothing answers there (or the address asks for any free port).
+    pub async fn find(config: &Config) -> Result<Option<Remote>, AttachError> {
+        let addr = &config.orchestrator_addr;
+        if addr.ends_with(":0") {
+            return Ok(None);
+        }
+        let Some(channel) = connect(addr, config.tls.as_ref(), PROBE_TIMEOUT).await else {
+            return Ok(None);
+        };
+        let bearer = Bearer::new(config.token.as_ref().map(|t| t.expose())).map_err(|message| {
+            AttachError::Unauthenticated {
+                addr: addr.clone(),
+                message,
+            }
+        })?;
+        let channel = bearer.channel(channel);
+        let tasks = TaskClient::new(channel.clone());
+        let health =
+            match tokio::time::timeout(PROBE_TIMEOUT, tasks.raw().health(pb::HealthRequest {}))
+                .await
+            {
+                Ok(Ok(h)) => h.into_inner(),
+                Ok(Err(s)) if s.code() == tonic::Code::Unauthenticated => {
+                    return Err(AttachError::Unauthenticated {
+                        addr: addr.clone(),
+                        message: s.message().to_string(),
+                    })
+                }
+                // Something listens there, but not a healthy orchestrator: starting our own will
+                // report the port as taken.
+                _ => return Ok(None),
+            };
+        if !health.healthy {
+            return Ok(None);
+        }
+        if health.project != config.project {
+            return Err(AttachError::OtherProject {
+                addr: addr.clone(),
+                found: health.project,
+                wanted: config.project.clone(),
+            });
+        }
+        if health.env_manager_addr.is_empty() {
+            return Err(AttachError::NoEnvManager { addr: addr.clone() });
+        }
+        let env_channel = connect(
+            &health.env_manager_addr,
+            config.tls.as_ref(),
+            Duration::from_secs(2),
+        )
+        .await
+        .ok_or_else(|| AttachError::Rpc {
+            what: format!("env-manager at {}", health.env_manager_addr),
+            message: "does not answer".into(),
+        })?;
+        let name = format!(
+            "{}:{}",
+            std::env::var("HOSTNAME").unwrap_or_else(|_| "local".into()),
+            std::process::id()
+        );
+        let capacity = u32::try_from(config.tasks.concurrency).unwrap_or(u32::MAX);
+        let worker = WorkerClient::connect(channel.clone(), name, capacity)
+            .await
+            .map_err(|s| rpc("worker stream", s))?;
+        let remote = Remote {
+            orchestrator_addr: addr.clone(),
+            env_manager_addr: health.env_manager_addr,
+            tasks,
+            env: env_pb::env_manager_service_client::EnvManagerServiceClient::new(
+                bearer.channel(env_channel),
+            ),
+            services: Mutex::new(Vec::new()),
+            worker,
+        };
+        remote.fetch_services().await?;
+        tracing::info!(orchestrator = %remote.orchestrator_addr, env_manager = %remote.env_manager_addr, "attached to a running stack");
+        Ok(Some(remote))
+    }
+
+    /// The services, fetched now.
+    async fn fetch_services(&self) -> Result<Vec<ServiceState>, AttachError> {
+        let r = self
+            .env
+            .clone()
+            .get_services_status(env_pb::GetServicesStatusRequest::default())
+            .await
+            .map_err(|s| rpc("services status", s))?
+            .into_inner();
+        let states: Vec<ServiceState> = r.services.into_iter().map(service_state).collect();
+        *crate::util::lock(&self.services) = states.clone();
+        Ok(states)
+    }
+
+    /// The last `tail` lines of a service's output (all when 0), stdout and stderr together.
+    async fn service_logs(&self, service: &str, tail: usize) -> Result<String, tonic::Status> {
+        let request = env_pb::StreamLogsRequest {
+            service: service.to_string(),
+            follow: false,
+            tail: u32::try_from(tail).unwrap_or(u32::MAX),
+            since_seconds: 0,
+        };
+        let mut stream = self.env.clone().stream_logs(request).await?.into_inner();
+        let mut out = String::new();
+        while let Some(line) = stream.next().await {
+            out.push_str(&line?.line);
+            out.push('\n');
+        }
+        Ok(out)
+    }
+
+    async fn restart_service(&self, service: &str) -> Result<ServiceState, tonic::Status> {
+        let s = self
+            .env
+            .clone()
+            .restart_service(env_pb::RestartServiceRequest {
+                service: service.to_string(),
+            })
+            .await?
+            .into_inner();
+        let _ = self.fetch_services().await;
+        Ok(service_state(s))
+    }
+}
+
+fn rpc(what: &str, s: tonic::Status) -> AttachError {
+    AttachError::Rpc {
+        what: what.to_string(),
+        message: s.message().to_string(),
+    }
+}
+
+/// The task calls of an orchestrator in another process, answered in domain types: what an
+/// attached stack, `OrchestratorClient` and the command line use.
+#[derive(Clone)]
+pub struct TaskClient {
+    client: OrchestratorClient,
+}
+
+impl TaskClient {
+    pub fn new(channel: AuthChannel) -> TaskClient {
+        TaskClient {
+            client: OrchestratorClient::new(channel)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        }
+    }
+
+    /// The generated client, for the calls that have no domain form (health, metrics, lists).
+    pub fn raw(&self) -> OrchestratorClient {
+        self.client.clone()
+    }
+
+    pub async fn submit(&self, task: NewTask) -> Result<Submitted, tonic::Status> {
+        let r = self
+            .raw()
+            .submit_task(convert::submit_request(task))
+            .await?
+            .into_inner();
+        Ok(Submitted {
+            task_id: r.task_id,
+            duplicate: r.duplicate,
+        })
+    }
+
+    pub async fn get(&self, task_id: &str) -> Result<TaskRecord, tonic::Status> {
+        let r = self
+            .raw()
+            .get_task_status(pb::GetTaskStatusRequest {
+                task_id: task_id.to_string(),
+            })
+            .await?;
+        Ok(convert::task_record(r.into_inner()))
+    }
+
+    /// A page of tasks, oldest first, and the next page's token.
+    pub async fn list(
+        &self,
+        state: Option<TaskState>,
+        task_type: Option<String>,
+        page_size: u32,
+        page_token: Option<String>,
+    ) -> Result<(Vec<TaskRecord>, Option<String>), tonic::Status> {
+        let r = self
+            .raw()
+            .list_tasks(pb::ListTasksRequest {
+                status: state.map_or(pb::TaskState::Unspecified, convert::state_to_pb) as i32,
+                task_type: task_type.unwrap_or_default(),
+                page_size,
+                page_token: page_token.unwrap_or_default(),
+            })
+            .await?
+            .into_inner();
+        let tasks = r.tasks.into_iter().map(convert::task_record).collect();
+        Ok((tasks, Some(r.next_page_token).filter(|t| !t.is_empty())))
+    }
+
+    pub async fn cancel(&self, task_id: &str) -> Result<(bool, Option<TaskRecord>), tonic::Status> {
+        let r = self
+            .raw()
+            .cancel_task(pb::CancelTaskRequest {
+                task_id: task_id.to_string(),
+            })
+            .await?
+            .into_inner();
+        Ok((r.cancelled, r.task.map(convert::task_record)))
+    }
+
+    pub async fn watch(
+        &self,
+        task_ids: Vec<String>,
+        include_current: bool,
+    ) -> Result<TaskChanges, tonic::Status> {
+        let stream = self
+            .raw()
+            .stream_task_results(pb::StreamTaskResultsRequest {
+                task_ids,
+                include_current,
+            })
+            .await?
+            .into_inner();
+        Ok(stream
+            .map(|item| item.map(convert::task_record).map_err(CallError::Rpc))
+            .boxed())
+    }
+
+    /// Waits for the task to finish; `None` after `timeout`.
+    pub async fn wait(
+        &self,
+        task_id: &str,
+        timeout: Option<Duration>,
+    ) -> Result<Option<TaskRecord>, tonic::Status> {
+        let wait = async {
+            let mut stream = self
+                .raw()
+                .stream_task_results(pb::StreamTaskResultsRequest {
+                    task_ids: vec![task_id.to_string()],
+                    include_current: true,
+                })
+                .await?
+                .into_inner();
+            while let Some(info) = stream.message().await? {
+                let record = convert::task_record(info);
+                if record.state.is_final() {
+                    return Ok(record);
+                }
+            }
+            Err(tonic::Status::unavailable(format!(
+                "the orchestrator closed the stream before task {task_id:?} finished"
+            )))
+        };
+        match timeout {
+            Some(t) => match tokio::time::timeout(t, wait).await {
+                Ok(r) => r.map(Some),
+                Err(_) => Ok(None),
+            },
+            None => wait.await.map(Some),
+        }
+    }
+}
+
+#[async_trait]
+impl Stack for Remote {
+    fn attached(&self) -> bool {
+        true
+    }
+
+    fn orchestrator_addr(&self) -> String {
+        self.orchestrator_addr.clone()
+    }
+
+    fn env_manager_addr(&self) -> String {
+        self.env_manager_addr.clone()
+    }
+
+    fn services(&self) -> Vec<ServiceState> {
+        crate::util::lock(&self.services).clone()
+    }
+
+    async fn status(&self) -> Result<Vec<ServiceState>, CallError> {
+        Ok(self.fetch_services().await?)
+    }
+
+    async fn logs(&self, service: &str, tail: usize) -> Result<String, CallError> {
+        self.service_logs(service, tail)
+            .await
+            .map_err(|status| CallError::Service {
+                service: service.to_string(),
+                status,
+            })
+    }
+
+    async fn restart(&self, service: &str) -> Result<ServiceState, CallError> {
+        self.restart_service(service)
+            .await
+            .map_err(|status| CallError::Service {
+                service: service.to_string(),
+                status,
+            })
+    }
+
+    fn register_handler(&self, task_type: &str, handler: Arc<dyn Handler>) {
+        self.worker.serve(task_type, handler);
+    }
+
+    async fn submit(&self, task: NewTask) -> Result<Submitted, CallError> {
+        // A submit right after registering a handler must find its type served.
+        self.worker.ready().await;
+        Ok(self.tasks.submit(task).await?)
+    }
+
+    async fn get(&self, task_id: &str) -> Result<TaskRecord, CallError> {
+        Ok(self.tasks.get(task_id).await?)
+    }
+
+    async fn wait(
+        &self,
+        task_id: &str,
+        timeout: Option<Duration>,
+    ) -> Result<Option<TaskRecord>, CallError> {
+        Ok(self.tasks.wait(task_id, timeout).await?)
+    }
+
+    async fn cancel(&self, task_id: &str) -> Result<(bool, Option<TaskRecord>), CallError> {
+        Ok(self.tasks.cancel(task_id).await?)
+    }
+
+    async fn watch(
+        &self,
+        task_ids: Vec<String>,
+        include_current: bool,
+    ) -> Result<TaskChanges, CallError> {
+        Ok(self.tasks.watch(task_ids, include_current).await?)
+    }
+
+    /// Detaches: the worker stream closes (the orchestrator requeues what it was running) and
+    /// its handler runs end; the stack keeps running.
+    async fn stop(&self, _keep_running: bool) {
+        self.worker.close().await;
+    }
+}

@@ -262,8 +262,9 @@ def explanation(cold: float, floor: float) -> str:
     return textwrap.dedent(
         f"""
         What the contenders do: *cold start* is `AgentInfra.start()` from no containers: it
-        opens the task store and both gRPC ports, starts its watchdog, creates the network and
-        the containers, starts each service the moment its own dependencies are healthy, and
+        opens the task store while it connects to the Engine, creates the network while it
+        binds both gRPC ports and starts its watchdog, creates every container at once, starts
+        each service the moment its own dependencies are healthy, and
         probes from the host with a backoff starting at 5 ms. *Warm attach* finds the running
         containers by label and config hash and probes them once. *floor* is a script that
         knows the stack in advance and does nothing else: one network, a `docker run -d` per

@@ -14,7 +14,7 @@ use crate::grpc::env_manager::EnvManager;
 use crate::grpc::{self, GrpcError};
 use crate::health;
 use crate::owner::{Owner, OwnerError, OwnerLock};
-use crate::services::supervisor::{ServiceState, StackError, Supervisor};
+use crate::services::supervisor::{NetworkUnderway, ServiceState, StackError, Supervisor};
 use crate::tasks::handlers::{self, Handler, ServiceDirectory};
 use crate::tasks::model::TaskError;
 use crate::tasks::queue::TaskQueue;
@@ -126,19 +126,47 @@ impl Infra {
         let store_path = config.tasks.store.clone();
         let durability = config.tasks.durability;
         let store =
-            tokio::task::spawn_blocking(move || TaskStore::open(store_path.as_deref(), durability))
-                .await
-                .map_err(|e| TaskError::Store {
-                    path: String::new(),
-                    message: e.to_string(),
-                })??;
+            tokio::task::spawn_blocking(move || TaskStore::open(store_path.as_deref(), durability));
+        // The Engine is reached while the store opens: with services to run, the cold start's
+        // critical path begins there.
+        let connect = async {
+            if config.services.is_empty() {
+                return Ok(None);
+            }
+            let docker =
+                Docker::connect(config.docker_host.as_deref(), DOCKER_CONNECT_TIMEOUT).await?;
+            Ok::<_, EngineError>(Some(Arc::new(docker) as SharedEngine))
+        };
+        let (store, engine) = tokio::join!(store, connect);
+        let store = store.map_err(|e| TaskError::Store {
+            path: String::new(),
+            message: e.to_string(),
+        })??;
+        let engine = engine?;
         let background = Background::default();
+        // The project network is the first thing a cold start waits for on the Engine: it is
+        // made now, beside binding the ports, and the start picks it up.
+        let network = engine.as_ref().map(|e| {
+            let e = Arc::clone(e);
+            let (name, project) = (
+                crate::util::network_name(&config.project),
+                config.project.clone(),
+            );
+            background.spawn(async move { e.ensure_network(&name, &project).await })
+        });
         let queue = TaskQueue::start(store, config.tasks.concurrency, background.clone()).await?;
         let limit = |t: &str| config.tasks.limits.get(t).copied();
         for t in ["ping", "test", "echo"] {
             queue.register(t, Arc::new(handlers::Builtin(t)), limit(t));
         }
-        let opened = Self::open_rest(&config, &queue, own_log, &background).await;
+        let opened = Self::open_rest(
+            &config,
+            &queue,
+            own_log,
+            &background,
+            engine.map(|e| (e, network)),
+        )
+        .await;
         match opened {
             Ok((supervisor, servers)) => {
                 if let Err(e) = owner.record(&servers[0].addr.to_string()) {
@@ -189,6 +217,7 @@ impl Infra {
         queue: &TaskQueue,
         own_log: Option<PathBuf>,
         background: &Background,
+        engine: Option<(SharedEngine, Option<NetworkUnderway>)>,
     ) -> Result<(Option<Arc<Supervisor>>, Vec<grpc::Server>), (InfraError, Vec<grpc::Server>)> {
         let serving = grpc::Serving {
             guard: guard(config),
@@ -210,11 +239,15 @@ impl Infra {
             Err(e) => return Err((e.into(), servers)),
         }
         let owner_addr = servers[0].addr.to_string();
-        let (supervisor, engine) =
-            match Self::prepare_supervisor(config, queue, owner_addr, background).await {
-                Ok(s) => s,
-                Err(e) => return Err((e, servers)),
-            };
+        let (supervisor, engine) = match engine {
+            Some((engine, network)) => (
+                Some(Self::prepare_supervisor(
+                    config, queue, owner_addr, background, &engine, network,
+                )),
+                Some(engine),
+            ),
+            None => (None, None),
+        };
         let manager = EnvManager::new(
             Arc::clone(config),
             supervisor.clone(),
@@ -232,35 +265,34 @@ impl Infra {
         Ok((supervisor, servers))
     }
 
-    /// Connects to the Engine and registers the handlers that use it, when the config has
-    /// services.
-    async fn prepare_supervisor(
+    /// Makes the supervisor and registers the handlers that use the Engine.
+    fn prepare_supervisor(
         config: &Arc<Config>,
         queue: &TaskQueue,
         owner_addr: String,
         background: &Background,
-    ) -> Result<(Option<Arc<Supervisor>>, Option<SharedEngine>), InfraError> {
-        if config.services.is_empty() {
-            return Ok((None, None));
-        }
-        let engine: SharedEngine =
-            Arc::new(Docker::connect(config.docker_host.as_deref(), DOCKER_CONNECT_TIMEOUT).await?);
+        engine: &SharedEngine,
+        network: Option<NetworkUnderway>,
+    ) -> Arc<Supervisor> {
         let supervisor = Arc::new(Supervisor::new(
-            Arc::clone(&engine),
+            Arc::clone(engine),
             Arc::clone(config),
             new_session_id(),
             owner_addr,
             background.clone(),
         ));
+        if let Some(network) = network {
+            supervisor.network_underway(network);
+        }
         let directory: Arc<dyn ServiceDirectory> = Arc::new(Directory(Arc::clone(&supervisor)));
         let limit = |t: &str| config.tasks.limits.get(t).copied();
         let exec = handlers::Exec {
-            engine: Arc::clone(&engine),
+            engine: Arc::clone(engine),
             directory: Arc::clone(&directory),
         };
         queue.register("exec", Arc::new(exec), limit("exec"));
         let container = handlers::Container {
-            engine: Arc::clone(&engine),
+            engine: Arc::clone(engine),
             project: config.project.clone(),
         };
         queue.register("container", Arc::new(container), limit("container"));
@@ -269,7 +301,7 @@ impl Infra {
             timeout: Duration::from_secs(300),
         };
         queue.register("http", Arc::new(http), limit("http"));
-        Ok((Some(supervisor), Some(engine)))
+        supervisor
     }
 
     /// Brings the named services (all when empty) and their dependencies up.

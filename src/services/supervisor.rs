@@ -183,7 +183,12 @@ pub struct Supervisor {
     healing: Mutex<Healing>,
     /// Owns every task this supervisor spawns (event following, healing, restarts).
     background: Background,
+    /// The project network's creation, begun before the first start asked for it.
+    early_network: Mutex<Option<NetworkUnderway>>,
 }
+
+/// The project network being made in the background.
+pub type NetworkUnderway = tokio::task::JoinHandle<Result<(), EngineError>>;
 
 #[derive(Default)]
 struct Healing {
@@ -250,7 +255,13 @@ impl Supervisor {
             ops: tokio::sync::Mutex::new(()),
             healing: Mutex::new(Healing::default()),
             background,
+            early_network: Mutex::new(None),
         }
+    }
+
+    /// The next start uses this creation of the project network instead of making it itself.
+    pub fn network_underway(&self, network: NetworkUnderway) {
+        *crate::util::lock(&self.early_network) = Some(network);
     }
 
     /// The label that marks every container this supervisor creates.
@@ -782,11 +793,29 @@ impl Supervisor {
     ) -> Result<BTreeMap<String, Plan>, StackError> {
         // The network is made sure of alongside the listing: a cold start needs it, and for a
         // warm one it exists already, so asking costs nothing on the critical path.
+        let early = crate::util::lock(&self.early_network).take();
+        let network = async {
+            match early {
+                Some(underway) => match underway.await {
+                    Ok(made) => made,
+                    // Cut short (a stop came first): make it now.
+                    Err(_) => {
+                        self.engine
+                            .ensure_network(&self.network, &self.config.project)
+                            .await
+                    }
+                },
+                None => {
+                    self.engine
+                        .ensure_network(&self.network, &self.config.project)
+                        .await
+                }
+            }
+        };
         let (existing, network) = tokio::join!(
             self.engine
                 .list_by_label(labels::PROJECT, &self.config.project),
-            self.engine
-                .ensure_network(&self.network, &self.config.project)
+            network
         );
         network?;
         let existing = existing?;

@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use super::*;
 use crate::config::LoadOptions;
 use crate::engine::fake::FakeEngine;
+use crate::engine::Engine;
 
 const PROJECT: &str = "unit";
 
@@ -573,4 +574,20 @@ async fn after_stop_no_task_of_the_supervisor_is_left() {
     // Nothing restarted it after the stop.
     tokio::time::sleep(Duration::from_secs(60)).await;
     assert!(engine.state().containers.is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_network_made_ahead_of_the_start_is_used_once() {
+    let (engine, sup) = stack(&two_tier(), &["api"]);
+    let made = Arc::clone(&engine);
+    sup.network_underway(tokio::spawn(async move {
+        made.ensure_network("unit_default", PROJECT).await
+    }));
+    start(&sup).await.unwrap();
+    assert_eq!(engine.calls("network+"), ["network+ unit_default"]);
+    // Stopped and started again, the start makes the network itself.
+    sup.stop_services(&[], None).await;
+    start(&sup).await.unwrap();
+    assert_eq!(engine.calls("network+").len(), 2);
+    assert_eq!(phase(&sup, "api"), Phase::Healthy);
 }

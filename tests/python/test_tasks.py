@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import socket
+from contextlib import suppress
 from typing import Any
 
 import pytest
@@ -206,24 +207,37 @@ async def test_submit_is_idempotent_and_refuses_bad_input() -> None:
 async def test_watch_tasks_streams_every_transition() -> None:
     async with tasks_only() as infra:
         gate = asyncio.Event()
+        running = asyncio.Event()
 
         @infra.task_handler("gated")
         async def gated(task: Task) -> str:
+            running.set()
             await gate.wait()
             return "through"
 
         seen: list[TaskStatus] = []
+        subscribed = asyncio.Event()
 
         async def watch() -> None:
-            async for info in infra.watch_tasks(["w"], include_current=False):
-                seen.append(info.status)
-                if info.status.is_final:
-                    return
+            async for info in infra.watch_tasks(include_current=False):
+                if info.task_id.startswith("marker-"):
+                    subscribed.set()
+                elif info.task_id == "w":
+                    seen.append(info.status)
+                    if info.status.is_final:
+                        return
 
         watcher = asyncio.ensure_future(watch())
-        await asyncio.sleep(0.05)
+        # Markers until the watch sees one: from then on it misses nothing.
+        markers = 0
+        while not subscribed.is_set():
+            markers += 1
+            await infra.submit_task(f"marker-{markers}", "ping", {})
+            with suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(subscribed.wait(), 0.05)
         await infra.submit_task("w", "gated", {})
-        await asyncio.sleep(0.1)
+        # The handler runs only after RUNNING went out.
+        await asyncio.wait_for(running.wait(), 10)
         gate.set()
         await asyncio.wait_for(watcher, 10)
         assert seen == [TaskStatus.PENDING, TaskStatus.RUNNING, TaskStatus.COMPLETED]

@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 bash scripts/provision.sh
 python3 -m pip install -q --upgrade "pytest>=8" "pytest-asyncio>=0.23" "mypy>=1.10" "ruff>=0.5" \
-    "grpcio>=1.60" "grpcio-tools>=1.60"
+    "grpcio>=1.60" "grpcio-tools>=1.60" "grpcio-reflection>=1.60"
 # A debug build is enough for tests and builds in a fraction of the release time.
 MATURIN_PEP517_ARGS="--profile=dev" python3 -m pip install -q -e .
 

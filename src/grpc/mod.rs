@@ -176,12 +176,22 @@ async fn serve(
     let local = listener
         .local_addr()
         .map_err(|e| bind_error(e.to_string()))?;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    // Both versions of reflection: v1, and v1alpha, which grpcio-reflection's client, grpcurl
+    // before 1.8.8 and most GUI clients still speak.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let v1 = reflection()
         .build_v1()
         .map_err(|e| bind_error(format!("reflection: {e}")))?;
-    let routes = routes.add_service(InterceptedService::new(reflection, guard));
+    let v1alpha = reflection()
+        .build_v1alpha()
+        .map_err(|e| bind_error(format!("reflection: {e}")))?;
+    let routes = routes
+        .add_service(InterceptedService::new(v1, guard.clone()))
+        .add_service(InterceptedService::new(v1alpha, guard));
 
     let mut builder = tonic::transport::Server::builder();
     if let Some(t) = &tls {

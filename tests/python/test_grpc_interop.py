@@ -177,6 +177,31 @@ async def test_reflection_lists_and_describes_services(
     assert b"SubmitTask" in descriptor and b"orchestrator.v1" in descriptor
 
 
+async def test_grpcio_reflections_own_v1alpha_client_describes_both_services() -> None:
+    """The official Python reflection client speaks v1alpha only (as grpcurl before 1.8.8)."""
+    from google.protobuf.descriptor_pool import DescriptorPool
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+        ProtoReflectionDescriptorDatabase,
+    )
+
+    def describe(addr: str, service: str) -> tuple[list[str], list[str]]:
+        with grpc.insecure_channel(addr) as ch:
+            database = ProtoReflectionDescriptorDatabase(ch)
+            listed = list(database.get_services())
+            found = DescriptorPool(database).FindServiceByName(service)
+            return listed, [m.name for m in found.methods]
+
+    ports = {"orchestrator_addr": "127.0.0.1:0", "env_manager_addr": "127.0.0.1:0"}
+    async with AgentInfra.start(services=[], config=ports) as infra:
+        for addr, service, method in [
+            (infra.orchestrator_addr, "orchestrator.v1.OrchestratorService", "SubmitTask"),
+            (infra.env_manager_addr, "env_manager.v1.EnvManagerService", "GetServicesStatus"),
+        ]:
+            listed, methods = await asyncio.to_thread(describe, addr, service)
+            assert service in listed and "grpc.health.v1.Health" in listed
+            assert method in methods
+
+
 async def test_a_worker_in_grpcio_serves_and_a_silent_one_loses_its_lease(
     pb: dict[str, Any], channel: tuple[AgentInfra, grpc.aio.Channel]
 ) -> None:

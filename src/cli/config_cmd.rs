@@ -29,7 +29,10 @@ pub(super) const CONFIG_TEMPLATE: &str = r#"# dspy-agent.toml: the stack `dspy-a
 # ports = ["6379:6379"]
 # healthcheck = { type = "redis", start_period = "30s" }
 
+# reddb, infermesh and model_server run the agent project's own images (dspy-agent/...):
+# build or load them, or point `image` at one you have.
 [services.reddb]
+# image = "dspy-agent/reddb:latest"
 # depends_on = ["redis"]
 # resources = { memory = "1g", cpus = 1 }
 

@@ -1010,7 +1010,20 @@ impl Supervisor {
                     self.engine.ensure_image(&spec.image, spec.pull, &progress),
                 )
                 .await?
-                .map_err(|e| self.start_error(name, e.to_string(), String::new()))?;
+                .map_err(|e| {
+                    let reason = match e {
+                        // Which setting names the image, so the fix is one line away.
+                        EngineError::Image { .. } => format!(
+                            "{e}. Build or load it (`docker build -t {image} ...`, `docker load`), \
+                             or set `services.{name}.image` in dspy-agent.toml (or \
+                             config={{\"services\": {{\"{name}\": {{\"image\": ...}}}}}}) to an \
+                             image you have",
+                            image = spec.image
+                        ),
+                        other => other.to_string(),
+                    };
+                    self.start_error(name, reason, String::new())
+                })?;
                 self.set_phase(name, Phase::Creating, "creating container");
                 let gpus = match spec.resources.gpus {
                     GpuRequest::None => false,

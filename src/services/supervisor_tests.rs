@@ -361,6 +361,8 @@ async fn a_missing_image_fails_the_service_that_needs_it() {
         } => {
             assert_eq!(service, "api");
             assert!(reason.contains("\"api:1\" is not available"), "{reason}");
+            // The fix is named: the setting that chooses the image.
+            assert!(reason.contains("`services.api.image`"), "{reason}");
         }
         other => panic!("{other}"),
     }

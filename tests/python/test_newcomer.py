@@ -228,14 +228,15 @@ def test_errors_the_caller_catches_print_nothing(tmp_path: Path, project: str) -
                 async with AgentInfra.start(project={project!r}, services=["web"], config=config):
                     pass
             except ServiceStartError as e:
-                print("caught", e.service)
+                # A missing image names the setting that chooses it.
+                print("caught", e.service, "`services.web.image`" in e.reason)
 
         asyncio.run(main())
         """
     )
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
-    assert run.stdout.split() == ["caught", "web"]
+    assert run.stdout.split() == ["caught", "web", "True"]
     assert run.stderr == ""
     # With logging configured, the same records are there for whoever asked for them.
     shown = subprocess.run(

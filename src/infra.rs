@@ -159,6 +159,7 @@ impl Infra {
         for t in ["ping", "test", "echo"] {
             queue.register(t, Arc::new(handlers::Builtin(t)), limit(t));
         }
+        queue.declare(&config.tasks.types)?;
         let opened = Self::open_rest(
             &config,
             &queue,

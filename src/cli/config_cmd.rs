@@ -23,6 +23,11 @@ pub(super) const CONFIG_TEMPLATE: &str = r#"# dspy-agent.toml: the stack `dspy-a
 # concurrency = 64
 # store = "tasks.db"   # relative to the state folder; ":memory:" keeps nothing
 
+# A declared type is accepted before any handler or worker serves it; its tasks wait.
+# [tasks.types.rl_training]
+# timeout = "30m"
+# max_retries = 2
+
 # Each service of the catalog can be changed field by field, and new ones added.
 [services.redis]
 # image = "redis:7-alpine"

@@ -195,6 +195,21 @@ pub struct TasksPatch {
     /// "process" (default): committed tasks survive the process being killed; "power": every
     /// commit is also fsynced, so they survive a power cut.
     pub durability: Option<String>,
+    /// Declared task types: accepted at submit before anything serves them.
+    pub types: Option<BTreeMap<String, TaskTypePatch>>,
+}
+
+/// `[tasks.types.NAME]`: a task type this stack accepts whether or not a handler or worker
+/// serves it yet, with defaults for its tasks.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TaskTypePatch {
+    /// Tasks of this type running at once.
+    pub concurrency: Option<usize>,
+    /// A task's timeout when its submit gives none: a duration ("10m") or seconds.
+    pub timeout: Option<Scalar>,
+    /// A task's retries when its submit gives none (0).
+    pub max_retries: Option<u32>,
 }
 
 /// The shape of `dspy-agent.toml` and of the `config=` mapping given to `AgentInfra.start()`.
@@ -250,6 +265,13 @@ impl ConfigLayer {
                     .limits
                     .get_or_insert_with(BTreeMap::new)
                     .extend(limits);
+            }
+            for (name, upper) in t.types.unwrap_or_default() {
+                let types = lower.types.get_or_insert_with(BTreeMap::new);
+                let lower = types.entry(name).or_default();
+                merge(&mut lower.concurrency, upper.concurrency);
+                merge(&mut lower.timeout, upper.timeout);
+                merge(&mut lower.max_retries, upper.max_retries);
             }
         }
         for (name, patch) in upper.services {
@@ -320,6 +342,16 @@ pub struct TasksConfig {
     pub concurrency: usize,
     pub limits: BTreeMap<String, usize>,
     pub durability: Durability,
+    /// Declared task types and their defaults.
+    pub types: BTreeMap<String, TaskType>,
+}
+
+/// Defaults for the tasks of a declared type, applied where a submit leaves them out.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TaskType {
+    pub timeout: Option<Duration>,
+    /// Applied when a submit asks for 0 retries.
+    pub max_retries: Option<u32>,
 }
 
 /// The validated configuration the core runs with.
@@ -790,7 +822,50 @@ fn resolve_tasks(t: TasksPatch, state_dir: &Path) -> Result<TasksConfig, ConfigE
             format!("{concurrency} must be from 1 to 100000"),
         ));
     }
-    let limits = t.limits.unwrap_or_default();
+    let mut limits = t.limits.unwrap_or_default();
+    let mut types = BTreeMap::new();
+    for (name, declared) in t.types.unwrap_or_default() {
+        let field = |key: &str| format!("tasks.types.{name}.{key}");
+        if name.trim().is_empty() {
+            return Err(ConfigError::invalid("tasks.types", "a type name is empty"));
+        }
+        if let Some(n) = declared.concurrency {
+            if n == 0 || n > 100_000 {
+                return Err(ConfigError::invalid(
+                    field("concurrency"),
+                    format!("{n} must be from 1 to 100000"),
+                ));
+            }
+            match limits.get(&name) {
+                Some(limit) if *limit != n => {
+                    return Err(ConfigError::invalid(
+                        field("concurrency"),
+                        format!("{n} differs from tasks.limits.{name} = {limit}; keep one of them"),
+                    ))
+                }
+                _ => {
+                    limits.insert(name.clone(), n);
+                }
+            }
+        }
+        let timeout = match declared.timeout {
+            None => None,
+            Some(t) => {
+                let timeout = spec::parse_duration(&field("timeout"), &t.text())?;
+                if timeout.is_zero() {
+                    return Err(ConfigError::invalid(field("timeout"), "must be above 0"));
+                }
+                Some(timeout)
+            }
+        };
+        types.insert(
+            name,
+            TaskType {
+                timeout,
+                max_retries: declared.max_retries,
+            },
+        );
+    }
     for (task_type, n) in &limits {
         if *n == 0 || *n > 100_000 {
             return Err(ConfigError::invalid(
@@ -814,6 +889,7 @@ fn resolve_tasks(t: TasksPatch, state_dir: &Path) -> Result<TasksConfig, ConfigE
         concurrency,
         limits,
         durability,
+        types,
     })
 }
 
@@ -1101,6 +1177,48 @@ mod tests {
         assert_eq!(names, ["redis", "infermesh", "reddb"]);
         assert_eq!(cfg.project, "dspy-agent");
         assert_eq!(cfg.orchestrator_addr, "127.0.0.1:50052");
+    }
+
+    #[test]
+    fn declared_task_types_with_their_defaults() {
+        let (_d, opts) = options(Some(
+            "[tasks.types.rl_training]\nconcurrency = 2\ntimeout = \"10m\"\nmax_retries = 3\n[tasks.types.eval]\n",
+        ));
+        let cfg = Config::load(opts).unwrap();
+        assert_eq!(
+            cfg.tasks.types["rl_training"],
+            TaskType {
+                timeout: Some(Duration::from_secs(600)),
+                max_retries: Some(3),
+            }
+        );
+        assert_eq!(cfg.tasks.types["eval"], TaskType::default());
+        assert_eq!(cfg.tasks.limits["rl_training"], 2);
+
+        for (text, field) in [
+            (
+                "[tasks.types.x]\ntimeout = \"soon\"\n",
+                "tasks.types.x.timeout",
+            ),
+            ("[tasks.types.x]\ntimeout = 0\n", "tasks.types.x.timeout"),
+            (
+                "[tasks.limits]\nx = 1\n[tasks.types.x]\nconcurrency = 2\n",
+                "tasks.types.x.concurrency",
+            ),
+            (
+                "[tasks.types.x]\nconcurrency = 0\n",
+                "tasks.types.x.concurrency",
+            ),
+        ] {
+            let (_d, opts) = options(Some(text));
+            let err = Config::load(opts).unwrap_err().to_string();
+            assert!(err.contains(field), "{text:?}: {err}");
+        }
+        let (_d, opts) = options(Some("[tasks.types.x]\nretries = 1\n"));
+        assert!(Config::load(opts)
+            .unwrap_err()
+            .to_string()
+            .contains("retries"));
     }
 
     #[test]

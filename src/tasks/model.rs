@@ -18,8 +18,12 @@ pub enum TaskError {
     },
     #[error("task {task_id:?} already exists with different content; submit it under a new id")]
     Conflict { task_id: String },
-    #[error("no handler serves task type {task_type:?}; registered types: {known}. Register one with @infra.task_handler({task_type:?})")]
-    UnknownType { task_type: String, known: String },
+    #[error("no handler serves task type {task_type:?} and it is not declared; served: {served}; declared: {declared}. Register a handler (@infra.task_handler({task_type:?}), or a worker), or declare the type under [tasks.types.{task_type}] in dspy-agent.toml so that its tasks wait for one")]
+    UnknownType {
+        task_type: String,
+        served: String,
+        declared: String,
+    },
     #[error("no task {task_id:?}")]
     NotFound { task_id: String },
     #[error("task store at {path}: {message}")]

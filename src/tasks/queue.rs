@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 #[cfg(test)]
 use crate::config::Durability;
+use crate::config::TaskType;
 use crate::tasks::handlers::{Handler, HandlerError};
 use crate::tasks::model::{NewTask, TaskError, TaskRecord, TaskState};
 use crate::tasks::store::{now_ms, ListFilter, Outcome, TaskStore};
@@ -48,6 +49,8 @@ pub struct QueueMetrics {
 struct Inner {
     store: TaskStore,
     handlers: RwLock<BTreeMap<String, Registered>>,
+    /// Types accepted before anything serves them, with defaults for their tasks.
+    declared: RwLock<BTreeMap<String, TaskType>>,
     events: broadcast::Sender<Arc<TaskRecord>>,
     /// Callers of `wait`, by task id: told once, when the task reaches a final state.
     waiters: Mutex<HashMap<String, Vec<oneshot::Sender<Arc<TaskRecord>>>>>,
@@ -108,6 +111,7 @@ impl TaskQueue {
             inner: Arc::new(Inner {
                 store,
                 handlers: RwLock::new(BTreeMap::new()),
+                declared: RwLock::new(BTreeMap::new()),
                 events,
                 waiters: Mutex::new(HashMap::new()),
                 wake: Notify::new(),
@@ -138,8 +142,18 @@ impl TaskQueue {
         self.inner.wake.notify_one();
     }
 
-    /// Stops serving `task_type`: new submits of it are refused, queued ones wait for a
-    /// handler to come back.
+    /// Accepts tasks of each of `types` from now on, served or not: until a handler or worker
+    /// serves a type, its tasks wait. Their defaults apply where a submit leaves a field out.
+    pub fn declare(&self, types: &BTreeMap<String, TaskType>) -> Result<(), TaskError> {
+        for name in types.keys() {
+            crate::tasks::model::validate_task_type(name)?;
+        }
+        crate::util::write(&self.inner.declared).extend(types.clone());
+        Ok(())
+    }
+
+    /// Stops serving `task_type`: new submits of it are refused unless it is declared, queued
+    /// ones wait for a handler to come back.
     pub fn unregister(&self, task_type: &str) {
         crate::util::write(&self.inner.handlers).remove(task_type);
     }
@@ -170,16 +184,39 @@ impl TaskQueue {
     /// Queues a task; returns it and whether it is new (`false`: an identical resubmission).
     /// A task whose type has a free slot and no ready task ahead of it starts at once.
     pub async fn submit(&self, task: NewTask) -> Result<(TaskRecord, bool), TaskError> {
+        let mut task = task;
         task.validate()?;
+        let declared = crate::util::read(&self.inner.declared)
+            .get(&task.task_type)
+            .cloned();
+        if let Some(defaults) = &declared {
+            task.timeout = task.timeout.or(defaults.timeout);
+            if task.max_retries == 0 {
+                task.max_retries = defaults.max_retries.unwrap_or(0);
+            }
+        }
         let served = crate::util::read(&self.inner.handlers)
             .get(&task.task_type)
             .map(|r| (Arc::clone(&r.handler), Arc::clone(&r.slots)));
-        let Some((handler, slots)) = served else {
+        if served.is_none() && declared.is_none() {
+            let list = |names: Vec<String>| {
+                if names.is_empty() {
+                    "none".to_string()
+                } else {
+                    names.join(", ")
+                }
+            };
             return Err(TaskError::UnknownType {
                 task_type: task.task_type,
-                known: self.task_types().join(", "),
+                served: list(self.task_types()),
+                declared: list(
+                    crate::util::read(&self.inner.declared)
+                        .keys()
+                        .cloned()
+                        .collect(),
+                ),
             });
-        };
+        }
         if task.payload.len() > MAX_PAYLOAD_BYTES {
             return Err(TaskError::Invalid {
                 field: "payload",
@@ -189,7 +226,10 @@ impl TaskQueue {
                 ),
             });
         }
-        let permit = slots.try_acquire_owned().ok();
+        // A declared type nobody serves yet: its tasks wait, PENDING.
+        let permit = served
+            .as_ref()
+            .and_then(|(_, slots)| Arc::clone(slots).try_acquire_owned().ok());
         let (record, created) = self.inner.store.submit(task, permit.is_some()).await?;
         if !created {
             return Ok((record, false));
@@ -198,8 +238,8 @@ impl TaskQueue {
             .counters
             .submitted
             .fetch_add(1, Ordering::Relaxed);
-        match permit {
-            Some(permit) if record.state == TaskState::Running => {
+        match (permit, served) {
+            (Some(permit), Some((handler, _))) if record.state == TaskState::Running => {
                 // Watchers see the same PENDING, RUNNING sequence as for a dispatched task.
                 self.emit(&TaskRecord {
                     state: TaskState::Pending,
@@ -493,6 +533,44 @@ mod tests {
         );
         let err = q.submit(task("x", "nosuch", "")).await.unwrap_err();
         assert!(err.to_string().contains("nosuch") && err.to_string().contains("ping"));
+    }
+
+    #[tokio::test]
+    async fn a_declared_type_waits_for_its_handler_with_its_defaults() {
+        let q = queue().await;
+        let types = BTreeMap::from([(
+            "later".to_string(),
+            TaskType {
+                timeout: Some(Duration::from_millis(50)),
+                max_retries: Some(2),
+            },
+        )]);
+        q.declare(&types).unwrap();
+        let (queued, created) = q.submit(task("a", "later", "")).await.unwrap();
+        assert!(created && queued.state == TaskState::Pending);
+        assert_eq!(queued.task.timeout, Some(Duration::from_millis(50)));
+        assert_eq!(queued.task.max_retries, 2);
+        // Nothing serves it: it waits.
+        assert_eq!(
+            q.wait("a", Some(Duration::from_millis(200))).await.unwrap(),
+            None
+        );
+        assert_eq!(q.get("a").await.unwrap().state, TaskState::Pending);
+        // An undeclared, unserved type names both lists.
+        let err = q.submit(task("b", "nosuch", "")).await.unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("served: ping, sleep") && text.contains("declared: later"),
+            "{text}"
+        );
+        // A handler arrives: the waiting task runs.
+        q.register("later", Arc::new(Builtin("echo")), None);
+        let done = q
+            .wait("a", Some(Duration::from_secs(5)))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(done.state, TaskState::Completed);
     }
 
     #[tokio::test]

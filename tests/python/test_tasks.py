@@ -243,6 +243,30 @@ async def test_watch_tasks_streams_every_transition() -> None:
         assert seen == [TaskStatus.PENDING, TaskStatus.RUNNING, TaskStatus.COMPLETED]
 
 
+async def test_a_declared_type_is_queued_until_something_serves_it() -> None:
+    # The hand-off's submit of "rl_training" before any worker is up: declared, it waits.
+    types = {"rl_training": {"timeout": "10m", "max_retries": 2}}
+    config = {"orchestrator_addr": "127.0.0.1:0", "tasks": {"types": types}}
+    async with AgentInfra.start(services=[], config=config) as infra:
+        client = infra.orchestrator_client
+        response = await client.submit_task("train-1", "rl_training", {"episodes": 3})
+        assert response.success and not response.duplicate
+        assert (await client.get_task_status("train-1")).status == TaskStatus.PENDING
+        listed = await client.list_tasks(status=TaskStatus.PENDING, task_type="rl_training")
+        assert [t.task_id for t in listed] == ["train-1"]
+        # An undeclared type nobody serves is still refused, naming what is served and declared.
+        with pytest.raises(UnknownTaskTypeError, match=r"declared: rl_training"):
+            await client.submit_task("x", "nosuch", {})
+
+        @infra.task_handler("rl_training")
+        async def train(task: Task) -> dict[str, int]:
+            return {"episodes": task.json()["episodes"]}
+
+        done = await infra.wait_for_task("train-1", timeout=30)
+        assert done.status == TaskStatus.COMPLETED
+        assert json.loads(done.result_payload) == {"episodes": 3}
+
+
 async def test_orchestrator_address_and_client_errors() -> None:
     async with AgentInfra.start(services=[], config={"orchestrator_addr": "127.0.0.1:0"}) as infra:
         host, _, port = infra.orchestrator_addr.rpartition(":")

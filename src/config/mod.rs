@@ -681,6 +681,15 @@ fn check_token(
     Ok(token.map(Secret))
 }
 
+/// ":PORT" (Go's way of writing every interface) as "0.0.0.0:PORT"; other forms as they are.
+fn every_interface(addr: String) -> String {
+    if addr.starts_with(':') {
+        format!("0.0.0.0{addr}")
+    } else {
+        addr
+    }
+}
+
 fn check_addr(field: &str, addr: &str) -> Result<(), ConfigError> {
     let (host, port) = addr.rsplit_once(':').ok_or_else(|| {
         ConfigError::invalid(
@@ -706,13 +715,17 @@ fn resolve(
 ) -> Result<Config, ConfigError> {
     let project = layer.project.unwrap_or_else(|| DEFAULT_PROJECT.to_string());
     spec::validate_name("project", &project)?;
-    let orchestrator_addr = layer
-        .orchestrator_addr
-        .unwrap_or_else(|| DEFAULT_ORCHESTRATOR_ADDR.to_string());
+    let orchestrator_addr = every_interface(
+        layer
+            .orchestrator_addr
+            .unwrap_or_else(|| DEFAULT_ORCHESTRATOR_ADDR.to_string()),
+    );
     check_addr("orchestrator_addr", &orchestrator_addr)?;
-    let env_manager_addr = layer
-        .env_manager_addr
-        .unwrap_or_else(|| DEFAULT_ENV_MANAGER_ADDR.to_string());
+    let env_manager_addr = every_interface(
+        layer
+            .env_manager_addr
+            .unwrap_or_else(|| DEFAULT_ENV_MANAGER_ADDR.to_string()),
+    );
     check_addr("env_manager_addr", &env_manager_addr)?;
     let token = check_token(
         layer.token.clone(),
@@ -1177,6 +1190,24 @@ mod tests {
         assert_eq!(names, ["redis", "infermesh", "reddb"]);
         assert_eq!(cfg.project, "dspy-agent");
         assert_eq!(cfg.orchestrator_addr, "127.0.0.1:50052");
+    }
+
+    #[test]
+    fn a_port_alone_means_every_interface_and_needs_a_token() {
+        let (_d, mut opts) = options(None);
+        opts.env
+            .insert("ORCHESTRATOR_GRPC_ADDR".into(), ":50052".into());
+        let err = Config::load(opts.clone()).unwrap_err().to_string();
+        assert!(
+            err.contains("\"0.0.0.0:50052\"") && err.contains("token"),
+            "{err}"
+        );
+        opts.env
+            .insert("DSPY_AGENT_TOKEN".into(), "a-token-of-enough-length".into());
+        assert_eq!(
+            Config::load(opts).unwrap().orchestrator_addr,
+            "0.0.0.0:50052"
+        );
     }
 
     #[test]

@@ -160,6 +160,9 @@ impl Infra {
             queue.register(t, Arc::new(handlers::Builtin(t)), limit(t));
         }
         queue.declare(&config.tasks.types)?;
+        if let Some(retention) = config.tasks.retention {
+            queue.keep_finished_for(retention);
+        }
         let opened = Self::open_rest(
             &config,
             &queue,

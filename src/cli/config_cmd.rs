@@ -22,6 +22,7 @@ pub(super) const CONFIG_TEMPLATE: &str = r#"# dspy-agent.toml: the stack `dspy-a
 # durability = "process"
 # concurrency = 64
 # store = "tasks.db"   # relative to the state folder; ":memory:" keeps nothing
+# retention = "7d"     # finished tasks older than this are deleted; "forever" keeps them
 
 # A declared type is accepted before any handler or worker serves it; its tasks wait.
 # [tasks.types.rl_training]

@@ -160,6 +160,12 @@ enum TasksCmd {
     Watch { task_ids: Vec<String> },
     /// Cancel a pending or running task
     Cancel { task_id: String },
+    /// Delete finished tasks (completed, failed, cancelled) older than a duration
+    Prune {
+        /// A duration: "1h", "7d", "30m"; "0s" deletes every finished task
+        #[arg(long, value_name = "DURATION")]
+        older_than: String,
+    },
 }
 
 #[derive(Args)]

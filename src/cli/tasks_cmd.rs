@@ -122,6 +122,19 @@ pub(super) async fn tasks(options: LoadOptions, command: TasksCmd) -> Result<i32
             }
             Ok(EXIT_OK)
         }
+        TasksCmd::Prune { older_than } => {
+            let age = parse_duration("--older-than", &older_than)
+                .map_err(|e| Failure(EXIT_USAGE, format!("error: {e}")))?;
+            let deleted = tasks
+                .prune(age)
+                .await
+                .map_err(|s| rpc_failure("prune", s))?;
+            println!(
+                "deleted {deleted} finished task{} older than {older_than}",
+                if deleted == 1 { "" } else { "s" }
+            );
+            Ok(EXIT_OK)
+        }
         TasksCmd::Cancel { task_id } => {
             let (cancelled, record) = tasks
                 .cancel(&task_id)

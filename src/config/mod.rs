@@ -197,6 +197,8 @@ pub struct TasksPatch {
     pub durability: Option<String>,
     /// Declared task types: accepted at submit before anything serves them.
     pub types: Option<BTreeMap<String, TaskTypePatch>>,
+    /// How long finished tasks are kept: a duration, or "forever".
+    pub retention: Option<Scalar>,
 }
 
 /// `[tasks.types.NAME]`: a task type this stack accepts whether or not a handler or worker
@@ -260,6 +262,7 @@ impl ConfigLayer {
             merge(&mut lower.store, t.store);
             merge(&mut lower.concurrency, t.concurrency);
             merge(&mut lower.durability, t.durability);
+            merge(&mut lower.retention, t.retention);
             if let Some(limits) = t.limits {
                 lower
                     .limits
@@ -344,6 +347,8 @@ pub struct TasksConfig {
     pub durability: Durability,
     /// Declared task types and their defaults.
     pub types: BTreeMap<String, TaskType>,
+    /// Finished tasks older than this are deleted; `None` keeps them forever.
+    pub retention: Option<Duration>,
 }
 
 /// Defaults for the tasks of a declared type, applied where a submit leaves them out.
@@ -897,12 +902,27 @@ fn resolve_tasks(t: TasksPatch, state_dir: &Path) -> Result<TasksConfig, ConfigE
             ))
         }
     };
+    let retention = match t.retention {
+        None => Some(Duration::from_secs(7 * 24 * 3600)),
+        Some(Scalar::Str(s)) if s.trim() == "forever" => None,
+        Some(r) => {
+            let retention = spec::parse_duration("tasks.retention", &r.text())?;
+            if retention.is_zero() {
+                return Err(ConfigError::invalid(
+                    "tasks.retention",
+                    "must be above 0; write \"forever\" to keep every finished task",
+                ));
+            }
+            Some(retention)
+        }
+    };
     Ok(TasksConfig {
         store,
         concurrency,
         limits,
         durability,
         types,
+        retention,
     })
 }
 
@@ -1225,6 +1245,17 @@ mod tests {
         );
         assert_eq!(cfg.tasks.types["eval"], TaskType::default());
         assert_eq!(cfg.tasks.limits["rl_training"], 2);
+        assert_eq!(
+            cfg.tasks.retention,
+            Some(Duration::from_secs(7 * 24 * 3600))
+        );
+        let (_d, opts) = options(Some("[tasks]\nretention = \"forever\"\n"));
+        assert_eq!(Config::load(opts).unwrap().tasks.retention, None);
+        let (_d, opts) = options(Some("[tasks]\nretention = \"90m\"\n"));
+        assert_eq!(
+            Config::load(opts).unwrap().tasks.retention,
+            Some(Duration::from_secs(5400))
+        );
 
         for (text, field) in [
             (
@@ -1240,6 +1271,8 @@ mod tests {
                 "[tasks.types.x]\nconcurrency = 0\n",
                 "tasks.types.x.concurrency",
             ),
+            ("[tasks]\nretention = 0\n", "tasks.retention"),
+            ("[tasks]\nretention = \"a while\"\n", "tasks.retention"),
         ] {
             let (_d, opts) = options(Some(text));
             let err = Config::load(opts).unwrap_err().to_string();

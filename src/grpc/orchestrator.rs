@@ -179,6 +179,17 @@ impl pb::orchestrator_service_server::OrchestratorService for Orchestrator {
         )))
     }
 
+    async fn prune_tasks(
+        &self,
+        request: Request<pb::PruneTasksRequest>,
+    ) -> Result<Response<pb::PruneTasksResponse>, Status> {
+        let older_than = Duration::from_millis(request.into_inner().older_than_ms);
+        let deleted = self.queue.prune(older_than).await.map_err(Status::from)?;
+        Ok(Response::new(pb::PruneTasksResponse {
+            deleted: deleted as u64,
+        }))
+    }
+
     async fn get_metrics(
         &self,
         _: Request<pb::GetMetricsRequest>,

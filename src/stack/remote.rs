@@ -255,6 +255,17 @@ impl TaskClient {
         Ok((tasks, Some(r.next_page_token).filter(|t| !t.is_empty())))
     }
 
+    /// Deletes finished tasks older than `older_than`; returns how many.
+    pub async fn prune(&self, older_than: Duration) -> Result<u64, tonic::Status> {
+        let older_than_ms = u64::try_from(older_than.as_millis()).unwrap_or(u64::MAX);
+        let r = self
+            .raw()
+            .prune_tasks(pb::PruneTasksRequest { older_than_ms })
+            .await?
+            .into_inner();
+        Ok(r.deleted)
+    }
+
     pub async fn cancel(&self, task_id: &str) -> Result<(bool, Option<TaskRecord>), tonic::Status> {
         let r = self
             .raw()

@@ -142,6 +142,44 @@ impl TaskQueue {
         self.inner.wake.notify_one();
     }
 
+    /// Deletes finished tasks older than `older_than`, a small batch at a time so that the queue's
+    /// own writes pass between batches; returns how many.
+    pub async fn prune(&self, older_than: Duration) -> Result<usize, TaskError> {
+        const BATCH: usize = 500;
+        let before =
+            now_ms().saturating_sub(i64::try_from(older_than.as_millis()).unwrap_or(i64::MAX));
+        let mut deleted = 0;
+        loop {
+            let n = self.inner.store.prune(before, BATCH).await?;
+            deleted += n;
+            if n < BATCH {
+                return Ok(deleted);
+            }
+            tokio::task::yield_now().await;
+        }
+    }
+
+    /// Keeps finished tasks for `retention`: prunes now, then every minute (every quarter of a
+    /// shorter retention, at least every second), until the queue stops.
+    pub fn keep_finished_for(&self, retention: Duration) {
+        let every = (retention / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
+        let this = self.clone();
+        let stop = self.inner.shutdown.clone();
+        self.inner.background.spawn(async move {
+            loop {
+                match this.prune(retention).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(deleted = n, "finished tasks past their retention removed"),
+                    Err(e) => tracing::warn!(error = %e, "removing finished tasks past their retention failed"),
+                }
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(every) => {}
+                }
+            }
+        });
+    }
+
     /// Accepts tasks of each of `types` from now on, served or not: until a handler or worker
     /// serves a type, its tasks wait. Their defaults apply where a submit leaves a field out.
     pub fn declare(&self, types: &BTreeMap<String, TaskType>) -> Result<(), TaskError> {
@@ -533,6 +571,35 @@ mod tests {
         );
         let err = q.submit(task("x", "nosuch", "")).await.unwrap_err();
         assert!(err.to_string().contains("nosuch") && err.to_string().contains("ping"));
+    }
+
+    #[tokio::test]
+    async fn prune_removes_only_finished_tasks_past_the_age() {
+        let q = queue().await;
+        for i in 0..1200 {
+            q.submit(task(&format!("p{i}"), "ping", "")).await.unwrap();
+        }
+        for i in 0..1200 {
+            q.wait(&format!("p{i}"), Some(Duration::from_secs(10)))
+                .await
+                .unwrap()
+                .unwrap();
+        }
+        q.declare(&BTreeMap::from([(
+            "later".to_string(),
+            TaskType::default(),
+        )]))
+        .unwrap();
+        q.submit(task("waiting", "later", "")).await.unwrap();
+        // Nothing is old enough yet.
+        assert_eq!(q.prune(Duration::from_secs(3600)).await.unwrap(), 0);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        // Every finished one is (in batches); the pending one stays.
+        assert_eq!(q.prune(Duration::from_millis(10)).await.unwrap(), 1200);
+        assert!(matches!(q.get("p0").await, Err(TaskError::NotFound { .. })));
+        assert_eq!(q.get("waiting").await.unwrap().state, TaskState::Pending);
+        assert_eq!(q.inner.store.counts().get("COMPLETED"), None);
+        assert_eq!(q.inner.store.counts().get("PENDING"), Some(&1));
     }
 
     #[tokio::test]

@@ -114,6 +114,7 @@ CREATE TABLE IF NOT EXISTS tasks (
     lost INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS tasks_ready ON tasks (state, task_type, priority DESC, seq);
+CREATE INDEX IF NOT EXISTS tasks_finished ON tasks (finished_at) WHERE finished_at IS NOT NULL;
 ";
 
 const COLUMNS: &str = "task_id, task_type, payload, metadata, priority, timeout_ms, max_retries, \
@@ -555,6 +556,36 @@ impl TaskStore {
             self.count(record.state, 1);
         }
         Ok(record)
+    }
+
+    /// Deletes up to `batch` finished tasks (completed, failed, cancelled) that finished before
+    /// `before_ms`, oldest first; returns how many. Small batches keep the writer free for the
+    /// queue between them.
+    pub async fn prune(&self, before_ms: i64, batch: usize) -> Result<usize, TaskError> {
+        let deleted: Vec<TaskState> = self
+            .write(move |txn| {
+                let mut stmt = txn
+                    .prepare_cached(
+                        "DELETE FROM tasks WHERE seq IN (SELECT seq FROM tasks \
+                         WHERE finished_at IS NOT NULL AND finished_at < ?1 \
+                         AND state IN ('COMPLETED', 'FAILED', 'CANCELLED') \
+                         ORDER BY finished_at LIMIT ?2) RETURNING state",
+                    )
+                    .map_err(sql)?;
+                let rows = stmt
+                    .query_map(params![before_ms, batch as i64], |r| r.get::<_, String>(0))
+                    .map_err(sql)?;
+                let mut states = Vec::new();
+                for row in rows {
+                    states.extend(TaskState::parse(&row.map_err(sql)?));
+                }
+                Ok(states)
+            })
+            .await?;
+        for state in &deleted {
+            self.count(*state, -1);
+        }
+        Ok(deleted.len())
     }
 
     /// After a restart: tasks left RUNNING by a process that died go back to PENDING while they

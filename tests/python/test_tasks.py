@@ -7,6 +7,8 @@ import asyncio
 import json
 import os
 import socket
+import subprocess
+import sys
 from contextlib import suppress
 from typing import Any
 
@@ -265,6 +267,37 @@ async def test_a_declared_type_is_queued_until_something_serves_it() -> None:
         done = await infra.wait_for_task("train-1", timeout=30)
         assert done.status == TaskStatus.COMPLETED
         assert json.loads(done.result_payload) == {"episodes": 3}
+
+
+async def test_finished_tasks_are_pruned_by_hand_and_pending_ones_stay() -> None:
+    config = {"orchestrator_addr": "127.0.0.1:0", "tasks": {"types": {"later": {}}}}
+    async with AgentInfra.start(project="prune-test", services=[], config=config) as infra:
+        for i in range(3):
+            await infra.submit_task(f"done-{i}", "echo", {"i": i})
+            await infra.wait_for_task(f"done-{i}", timeout=10)
+        await infra.submit_task("waiting", "later", {})
+        env = {**os.environ, "ORCHESTRATOR_GRPC_ADDR": infra.orchestrator_addr}
+        command = [sys.executable, "-m", "dspy_agent_infra", "--project", "prune-test"]
+
+        def prune(age: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [*command, "tasks", "prune", "--older-than", age],
+                capture_output=True,
+                text=True,
+                env=env,
+                timeout=60,
+            )
+
+        kept = await asyncio.to_thread(prune, "1h")
+        assert kept.returncode == 0 and "deleted 0 finished tasks" in kept.stdout, kept.stderr
+        assert (await infra.get_task_status("done-0")).status == TaskStatus.COMPLETED
+        pruned = await asyncio.to_thread(prune, "0s")
+        assert pruned.returncode == 0 and "deleted 3 finished tasks" in pruned.stdout
+        with pytest.raises(TaskNotFoundError):
+            await infra.get_task_status("done-0")
+        assert (await infra.get_task_status("waiting")).status == TaskStatus.PENDING
+        bad = await asyncio.to_thread(prune, "soon")
+        assert bad.returncode == 2 and "--older-than" in bad.stderr
 
 
 async def test_orchestrator_address_and_client_errors() -> None:

@@ -142,17 +142,18 @@ impl Infra {
             path: String::new(),
             message: e.to_string(),
         })??;
-        let engine = engine?;
         let background = Background::default();
         // The project network is the first thing a cold start waits for on the Engine: it is
         // made now, beside binding the ports, and the start picks it up.
-        let network = engine.as_ref().map(|e| {
-            let e = Arc::clone(e);
-            let (name, project) = (
+        let engine = engine?.map(|e| {
+            let (made, name, project) = (
+                Arc::clone(&e),
                 crate::util::network_name(&config.project),
                 config.project.clone(),
             );
-            background.spawn(async move { e.ensure_network(&name, &project).await })
+            let network =
+                background.spawn(async move { made.ensure_network(&name, &project).await });
+            (e, network)
         });
         let queue = TaskQueue::start(store, config.tasks.concurrency, background.clone()).await?;
         let limit = |t: &str| config.tasks.limits.get(t).copied();
@@ -163,14 +164,7 @@ impl Infra {
         if let Some(retention) = config.tasks.retention {
             queue.keep_finished_for(retention);
         }
-        let opened = Self::open_rest(
-            &config,
-            &queue,
-            own_log,
-            &background,
-            engine.map(|e| (e, network)),
-        )
-        .await;
+        let opened = Self::open_rest(&config, &queue, own_log, &background, engine).await;
         match opened {
             Ok((supervisor, servers)) => {
                 if let Err(e) = owner.record(&servers[0].addr.to_string()) {
@@ -221,7 +215,7 @@ impl Infra {
         queue: &TaskQueue,
         own_log: Option<PathBuf>,
         background: &Background,
-        engine: Option<(SharedEngine, Option<NetworkUnderway>)>,
+        engine: Option<(SharedEngine, NetworkUnderway)>,
     ) -> Result<(Option<Arc<Supervisor>>, Vec<grpc::Server>), (InfraError, Vec<grpc::Server>)> {
         let serving = grpc::Serving {
             guard: guard(config),
@@ -276,7 +270,7 @@ impl Infra {
         owner_addr: String,
         background: &Background,
         engine: &SharedEngine,
-        network: Option<NetworkUnderway>,
+        network: NetworkUnderway,
     ) -> Arc<Supervisor> {
         let supervisor = Arc::new(Supervisor::new(
             Arc::clone(engine),
@@ -285,9 +279,7 @@ impl Infra {
             owner_addr,
             background.clone(),
         ));
-        if let Some(network) = network {
-            supervisor.network_underway(network);
-        }
+        supervisor.network_underway(network);
         let directory: Arc<dyn ServiceDirectory> = Arc::new(Directory(Arc::clone(&supervisor)));
         let limit = |t: &str| config.tasks.limits.get(t).copied();
         let exec = handlers::Exec {

@@ -795,22 +795,15 @@ impl Supervisor {
         // warm one it exists already, so asking costs nothing on the critical path.
         let early = crate::util::lock(&self.early_network).take();
         let network = async {
-            match early {
-                Some(underway) => match underway.await {
-                    Ok(made) => made,
-                    // Cut short (a stop came first): make it now.
-                    Err(_) => {
-                        self.engine
-                            .ensure_network(&self.network, &self.config.project)
-                            .await
-                    }
-                },
-                None => {
-                    self.engine
-                        .ensure_network(&self.network, &self.config.project)
-                        .await
+            if let Some(underway) = early {
+                if let Ok(made) = underway.await {
+                    return made;
                 }
             }
+            // None made ahead, or cut short (a stop came first): make it now.
+            self.engine
+                .ensure_network(&self.network, &self.config.project)
+                .await
         };
         let (existing, network) = tokio::join!(
             self.engine

@@ -300,6 +300,21 @@ async def test_finished_tasks_are_pruned_by_hand_and_pending_ones_stay() -> None
         assert bad.returncode == 2 and "--older-than" in bad.stderr
 
 
+async def test_the_retention_removes_old_finished_tasks_on_its_own() -> None:
+    config = {"orchestrator_addr": "127.0.0.1:0", "tasks": {"retention": "1s"}}
+    async with AgentInfra.start(project="retention-test", services=[], config=config) as infra:
+        await infra.submit_task("old", "echo", {})
+        await infra.wait_for_task("old", timeout=10)
+        for _ in range(300):
+            try:
+                await infra.get_task_status("old")
+            except TaskNotFoundError:
+                break
+            await asyncio.sleep(0.1)
+        else:
+            pytest.fail("a task finished past its 1 s retention was still stored after 30 s")
+
+
 async def test_orchestrator_address_and_client_errors() -> None:
     async with AgentInfra.start(services=[], config={"orchestrator_addr": "127.0.0.1:0"}) as infra:
         host, _, port = infra.orchestrator_addr.rpartition(":")

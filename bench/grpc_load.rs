@@ -3,12 +3,16 @@
 //!
 //! Usage: cargo run --release --example grpc_load -- ADDR TASKS [IN_FLIGHT] [CONNECTIONS]
 //! Submits TASKS `noop` tasks with IN_FLIGHT calls outstanding (default 128) over CONNECTIONS
-//! HTTP/2 connections (default 2) and prints the rate; exits non-zero if any call failed.
+//! HTTP/2 connections (default 2) and prints the rate; exits non-zero if any call failed. The
+//! token is `$DSPY_AGENT_TOKEN`, else that of this user's stack serving ADDR, as for any client.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use dspy_agent_infra::access;
+use dspy_agent_infra::config::Secret;
+use dspy_agent_infra::grpc::auth::Bearer;
 use dspy_agent_infra::grpc::pb;
 use dspy_agent_infra::grpc::pb::orchestrator_service_client::OrchestratorServiceClient;
 use tokio::sync::Semaphore;
@@ -32,6 +36,13 @@ async fn main() {
     let connections: usize = arg(&args, 4, Some(2));
     let prefix = format!("load-{}", std::process::id());
 
+    let configured = std::env::var("DSPY_AGENT_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty())
+        .map(Secret::new);
+    let token = access::client_token(configured.as_ref(), &addr)
+        .unwrap_or_else(|e| panic!("cannot read the token: {e}"));
+    let bearer = Bearer::new(token.as_ref().map(|t| t.expose())).expect("a printable token");
     let mut clients = Vec::new();
     for _ in 0..connections.max(1) {
         let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
@@ -39,7 +50,7 @@ async fn main() {
             .connect()
             .await
             .unwrap_or_else(|e| panic!("cannot connect to {addr}: {e}"));
-        clients.push(OrchestratorServiceClient::new(channel));
+        clients.push(OrchestratorServiceClient::new(bearer.channel(channel)));
     }
     let slots = Arc::new(Semaphore::new(in_flight.max(1)));
     let failed = Arc::new(AtomicUsize::new(0));

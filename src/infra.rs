@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, ConfigError};
+use crate::access;
+use crate::config::{Config, ConfigError, Secret};
 use crate::engine::{Docker, EngineError, SharedEngine};
 use crate::grpc::env_manager::EnvManager;
 use crate::grpc::{self, GrpcError};
@@ -87,6 +88,10 @@ pub struct Infra {
     orchestrator_addr: SocketAddr,
     env_manager_addr: SocketAddr,
     watchdog: Option<Watchdog>,
+    /// What both ports require.
+    access: access::Required,
+    /// The ports as listed for this user's clients, unlisted at shutdown.
+    listed: Mutex<Vec<access::Listed>>,
     /// Every task the stack spawned: the gRPC servers and their streams, the queue's dispatcher
     /// and handler runs, the supervisor's event following and healing.
     background: Background,
@@ -121,8 +126,11 @@ impl Infra {
         launcher: Option<Launcher>,
     ) -> Result<Infra, InfraError> {
         let config = Arc::new(config);
-        // Before anything else: the task store and the containers are the owner's alone.
+        // Before anything else: the task store, the token and the containers are the owner's
+        // alone.
+        access::private_dir(&config.state_dir)?;
         let mut owner = OwnerLock::acquire(&config.state_dir, &config.project)?;
+        let required = access::required(&config)?;
         let store_path = config.tasks.store.clone();
         let durability = config.tasks.durability;
         let store =
@@ -164,12 +172,21 @@ impl Infra {
         if let Some(retention) = config.tasks.retention {
             queue.keep_finished_for(retention);
         }
-        let opened = Self::open_rest(&config, &queue, own_log, &background, engine).await;
+        let serving = grpc::Serving {
+            guard: grpc::auth::Guard::new(
+                required.token.as_ref().map(|t| t.expose()),
+                &required.source,
+            ),
+            tls: config.tls.clone(),
+            background: background.clone(),
+        };
+        let opened = Self::open_rest(&config, &queue, own_log, serving, engine).await;
         match opened {
             Ok((supervisor, servers)) => {
                 if let Err(e) = owner.record(&servers[0].addr.to_string()) {
                     tracing::warn!(error = %e, "cannot record this stack's address in its owner lock; a second start of the project will not find it to attach");
                 }
+                let listed = announce(&config, &required, &servers);
                 let watchdog = match (&supervisor, launcher) {
                     (Some(s), Some(launcher)) => Watchdog::spawn(
                         &launcher,
@@ -195,6 +212,8 @@ impl Infra {
                     queue,
                     servers: Mutex::new(servers),
                     watchdog,
+                    access: required,
+                    listed: Mutex::new(listed),
                     _owner: owner,
                 })
             }
@@ -214,14 +233,10 @@ impl Infra {
         config: &Arc<Config>,
         queue: &TaskQueue,
         own_log: Option<PathBuf>,
-        background: &Background,
+        serving: grpc::Serving,
         engine: Option<(SharedEngine, NetworkUnderway)>,
     ) -> Result<(Option<Arc<Supervisor>>, Vec<grpc::Server>), (InfraError, Vec<grpc::Server>)> {
-        let serving = grpc::Serving {
-            guard: guard(config),
-            tls: config.tls.clone(),
-            background: background.clone(),
-        };
+        let background = &serving.background.clone();
         let mut servers = Vec::new();
         let env_manager_addr = Arc::new(std::sync::OnceLock::new());
         match grpc::serve_orchestrator(
@@ -390,6 +405,7 @@ impl Infra {
         // Following, healing, dispatching, handler runs and open streams end first, so nothing
         // reacts to the stop that follows.
         self.background.cancel();
+        crate::util::lock(&self.listed).clear();
         let servers = std::mem::take(&mut *crate::util::lock(&self.servers));
         for server in servers {
             server.shutdown().await;
@@ -407,14 +423,48 @@ impl Infra {
         }
     }
 
+    /// The token both ports require, when they require one.
+    pub fn token(&self) -> Option<&Secret> {
+        self.access.token.as_ref()
+    }
+
     /// How many of the stack's background tasks still run: none once `shutdown` returns.
     pub fn background_tasks(&self) -> usize {
         self.background.running()
     }
 }
 
-fn guard(config: &Config) -> grpc::auth::Guard {
-    grpc::auth::Guard::new(config.token.as_ref().map(|t| t.expose()))
+/// Lists both ports for this user's clients when they require the state folder's token, and
+/// says how callers find it: the token itself once, when this start made it.
+fn announce(
+    config: &Config,
+    required: &access::Required,
+    servers: &[grpc::Server],
+) -> Vec<access::Listed> {
+    let Some(token) = &required.token else {
+        tracing::warn!(orchestrator = %servers[0].addr, env_manager = %servers[1].addr, "both gRPC ports are open to anyone who can reach them (allow_remote_without_token)");
+        return Vec::new();
+    };
+    if required.made {
+        tracing::info!(
+            token = token.expose(),
+            file = %access::token_path(&config.state_dir).display(),
+            "made the token both gRPC ports require (shown this once; `dspy-agent token` prints it again)"
+        );
+    }
+    if config.token.is_some() {
+        return Vec::new();
+    }
+    let mut listed = Vec::new();
+    for server in servers {
+        match access::list_port(server.addr, &config.state_dir) {
+            Ok(l) => listed.push(l),
+            Err(e) => {
+                tracing::warn!(port = %server.addr, error = %e, "cannot list the port for this user's clients: give them the token (`dspy-agent token`)")
+            }
+        }
+    }
+    listed
 }
 
 fn no_such_service(name: &str) -> InfraError {

@@ -4,6 +4,7 @@
 //! {services, tasks} → {owner, watchdog, engine, health} → config → util`; no module imports one
 //! above it.
 
+pub mod access;
 pub mod cli;
 pub mod config;
 pub mod daemon;

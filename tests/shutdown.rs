@@ -81,7 +81,9 @@ async fn after_shutdown_no_task_of_the_stack_is_left() {
             .connect()
             .await
             .unwrap();
-    let worker = WorkerClient::connect(Bearer::default().channel(channel), "w".into(), 1)
+    let token = infra.token().map(|t| t.expose().to_string());
+    let bearer = Bearer::new(token.as_deref()).unwrap();
+    let worker = WorkerClient::connect(bearer.channel(channel), "w".into(), 1)
         .await
         .unwrap();
     worker.serve("remote", Arc::new(Hang));

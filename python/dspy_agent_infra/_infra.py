@@ -272,6 +272,13 @@ class AgentInfra:
         return self._core.env_manager_addr
 
     @property
+    def token(self) -> str | None:
+        """The token both gRPC ports require, sent as the metadata ``authorization: Bearer
+        TOKEN`` (``None`` when ``allow_remote_without_token`` opened them). Clients of the same
+        user on this machine find it by themselves; give it to the others."""
+        return self._core.token
+
+    @property
     def orchestrator_client(self) -> OrchestratorClient:
         """A gRPC client of this stack's orchestrator, as other processes would use it."""
         if self._client is None:

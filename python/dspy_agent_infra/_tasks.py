@@ -93,7 +93,8 @@ class OrchestratorClient:
 
     Connecting is lazy: an unreachable orchestrator raises
     :class:`~dspy_agent_infra.errors.OrchestratorUnavailableError` on the first call. An
-    orchestrator that requires a token gets ``token`` (default: ``$DSPY_AGENT_TOKEN``); one that
+    orchestrator that requires a token gets ``token`` (default: ``$DSPY_AGENT_TOKEN``, else the
+    token of this user's stack serving that port on this machine, found by itself); one that
     speaks TLS is verified against ``tls_ca``, a PEM file or its bytes (default:
     ``$DSPY_AGENT_TLS_CA``), expecting ``server_name`` (default ``localhost``) in its certificate.
     """

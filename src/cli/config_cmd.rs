@@ -1,4 +1,4 @@
-//! `config init | show | validate | path`.
+//! `config init | show | validate | path`, and `token`.
 
 use super::*;
 
@@ -16,6 +16,11 @@ pub(super) const CONFIG_TEMPLATE: &str = r#"# dspy-agent.toml: the stack `dspy-a
 
 # Where published ports listen on the host.
 # publish_host_ip = "127.0.0.1"
+
+# Both gRPC ports require a token, loopback included. By default it is the one the first start
+# makes in the state folder, which your own clients find by themselves; `dspy-agent token`
+# prints it for the others. To choose it instead (16+ characters; or DSPY_AGENT_TOKEN):
+# token = "..."
 
 [tasks]
 # "process" survives the process being killed; "power" also a power cut (fsync per commit).
@@ -186,6 +191,22 @@ pub(super) fn locate(text: &str, problem: &ConfigError) -> Option<usize> {
     }
     let key = parts.first()?.split('[').next()?;
     find_key(0, key)
+}
+
+/// `dspy-agent token`: the token the project's ports require, on stdout alone.
+pub(super) fn token(options: LoadOptions) -> Result<i32, Failure> {
+    let config = Config::load(options)?;
+    let required = crate::access::required(&config)?;
+    match required.token {
+        Some(token) => {
+            println!("{}", token.expose());
+            Ok(EXIT_OK)
+        }
+        None => Err(fail(format!(
+            "the ports of project {:?} require no token: allow_remote_without_token is set, so anyone who can reach them may call them",
+            config.project
+        ))),
+    }
 }
 
 #[cfg(test)]

@@ -100,6 +100,9 @@ enum Cmd {
     /// Submit, inspect and follow tasks on the orchestrator
     #[command(subcommand)]
     Tasks(TasksCmd),
+    /// Print the token both gRPC ports require, for clients in other languages or on other machines
+    /// (made now when the project has none yet)
+    Token,
     /// Print the version
     Version,
     /// Run the daemon in this process (what `start` launches)
@@ -267,6 +270,7 @@ async fn run(cli: Cli, mut options: LoadOptions, launcher: Launcher) -> Result<i
         Cmd::Restart { service } => restart(options, service).await,
         Cmd::Config(c) => config(options, c),
         Cmd::Tasks(t) => tasks(options, t).await,
+        Cmd::Token => token(options),
         Cmd::Version => {
             println!("dspy-agent {}", env!("CARGO_PKG_VERSION"));
             Ok(EXIT_OK)
@@ -330,9 +334,11 @@ async fn channel(config: &Config, addr: &str) -> Result<Channel, Failure> {
     .await
 }
 
-/// Adds the configured token to a channel's calls.
-fn authed(config: &Config, channel: Channel) -> Result<AuthChannel, Failure> {
-    let bearer = Bearer::new(config.token.as_ref().map(|t| t.expose()))
+/// Adds the token the port at `addr` requires to a channel's calls: the configured one, or the
+/// one of this user's stack serving there.
+fn authed(config: &Config, addr: &str, channel: Channel) -> Result<AuthChannel, Failure> {
+    let token = crate::access::client_token(config.token.as_ref(), addr)?;
+    let bearer = Bearer::new(token.as_ref().map(|t| t.expose()))
         .map_err(|e| Failure(EXIT_USAGE, format!("error: token: {e}")))?;
     Ok(bearer.channel(channel))
 }
@@ -342,7 +348,13 @@ async fn env_client(
     info: &DaemonInfo,
 ) -> Result<env_pb::env_manager_service_client::EnvManagerServiceClient<AuthChannel>, Failure> {
     let channel = channel(config, &info.env_manager_addr).await?;
-    Ok(env_pb::env_manager_service_client::EnvManagerServiceClient::new(authed(config, channel)?))
+    Ok(
+        env_pb::env_manager_service_client::EnvManagerServiceClient::new(authed(
+            config,
+            &info.env_manager_addr,
+            channel,
+        )?),
+    )
 }
 
 /// The task client of the project's orchestrator: the daemon's, or one at the configured address.
@@ -367,7 +379,7 @@ async fn orchestrator_client(config: &Config) -> Result<TaskClient, Failure> {
         )
     })
     .await?;
-    Ok(TaskClient::new(authed(config, channel)?))
+    Ok(TaskClient::new(authed(config, &addr, channel)?))
 }
 
 fn rpc_failure(what: &str, s: tonic::Status) -> Failure {

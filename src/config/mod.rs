@@ -226,9 +226,10 @@ pub struct ConfigLayer {
     pub keep_running: Option<bool>,
     /// Host address ports are published on when a mapping names none.
     pub publish_host_ip: Option<String>,
-    /// Required on every gRPC call (but health checks) when set.
+    /// Required on every gRPC call (but health checks) when set; by default a token made at the
+    /// first start and kept in the state folder is.
     pub token: Option<String>,
-    /// Serve a non-loopback gRPC address without a token, knowingly.
+    /// Serve both gRPC ports without a token, to anyone who can reach them, knowingly.
     pub allow_remote_without_token: Option<bool>,
     pub tasks: Option<TasksPatch>,
     pub tls: Option<TlsPatch>,
@@ -368,8 +369,11 @@ pub struct Config {
     pub docker_host: Option<String>,
     pub orchestrator_addr: String,
     pub env_manager_addr: String,
-    /// What every gRPC call must carry (health checks aside); never logged or shown.
+    /// The configured token every gRPC call must carry (health checks aside); never logged or
+    /// shown. Without one, `access::required` makes or reads the state folder's.
     pub token: Option<Secret>,
+    /// Serve both ports without any token (`allow_remote_without_token`).
+    pub allow_without_token: bool,
     /// Both gRPC ports speak TLS with this identity.
     pub tls: Option<Tls>,
     pub keep_running: bool,
@@ -563,13 +567,26 @@ fn env_layer(env: &BTreeMap<String, String>) -> ConfigLayer {
 }
 
 fn default_state_dir(env: &BTreeMap<String, String>, project: &str) -> PathBuf {
+    user_state_base(env).join(project)
+}
+
+/// This user's folder of dspy-agent state: `$XDG_STATE_HOME/dspy-agent`, else
+/// `~/.local/state/dspy-agent`, else a folder of this user's id in the temporary folder.
+pub fn user_state_base(env: &BTreeMap<String, String>) -> PathBuf {
     let base = env
         .get("XDG_STATE_HOME")
         .filter(|v| !v.is_empty())
         .map(PathBuf::from)
-        .or_else(|| env.get("HOME").map(|h| Path::new(h).join(".local/state")))
-        .unwrap_or_else(std::env::temp_dir);
-    base.join("dspy-agent").join(project)
+        .or_else(|| {
+            env.get("HOME")
+                .filter(|v| !v.is_empty())
+                .map(|h| Path::new(h).join(".local/state"))
+        });
+    match base {
+        Some(base) => base.join("dspy-agent"),
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        None => std::env::temp_dir().join(format!("dspy-agent-{}", unsafe { libc::geteuid() })),
+    }
 }
 
 /// The TLS identity of the gRPC ports, read from its PEM files.
@@ -629,6 +646,10 @@ fn resolve_tls(patch: Option<TlsPatch>, base_dir: &Path) -> Result<Option<Tls>, 
 pub struct Secret(String);
 
 impl Secret {
+    pub fn new(value: String) -> Secret {
+        Secret(value)
+    }
+
     /// The value itself, for the one place that needs it.
     pub fn expose(&self) -> &str {
         &self.0
@@ -654,36 +675,16 @@ pub fn is_loopback(addr: &str) -> bool {
             .is_ok_and(|ip| ip.is_loopback())
 }
 
-/// The token, checked; a gRPC address other machines can reach needs one unless the user
-/// opted out.
-fn check_token(
-    token: Option<String>,
-    allow_remote_without_token: bool,
-    addrs: &[(&str, &str)],
-) -> Result<Option<Secret>, ConfigError> {
-    if let Some(t) = &token {
-        if t.chars().count() < MIN_TOKEN_CHARS {
-            return Err(ConfigError::invalid(
-                "token",
-                format!("is {} characters long; use at least {MIN_TOKEN_CHARS}, for example the output of `openssl rand -hex 24`", t.chars().count()),
-            ));
-        }
-        if !t.chars().all(|c| c.is_ascii_graphic()) {
-            return Err(ConfigError::invalid(
-                "token",
-                "must be printable ASCII without spaces (it travels as a header)",
-            ));
-        }
+/// Why `token` cannot be one, if it cannot.
+pub fn check_token_text(token: &str) -> Result<(), String> {
+    let chars = token.chars().count();
+    if chars < MIN_TOKEN_CHARS {
+        return Err(format!("is {chars} characters long; use at least {MIN_TOKEN_CHARS}, for example the output of `openssl rand -hex 24`"));
     }
-    if token.is_none() && !allow_remote_without_token {
-        if let Some((field, addr)) = addrs.iter().find(|(_, a)| !is_loopback(a)) {
-            return Err(ConfigError::invalid(
-                *field,
-                format!("{addr:?} can be reached from other machines, so it needs a token: set DSPY_AGENT_TOKEN (or token in dspy-agent.toml), or allow_remote_without_token = true to serve it open"),
-            ));
-        }
+    if !token.chars().all(|c| c.is_ascii_graphic()) {
+        return Err("must be printable ASCII without spaces (it travels as a header)".into());
     }
-    Ok(token.map(Secret))
+    Ok(())
 }
 
 /// ":PORT" (Go's way of writing every interface) as "0.0.0.0:PORT"; other forms as they are.
@@ -732,14 +733,10 @@ fn resolve(
             .unwrap_or_else(|| DEFAULT_ENV_MANAGER_ADDR.to_string()),
     );
     check_addr("env_manager_addr", &env_manager_addr)?;
-    let token = check_token(
-        layer.token.clone(),
-        layer.allow_remote_without_token.unwrap_or(false),
-        &[
-            ("orchestrator_addr", &orchestrator_addr),
-            ("env_manager_addr", &env_manager_addr),
-        ],
-    )?;
+    if let Some(t) = &layer.token {
+        check_token_text(t).map_err(|m| ConfigError::invalid("token", m))?;
+    }
+    let token = layer.token.clone().map(Secret);
     let publish_host_ip = layer
         .publish_host_ip
         .unwrap_or_else(|| "127.0.0.1".to_string());
@@ -813,6 +810,7 @@ fn resolve(
         orchestrator_addr,
         env_manager_addr,
         token,
+        allow_without_token: layer.allow_remote_without_token.unwrap_or(false),
         tls: resolve_tls(layer.tls, base_dir)?,
         keep_running: layer.keep_running.unwrap_or(false),
         config_file,
@@ -1213,20 +1211,18 @@ mod tests {
     }
 
     #[test]
-    fn a_port_alone_means_every_interface_and_needs_a_token() {
+    fn a_port_alone_means_every_interface_and_a_short_token_is_refused() {
         let (_d, mut opts) = options(None);
         opts.env
             .insert("ORCHESTRATOR_GRPC_ADDR".into(), ":50052".into());
-        let err = Config::load(opts.clone()).unwrap_err().to_string();
+        let cfg = Config::load(opts.clone()).unwrap();
+        assert_eq!(cfg.orchestrator_addr, "0.0.0.0:50052");
+        assert!(cfg.token.is_none() && !cfg.allow_without_token);
+        opts.env.insert("DSPY_AGENT_TOKEN".into(), "short".into());
+        let err = Config::load(opts).unwrap_err().to_string();
         assert!(
-            err.contains("\"0.0.0.0:50052\"") && err.contains("token"),
+            err.contains("token") && err.contains("at least 16"),
             "{err}"
-        );
-        opts.env
-            .insert("DSPY_AGENT_TOKEN".into(), "a-token-of-enough-length".into());
-        assert_eq!(
-            Config::load(opts).unwrap().orchestrator_addr,
-            "0.0.0.0:50052"
         );
     }
 

@@ -48,12 +48,16 @@ pub struct Guard {
     /// SHA-256 of the token: comparing digests takes the same time whatever the guess, its
     /// length included.
     expected: Option<[u8; 32]>,
+    /// Where the token lives, for a refused caller.
+    source: std::sync::Arc<str>,
 }
 
 impl Guard {
-    pub fn new(token: Option<&str>) -> Guard {
+    /// Requires `token` when given; `source` tells a refused caller where to find it.
+    pub fn new(token: Option<&str>, source: &str) -> Guard {
         Guard {
             expected: token.map(digest),
+            source: source.into(),
         }
     }
 }
@@ -79,12 +83,14 @@ impl Interceptor for Guard {
             .and_then(|v| v.strip_prefix("Bearer "));
         match given {
             Some(token) if same(&digest(token), expected) => Ok(request),
-            Some(_) => Err(Status::unauthenticated(
-                "the token does not match this port's; use the one set in DSPY_AGENT_TOKEN (or token in dspy-agent.toml) where the stack runs",
-            )),
-            None => Err(Status::unauthenticated(
-                "this port requires a token: send the metadata `authorization: Bearer TOKEN` (the dspy-agent command, OrchestratorClient and attached agents take it from DSPY_AGENT_TOKEN)",
-            )),
+            Some(_) => Err(Status::unauthenticated(format!(
+                "the token does not match this port's, which is in {}",
+                self.source
+            ))),
+            None => Err(Status::unauthenticated(format!(
+                "this port requires a token, sent as the metadata `authorization: Bearer TOKEN`; it is in {}. The dspy-agent command, OrchestratorClient and attached agents of the same user find it there by themselves; elsewhere set DSPY_AGENT_TOKEN",
+                self.source
+            ))),
         }
     }
 }
@@ -139,9 +145,9 @@ mod tests {
 
     #[test]
     fn only_the_right_token_passes() {
-        let mut open = Guard::new(None);
+        let mut open = Guard::new(None, "");
         assert_eq!(call(&mut open, None), Ok(()));
-        let mut guard = Guard::new(Some("s3cret-token-0123456789"));
+        let mut guard = Guard::new(Some("s3cret-token-0123456789"), "the test");
         assert_eq!(
             call(&mut guard, Some("Bearer s3cret-token-0123456789")),
             Ok(())
@@ -165,7 +171,7 @@ mod tests {
     fn the_client_sends_what_the_server_expects() {
         let mut bearer = Bearer::new(Some("s3cret-token-0123456789")).unwrap();
         let request = bearer.call(Request::new(())).unwrap();
-        let mut guard = Guard::new(Some("s3cret-token-0123456789"));
+        let mut guard = Guard::new(Some("s3cret-token-0123456789"), "the test");
         assert!(guard.call(request).is_ok());
         assert!(Bearer::new(Some("bad\ntoken")).is_err());
     }

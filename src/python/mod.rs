@@ -365,7 +365,10 @@ impl Core {
     /// The token the gRPC ports require (None when they require none).
     #[getter]
     fn token(&self) -> Option<String> {
-        self.state.token.clone()
+        match lock(&self.state.stack).as_ref() {
+            Some(stack) => stack.token().map(|t| t.expose().to_string()),
+            None => self.state.token.clone(),
+        }
     }
 
     /// Whether this stack is one another process runs, attached to at start.

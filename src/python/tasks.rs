@@ -139,13 +139,20 @@ impl GrpcClient {
         tls_ca: Option<Vec<u8>>,
         server_name: Option<String>,
     ) -> PyResult<Self> {
-        let bearer = Bearer::new(token.as_deref())
-            .map_err(|e| py_error::<exc::ConfigError>(format!("token: {e}"), vec![]))?;
         let host = if host.contains(':') && !host.starts_with('[') {
             format!("[{host}]")
         } else {
             host.to_string()
         };
+        // Without a token given, the one of this user's stack serving that port, if any.
+        let token = match token {
+            Some(t) => Some(t),
+            None => crate::access::client_token(None, &format!("{host}:{port}"))
+                .map_err(|e| py_error::<exc::ConfigError>(e.to_string(), vec![]))?
+                .map(|t| t.expose().to_string()),
+        };
+        let bearer = Bearer::new(token.as_deref())
+            .map_err(|e| py_error::<exc::ConfigError>(format!("token: {e}"), vec![]))?;
         let server_name = server_name.unwrap_or_else(|| "localhost".into());
         let endpoint = crate::grpc::auth::endpoint_trusting(
             &format!("{host}:{port}"),

@@ -9,7 +9,7 @@ use futures_util::StreamExt;
 use tonic::transport::Channel;
 
 use super::{CallError, Stack, Submitted, TaskChanges};
-use crate::config::{Config, Tls};
+use crate::config::{Config, Secret, Tls};
 use crate::grpc::auth::{endpoint, AuthChannel, Bearer};
 use crate::grpc::convert::{self, service_state};
 use crate::grpc::worker_client::WorkerClient;
@@ -31,7 +31,7 @@ pub enum AttachError {
     },
     #[error("the orchestrator on {addr} serves no env-manager, so its services cannot be reached from here")]
     NoEnvManager { addr: String },
-    #[error("an orchestrator of this project runs on {addr}, but refuses this process: {message}")]
+    #[error("an orchestrator on {addr} refuses this process (another user's stack, or this project's with a token this process lacks): {message}. To run a separate stack, set ORCHESTRATOR_GRPC_ADDR (orchestrator_addr) to another port, or \"127.0.0.1:0\" for any free one")]
     Unauthenticated { addr: String, message: String },
     #[error("{what}: {message}")]
     Rpc { what: String, message: String },
@@ -43,6 +43,8 @@ type EnvClient = env_pb::env_manager_service_client::EnvManagerServiceClient<Aut
 
 /// A stack another process runs, attached to over its two gRPC ports.
 pub struct Remote {
+    /// What this process sends on both ports.
+    token: Option<Secret>,
     orchestrator_addr: String,
     env_manager_addr: String,
     tasks: TaskClient,
@@ -68,7 +70,13 @@ impl Remote {
         let Some(channel) = connect(addr, config.tls.as_ref(), PROBE_TIMEOUT).await else {
             return Ok(None);
         };
-        let bearer = Bearer::new(config.token.as_ref().map(|t| t.expose())).map_err(|message| {
+        let token = crate::access::client_token(config.token.as_ref(), addr).map_err(|e| {
+            AttachError::Unauthenticated {
+                addr: addr.clone(),
+                message: e.to_string(),
+            }
+        })?;
+        let bearer = Bearer::new(token.as_ref().map(|t| t.expose())).map_err(|message| {
             AttachError::Unauthenticated {
                 addr: addr.clone(),
                 message,
@@ -124,6 +132,7 @@ impl Remote {
             .await
             .map_err(|s| rpc("worker stream", s))?;
         let remote = Remote {
+            token,
             orchestrator_addr: addr.clone(),
             env_manager_addr: health.env_manager_addr,
             tasks,
@@ -342,6 +351,10 @@ impl Stack for Remote {
 
     fn env_manager_addr(&self) -> String {
         self.env_manager_addr.clone()
+    }
+
+    fn token(&self) -> Option<Secret> {
+        self.token.clone()
     }
 
     fn services(&self) -> Vec<ServiceState> {

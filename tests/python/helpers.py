@@ -14,6 +14,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import grpc
+
 ROOT = Path(__file__).resolve().parents[2]
 BUSYBOX = "dspy-agent-test/busybox:latest"
 REDIS = "dspy-agent-test/redis:latest"
@@ -206,3 +208,13 @@ def generate_stubs(out: Path, protos: dict[str, str]) -> dict[str, ModuleType]:
         }
     finally:
         sys.path.remove(str(out))
+
+
+def credentials(token: str | None) -> grpc.ChannelCredentials:
+    """What a client on this machine needs for a stack's port: its token, sent by gRPC's own
+    access-token call credentials (`authorization: Bearer TOKEN`) over a local connection, as a
+    client in any language would."""
+    local = grpc.local_channel_credentials()
+    if token is None:
+        return local
+    return grpc.composite_channel_credentials(local, grpc.access_token_call_credentials(token))

@@ -12,6 +12,7 @@ from typing import Any
 
 import grpc
 from dspy_agent_infra import AgentInfra
+from helpers import credentials
 
 
 def methods(module: Any, service: str) -> list[tuple[str, bool, Any]]:
@@ -78,7 +79,7 @@ async def test_hostile_input_is_refused_and_the_ports_survive(pb: dict[str, Any]
         ]
         calls = 0
         for addr, all_methods in targets:
-            async with grpc.aio.insecure_channel(addr) as ch:
+            async with grpc.aio.secure_channel(addr, credentials(infra.token)) as ch:
                 for path, streaming, request_class in all_methods:
                     if path.endswith("/Work"):
                         continue  # a bidirectional stream; covered by the worker tests
@@ -104,7 +105,7 @@ async def test_hostile_input_is_refused_and_the_ports_survive(pb: dict[str, Any]
         assert calls > 50
 
         # Extremes in otherwise well-formed requests.
-        async with grpc.aio.insecure_channel(infra.orchestrator_addr) as ch:
+        async with grpc.aio.secure_channel(infra.orchestrator_addr, credentials(infra.token)) as ch:
             stub = pb["orchestrator_v1_pb2_grpc"].OrchestratorServiceStub(ch)
             for request in (
                 o.SubmitTaskRequest(task_id="x" * 100_000, task_type="ping"),
@@ -133,7 +134,9 @@ async def test_hostile_input_is_refused_and_the_ports_survive(pb: dict[str, Any]
                 call = stub.StreamTaskResults(o.StreamTaskResultsRequest())
                 call.cancel()
             env = pb["env_manager_v1_pb2"]
-            async with grpc.aio.insecure_channel(infra.env_manager_addr) as env_ch:
+            async with grpc.aio.secure_channel(
+                infra.env_manager_addr, credentials(infra.token)
+            ) as env_ch:
                 env_stub = pb["env_manager_v1_pb2_grpc"].EnvManagerServiceStub(env_ch)
                 for _ in range(300):
                     env_stub.StreamHealth(env.StreamHealthRequest()).cancel()
@@ -143,7 +146,9 @@ async def test_hostile_input_is_refused_and_the_ports_survive(pb: dict[str, Any]
             assert ok.success
         done = await infra.wait_for_task("after", timeout=10)
         assert done.result_payload == b"pong"
-        async with grpc.aio.insecure_channel(infra.env_manager_addr) as env_ch:
+        async with grpc.aio.secure_channel(
+            infra.env_manager_addr, credentials(infra.token)
+        ) as env_ch:
             env_stub = pb["env_manager_v1_pb2_grpc"].EnvManagerServiceStub(env_ch)
             assert (
                 await env_stub.GetResourceAvailability(env.GetResourceAvailabilityRequest())

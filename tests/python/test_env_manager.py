@@ -18,6 +18,7 @@ from dspy_agent_infra import AgentInfra
 from helpers import (
     BUSYBOX,
     containers,
+    credentials,
     free_port,
     http_service,
     redis_service,
@@ -46,7 +47,7 @@ async def stack(project: str) -> AsyncIterator[tuple[AgentInfra, Any, int]]:
     async with AgentInfra.start(
         project=project, services=list(services), config={"services": services}
     ) as infra:
-        async with grpc.aio.insecure_channel(infra.env_manager_addr) as ch:
+        async with grpc.aio.secure_channel(infra.env_manager_addr, credentials(infra.token)) as ch:
             yield infra, ch, web_port
     assert containers(project) == []
 

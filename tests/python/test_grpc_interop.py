@@ -11,6 +11,7 @@ import pytest
 
 import grpc
 from dspy_agent_infra import AgentInfra, Task
+from helpers import credentials
 
 
 @pytest.fixture
@@ -21,8 +22,10 @@ async def channel() -> AsyncIterator[tuple[AgentInfra, grpc.aio.Channel]]:
         async def hang(task: Task) -> None:
             await asyncio.sleep(3600)
 
-        async with grpc.aio.insecure_channel(
-            infra.orchestrator_addr, options=[("grpc.max_send_message_length", 64 << 20)]
+        async with grpc.aio.secure_channel(
+            infra.orchestrator_addr,
+            credentials(infra.token),
+            options=[("grpc.max_send_message_length", 64 << 20)],
         ) as ch:
             yield infra, ch
 
@@ -184,8 +187,8 @@ async def test_grpcio_reflections_own_v1alpha_client_describes_both_services() -
         ProtoReflectionDescriptorDatabase,
     )
 
-    def describe(addr: str, service: str) -> tuple[list[str], list[str]]:
-        with grpc.insecure_channel(addr) as ch:
+    def describe(addr: str, service: str, token: str | None) -> tuple[list[str], list[str]]:
+        with grpc.secure_channel(addr, credentials(token)) as ch:
             database = ProtoReflectionDescriptorDatabase(ch)
             listed = list(database.get_services())
             found = DescriptorPool(database).FindServiceByName(service)
@@ -197,7 +200,7 @@ async def test_grpcio_reflections_own_v1alpha_client_describes_both_services() -
             (infra.orchestrator_addr, "orchestrator.v1.OrchestratorService", "SubmitTask"),
             (infra.env_manager_addr, "env_manager.v1.EnvManagerService", "GetServicesStatus"),
         ]:
-            listed, methods = await asyncio.to_thread(describe, addr, service)
+            listed, methods = await asyncio.to_thread(describe, addr, service, infra.token)
             assert service in listed and "grpc.health.v1.Health" in listed
             assert method in methods
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from dspy_agent_infra import AgentInfra, OrchestratorClient, OrchestratorUnavailableError, Task
-from helpers import ROOT, containers, docker, free_port, http_service
+from helpers import ROOT, containers, credentials, docker, free_port, http_service
 
 RUNS = 30
 
@@ -107,6 +107,41 @@ except grpc.aio.AioRpcError as e:
 """
 
 
+# The hand-off's environment block (section "Environment Variable Configuration") and its
+# AgentInfra example (section "agent_infra.py"), verbatim but for the import path.
+HANDOFF_ENV = """\
+import os
+
+os.environ["ORCHESTRATOR_GRPC_ADDR"] = "0.0.0.0:50052"
+os.environ["ENV_MANAGER_GRPC_ADDR"] = "0.0.0.0:50051"
+"""
+HANDOFF_AGENT = """\
+from dspy_agent.infra import AgentInfra
+
+# Simple usage
+async def main():
+    async with AgentInfra.start() as infra:
+        # All services (RedDB, InferMesh, etc.) are now running
+
+        # Submit tasks to orchestrator
+        result = await infra.submit_task(
+            task_id="train-1",
+            task_type="rl_training",
+            payload={"model": "gpt2", "episodes": 100}
+        )
+
+        # Check task status
+        status = await infra.get_task_status("train-1")
+        print(f"Status: {status.status}")  # PENDING, RUNNING, COMPLETED, FAILED
+
+        # Result is available when COMPLETED
+        if status.status == TaskStatus.COMPLETED:
+            result_data = status.result_payload.decode('utf-8')
+
+asyncio.run(main())
+"""
+
+
 def handoff_block(block: str) -> str:
     return block.replace("dspy_agent.infra", "dspy_agent_infra")
 
@@ -142,7 +177,21 @@ async def test_the_handoff_code_runs_with_only_its_import_path_changed(
         # The stubs block asks for task "test", which must exist to be found.
         await infra.submit_task("test", "echo", "hello")
 
-        for block in (client_block, stubs_block):
+        # A plain gRPC client is refused until it sends the token: the one change it needs,
+        # with the token handed over as a client in any language would get it.
+        with_token = stubs_block.replace(
+            'grpc.aio.insecure_channel("localhost:50052")',
+            'grpc.aio.secure_channel("localhost:50052", grpc.composite_channel_credentials('
+            "grpc.local_channel_credentials(), "
+            'grpc.access_token_call_credentials(os.environ["DSPY_AGENT_TOKEN"])))',
+        ).replace("import grpc", "import os\nimport grpc")
+        assert infra.token
+        outputs = []
+        for block, env in (
+            (client_block, {}),
+            (stubs_block, {}),
+            (with_token, {"DSPY_AGENT_TOKEN": infra.token}),
+        ):
             script = as_a_user / "handoff.py"
             script.write_text(as_program(block) + "\nprint('done')\n")
             run = await asyncio.to_thread(
@@ -151,13 +200,38 @@ async def test_the_handoff_code_runs_with_only_its_import_path_changed(
                 capture_output=True,
                 text=True,
                 timeout=60,
+                env={**os.environ, **env},
             )
             assert run.returncode == 0, run.stderr
             assert run.stdout.rstrip().endswith("done"), run.stdout
-        assert "Orchestrator is reachable!" in run.stdout
+            outputs.append(run.stdout)
+        assert "Orchestrator is reachable!" not in outputs[1]
+        assert "UNAUTHENTICATED" in outputs[1] and "dspy-agent token" in outputs[1]
+        assert "Orchestrator is reachable!" in outputs[2]
         assert [t.task_id for t in seen] == ["task-123"]
         assert seen[0].metadata == {"user": "alice", "priority": "high"}
         assert (await infra.get_task_status("task-123")).status.name == "COMPLETED"
+    assert containers(project) == []
+
+
+def test_the_handoffs_agent_runs_as_written_on_every_interface_with_a_declared_type(
+    as_a_user: Path, project: str
+) -> None:
+    # The type is declared: its task waits for a worker instead of being refused.
+    (as_a_user / "dspy-agent.toml").write_text("[tasks.types.rl_training]\n")
+    # The hand-off's block uses asyncio and TaskStatus without importing them; those are added.
+    program = "\n".join(
+        [
+            "import asyncio",
+            "from dspy_agent_infra import TaskStatus",
+            handoff_block(HANDOFF_ENV),
+            handoff_block(HANDOFF_AGENT),
+        ]
+    )
+    (as_a_user / "agent.py").write_text(program)
+    run = subprocess.run([sys.executable, "agent.py"], capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "Status: TaskStatus.PENDING", run.stdout
     assert containers(project) == []
 
 
@@ -167,7 +241,9 @@ async def test_the_stubs_serve_a_grpc_aio_client_of_both_ports() -> None:
     from dspy_agent_infra.pb.orchestrator import orchestrator_pb2, orchestrator_pb2_grpc
 
     async with AgentInfra.start(services=[]) as infra:
-        async with grpc.aio.insecure_channel(infra.orchestrator_addr) as channel:
+        async with grpc.aio.secure_channel(
+            infra.orchestrator_addr, credentials(infra.token)
+        ) as channel:
             stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
             await stub.SubmitTask(
                 orchestrator_pb2.SubmitTaskRequest(task_id="s", task_type="echo", payload=b"hi")
@@ -177,7 +253,9 @@ async def test_the_stubs_serve_a_grpc_aio_client_of_both_ports() -> None:
             got = await stub.GetTaskStatus(orchestrator_pb2.GetTaskStatusRequest(task_id="s"))
             assert got.status == orchestrator_pb2.COMPLETED
             assert orchestrator_pb2.TaskState.Name(got.status) == "COMPLETED"
-        async with grpc.aio.insecure_channel(infra.env_manager_addr) as channel:
+        async with grpc.aio.secure_channel(
+            infra.env_manager_addr, credentials(infra.token)
+        ) as channel:
             env = env_manager_pb2_grpc.EnvManagerServiceStub(channel)
             status = await env.GetServicesStatus(env_manager_pb2.GetServicesStatusRequest())
             assert status.services == []

@@ -18,7 +18,7 @@ from test_cli import run, workdir  # noqa: F401  (fixture)
 
 import grpc
 from dspy_agent_infra import AgentInfra, StackInUseError
-from helpers import containers, docker, redis_service
+from helpers import containers, credentials, docker, redis_service
 
 
 def start(project: str, **kw: Any) -> AgentInfra:
@@ -146,7 +146,9 @@ async def test_restart_brings_up_a_service_without_a_container(project: str) -> 
     from dspy_agent_infra.pb.env_manager import env_manager_pb2, env_manager_pb2_grpc
 
     async with start(project) as infra:
-        async with grpc.aio.insecure_channel(infra.env_manager_addr) as channel:
+        async with grpc.aio.secure_channel(
+            infra.env_manager_addr, credentials(infra.token)
+        ) as channel:
             env = env_manager_pb2_grpc.EnvManagerServiceStub(channel)
             await env.StopServices(env_manager_pb2.StopServicesRequest(services=["cache"]))
         assert running(project) == []

@@ -21,7 +21,7 @@ import pytest
 import grpc
 from dspy_agent_infra import AgentInfra, Task
 from dspy_agent_infra.pb.env_manager import env_manager_pb2, env_manager_pb2_grpc
-from helpers import BUSYBOX, ROOT, EngineProxy, containers, docker, http_service
+from helpers import BUSYBOX, ROOT, EngineProxy, containers, credentials, docker, http_service
 
 # Starts a stack of one HTTP service, says "ready", and waits to be killed.
 OWNER = textwrap.dedent(
@@ -155,7 +155,7 @@ async def phases(
 
 
 async def restart_counts(infra: AgentInfra) -> dict[str, int]:
-    async with grpc.aio.insecure_channel(infra.env_manager_addr) as channel:
+    async with grpc.aio.secure_channel(infra.env_manager_addr, credentials(infra.token)) as channel:
         stub = env_manager_pb2_grpc.EnvManagerServiceStub(channel)
         status = await stub.GetServicesStatus(env_manager_pb2.GetServicesStatusRequest())
     return {s.name: s.restart_count for s in status.services}
@@ -169,7 +169,9 @@ async def test_a_killed_service_is_seen_and_comes_back_healthy(project: str) -> 
         web = infra.service("web").container_id
         assert web
         assert (await restart_counts(infra))["web"] == 0
-        async with grpc.aio.insecure_channel(infra.env_manager_addr) as channel:
+        async with grpc.aio.secure_channel(
+            infra.env_manager_addr, credentials(infra.token)
+        ) as channel:
             stub = env_manager_pb2_grpc.EnvManagerServiceStub(channel)
             updates = stub.StreamHealth(env_manager_pb2.StreamHealthRequest(services=["app"]))
             await updates.wait_for_connection()

@@ -1,8 +1,10 @@
-"""Access control of the gRPC ports: loopback by default, a token required elsewhere and
-checked on every call but health checks, and the token kept out of logs and output."""
+"""Access control of the gRPC ports: a token required on every call but health checks, made
+at the first start and kept where only its owner reads it, found by the owner's own clients,
+and kept out of logs and output but once."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -14,25 +16,178 @@ import pytest
 from test_cli import DSPY_AGENT, catalog_on_free_ports
 
 import grpc
-from dspy_agent_infra import AgentInfra, ConfigError, InfraError, OrchestratorClient
-from dspy_agent_infra.errors import OrchestratorUnavailableError, ServiceStartError
-from helpers import docker, http_service, inspect
+from dspy_agent_infra import AgentInfra, ConfigError, InfraError, OrchestratorClient, TaskStatus
+from dspy_agent_infra.errors import (
+    OrchestratorUnavailableError,
+    ServiceStartError,
+    TaskNotFoundError,
+)
+from helpers import docker, http_service, inspect, redis_service
 
 TOKEN = "t0ken-for-tests-5f2b9c1e7d"
 
 
-async def test_a_reachable_port_needs_a_token() -> None:
-    with pytest.raises(ConfigError) as missing:
-        AgentInfra.start(services=[], config={"orchestrator_addr": "0.0.0.0:0"})
-    assert "DSPY_AGENT_TOKEN" in str(missing.value)
-    assert "orchestrator_addr" in str(missing.value)
+async def test_the_handoff_address_starts_with_a_token_shown_once(
+    caplog: pytest.LogCaptureFixture, pb: dict[str, Any]
+) -> None:
+    caplog.set_level(logging.INFO, logger="dspy_agent_infra")
     with pytest.raises(ConfigError) as short:
         AgentInfra.start(services=[], config={"token": "hunter2"})
     assert "at least 16" in str(short.value) and "hunter2" not in str(short.value)
-    # Knowingly open: allowed.
-    open_config = {"orchestrator_addr": "0.0.0.0:0", "allow_remote_without_token": True}
+    # The hand-off's ORCHESTRATOR_GRPC_ADDR=0.0.0.0:50052, on free ports: it starts, and a token
+    # made at the first start is required, kept in the state folder and logged once.
+    config = {"orchestrator_addr": "0.0.0.0:0", "env_manager_addr": "0.0.0.0:0"}
+    state = Path(os.environ["DSPY_AGENT_STATE_DIR"])
+    async with AgentInfra.start(services=[], config=config) as infra:
+        token = infra.token
+        assert token is not None and len(token) >= 43
+        assert (state / "token").read_text().strip() == token
+        assert (state / "token").stat().st_mode & 0o777 == 0o600
+        assert state.stat().st_mode & 0o777 == 0o700
+        assert sum(token in r.getMessage() for r in caplog.records) == 1
+        port = infra.orchestrator_addr.rpartition(":")[2]
+        o = pb["orchestrator_v1_pb2"]
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            stub = pb["orchestrator_v1_pb2_grpc"].OrchestratorServiceStub(ch)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.SubmitTask(o.SubmitTaskRequest(task_id="x", task_type="ping"))
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            # The refusal says where the token is.
+            assert str(state / "token") in (refused.value.details() or "")
+            ok = await stub.SubmitTask(
+                o.SubmitTaskRequest(task_id="x", task_type="ping"),
+                metadata=[("authorization", f"Bearer {token}")],
+            )
+            assert ok.success
+        printed = subprocess.run(
+            [DSPY_AGENT, "token"], capture_output=True, text=True, timeout=60, check=True
+        )
+        assert printed.stdout.strip() == token
+    caplog.clear()
+    async with AgentInfra.start(services=[], config=config) as again:
+        assert again.token == token
+    assert not any(token in r.getMessage() for r in caplog.records)
+    # Knowingly open: no token at all.
+    open_config = {**config, "allow_remote_without_token": True}
     async with AgentInfra.start(services=[], config=open_config) as infra:
-        assert infra.orchestrator_addr.startswith("0.0.0.0:")
+        assert infra.token is None
+        port = infra.orchestrator_addr.rpartition(":")[2]
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            stub = pb["orchestrator_v1_pb2_grpc"].OrchestratorServiceStub(ch)
+            assert (
+                await stub.SubmitTask(o.SubmitTaskRequest(task_id="y", task_type="ping"))
+            ).success
+
+
+INTRUDER = "dspy-intruder"
+# Runs as INTRUDER with Debian's grpcio: a plain gRPC client sending request bytes it was handed.
+ATTACK = """
+import json, os, sys
+import grpc
+port, env_port, submit, execute, token_file, ports_dir = sys.argv[1:]
+def call(port, method, request):
+    with grpc.insecure_channel("127.0.0.1:" + port) as channel:
+        try:
+            channel.unary_unary(method)(bytes.fromhex(request), timeout=20)
+            return "OK"
+        except grpc.RpcError as e:
+            return e.code().name
+def read(path):
+    try:
+        os.listdir(path) if os.path.isdir(path) else open(path).read()
+        return "read"
+    except PermissionError:
+        return "denied"
+print(json.dumps({
+    "submit": call(port, "/orchestrator.v1.OrchestratorService/SubmitTask", submit),
+    "execute": call(env_port, "/env_manager.v1.EnvManagerService/ExecuteTask", execute),
+    "token_file": read(token_file),
+    "ports": read(ports_dir),
+}))
+"""
+
+
+async def test_another_local_user_cannot_call_the_ports(
+    pb: dict[str, Any], project: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert os.geteuid() == 0, "this test runs as root, to act as a second user"
+    subprocess.run(["id", INTRUDER], check=True, capture_output=True)  # scripts/test.sh adds it
+    # State in a folder every user can enter, as a shared machine's would be: only the
+    # permissions this project sets keep the token private.
+    shared = Path(f"/tmp/dspy-shared-{uuid.uuid4().hex[:8]}")
+    shared.mkdir(mode=0o755)
+    try:
+        shared.chmod(0o755)
+        state = shared / "state"
+        monkeypatch.setenv("DSPY_AGENT_STATE_DIR", str(state))
+        monkeypatch.setenv("XDG_STATE_HOME", str(shared / "xdg"))
+        monkeypatch.delenv("DSPY_AGENT_TOKEN", raising=False)
+        monkeypatch.setenv("ORCHESTRATOR_GRPC_ADDR", "127.0.0.1:0")
+        async with AgentInfra.start(
+            project=project, services=["redis"], config={"services": {"redis": redis_service()}}
+        ) as infra:
+            o, e = pb["orchestrator_v1_pb2"], pb["env_manager_v1_pb2"]
+            steal = ["sh", "-c", "id; env"]
+            submit = o.SubmitTaskRequest(
+                task_id="attack",
+                task_type="exec",
+                payload=json.dumps({"service": "redis", "command": steal}).encode(),
+            )
+            execute = e.ExecuteTaskRequest(service="redis", command=steal)
+            port = infra.orchestrator_addr.rpartition(":")[2]
+            env_port = infra.env_manager_addr.rpartition(":")[2]
+            ports_dir = shared / "xdg" / "dspy-agent" / "ports"
+            assert (ports_dir / port).exists()
+            attacked = subprocess.run(
+                ["runuser", "-u", INTRUDER, "--", "/usr/bin/python3", "-c", ATTACK, port,
+                 env_port, submit.SerializeToString().hex(), execute.SerializeToString().hex(),
+                 str(state / "token"), str(ports_dir)],
+                capture_output=True, text=True, timeout=120, cwd="/",
+            )  # fmt: skip
+            assert attacked.returncode == 0, attacked.stderr
+            assert json.loads(attacked.stdout) == {
+                "submit": "UNAUTHENTICATED",
+                "execute": "UNAUTHENTICATED",
+                "token_file": "denied",
+                "ports": "denied",
+            }
+            # The owner's processes need nothing: a client given only the port, and the CLI.
+            client = OrchestratorClient(port=int(port))
+            await client.submit_task("own", "exec", {"service": "redis", "command": ["id"]})
+            done = await client.wait_for_task("own", timeout=60)
+            assert done.status == TaskStatus.COMPLETED and b"uid=" in done.result_payload
+            with pytest.raises(TaskNotFoundError):
+                await client.get_task_status("attack")
+            cli = subprocess.run(
+                [DSPY_AGENT, "tasks", "submit", "ping", "--wait"],
+                capture_output=True, text=True, timeout=60,
+                env={**os.environ, "ORCHESTRATOR_GRPC_ADDR": f"127.0.0.1:{port}"},
+            )  # fmt: skip
+            assert cli.returncode == 0 and "pong" in cli.stdout, cli.stderr
+        # Stopped: the port is no longer listed.
+        assert not (ports_dir / port).exists()
+    finally:
+        subprocess.run(["rm", "-rf", str(shared)], check=True)
+
+
+async def test_a_state_folder_that_cannot_be_private_is_refused(tmp_path: Path) -> None:
+    state = Path(os.environ["DSPY_AGENT_STATE_DIR"])
+    async with AgentInfra.start(services=[]) as infra:
+        assert infra.token
+    (state / "token").chmod(0o644)
+    with pytest.raises(ConfigError) as loose:
+        async with AgentInfra.start(services=[]):
+            pass
+    assert f"chmod 600 {state / 'token'}" in str(loose.value)
+    (state / "token").chmod(0o600)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    uid = int(subprocess.run(["id", "-u", INTRUDER], capture_output=True, text=True).stdout)
+    os.chown(foreign, uid, -1)
+    with pytest.raises(ConfigError) as other:
+        async with AgentInfra.start(services=[], state_dir=str(foreign)):
+            pass
+    assert "belongs to user" in str(other.value) and "state_dir" in str(other.value)
 
 
 async def test_every_call_but_health_needs_the_token(
@@ -169,7 +324,10 @@ async def test_tls_round_trip(pb: dict[str, Any], tmp_path: Path) -> None:
     config = {"tls": tls, "orchestrator_addr": "127.0.0.1:0"}
     async with AgentInfra.start(services=[], config=config) as infra:
         o, h = pb["orchestrator_v1_pb2"], pb["health_pb2"]
-        credentials = grpc.ssl_channel_credentials(root_certificates=ca.read_bytes())
+        credentials = grpc.composite_channel_credentials(
+            grpc.ssl_channel_credentials(root_certificates=ca.read_bytes()),
+            grpc.access_token_call_credentials(infra.token or ""),
+        )
         options = [("grpc.ssl_target_name_override", "localhost")]
         async with grpc.aio.secure_channel(infra.orchestrator_addr, credentials, options) as ch:
             served = await pb["health_pb2_grpc"].HealthStub(ch).Check(h.HealthCheckRequest())

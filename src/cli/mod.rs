@@ -28,12 +28,14 @@ use crate::watchdog::{self, Launcher};
 
 mod config_cmd;
 mod daemon_control;
+mod import_cmd;
 mod render;
 mod services;
 mod tasks_cmd;
 
 use config_cmd::*;
 use daemon_control::*;
+use import_cmd::*;
 use render::*;
 use services::*;
 use tasks_cmd::*;
@@ -100,6 +102,23 @@ enum Cmd {
     /// Submit, inspect and follow tasks on the orchestrator
     #[command(subcommand)]
     Tasks(TasksCmd),
+    /// Write the dspy-agent.toml that runs a docker-compose file's services, naming what it cannot carry
+    Import {
+        /// The compose file (docker-compose.yml, compose.yaml, ...)
+        file: PathBuf,
+        /// The config file to write (default: ./dspy-agent.toml; "-" prints it)
+        #[arg(long, short = 'o', value_name = "FILE")]
+        output: Option<PathBuf>,
+        /// Services to carry (their dependencies come along), comma-separated
+        #[arg(long, value_delimiter = ',')]
+        services: Option<Vec<String>>,
+        /// Turn on services of this Compose profile (repeatable)
+        #[arg(long = "profile", value_name = "NAME")]
+        profiles: Vec<String>,
+        /// Replace an existing file
+        #[arg(long)]
+        force: bool,
+    },
     /// Print the token both gRPC ports require, for clients in other languages or on other machines
     /// (made now when the project has none yet)
     Token,
@@ -271,6 +290,22 @@ async fn run(cli: Cli, mut options: LoadOptions, launcher: Launcher) -> Result<i
         Cmd::Config(c) => config(options, c),
         Cmd::Tasks(t) => tasks(options, t).await,
         Cmd::Token => token(options),
+        Cmd::Import {
+            file,
+            output,
+            services,
+            profiles,
+            force,
+        } => import(
+            options,
+            ImportArgs {
+                file,
+                output,
+                services,
+                profiles,
+                force,
+            },
+        ),
         Cmd::Version => {
             println!("dspy-agent {}", env!("CARGO_PKG_VERSION"));
             Ok(EXIT_OK)

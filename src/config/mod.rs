@@ -9,12 +9,13 @@ use std::time::Duration;
 use serde::Deserialize;
 
 pub mod catalog;
+pub mod compose;
 mod error;
 pub mod graph;
 pub mod spec;
 
 pub use error::ConfigError;
-use spec::{Condition, HealthCheck, MountKind, Probe, Resources, ServiceSpec};
+use spec::{Condition, HealthCheck, MountKind, Probe, Resources, RunOptions, ServiceSpec};
 
 pub const CONFIG_FILE_NAME: &str = "dspy-agent.toml";
 pub const DEFAULT_PROJECT: &str = "dspy-agent";
@@ -77,6 +78,7 @@ pub struct HealthPatch {
 pub struct ResourcesPatch {
     pub cpus: Option<Scalar>,
     pub memory: Option<Scalar>,
+    pub memory_reservation: Option<Scalar>,
     pub gpus: Option<Scalar>,
 }
 
@@ -102,6 +104,16 @@ pub struct ServicePatch {
     pub labels: Option<BTreeMap<String, String>>,
     pub stop_timeout: Option<Scalar>,
     pub scheme: Option<String>,
+    /// Replaces the image's entry point.
+    pub entrypoint: Option<Vec<String>>,
+    pub user: Option<String>,
+    pub working_dir: Option<String>,
+    pub read_only: Option<bool>,
+    pub tmpfs: Option<Vec<String>>,
+    pub cap_add: Option<Vec<String>>,
+    pub cap_drop: Option<Vec<String>>,
+    pub no_new_privileges: Option<bool>,
+    pub init: Option<bool>,
 }
 
 fn merge<T>(lower: &mut Option<T>, upper: Option<T>) {
@@ -161,6 +173,7 @@ impl ServicePatch {
             let lower = self.resources.get_or_insert_with(ResourcesPatch::default);
             merge(&mut lower.cpus, r.cpus);
             merge(&mut lower.memory, r.memory);
+            merge(&mut lower.memory_reservation, r.memory_reservation);
             merge(&mut lower.gpus, r.gpus);
         }
         merge(&mut self.restart, upper.restart);
@@ -168,6 +181,15 @@ impl ServicePatch {
         merge_map(&mut self.labels, upper.labels);
         merge(&mut self.stop_timeout, upper.stop_timeout);
         merge(&mut self.scheme, upper.scheme);
+        merge(&mut self.entrypoint, upper.entrypoint);
+        merge(&mut self.user, upper.user);
+        merge(&mut self.working_dir, upper.working_dir);
+        merge(&mut self.read_only, upper.read_only);
+        merge(&mut self.tmpfs, upper.tmpfs);
+        merge(&mut self.cap_add, upper.cap_add);
+        merge(&mut self.cap_drop, upper.cap_drop);
+        merge(&mut self.no_new_privileges, upper.no_new_privileges);
+        merge(&mut self.init, upper.init);
     }
 }
 
@@ -233,6 +255,9 @@ pub struct ConfigLayer {
     pub allow_remote_without_token: Option<bool>,
     pub tasks: Option<TasksPatch>,
     pub tls: Option<TlsPatch>,
+    /// Start from the built-in services (the default); `false` runs only the services this
+    /// layer names, as a file made by `dspy-agent import` does.
+    pub catalog: Option<bool>,
     #[serde(default)]
     pub services: BTreeMap<String, ServicePatch>,
 }
@@ -417,102 +442,138 @@ impl Config {
     /// Every problem of the configuration, not only the first: each service (enabled or not),
     /// the addresses, the task settings and the dependency graph are checked on their own.
     pub fn problems(options: &LoadOptions) -> Vec<ConfigError> {
-        let l = match layered(options) {
-            Ok(l) => l,
-            Err(e) => return vec![e],
+        match layered(options) {
+            Ok(l) => problems_of(l, &options.env),
+            Err(e) => vec![e],
+        }
+    }
+
+    /// Every problem of `layer` taken alone, as the only layer (the built-in services
+    /// included unless it says `catalog = false`), with relative paths against `base_dir`.
+    pub fn problems_of_layer(layer: ConfigLayer, base_dir: &Path) -> Vec<ConfigError> {
+        let mut base = if layer.catalog == Some(false) {
+            ConfigLayer::default()
+        } else {
+            catalog::layer()
         };
-        let layer = l.layer;
-        let mut found = Vec::new();
-        let project = layer
-            .project
-            .clone()
-            .unwrap_or_else(|| DEFAULT_PROJECT.to_string());
-        if let Err(e) = spec::validate_name("project", &project) {
-            found.push(e);
-        }
-        for (field, addr, default) in [
-            (
-                "orchestrator_addr",
-                &layer.orchestrator_addr,
-                DEFAULT_ORCHESTRATOR_ADDR,
-            ),
-            (
-                "env_manager_addr",
-                &layer.env_manager_addr,
-                DEFAULT_ENV_MANAGER_ADDR,
-            ),
-        ] {
-            if let Err(e) = check_addr(field, addr.as_deref().unwrap_or(default)) {
-                found.push(e);
-            }
-        }
-        let publish_host_ip = layer
-            .publish_host_ip
-            .clone()
-            .unwrap_or_else(|| "127.0.0.1".to_string());
-        if publish_host_ip.parse::<std::net::IpAddr>().is_err() {
-            found.push(ConfigError::invalid(
-                "publish_host_ip",
-                format!("{publish_host_ip:?} is not an IP address"),
-            ));
-        }
-        let state_dir = layer
-            .state_dir
-            .clone()
-            .map(|p| l.base_dir.join(p))
-            .unwrap_or_else(|| default_state_dir(&options.env, &project));
-        if let Err(e) = resolve_tasks(layer.tasks.clone().unwrap_or_default(), &state_dir) {
-            found.push(e);
-        }
-        let known: Vec<&String> = layer.services.keys().collect();
-        let known_list = known
-            .iter()
-            .map(|s| s.as_str())
-            .collect::<Vec<_>>()
-            .join(", ");
-        for (name, patch) in &layer.services {
-            match resolve_service(name, patch.clone(), &publish_host_ip, &l.base_dir) {
-                Ok(spec) => {
-                    for dep in spec.depends_on.keys() {
-                        if !layer.services.contains_key(dep) {
-                            found.push(ConfigError::UnknownDependency {
-                                service: name.clone(),
-                                dependency: dep.clone(),
-                                known: known_list.clone(),
-                            });
-                        }
-                    }
-                }
-                Err(e) => found.push(e),
-            }
-        }
-        for name in l.selection.iter().flatten() {
-            if !layer.services.contains_key(name) {
-                found.push(ConfigError::UnknownService {
-                    name: name.clone(),
-                    known: known_list.clone(),
-                });
-            }
-        }
-        // The graph (cycles, shared host ports) can only be checked once every part is valid.
-        if found.is_empty() {
-            if let Err(e) = resolve(layer, l.selection, l.file, &l.base_dir, &options.env) {
-                found.push(e);
-            }
-        }
-        found
+        base.apply(layer);
+        let l = Layered {
+            layer: base,
+            selection: None,
+            file: None,
+            base_dir: base_dir.to_path_buf(),
+        };
+        problems_of(l, &BTreeMap::new())
     }
 }
 
+fn problems_of(l: Layered, env: &BTreeMap<String, String>) -> Vec<ConfigError> {
+    let layer = l.layer;
+    let mut found = Vec::new();
+    let project = layer
+        .project
+        .clone()
+        .unwrap_or_else(|| DEFAULT_PROJECT.to_string());
+    if let Err(e) = spec::validate_name("project", &project) {
+        found.push(e);
+    }
+    for (field, addr, default) in [
+        (
+            "orchestrator_addr",
+            &layer.orchestrator_addr,
+            DEFAULT_ORCHESTRATOR_ADDR,
+        ),
+        (
+            "env_manager_addr",
+            &layer.env_manager_addr,
+            DEFAULT_ENV_MANAGER_ADDR,
+        ),
+    ] {
+        if let Err(e) = check_addr(field, addr.as_deref().unwrap_or(default)) {
+            found.push(e);
+        }
+    }
+    let publish_host_ip = layer
+        .publish_host_ip
+        .clone()
+        .unwrap_or_else(|| "127.0.0.1".to_string());
+    if publish_host_ip.parse::<std::net::IpAddr>().is_err() {
+        found.push(ConfigError::invalid(
+            "publish_host_ip",
+            format!("{publish_host_ip:?} is not an IP address"),
+        ));
+    }
+    let state_dir = layer
+        .state_dir
+        .clone()
+        .map(|p| l.base_dir.join(p))
+        .unwrap_or_else(|| default_state_dir(env, &project));
+    if let Err(e) = resolve_tasks(layer.tasks.clone().unwrap_or_default(), &state_dir) {
+        found.push(e);
+    }
+    let known: Vec<&String> = layer.services.keys().collect();
+    let known_list = known
+        .iter()
+        .map(|s| s.as_str())
+        .collect::<Vec<_>>()
+        .join(", ");
+    for (name, patch) in &layer.services {
+        match resolve_service(name, patch.clone(), &publish_host_ip, &l.base_dir) {
+            Ok(spec) => {
+                for dep in spec.depends_on.keys() {
+                    if !layer.services.contains_key(dep) {
+                        found.push(ConfigError::UnknownDependency {
+                            service: name.clone(),
+                            dependency: dep.clone(),
+                            known: known_list.clone(),
+                        });
+                    }
+                }
+            }
+            Err(e) => found.push(e),
+        }
+    }
+    for name in l.selection.iter().flatten() {
+        if !layer.services.contains_key(name) {
+            found.push(ConfigError::UnknownService {
+                name: name.clone(),
+                known: known_list.clone(),
+            });
+        }
+    }
+    // The graph (cycles, shared host ports) can only be checked once every part is valid.
+    if found.is_empty() {
+        if let Err(e) = resolve(layer, l.selection, l.file, &l.base_dir, env) {
+            found.push(e);
+        }
+    }
+    found
+}
+
 fn layered(options: &LoadOptions) -> Result<Layered, ConfigError> {
-    let mut layer = catalog::layer();
     let file = Config::file_for(options);
-    if let Some(path) = &file {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
-            path: path.clone(),
-            message: e.to_string(),
-        })?;
-        layer.apply(ConfigLayer::from_toml(&path.display().to_string(), &text)?);
+    let file_layer = match &file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
+            Some(ConfigLayer::from_toml(&path.display().to_string(), &text)?)
+        }
+        None => None,
+    };
+    let use_catalog = [options.overlay.as_ref(), file_layer.as_ref()]
+        .into_iter()
+        .flatten()
+        .find_map(|l| l.catalog)
+        .unwrap_or(true);
+    let mut layer = if use_catalog {
+        catalog::layer()
+    } else {
+        ConfigLayer::default()
+    };
+    if let Some(file_layer) = file_layer {
+        layer.apply(file_layer);
     }
 
     layer.apply(env_layer(&options.env));
@@ -960,6 +1021,7 @@ fn resolve_service(
 ) -> Result<ServiceSpec, ConfigError> {
     let field = |f: &str| format!("services.{name}.{f}");
     spec::validate_name(&format!("services.{name}"), name)?;
+    let run = resolve_run(name, &patch)?;
     let image = patch
         .image
         .filter(|i| !i.trim().is_empty())
@@ -1036,6 +1098,10 @@ fn resolve_service(
             .memory
             .map(|m| spec::parse_memory(&field("resources.memory"), &m.text()))
             .transpose()?,
+        memory_reservation_bytes: r
+            .memory_reservation
+            .map(|m| spec::parse_memory(&field("resources.memory_reservation"), &m.text()))
+            .transpose()?,
         gpus: r
             .gpus
             .map(|g| spec::parse_gpus(&field("resources.gpus"), &g.text()))
@@ -1071,6 +1137,55 @@ fn resolve_service(
         labels: patch.labels.unwrap_or_default(),
         stop_timeout,
         scheme,
+        run,
+    })
+}
+
+fn resolve_run(name: &str, patch: &ServicePatch) -> Result<RunOptions, ConfigError> {
+    let field = |f: &str| format!("services.{name}.{f}");
+    let caps = |f: &str, list: &Option<Vec<String>>| {
+        list.iter()
+            .flatten()
+            .map(|c| spec::parse_capability(&field(f), c))
+            .collect::<Result<Vec<_>, _>>()
+    };
+    if let Some(user) = &patch.user {
+        if user.is_empty() || user.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(ConfigError::invalid(
+                field("user"),
+                format!("{user:?} is not a user; write a name, a UID or UID:GID"),
+            ));
+        }
+    }
+    if let Some(dir) = &patch.working_dir {
+        if !dir.starts_with('/') {
+            return Err(ConfigError::invalid(
+                field("working_dir"),
+                format!("{dir:?} must be an absolute container path"),
+            ));
+        }
+    }
+    if patch.entrypoint.as_ref().is_some_and(|e| e.is_empty()) {
+        return Err(ConfigError::invalid(
+            field("entrypoint"),
+            "is empty; leave it out to keep the image's entry point",
+        ));
+    }
+    Ok(RunOptions {
+        entrypoint: patch.entrypoint.clone(),
+        user: patch.user.clone(),
+        working_dir: patch.working_dir.clone(),
+        read_only: patch.read_only.unwrap_or(false),
+        tmpfs: patch
+            .tmpfs
+            .iter()
+            .flatten()
+            .map(|t| spec::parse_tmpfs(&field("tmpfs"), t))
+            .collect::<Result<_, _>>()?,
+        cap_add: caps("cap_add", &patch.cap_add)?,
+        cap_drop: caps("cap_drop", &patch.cap_drop)?,
+        no_new_privileges: patch.no_new_privileges.unwrap_or(false),
+        init: patch.init.unwrap_or(false),
     })
 }
 
@@ -1224,6 +1339,33 @@ mod tests {
             err.contains("token") && err.contains("at least 16"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn process_settings_are_checked_and_the_catalog_can_be_left_out() {
+        let (_d, opts) = options(Some(
+            "catalog = false\n[services.web]\nimage = \"x\"\nuser = \"1000:1000\"\nworking_dir = \"/app\"\ntmpfs = [\"/run:size=8m\"]\ncap_drop = [\"all\"]\ncap_add = [\"CAP_NET_ADMIN\"]\n",
+        ));
+        let cfg = Config::load(opts).unwrap();
+        assert_eq!(cfg.services.len(), 1);
+        let run = &cfg.services[0].run;
+        assert_eq!(run.user.as_deref(), Some("1000:1000"));
+        assert_eq!(run.tmpfs["/run"], "size=8m");
+        assert_eq!(
+            (run.cap_drop.as_slice(), run.cap_add.as_slice()),
+            (&["ALL".to_string()][..], &["NET_ADMIN".to_string()][..])
+        );
+        for (bad, field) in [
+            ("working_dir = \"app\"", "services.web.working_dir"),
+            ("tmpfs = [\"run\"]", "services.web.tmpfs"),
+            ("cap_add = [\"net admin\"]", "services.web.cap_add"),
+            ("user = \"a b\"", "services.web.user"),
+            ("entrypoint = []", "services.web.entrypoint"),
+        ] {
+            let (_d, opts) = options(Some(&format!("[services.web]\nimage = \"x\"\n{bad}\n")));
+            let e = Config::load(opts).unwrap_err().to_string();
+            assert!(e.starts_with(field), "{bad}: {e}");
+        }
     }
 
     #[test]

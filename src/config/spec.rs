@@ -33,6 +33,35 @@ pub struct ServiceSpec {
     pub stop_timeout: Duration,
     /// URL scheme used for the service's address in `infra.env` and `ServiceInfo.url`.
     pub scheme: String,
+    /// How the process runs beyond image and command; left out of the hash while unset, so
+    /// that services which set none of it keep their containers.
+    #[serde(skip_serializing_if = "RunOptions::is_unset")]
+    pub run: RunOptions,
+}
+
+/// The process's user, folder, entry point and confinement, as `docker run` sets them.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+pub struct RunOptions {
+    pub entrypoint: Option<Vec<String>>,
+    /// "USER", "UID" or "UID:GID".
+    pub user: Option<String>,
+    pub working_dir: Option<String>,
+    /// The root filesystem is mounted read-only.
+    pub read_only: bool,
+    /// In-memory mounts: container path to mount options ("" for the defaults).
+    pub tmpfs: BTreeMap<String, String>,
+    pub cap_add: Vec<String>,
+    pub cap_drop: Vec<String>,
+    /// The process cannot gain privileges (setuid binaries) beyond what it starts with.
+    pub no_new_privileges: bool,
+    /// An init process (the Engine's tini) reaps zombies and forwards signals.
+    pub init: bool,
+}
+
+impl RunOptions {
+    pub fn is_unset(&self) -> bool {
+        *self == RunOptions::default()
+    }
 }
 
 /// `container_port` published on `host_ip:host_port`; host port 0 lets the Engine choose.
@@ -155,6 +184,9 @@ pub struct Resources {
     pub nano_cpus: Option<i64>,
     /// Memory limit in bytes.
     pub memory_bytes: Option<i64>,
+    /// Memory the container is guaranteed (a soft limit) in bytes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory_reservation_bytes: Option<i64>,
     pub gpus: GpuRequest,
 }
 
@@ -410,6 +442,32 @@ pub fn parse_restart(field: &str, text: &str) -> Result<RestartPolicy, ConfigErr
     }
 }
 
+/// Checks a capability name ("NET_ADMIN", "CAP_NET_ADMIN" or "ALL") and writes it as the
+/// Engine expects, without the prefix.
+pub fn parse_capability(field: &str, text: &str) -> Result<String, ConfigError> {
+    let name = text.trim().to_ascii_uppercase();
+    let name = name.strip_prefix("CAP_").unwrap_or(&name).to_string();
+    if name.is_empty() || !name.chars().all(|c| c.is_ascii_uppercase() || c == '_') {
+        return Err(ConfigError::invalid(
+            field,
+            format!("{text:?} is not a capability; write a name such as \"NET_ADMIN\", or \"ALL\""),
+        ));
+    }
+    Ok(name)
+}
+
+/// Parses "/path" or "/path:OPTIONS" ("/run:size=64m,mode=1777") of an in-memory mount.
+pub fn parse_tmpfs(field: &str, text: &str) -> Result<(String, String), ConfigError> {
+    let (path, options) = text.split_once(':').unwrap_or((text, ""));
+    if !path.starts_with('/') || path.chars().any(char::is_whitespace) {
+        return Err(ConfigError::invalid(
+            field,
+            format!("{text:?} is not a tmpfs mount; write an absolute container path, optionally with options: \"/run:size=64m\""),
+        ));
+    }
+    Ok((path.to_string(), options.to_string()))
+}
+
 pub fn parse_pull(field: &str, text: &str) -> Result<PullPolicy, ConfigError> {
     match text.trim() {
         "missing" => Ok(PullPolicy::Missing),
@@ -469,6 +527,7 @@ pub fn test_service(name: &str, deps: &[&str], port: Option<u16>) -> ServiceSpec
         labels: Default::default(),
         stop_timeout: Duration::from_secs(1),
         scheme: "tcp".into(),
+        run: RunOptions::default(),
     }
 }
 

@@ -356,9 +356,20 @@ impl Engine for Docker {
             restart_policy: Some(restart_policy),
             nano_cpus: spec.resources.nano_cpus,
             memory: spec.resources.memory_bytes,
+            memory_reservation: spec.resources.memory_reservation_bytes,
             device_requests,
             network_mode: Some(plan.network.to_string()),
             privileged: Some(false),
+            readonly_rootfs: Some(spec.run.read_only),
+            tmpfs: (!spec.run.tmpfs.is_empty())
+                .then(|| spec.run.tmpfs.clone().into_iter().collect()),
+            cap_add: (!spec.run.cap_add.is_empty()).then(|| spec.run.cap_add.clone()),
+            cap_drop: (!spec.run.cap_drop.is_empty()).then(|| spec.run.cap_drop.clone()),
+            security_opt: spec
+                .run
+                .no_new_privileges
+                .then(|| vec!["no-new-privileges:true".to_string()]),
+            init: spec.run.init.then_some(true),
             ..Default::default()
         };
         let mut all_labels: HashMap<String, String> = spec.labels.clone().into_iter().collect();
@@ -366,6 +377,9 @@ impl Engine for Docker {
         let body = ContainerCreateBody {
             image: Some(spec.image.clone()),
             cmd: spec.command.clone(),
+            entrypoint: spec.run.entrypoint.clone(),
+            user: spec.run.user.clone(),
+            working_dir: spec.run.working_dir.clone(),
             env: Some(spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
             exposed_ports: Some(exposed),
             hostname: Some(spec.name.replace('_', "-")),

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the small local images the tests use, from binaries of this host: nothing is pulled.
 #   dspy-agent-test/busybox  busybox + serve.sh: an HTTP service with /health (see serve.sh)
-#   dspy-agent-test/redis    the host's redis-server (with its libraries) + busybox
+#   dspy-agent-test/redis    the host's redis-server and redis-cli (with their libraries) + busybox
 # With --tag-catalog, makes sure of the built-in catalog's images: a real image is kept, a missing
 # one is pulled, and only when the pull fails (no registry) is a stand-in tagged under its name,
 # with a warning, so the zero-config stack runs on a machine without registry access.
@@ -15,7 +15,7 @@ for candidate in "$(command -v busybox || true)" /bin/busybox /usr/bin/busybox; 
 done
 [ -n "$busybox" ] || { echo "build.sh: a static busybox is needed (apt-get install busybox-static)" >&2; exit 1; }
 redis=$(command -v redis-server || true)
-[ -n "$redis" ] || { echo "build.sh: redis-server is needed (apt-get install redis-server)" >&2; exit 1; }
+[ -n "$redis" ] && command -v redis-cli >/dev/null || { echo "build.sh: redis-server and redis-cli are needed (apt-get install redis-server)" >&2; exit 1; }
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -29,6 +29,7 @@ add_busybox() {
     done
     echo "root:x:0:0:root:/:/bin/sh" > "$root/etc/passwd"
     echo "ok" > "$root/www/health"
+    echo "ok" > "$root/www/index.html"
     echo '{"models":[]}' > "$root/www/api/tags"
     # POST /cgi-bin/echo answers with the request body (for the http task handler's tests).
     mkdir -p "$root/www/cgi-bin"
@@ -51,12 +52,14 @@ import "$root" dspy-agent-test/busybox:latest '["/serve"]'
 
 root="$work/redis"
 add_busybox "$root"
-real=$(readlink -f "$redis")
 mkdir -p "$root/usr/bin"
-cp "$real" "$root/usr/bin/redis-server"
-for lib in $(ldd "$real" | grep -o '/[^ ]*'); do
-    mkdir -p "$root$(dirname "$lib")"
-    cp -L "$lib" "$root$lib"
+for binary in "$redis" "$(command -v redis-cli)"; do
+    real=$(readlink -f "$binary")
+    cp "$real" "$root/usr/bin/$(basename "$binary")"
+    for lib in $(ldd "$real" | grep -o '/[^ ]*'); do
+        mkdir -p "$root$(dirname "$lib")"
+        cp -L "$lib" "$root$lib"
+    done
 done
 import "$root" dspy-agent-test/redis:latest '["redis-server", "--protected-mode", "no", "--save", "", "--appendonly", "no", "--dir", "/tmp"]'
 

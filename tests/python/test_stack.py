@@ -359,6 +359,41 @@ async def test_container_settings_reach_the_engine(project: str, tmp_path: Path)
     assert containers(project) == []
 
 
+async def test_process_and_confinement_settings_reach_the_engine(project: str) -> None:
+    # What a compose file sets beside the image: user, folder, entry point, a read-only root
+    # with an in-memory /tmp, capabilities, no-new-privileges and an init process.
+    services = {
+        "web": http_service(
+            entrypoint=["/bin/sh", "-c"],
+            command=["touch /tmp/ok && ! touch /not-writable 2>/dev/null && exec /serve"],
+            user="65534:65534",
+            working_dir="/www",
+            read_only=True,
+            tmpfs=["/tmp:size=16m"],
+            cap_drop=["ALL"],
+            cap_add=["NET_BIND_SERVICE"],
+            no_new_privileges=True,
+            init=True,
+            resources={"memory": "64m", "memory_reservation": "32m"},
+        )
+    }
+    async with start(project, services) as infra:
+        web = infra.service("web")
+        assert web.status == "healthy"
+        c = inspect(web.container_id or "")
+        config, host = c["Config"], c["HostConfig"]
+        assert config["User"] == "65534:65534" and config["WorkingDir"] == "/www"
+        assert config["Entrypoint"] == ["/bin/sh", "-c"]
+        assert host["ReadonlyRootfs"] is True and host["Tmpfs"] == {"/tmp": "size=16m"}
+        assert host["CapDrop"] == ["ALL"] and host["CapAdd"] == ["NET_BIND_SERVICE"]
+        assert host["SecurityOpt"] == ["no-new-privileges:true"] and host["Init"] is True
+        assert host["MemoryReservation"] == 32 * 1024 * 1024
+        # The process runs as that user.
+        out = docker("exec", web.container_id or "", "id", "-u")
+        assert out.strip() == "65534"
+    assert containers(project) == []
+
+
 def engine_has_gpus() -> bool:
     runtimes = docker("info", "--format", "{{json .Runtimes}}")
     return "nvidia" in json.loads(runtimes)

@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 bash scripts/provision.sh
 python3 -m pip install -q --upgrade "pytest>=8" "pytest-asyncio>=0.23" "mypy>=1.10" "ruff>=0.5" \
-    "grpcio>=1.60" "grpcio-tools>=1.60" "grpcio-reflection>=1.60"
+    "grpcio>=1.60" "grpcio-tools>=1.60" "grpcio-reflection>=1.60" "kubernetes-validate>=1.33"
 # The security tests call the ports as a second, unprivileged local user, with Debian's own
 # grpcio (this interpreter's lives in a folder that user cannot enter).
 if [ "$(id -u)" = 0 ]; then

@@ -1,8 +1,8 @@
 //! dspy-agent-infra: the Rust core behind the `dspy_agent_infra` Python package.
 //!
 //! Dependency direction: `python/cli/daemon → stack (local, remote) → infra → grpc →
-//! {services, tasks} → {owner, watchdog, engine, health} → config → util`; no module imports one
-//! above it.
+//! {services, tasks} → {owner, watchdog, engine, health, access} → config → util`; no module
+//! imports one above it.
 
 pub mod access;
 pub mod cli;
@@ -12,6 +12,7 @@ pub mod engine;
 pub mod grpc;
 pub mod health;
 pub mod infra;
+pub mod kubernetes;
 pub mod owner;
 pub mod runtime;
 pub mod services;

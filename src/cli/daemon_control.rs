@@ -2,6 +2,7 @@
 //! after a daemon (or an agent) that died.
 
 use super::*;
+use crate::services::supervisor::Phase;
 
 pub(super) async fn start(options: LoadOptions, launcher: Launcher) -> Result<i32, Failure> {
     let config = Config::load(options.clone())?;
@@ -138,24 +139,22 @@ pub(super) async fn follow_start(
     owned: bool,
 ) -> Result<i32, Failure> {
     let info = wait_ready(config).await?;
-    let mut client = env_client(config, &info).await?;
+    let client = env_client(config, &info).await?;
     // Subscribe first: the stream starts with every service's current state, so nothing that
     // happens after the names are known is missed.
     let mut stream = client
-        .stream_health(env_pb::StreamHealthRequest::default())
+        .phases()
         .await
-        .map_err(|s| rpc_failure("cannot follow the start", s))?
-        .into_inner();
+        .map_err(|s| rpc_failure("cannot follow the start", s))?;
     let names: Vec<String> = client
-        .get_services_status(env_pb::GetServicesStatusRequest::default())
+        .status()
         .await
         .map_err(|s| rpc_failure("cannot follow the start", s))?
-        .into_inner()
         .services
         .into_iter()
         .map(|s| s.name)
         .collect();
-    let mut phases: BTreeMap<String, i32> = BTreeMap::new();
+    let mut phases: BTreeMap<String, Phase> = BTreeMap::new();
     let failed = loop {
         if phases.len() == names.len() && all_healthy(&phases) {
             break None;
@@ -169,10 +168,10 @@ pub(super) async fn follow_start(
         println!(
             "[{t:6.2}s] {:<14} {:<9} {}",
             update.service,
-            phase_name(update.phase),
+            update.phase.as_str(),
             first_line(&update.message)
         );
-        if update.phase == env_pb::ServicePhase::Failed as i32 {
+        if update.phase == Phase::Failed {
             break Some((update.service, update.message));
         }
         phases.insert(update.service, update.phase);
@@ -206,10 +205,10 @@ pub(super) fn failure_text(service: &str, message: &str) -> String {
     }
 }
 
-pub(super) fn all_healthy(phases: &BTreeMap<String, i32>) -> bool {
-    phases.values().all(|p| {
-        *p == env_pb::ServicePhase::Healthy as i32 || *p == env_pb::ServicePhase::Completed as i32
-    })
+pub(super) fn all_healthy(phases: &BTreeMap<String, Phase>) -> bool {
+    phases
+        .values()
+        .all(|p| matches!(p, Phase::Healthy | Phase::Completed))
 }
 
 pub(super) fn first_line(text: &str) -> &str {
@@ -238,13 +237,9 @@ pub(super) async fn stop_daemon(
     timeout: Option<u32>,
 ) -> Vec<String> {
     let mut stopped = Vec::new();
-    if let Ok(mut client) = env_client(config, info).await {
-        let request = env_pb::StopServicesRequest {
-            services: Vec::new(),
-            timeout_seconds: timeout.unwrap_or(0),
-        };
-        if let Ok(r) = client.stop_services(request).await {
-            stopped = r.into_inner().stopped;
+    if let Ok(client) = env_client(config, info).await {
+        if let Ok(names) = client.stop(timeout).await {
+            stopped = names;
         }
     }
     daemon::signal(info.pid, libc::SIGTERM);

@@ -19,15 +19,15 @@ use crate::daemon::{self, DaemonInfo, Found};
 use crate::engine::{labels, ContainerInfo, Docker, Engine, RunState};
 use crate::grpc::auth::{endpoint, AuthChannel, Bearer};
 use crate::grpc::env_manager::OWN_LOG_SERVICE;
-use crate::grpc::env_pb;
 use crate::owner::{self, Owner};
-use crate::stack::{CallError, TaskClient};
+use crate::stack::{CallError, ServiceClient, TaskClient};
 use crate::tasks::store::now_ms;
 use crate::util::rfc3339_ms;
 use crate::watchdog::{self, Launcher};
 
 mod config_cmd;
 mod daemon_control;
+mod export_cmd;
 mod import_cmd;
 mod render;
 mod services;
@@ -35,6 +35,7 @@ mod tasks_cmd;
 
 use config_cmd::*;
 use daemon_control::*;
+use export_cmd::*;
 use import_cmd::*;
 use render::*;
 use services::*;
@@ -119,6 +120,9 @@ enum Cmd {
         #[arg(long)]
         force: bool,
     },
+    /// Write the stack as manifests of another orchestrator
+    #[command(subcommand)]
+    Export(ExportCmd),
     /// Print the token both gRPC ports require, for clients in other languages or on other machines
     /// (made now when the project has none yet)
     Token,
@@ -154,6 +158,22 @@ enum ConfigCmd {
     Validate,
     /// Print which config file is in use
     Path,
+}
+
+#[derive(Subcommand)]
+enum ExportCmd {
+    /// Kubernetes objects: a Deployment (StatefulSet with named volumes), Service, ConfigMap and Secret per service
+    Kubernetes {
+        /// A folder to write one SERVICE.yaml per service into (default: print them all)
+        #[arg(long, short = 'o', value_name = "DIR")]
+        output: Option<PathBuf>,
+        /// The namespace to put the objects in (default: the one `kubectl` uses)
+        #[arg(long, short = 'n')]
+        namespace: Option<String>,
+        /// Services to export (their dependencies come along), comma-separated
+        #[arg(long, value_delimiter = ',')]
+        services: Option<Vec<String>>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -290,6 +310,14 @@ async fn run(cli: Cli, mut options: LoadOptions, launcher: Launcher) -> Result<i
         Cmd::Config(c) => config(options, c),
         Cmd::Tasks(t) => tasks(options, t).await,
         Cmd::Token => token(options),
+        Cmd::Export(ExportCmd::Kubernetes {
+            output,
+            namespace,
+            services,
+        }) => {
+            options.services = services;
+            export_kubernetes(options, output, namespace)
+        }
         Cmd::Import {
             file,
             output,
@@ -378,18 +406,13 @@ fn authed(config: &Config, addr: &str, channel: Channel) -> Result<AuthChannel, 
     Ok(bearer.channel(channel))
 }
 
-async fn env_client(
-    config: &Config,
-    info: &DaemonInfo,
-) -> Result<env_pb::env_manager_service_client::EnvManagerServiceClient<AuthChannel>, Failure> {
+async fn env_client(config: &Config, info: &DaemonInfo) -> Result<ServiceClient, Failure> {
     let channel = channel(config, &info.env_manager_addr).await?;
-    Ok(
-        env_pb::env_manager_service_client::EnvManagerServiceClient::new(authed(
-            config,
-            &info.env_manager_addr,
-            channel,
-        )?),
-    )
+    Ok(ServiceClient::new(authed(
+        config,
+        &info.env_manager_addr,
+        channel,
+    )?))
 }
 
 /// The task client of the project's orchestrator: the daemon's, or one at the configured address.

@@ -2,24 +2,7 @@
 //! the Engine when no daemon runs.
 
 use super::*;
-
-pub(super) fn phase_name(p: i32) -> &'static str {
-    env_pb::ServicePhase::try_from(p)
-        .map(|p| match p {
-            env_pb::ServicePhase::Unspecified => "unknown",
-            env_pb::ServicePhase::Pending => "pending",
-            env_pb::ServicePhase::Pulling => "pulling",
-            env_pb::ServicePhase::Creating => "creating",
-            env_pb::ServicePhase::Waiting => "waiting",
-            env_pb::ServicePhase::Starting => "starting",
-            env_pb::ServicePhase::Healthy => "healthy",
-            env_pb::ServicePhase::Completed => "completed",
-            env_pb::ServicePhase::Failed => "failed",
-            env_pb::ServicePhase::Stopping => "stopping",
-            env_pb::ServicePhase::Stopped => "stopped",
-        })
-        .unwrap_or("unknown")
-}
+use crate::services::supervisor::ServiceState;
 
 /// `status` with no daemon: the project's containers as the Engine sees them (exit 3 when there
 /// are none).
@@ -131,15 +114,16 @@ pub(super) async fn status(options: LoadOptions, json: bool) -> Result<i32, Fail
         }
         Err(f) => return Err(f),
     };
-    let mut client = env_client(&config, &info).await?;
-    let r = client
-        .get_services_status(env_pb::GetServicesStatusRequest {
-            include_stats: false,
-        })
+    let r = env_client(&config, &info)
+        .await?
+        .status()
         .await
-        .map_err(|s| rpc_failure("status", s))?
-        .into_inner();
-    let all_healthy = r.engine_reachable && r.services.iter().all(|s| s.healthy);
+        .map_err(|s| rpc_failure("status", s))?;
+    let all_healthy = r.engine_error.is_none() && r.services.iter().all(|s| s.healthy());
+    let started = |s: &ServiceState| match s.engine_state {
+        Some(RunState::Running | RunState::Paused) => s.started_at_ms.unwrap_or(0),
+        _ => 0,
+    };
     if json {
         let services: Vec<serde_json::Value> = r
             .services
@@ -148,17 +132,17 @@ pub(super) async fn status(options: LoadOptions, json: bool) -> Result<i32, Fail
                 serde_json::json!({
                     "name": s.name,
                     "image": s.image,
-                    "phase": phase_name(s.phase),
-                    "state": s.state,
-                    "healthy": s.healthy,
-                    "container_id": s.container_id,
-                    "ports": s.ports.iter().map(|p| serde_json::json!({
-                        "container_port": p.container_port,
-                        "host_ip": p.host_ip,
-                        "host_port": p.host_port,
+                    "phase": s.phase.as_str(),
+                    "state": s.engine_state.map(|e| e.as_str()).unwrap_or(""),
+                    "healthy": s.healthy(),
+                    "container_id": s.container_id.clone().unwrap_or_default(),
+                    "ports": s.ports.iter().map(|(c, (ip, h))| serde_json::json!({
+                        "container_port": c,
+                        "host_ip": ip,
+                        "host_port": h,
                     })).collect::<Vec<_>>(),
-                    "url": s.url,
-                    "uptime_seconds": uptime(s.started_at_ms),
+                    "url": s.url().unwrap_or_default(),
+                    "uptime_seconds": uptime(started(s)),
                     "restart_count": s.restart_count,
                     "message": s.message,
                     "stand_in": s.stand_in,
@@ -169,8 +153,8 @@ pub(super) async fn status(options: LoadOptions, json: bool) -> Result<i32, Fail
             "project": r.project,
             "running": true,
             "healthy": all_healthy,
-            "engine_reachable": r.engine_reachable,
-            "engine_error": r.engine_error,
+            "engine_reachable": r.engine_error.is_none(),
+            "engine_error": r.engine_error.clone().unwrap_or_default(),
             "daemon": {
                 "pid": info.pid,
                 "version": info.version,
@@ -192,8 +176,8 @@ pub(super) async fn status(options: LoadOptions, json: bool) -> Result<i32, Fail
             info.orchestrator_addr,
             info.env_manager_addr
         );
-        if !r.engine_reachable {
-            println!("warning: {}", r.engine_error);
+        if let Some(e) = &r.engine_error {
+            println!("warning: {e}");
         }
         let rows: Vec<[String; 6]> = r
             .services
@@ -201,23 +185,27 @@ pub(super) async fn status(options: LoadOptions, json: bool) -> Result<i32, Fail
             .map(|s| {
                 [
                     s.name.clone(),
-                    if s.state.is_empty() {
-                        phase_name(s.phase).to_string()
-                    } else {
-                        s.state.clone()
+                    match s.engine_state {
+                        Some(e) => e.as_str().to_string(),
+                        None => s.phase.as_str().to_string(),
                     },
-                    if s.healthy {
+                    if s.healthy() {
                         "healthy".to_string()
                     } else {
-                        phase_name(s.phase).to_string()
+                        s.phase.as_str().to_string()
                     },
                     s.ports
                         .iter()
-                        .map(|p| format!("{}:{}->{}", p.host_ip, p.host_port, p.container_port))
+                        .map(|(c, (ip, h))| format!("{ip}:{h}->{c}"))
                         .collect::<Vec<_>>()
                         .join(", "),
-                    s.container_id.chars().take(12).collect(),
-                    uptime(s.started_at_ms)
+                    s.container_id
+                        .as_deref()
+                        .unwrap_or_default()
+                        .chars()
+                        .take(12)
+                        .collect(),
+                    uptime(started(s))
                         .map(human_duration)
                         .unwrap_or_else(|| "-".into()),
                 ]
@@ -230,7 +218,7 @@ pub(super) async fn status(options: LoadOptions, json: bool) -> Result<i32, Fail
         for s in r
             .services
             .iter()
-            .filter(|s| !s.healthy && !s.message.is_empty())
+            .filter(|s| !s.healthy() && !s.message.is_empty())
         {
             println!("{}: {}", s.name, s.message.trim_end());
         }
@@ -302,17 +290,16 @@ pub(super) async fn logs(
         }
         Err(f) => return Err(f),
     };
-    let mut client = env_client(&config, &info).await?;
+    let client = env_client(&config, &info).await?;
     let services = match service {
         Some(s) => vec![s],
         None => client
-            .get_services_status(env_pb::GetServicesStatusRequest::default())
+            .status()
             .await
             .map_err(|s| rpc_failure("logs", s))?
-            .into_inner()
             .services
             .into_iter()
-            .filter(|s| !s.container_id.is_empty())
+            .filter(|s| s.container_id.is_some())
             .map(|s| s.name)
             .collect(),
     };
@@ -320,17 +307,10 @@ pub(super) async fn logs(
     let prefixed = services.len() > 1;
     let mut streams = futures_util::stream::SelectAll::new();
     for s in &services {
-        let request = env_pb::StreamLogsRequest {
-            service: s.clone(),
-            follow,
-            tail,
-            since_seconds,
-        };
         let stream = client
-            .stream_logs(request)
+            .logs(s, follow, tail, since_seconds)
             .await
-            .map_err(|st| rpc_failure(&format!("logs of {s}"), st))?
-            .into_inner();
+            .map_err(|st| rpc_failure(&format!("logs of {s}"), st))?;
         streams.push(stream);
     }
     let stdout = std::io::stdout();
@@ -342,7 +322,7 @@ pub(super) async fn logs(
         } else {
             format!("{}\n", line.line)
         };
-        let written = if line.stream == env_pb::LogStream::Stderr as i32 {
+        let written = if line.stderr {
             stderr.lock().write_all(text.as_bytes())
         } else {
             stdout.lock().write_all(text.as_bytes())
@@ -360,16 +340,13 @@ pub(super) async fn restart(options: LoadOptions, service: String) -> Result<i32
     let began = Instant::now();
     let s = env_client(&config, &info)
         .await?
-        .restart_service(env_pb::RestartServiceRequest {
-            service: service.clone(),
-        })
+        .restart(&service)
         .await
-        .map_err(|s| rpc_failure(&format!("restart {service}"), s))?
-        .into_inner();
+        .map_err(|s| rpc_failure(&format!("restart {service}"), s))?;
     println!(
         "restarted {} ({}) in {:.2}s",
         s.name,
-        phase_name(s.phase),
+        s.phase.as_str(),
         began.elapsed().as_secs_f64()
     );
     Ok(EXIT_OK)

@@ -177,8 +177,10 @@ pub fn service_state(s: epb::ServiceStatus) -> ServiceState {
             .split_once("://")
             .map(|(scheme, _)| scheme.to_string())
             .unwrap_or_else(|| "http".into()),
-        engine_state: None,
-        started_at: None,
+        engine_state: Some(s.state)
+            .filter(|state| !state.is_empty())
+            .map(|state| RunState::parse(&state)),
+        started_at_ms: Some(s.started_at_ms).filter(|ms| *ms > 0),
         restart_count: s.restart_count,
         name: s.name,
         image: s.image,
@@ -197,7 +199,7 @@ pub fn service_status(s: ServiceState) -> epb::ServiceStatus {
         url: s.url().unwrap_or_default(),
         phase: phase_to_pb(s.phase) as i32,
         state: s.engine_state.map(|r| r.as_str()).unwrap_or("").to_string(),
-        healthy: is_healthy(s.phase) && s.engine_state != Some(RunState::Exited),
+        healthy: s.healthy(),
         container_id: s.container_id.unwrap_or_default(),
         ports: s
             .ports
@@ -209,11 +211,7 @@ pub fn service_status(s: ServiceState) -> epb::ServiceStatus {
             })
             .collect(),
         started_at_ms: match s.engine_state {
-            Some(RunState::Running | RunState::Paused) => s
-                .started_at
-                .as_deref()
-                .and_then(crate::util::rfc3339_ms)
-                .unwrap_or(0),
+            Some(RunState::Running | RunState::Paused) => s.started_at_ms.unwrap_or(0),
             _ => 0,
         },
         restart_count: s.restart_count,

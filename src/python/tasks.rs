@@ -8,8 +8,6 @@ use futures_util::StreamExt;
 use pyo3::prelude::*;
 
 use crate::grpc::auth::Bearer;
-use crate::grpc::pb;
-use crate::stack::remote::OrchestratorClient;
 use crate::stack::{TaskChanges, TaskClient};
 use crate::tasks::model::{NewTask, TaskError, TaskState};
 
@@ -88,10 +86,6 @@ pub struct GrpcClient {
 }
 
 impl GrpcClient {
-    fn client(&self) -> OrchestratorClient {
-        self.tasks.raw()
-    }
-
     /// Runs `call` through the bridge; a failure to reach the orchestrator names its address and
     /// what to do about it.
     fn call<T, F>(&self, call: F) -> u64
@@ -272,15 +266,12 @@ impl GrpcClient {
 
     /// `(healthy, version, project)` under the returned token.
     fn health_nowait(&self) -> u64 {
-        let mut client = self.client();
+        let tasks = self.tasks.clone();
         self.call(async move {
             // Nothing listening (or the connection failing below gRPC) is an answer here: not
             // healthy. A refusal, such as a wrong token, is still an error.
-            match client.health(pb::HealthRequest {}).await {
-                Ok(r) => {
-                    let r = r.into_inner();
-                    Ok::<_, CallError>((r.healthy, r.version, r.project))
-                }
+            match tasks.health().await {
+                Ok(r) => Ok::<_, CallError>((r.healthy, r.version, r.project)),
                 Err(s)
                     if matches!(
                         s.code(),
@@ -296,15 +287,11 @@ impl GrpcClient {
 
     /// The orchestrator's task counts under the returned token.
     fn metrics_nowait(&self) -> u64 {
-        let mut client = self.client();
+        let tasks = self.tasks.clone();
         self.call(async move {
-            let m = client
-                .get_metrics(pb::GetMetricsRequest {})
-                .await?
-                .into_inner();
-            let by_status: BTreeMap<String, u64> = m.tasks_by_status.into_iter().collect();
+            let m = tasks.metrics().await?;
             Ok::<_, CallError>((
-                by_status,
+                m.by_state,
                 m.submitted,
                 m.completed,
                 m.failed,

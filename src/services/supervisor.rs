@@ -123,8 +123,8 @@ pub struct ServiceState {
     pub scheme: String,
     /// The container's state as last seen on the Engine.
     pub engine_state: Option<RunState>,
-    /// When the container last started, as the Engine reports it (RFC 3339).
-    pub started_at: Option<String>,
+    /// When the container last started, as the Engine reports it (ms since the epoch).
+    pub started_at_ms: Option<i64>,
     /// Restarts by the Engine's restart policy plus those asked of the core.
     pub restart_count: u32,
     /// The container runs a local stand-in image, not the real service.
@@ -132,6 +132,12 @@ pub struct ServiceState {
 }
 
 impl ServiceState {
+    /// Healthy (or a one-shot job done), and its container not exited since.
+    pub fn healthy(&self) -> bool {
+        matches!(self.phase, Phase::Healthy | Phase::Completed)
+            && self.engine_state != Some(RunState::Exited)
+    }
+
     /// `scheme://host:port` of the first published TCP port.
     pub fn url(&self) -> Option<String> {
         self.ports
@@ -235,7 +241,7 @@ impl Supervisor {
                         message: String::new(),
                         scheme: s.scheme.clone(),
                         engine_state: None,
-                        started_at: None,
+                        started_at_ms: None,
                         restart_count: 0,
                         stand_in: false,
                     },
@@ -381,7 +387,7 @@ impl Supervisor {
         if let Some(s) = self.lock().get_mut(name) {
             s.container_id = None;
             s.engine_state = None;
-            s.started_at = None;
+            s.started_at_ms = None;
             s.restart_count += 1;
         }
         {
@@ -428,7 +434,7 @@ impl Supervisor {
         };
         if let Some(s) = self.lock().get_mut(name) {
             s.engine_state = Some(RunState::Exited);
-            s.started_at = None;
+            s.started_at_ms = None;
         }
         let then = if restarts {
             let recent = {
@@ -1112,7 +1118,7 @@ impl Supervisor {
             // Containers carry their image's labels.
             s.stand_in = c.labels.get(labels::STAND_IN).is_some_and(|v| v == "true");
             s.engine_state = Some(c.state);
-            s.started_at = c.started_at.clone();
+            s.started_at_ms = c.started_at.as_deref().and_then(crate::util::rfc3339_ms);
             s.restart_count = s.restart_count.max(c.restart_count.max(0) as u32);
             s.ports = c
                 .ports
@@ -1314,7 +1320,7 @@ impl Supervisor {
                             s.container_id = None;
                             s.ports.clear();
                             s.engine_state = None;
-                            s.started_at = None;
+                            s.started_at_ms = None;
                         }
                     }
                     Ok::<(), std::convert::Infallible>(())
@@ -1382,7 +1388,8 @@ impl Supervisor {
                 Ok(info) => {
                     if let Some(s) = self.lock().get_mut(&name) {
                         s.engine_state = Some(info.state);
-                        s.started_at = info.started_at.clone();
+                        s.started_at_ms =
+                            info.started_at.as_deref().and_then(crate::util::rfc3339_ms);
                     }
                     let lost = matches!(info.state, RunState::Exited | RunState::Dead);
                     let phase = self.lock().get(&name).map(|s| s.phase);

@@ -18,7 +18,7 @@ use crate::tasks::model::{NewTask, TaskError, TaskRecord};
 mod local;
 pub mod remote;
 
-pub use remote::{AttachError, Remote, TaskClient};
+pub use remote::{AttachError, Remote, ServiceClient, TaskClient};
 
 /// Why a call on a stack failed. It stays a Rust value until whoever asked turns it into its own
 /// error (a Python exception, a command-line message).

@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures_util::stream::BoxStream;
 use futures_util::StreamExt;
 use tonic::transport::Channel;
 
@@ -14,9 +15,10 @@ use crate::grpc::auth::{endpoint, AuthChannel, Bearer};
 use crate::grpc::convert::{self, service_state};
 use crate::grpc::worker_client::WorkerClient;
 use crate::grpc::{env_pb, pb, MAX_MESSAGE_BYTES};
-use crate::services::supervisor::ServiceState;
+use crate::services::supervisor::{Phase, ServiceState};
 use crate::tasks::handlers::Handler;
 use crate::tasks::model::{NewTask, TaskRecord, TaskState};
+use crate::tasks::queue::QueueMetrics;
 
 /// How long the probe for a running orchestrator may take; nothing listening answers at once.
 const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
@@ -37,8 +39,7 @@ pub enum AttachError {
     Rpc { what: String, message: String },
 }
 
-pub type OrchestratorClient =
-    pb::orchestrator_service_client::OrchestratorServiceClient<AuthChannel>;
+type OrchestratorClient = pb::orchestrator_service_client::OrchestratorServiceClient<AuthChannel>;
 type EnvClient = env_pb::env_manager_service_client::EnvManagerServiceClient<AuthChannel>;
 
 /// A stack another process runs, attached to over its two gRPC ports.
@@ -48,7 +49,7 @@ pub struct Remote {
     orchestrator_addr: String,
     env_manager_addr: String,
     tasks: TaskClient,
-    env: EnvClient,
+    env: ServiceClient,
     services: Mutex<Vec<ServiceState>>,
     /// Serves this process's task handlers for the remote orchestrator.
     worker: WorkerClient,
@@ -84,21 +85,18 @@ impl Remote {
         })?;
         let channel = bearer.channel(channel);
         let tasks = TaskClient::new(channel.clone());
-        let health =
-            match tokio::time::timeout(PROBE_TIMEOUT, tasks.raw().health(pb::HealthRequest {}))
-                .await
-            {
-                Ok(Ok(h)) => h.into_inner(),
-                Ok(Err(s)) if s.code() == tonic::Code::Unauthenticated => {
-                    return Err(AttachError::Unauthenticated {
-                        addr: addr.clone(),
-                        message: s.message().to_string(),
-                    })
-                }
-                // Something listens there, but not a healthy orchestrator: starting our own will
-                // report the port as taken.
-                _ => return Ok(None),
-            };
+        let health = match tokio::time::timeout(PROBE_TIMEOUT, tasks.health()).await {
+            Ok(Ok(h)) => h,
+            Ok(Err(s)) if s.code() == tonic::Code::Unauthenticated => {
+                return Err(AttachError::Unauthenticated {
+                    addr: addr.clone(),
+                    message: s.message().to_string(),
+                })
+            }
+            // Something listens there, but not a healthy orchestrator: starting our own will
+            // report the port as taken.
+            _ => return Ok(None),
+        };
         if !health.healthy {
             return Ok(None);
         }
@@ -136,9 +134,7 @@ impl Remote {
             orchestrator_addr: addr.clone(),
             env_manager_addr: health.env_manager_addr,
             tasks,
-            env: env_pb::env_manager_service_client::EnvManagerServiceClient::new(
-                bearer.channel(env_channel),
-            ),
+            env: ServiceClient::new(bearer.channel(env_channel)),
             services: Mutex::new(Vec::new()),
             worker,
         };
@@ -149,27 +145,19 @@ impl Remote {
 
     /// The services, fetched now.
     async fn fetch_services(&self) -> Result<Vec<ServiceState>, AttachError> {
-        let r = self
+        let status = self
             .env
-            .clone()
-            .get_services_status(env_pb::GetServicesStatusRequest::default())
+            .status()
             .await
-            .map_err(|s| rpc("services status", s))?
-            .into_inner();
-        let states: Vec<ServiceState> = r.services.into_iter().map(service_state).collect();
-        *crate::util::lock(&self.services) = states.clone();
-        Ok(states)
+            .map_err(|s| rpc("services status", s))?;
+        *crate::util::lock(&self.services) = status.services.clone();
+        Ok(status.services)
     }
 
     /// The last `tail` lines of a service's output (all when 0), stdout and stderr together.
     async fn service_logs(&self, service: &str, tail: usize) -> Result<String, tonic::Status> {
-        let request = env_pb::StreamLogsRequest {
-            service: service.to_string(),
-            follow: false,
-            tail: u32::try_from(tail).unwrap_or(u32::MAX),
-            since_seconds: 0,
-        };
-        let mut stream = self.env.clone().stream_logs(request).await?.into_inner();
+        let tail = u32::try_from(tail).unwrap_or(u32::MAX);
+        let mut stream = self.env.logs(service, false, tail, 0).await?;
         let mut out = String::new();
         while let Some(line) = stream.next().await {
             out.push_str(&line?.line);
@@ -179,16 +167,9 @@ impl Remote {
     }
 
     async fn restart_service(&self, service: &str) -> Result<ServiceState, tonic::Status> {
-        let s = self
-            .env
-            .clone()
-            .restart_service(env_pb::RestartServiceRequest {
-                service: service.to_string(),
-            })
-            .await?
-            .into_inner();
+        let s = self.env.restart(service).await?;
         let _ = self.fetch_services().await;
-        Ok(service_state(s))
+        Ok(s)
     }
 }
 
@@ -196,6 +177,146 @@ fn rpc(what: &str, s: tonic::Status) -> AttachError {
     AttachError::Rpc {
         what: what.to_string(),
         message: s.message().to_string(),
+    }
+}
+
+/// What an orchestrator in another process says of itself.
+#[derive(Debug, Clone)]
+pub struct OrchestratorHealth {
+    pub healthy: bool,
+    pub version: String,
+    pub project: String,
+    /// Where its env-manager listens; empty when it has none.
+    pub env_manager_addr: String,
+}
+
+/// What another process's env-manager says of its stack.
+#[derive(Debug, Clone)]
+pub struct StackStatus {
+    pub project: String,
+    /// Why the Engine cannot be reached, when it cannot.
+    pub engine_error: Option<String>,
+    pub services: Vec<ServiceState>,
+}
+
+/// One line of a service's output.
+#[derive(Debug, Clone)]
+pub struct LogLine {
+    pub service: String,
+    pub line: String,
+    pub stderr: bool,
+}
+
+/// A service's step during a start, as it happens.
+#[derive(Debug, Clone)]
+pub struct PhaseChange {
+    pub service: String,
+    pub phase: Phase,
+    pub message: String,
+}
+
+pub type Changes<T> = BoxStream<'static, Result<T, tonic::Status>>;
+
+/// The service calls of an env-manager in another process, answered in domain types: what an
+/// attached stack and the command line use.
+#[derive(Clone)]
+pub struct ServiceClient {
+    client: EnvClient,
+}
+
+impl ServiceClient {
+    pub fn new(channel: AuthChannel) -> ServiceClient {
+        ServiceClient {
+            client: env_pb::env_manager_service_client::EnvManagerServiceClient::new(channel),
+        }
+    }
+
+    pub async fn status(&self) -> Result<StackStatus, tonic::Status> {
+        let r = self
+            .client
+            .clone()
+            .get_services_status(env_pb::GetServicesStatusRequest::default())
+            .await?
+            .into_inner();
+        Ok(StackStatus {
+            project: r.project,
+            engine_error: (!r.engine_reachable).then_some(r.engine_error),
+            services: r.services.into_iter().map(service_state).collect(),
+        })
+    }
+
+    /// A service's output: the last `tail` lines (all when 0) since `since_seconds` (Unix
+    /// time; 0 = from the start), then new lines as they come when `follow`.
+    pub async fn logs(
+        &self,
+        service: &str,
+        follow: bool,
+        tail: u32,
+        since_seconds: i64,
+    ) -> Result<Changes<LogLine>, tonic::Status> {
+        let request = env_pb::StreamLogsRequest {
+            service: service.to_string(),
+            follow,
+            tail,
+            since_seconds,
+        };
+        let stream = self.client.clone().stream_logs(request).await?.into_inner();
+        Ok(stream
+            .map(|line| {
+                line.map(|l| LogLine {
+                    stderr: l.stream == env_pb::LogStream::Stderr as i32,
+                    service: l.service,
+                    line: l.line,
+                })
+            })
+            .boxed())
+    }
+
+    /// Restarts a service and waits until it is healthy again.
+    pub async fn restart(&self, service: &str) -> Result<ServiceState, tonic::Status> {
+        let s = self
+            .client
+            .clone()
+            .restart_service(env_pb::RestartServiceRequest {
+                service: service.to_string(),
+            })
+            .await?
+            .into_inner();
+        Ok(service_state(s))
+    }
+
+    /// Every service's phase changes, each service's current phase first.
+    pub async fn phases(&self) -> Result<Changes<PhaseChange>, tonic::Status> {
+        let stream = self
+            .client
+            .clone()
+            .stream_health(env_pb::StreamHealthRequest::default())
+            .await?
+            .into_inner();
+        Ok(stream
+            .map(|u| {
+                u.map(|u| PhaseChange {
+                    phase: convert::phase_from_pb(u.phase),
+                    service: u.service,
+                    message: u.message,
+                })
+            })
+            .boxed())
+    }
+
+    /// Stops every service, dependents first (`timeout` seconds each before a kill; their own
+    /// stop timeout when `None`); the names of those stopped.
+    pub async fn stop(&self, timeout: Option<u32>) -> Result<Vec<String>, tonic::Status> {
+        let r = self
+            .client
+            .clone()
+            .stop_services(env_pb::StopServicesRequest {
+                services: Vec::new(),
+                timeout_seconds: timeout.unwrap_or(0),
+            })
+            .await?
+            .into_inner();
+        Ok(r.stopped)
     }
 }
 
@@ -215,8 +336,7 @@ impl TaskClient {
         }
     }
 
-    /// The generated client, for the calls that have no domain form (health, metrics, lists).
-    pub fn raw(&self) -> OrchestratorClient {
+    fn raw(&self) -> OrchestratorClient {
         self.client.clone()
     }
 
@@ -265,6 +385,35 @@ impl TaskClient {
     }
 
     /// Deletes finished tasks older than `older_than`; returns how many.
+    /// What the orchestrator says of itself.
+    pub async fn health(&self) -> Result<OrchestratorHealth, tonic::Status> {
+        let r = self.raw().health(pb::HealthRequest {}).await?.into_inner();
+        Ok(OrchestratorHealth {
+            healthy: r.healthy,
+            version: r.version,
+            project: r.project,
+            env_manager_addr: r.env_manager_addr,
+        })
+    }
+
+    pub async fn metrics(&self) -> Result<QueueMetrics, tonic::Status> {
+        let m = self
+            .raw()
+            .get_metrics(pb::GetMetricsRequest {})
+            .await?
+            .into_inner();
+        Ok(QueueMetrics {
+            by_state: m.tasks_by_status.into_iter().collect(),
+            submitted: m.submitted,
+            completed: m.completed,
+            failed: m.failed,
+            cancelled: m.cancelled,
+            running: m.running,
+            uptime: Duration::try_from_secs_f64(m.uptime_seconds).unwrap_or_default(),
+            task_types: m.task_types,
+        })
+    }
+
     pub async fn prune(&self, older_than: Duration) -> Result<u64, tonic::Status> {
         let older_than_ms = u64::try_from(older_than.as_millis()).unwrap_or(u64::MAX);
         let r = self

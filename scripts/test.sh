@@ -8,11 +8,15 @@ bash scripts/provision.sh
 python3 -m pip install -q --upgrade "pytest>=8" "pytest-asyncio>=0.23" "mypy>=1.10" "ruff>=0.5" \
     "grpcio>=1.60" "grpcio-tools>=1.60" "grpcio-reflection>=1.60" "kubernetes-validate>=1.33"
 # The security tests call the ports as a second, unprivileged local user, with Debian's own
-# grpcio (this interpreter's lives in a folder that user cannot enter).
+# grpcio (this interpreter's lives in a folder that user cannot enter); the Podman tests run a
+# Podman API service of their own.
 if [ "$(id -u)" = 0 ]; then
-    if ! /usr/bin/python3 -c "import grpc" >/dev/null 2>&1; then
+    wanted=()
+    /usr/bin/python3 -c "import grpc" >/dev/null 2>&1 || wanted+=(python3-grpcio)
+    command -v podman >/dev/null 2>&1 || wanted+=(podman)
+    if [ ${#wanted[@]} -gt 0 ]; then
         apt-get update -q
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends python3-grpcio
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${wanted[@]}"
     fi
     id dspy-intruder >/dev/null 2>&1 || useradd --system --no-create-home --shell /usr/sbin/nologin dspy-intruder
 fi

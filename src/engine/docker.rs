@@ -585,10 +585,14 @@ impl Engine for Docker {
             ("type", vec!["container".to_string()]),
             (
                 "event",
+                // Podman's Docker-compatible API filters on its own names ("died") and says
+                // "remove" where Docker says "destroy"; Docker ignores names it lacks.
                 vec![
                     "start".to_string(),
                     "die".to_string(),
+                    "died".to_string(),
                     "destroy".to_string(),
+                    "remove".to_string(),
                 ],
             ),
             ("label", vec![label]),
@@ -605,9 +609,14 @@ impl Engine for Docker {
                     .as_ref()
                     .and_then(|a| a.get("exitCode"))
                     .and_then(|c| c.parse().ok());
+                let action = match event.action.unwrap_or_default().as_str() {
+                    "remove" => "destroy".to_string(),
+                    "died" => "die".to_string(),
+                    other => other.to_string(),
+                };
                 Ok(ContainerEvent {
                     id: actor.id.unwrap_or_default(),
-                    action: event.action.unwrap_or_default(),
+                    action,
                     exit_code,
                 })
             })

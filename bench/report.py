@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import re
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 HEADER = (
     "# Benchmarks\n\n"
@@ -24,3 +28,12 @@ def write_section(path: Path, name: str, markdown: str) -> None:
         text = text.rstrip() + "\n\n" + block + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
+
+
+def in_fresh_process(script: str, *args: str) -> Any:
+    """Runs `script` with `args` in a new interpreter, so that no run inherits another's
+    threads or memory, and returns the JSON of its last line of output."""
+    out = subprocess.run(
+        [sys.executable, script, *args], check=True, capture_output=True, text=True
+    ).stdout
+    return json.loads(out.strip().splitlines()[-1])

@@ -35,6 +35,7 @@ async def soak(n: int, rounds: int, retention: str, db: Path) -> list[dict[str, 
     config: dict[str, Any] = {
         "tasks": {"store": str(db), "concurrency": 256, "retention": retention},
         "orchestrator_addr": "127.0.0.1:0",
+        "http_addr": "127.0.0.1:0",
     }
     per_round = n // rounds
     results = []

@@ -36,7 +36,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from report import write_section
+from report import in_fresh_process, write_section
 
 from dspy_agent_infra import AgentInfra, Task
 
@@ -76,6 +76,7 @@ async def bench_ours(n: int, workdir: Path) -> dict[str, float]:
     config = {
         "tasks": {"store": str(workdir / "ours.db"), "concurrency": 256},
         "orchestrator_addr": "127.0.0.1:0",
+        "http_addr": "127.0.0.1:0",
     }
     async with AgentInfra.start(services=[], config=config) as infra:
 
@@ -319,13 +320,7 @@ def main() -> None:
     runs: dict[str, list[dict[str, float]]] = {"ours": [], "taskito": [], "arq": []}
     for _ in range(args.rounds):
         for name, done in runs.items():
-            out = subprocess.run(
-                [sys.executable, __file__, "--only", name, "--tasks", str(n)],
-                check=True,
-                capture_output=True,
-                text=True,
-            ).stdout
-            result = json.loads(out.strip().splitlines()[-1])
+            result = in_fresh_process(__file__, "--only", name, "--tasks", str(n))
             print(name, result, file=sys.stderr)
             if result is not None:
                 done.append(result)

@@ -9,14 +9,23 @@ python3 -m pip install -q --upgrade "pytest>=8" "pytest-asyncio>=0.23" "mypy>=1.
     "grpcio>=1.60" "grpcio-tools>=1.60" "grpcio-reflection>=1.60" "kubernetes-validate>=1.33"
 # The security tests call the ports as a second, unprivileged local user, with Debian's own
 # grpcio (this interpreter's lives in a folder that user cannot enter); the Podman tests run a
-# Podman API service of their own.
+# Podman API service of their own; the metrics tests run Debian's promtool and Prometheus,
+# unpacked (no service installed).
+prometheus=/opt/dspy-agent-prometheus
 if [ "$(id -u)" = 0 ]; then
     wanted=()
     /usr/bin/python3 -c "import grpc" >/dev/null 2>&1 || wanted+=(python3-grpcio)
     command -v podman >/dev/null 2>&1 || wanted+=(podman)
-    if [ ${#wanted[@]} -gt 0 ]; then
+    if [ ${#wanted[@]} -gt 0 ] || [ ! -x "$prometheus/usr/bin/promtool" ]; then
         apt-get update -q
+    fi
+    if [ ${#wanted[@]} -gt 0 ]; then
         DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${wanted[@]}"
+    fi
+    if [ ! -x "$prometheus/usr/bin/promtool" ]; then
+        download=$(mktemp -d)
+        (cd "$download" && apt-get download -q prometheus && dpkg -x prometheus_*.deb "$prometheus")
+        rm -rf "$download"
     fi
     id dspy-intruder >/dev/null 2>&1 || useradd --system --no-create-home --shell /usr/sbin/nologin dspy-intruder
 fi

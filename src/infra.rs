@@ -14,6 +14,7 @@ use crate::engine::{Docker, EngineError, SharedEngine};
 use crate::grpc::env_manager::EnvManager;
 use crate::grpc::{self, GrpcError};
 use crate::health;
+use crate::http;
 use crate::owner::{Owner, OwnerError, OwnerLock};
 use crate::services::supervisor::{NetworkUnderway, ServiceState, StackError, Supervisor};
 use crate::tasks::handlers::{self, Handler, ServiceDirectory};
@@ -40,6 +41,8 @@ pub enum InfraError {
     Grpc(#[from] GrpcError),
     #[error(transparent)]
     InUse(#[from] OwnerError),
+    #[error(transparent)]
+    Http(#[from] http::BindError),
 }
 
 impl InfraError {
@@ -86,6 +89,8 @@ pub struct Infra {
     queue: TaskQueue,
     servers: Mutex<Vec<grpc::Server>>,
     orchestrator_addr: SocketAddr,
+    /// Where `/metrics` and `/healthz` are served.
+    http_addr: SocketAddr,
     env_manager_addr: SocketAddr,
     watchdog: Option<Watchdog>,
     /// What both ports require.
@@ -163,7 +168,13 @@ impl Infra {
                 background.spawn(async move { made.ensure_network(&name, &project).await });
             (e, network)
         });
-        let queue = TaskQueue::start(store, config.tasks.concurrency, background.clone()).await?;
+        let queue = TaskQueue::start(
+            store,
+            config.tasks.concurrency,
+            background.clone(),
+            Arc::default(),
+        )
+        .await?;
         let limit = |t: &str| config.tasks.limits.get(t).copied();
         for t in ["ping", "test", "echo"] {
             queue.register(t, Arc::new(handlers::Builtin(t)), limit(t));
@@ -182,7 +193,11 @@ impl Infra {
         };
         let opened = Self::open_rest(&config, &queue, own_log, serving, engine).await;
         match opened {
-            Ok((supervisor, servers)) => {
+            Ok(Opened {
+                supervisor,
+                servers,
+                http_addr,
+            }) => {
                 if let Err(e) = owner.record(&servers[0].addr.to_string()) {
                     tracing::warn!(error = %e, "cannot record this stack's address in its owner lock; a second start of the project will not find it to attach");
                 }
@@ -206,6 +221,7 @@ impl Infra {
                 Ok(Infra {
                     background,
                     orchestrator_addr: servers[0].addr,
+                    http_addr,
                     env_manager_addr: servers[1].addr,
                     config,
                     supervisor,
@@ -235,8 +251,9 @@ impl Infra {
         own_log: Option<PathBuf>,
         serving: grpc::Serving,
         engine: Option<(SharedEngine, NetworkUnderway)>,
-    ) -> Result<(Option<Arc<Supervisor>>, Vec<grpc::Server>), (InfraError, Vec<grpc::Server>)> {
+    ) -> Result<Opened, (InfraError, Vec<grpc::Server>)> {
         let background = &serving.background.clone();
+        let guard = serving.guard.clone();
         let mut servers = Vec::new();
         let env_manager_addr = Arc::new(std::sync::OnceLock::new());
         match grpc::serve_orchestrator(
@@ -264,7 +281,7 @@ impl Infra {
         let manager = EnvManager::new(
             Arc::clone(config),
             supervisor.clone(),
-            engine,
+            engine.clone(),
             own_log,
             background.clone(),
         );
@@ -275,7 +292,20 @@ impl Infra {
             }
             Err(e) => return Err((e.into(), servers)),
         }
-        Ok((supervisor, servers))
+        let sources = http::Sources {
+            queue: queue.clone(),
+            supervisor: supervisor.clone(),
+            engine,
+            guard,
+        };
+        match http::serve(&config.http_addr, sources, background).await {
+            Ok(http_addr) => Ok(Opened {
+                supervisor,
+                servers,
+                http_addr,
+            }),
+            Err(e) => Err((e.into(), servers)),
+        }
     }
 
     /// Makes the supervisor and registers the handlers that use the Engine.
@@ -342,6 +372,11 @@ impl Infra {
     }
 
     /// Where the orchestrator gRPC service listens (the real port when 0 was asked for).
+    /// Where `/metrics` and `/healthz` are served.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
     pub fn orchestrator_addr(&self) -> SocketAddr {
         self.orchestrator_addr
     }
@@ -432,6 +467,13 @@ impl Infra {
     pub fn background_tasks(&self) -> usize {
         self.background.running()
     }
+}
+
+/// What `open_rest` started.
+struct Opened {
+    supervisor: Option<Arc<Supervisor>>,
+    servers: Vec<grpc::Server>,
+    http_addr: SocketAddr,
 }
 
 /// Lists both ports for this user's clients when they require the state folder's token, and

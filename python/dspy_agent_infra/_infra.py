@@ -272,6 +272,13 @@ class AgentInfra:
         return self._core.env_manager_addr
 
     @property
+    def http_addr(self) -> str | None:
+        """``host:port`` of the HTTP port: ``/metrics`` (Prometheus text format, behind the token
+        as ``Authorization: Bearer TOKEN``) and ``/healthz``. ``None`` when another process runs
+        the stack."""
+        return self._core.http_addr
+
+    @property
     def token(self) -> str | None:
         """The token both gRPC ports require, sent as the metadata ``authorization: Bearer
         TOKEN`` (``None`` when ``allow_remote_without_token`` opened them). Clients of the same

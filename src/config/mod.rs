@@ -21,6 +21,8 @@ pub const CONFIG_FILE_NAME: &str = "dspy-agent.toml";
 pub const DEFAULT_PROJECT: &str = "dspy-agent";
 pub const DEFAULT_ORCHESTRATOR_ADDR: &str = "127.0.0.1:50052";
 pub const DEFAULT_ENV_MANAGER_ADDR: &str = "127.0.0.1:50051";
+/// Where `/metrics`, `/healthz` and the dashboard are served (Prometheus' port for exporters).
+pub const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:9464";
 
 /// A number or a string, for values users write either way (`cpus = 2`, `cpus = "1.5"`).
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -245,6 +247,8 @@ pub struct ConfigLayer {
     pub docker_host: Option<String>,
     pub orchestrator_addr: Option<String>,
     pub env_manager_addr: Option<String>,
+    /// The HTTP port of `/metrics`, `/healthz` and the dashboard.
+    pub http_addr: Option<String>,
     pub keep_running: Option<bool>,
     /// Host address ports are published on when a mapping names none.
     pub publish_host_ip: Option<String>,
@@ -268,6 +272,7 @@ impl ConfigLayer {
         merge(&mut self.state_dir, upper.state_dir);
         merge(&mut self.docker_host, upper.docker_host);
         merge(&mut self.orchestrator_addr, upper.orchestrator_addr);
+        merge(&mut self.http_addr, upper.http_addr);
         merge(&mut self.env_manager_addr, upper.env_manager_addr);
         merge(&mut self.keep_running, upper.keep_running);
         merge(&mut self.publish_host_ip, upper.publish_host_ip);
@@ -394,6 +399,7 @@ pub struct Config {
     pub docker_host: Option<String>,
     pub orchestrator_addr: String,
     pub env_manager_addr: String,
+    pub http_addr: String,
     /// The configured token every gRPC call must carry (health checks aside); never logged or
     /// shown. Without one, `access::required` makes or reads the state folder's.
     pub token: Option<Secret>,
@@ -488,6 +494,7 @@ fn problems_of(l: Layered, env: &BTreeMap<String, String>) -> Vec<ConfigError> {
             &layer.env_manager_addr,
             DEFAULT_ENV_MANAGER_ADDR,
         ),
+        ("http_addr", &layer.http_addr, DEFAULT_HTTP_ADDR),
     ] {
         if let Err(e) = check_addr(field, addr.as_deref().unwrap_or(default)) {
             found.push(e);
@@ -617,6 +624,7 @@ fn env_layer(env: &BTreeMap<String, String>) -> ConfigLayer {
         state_dir: get("DSPY_AGENT_STATE_DIR").map(PathBuf::from),
         docker_host: get("ENV_MANAGER_DOCKER_HOST").or_else(|| get("DOCKER_HOST")),
         orchestrator_addr: get("ORCHESTRATOR_GRPC_ADDR"),
+        http_addr: get("DSPY_AGENT_HTTP_ADDR"),
         env_manager_addr: get("ENV_MANAGER_GRPC_ADDR"),
         token: get("DSPY_AGENT_TOKEN"),
         tasks: get("DSPY_AGENT_TASK_STORE").map(|store| TasksPatch {
@@ -794,6 +802,12 @@ fn resolve(
             .unwrap_or_else(|| DEFAULT_ENV_MANAGER_ADDR.to_string()),
     );
     check_addr("env_manager_addr", &env_manager_addr)?;
+    let http_addr = every_interface(
+        layer
+            .http_addr
+            .unwrap_or_else(|| DEFAULT_HTTP_ADDR.to_string()),
+    );
+    check_addr("http_addr", &http_addr)?;
     if let Some(t) = &layer.token {
         check_token_text(t).map_err(|m| ConfigError::invalid("token", m))?;
     }
@@ -870,6 +884,7 @@ fn resolve(
         docker_host: layer.docker_host,
         orchestrator_addr,
         env_manager_addr,
+        http_addr,
         token,
         allow_without_token: layer.allow_remote_without_token.unwrap_or(false),
         tls: resolve_tls(layer.tls, base_dir)?,

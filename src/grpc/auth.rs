@@ -71,18 +71,28 @@ fn same(a: &[u8; 32], b: &[u8; 32]) -> bool {
     subtle::ConstantTimeEq::ct_eq(&a[..], &b[..]).into()
 }
 
+impl Guard {
+    /// Whether a call with this `authorization` value may pass.
+    pub fn allows(&self, authorization: Option<&str>) -> bool {
+        match &self.expected {
+            None => true,
+            Some(expected) => authorization
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .is_some_and(|token| same(&digest(token), expected)),
+        }
+    }
+}
+
 impl Interceptor for Guard {
     fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
-        let Some(expected) = &self.expected else {
-            return Ok(request);
-        };
         let given = request
             .metadata()
             .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        match given {
-            Some(token) if same(&digest(token), expected) => Ok(request),
+            .and_then(|v| v.to_str().ok());
+        if self.allows(given) {
+            return Ok(request);
+        }
+        match given.and_then(|v| v.strip_prefix("Bearer ")) {
             Some(_) => Err(Status::unauthenticated(format!(
                 "the token does not match this port's, which is in {}",
                 self.source

@@ -146,10 +146,17 @@ impl Workers {
     /// unregisters types no worker serves any more (their queued tasks wait for one).
     fn sync_queue(self: &Arc<Self>, state: &mut State) {
         let mut totals: BTreeMap<String, usize> = BTreeMap::new();
+        let mut connected: BTreeMap<&str, i64> = BTreeMap::new();
         for w in state.workers.values() {
             for t in &w.types {
                 *totals.entry(t.clone()).or_default() += w.capacity;
+                *connected.entry(t).or_default() += 1;
             }
+        }
+        let gauge = &self.queue.instruments().workers;
+        gauge.reset();
+        for (t, n) in connected {
+            gauge.with_label_values(&[t]).set(n);
         }
         for t in state.served.keys() {
             if !totals.contains_key(t) {
@@ -378,6 +385,7 @@ mod tests {
             TaskStore::open(None, Durability::default()).unwrap(),
             8,
             background.clone(),
+            Default::default(),
         )
         .await
         .unwrap();

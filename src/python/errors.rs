@@ -137,6 +137,9 @@ pub fn to_py_err(error: InfraError) -> PyErr {
         InfraError::Grpc(crate::grpc::GrpcError::Bind { addr, what, .. }) => {
             port_in_use(message, what.into(), port_of(&addr), addr)
         }
+        InfraError::Http(crate::http::BindError { addr, .. }) => {
+            port_in_use(message, "http".into(), port_of(&addr), addr)
+        }
     }
 }
 

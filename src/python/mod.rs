@@ -356,6 +356,12 @@ impl Core {
         Ok(self.state.stack()?.orchestrator_addr())
     }
 
+    /// `host:port` of `/metrics` and `/healthz` (None for a stack another process runs).
+    #[getter]
+    fn http_addr(&self) -> PyResult<Option<String>> {
+        Ok(self.state.stack()?.http_addr())
+    }
+
     /// What clients of this stack's ports trust, when they speak TLS: (CA PEM, server name).
     #[getter]
     fn tls_trust(&self) -> Option<(Vec<u8>, String)> {

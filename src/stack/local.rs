@@ -29,6 +29,10 @@ impl Stack for Infra {
         Infra::env_manager_addr(self).to_string()
     }
 
+    fn http_addr(&self) -> Option<String> {
+        Some(Infra::http_addr(self).to_string())
+    }
+
     fn token(&self) -> Option<crate::config::Secret> {
         Infra::token(self).cloned()
     }

@@ -96,6 +96,8 @@ pub trait Stack: Send + Sync {
     fn orchestrator_addr(&self) -> String;
     /// "host:port" of the env-manager gRPC service.
     fn env_manager_addr(&self) -> String;
+    /// "host:port" of `/metrics` and `/healthz`, when this process knows it (not when attached).
+    fn http_addr(&self) -> Option<String>;
     /// The token both ports require (and this stack's clients send), when there is one.
     fn token(&self) -> Option<crate::config::Secret>;
     /// The services as last known, dependencies first.

@@ -502,6 +502,10 @@ impl Stack for Remote {
         self.env_manager_addr.clone()
     }
 
+    fn http_addr(&self) -> Option<String> {
+        None
+    }
+
     fn token(&self) -> Option<Secret> {
         self.token.clone()
     }

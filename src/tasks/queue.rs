@@ -2,7 +2,6 @@
 //! concurrency limits and timeouts, cancels, and broadcasts every state change.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -12,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 #[cfg(test)]
 use crate::config::Durability;
 use crate::config::TaskType;
+use crate::metrics::Metrics;
 use crate::tasks::handlers::{Handler, HandlerError};
 use crate::tasks::model::{NewTask, TaskError, TaskRecord, TaskState};
 use crate::tasks::store::{now_ms, ListFilter, Outcome, TaskStore};
@@ -23,14 +23,6 @@ pub const MAX_PAYLOAD_BYTES: usize = 16 * 1024 * 1024;
 struct Registered {
     handler: Arc<dyn Handler>,
     slots: Arc<Semaphore>,
-}
-
-#[derive(Default)]
-struct Counters {
-    submitted: AtomicU64,
-    completed: AtomicU64,
-    failed: AtomicU64,
-    cancelled: AtomicU64,
 }
 
 /// Figures for `GetMetrics`.
@@ -56,7 +48,7 @@ struct Inner {
     waiters: Mutex<HashMap<String, Vec<oneshot::Sender<Arc<TaskRecord>>>>>,
     wake: Notify,
     running: Mutex<HashMap<String, CancellationToken>>,
-    counters: Counters,
+    metrics: Arc<Metrics>,
     started: Instant,
     /// Cancelled when the stack stops: dispatching ends and running handlers are cancelled;
     /// their tasks stay RUNNING in the store and are recovered (retried) by the next process that
@@ -97,6 +89,7 @@ impl TaskQueue {
         store: TaskStore,
         default_concurrency: usize,
         background: Background,
+        metrics: Arc<Metrics>,
     ) -> Result<TaskQueue, TaskError> {
         let recovered = store.recover().await?;
         if recovered.requeued + recovered.failed > 0 {
@@ -116,7 +109,7 @@ impl TaskQueue {
                 waiters: Mutex::new(HashMap::new()),
                 wake: Notify::new(),
                 running: Mutex::new(HashMap::new()),
-                counters: Counters::default(),
+                metrics,
                 started: Instant::now(),
                 shutdown: background.token(),
                 background,
@@ -273,9 +266,10 @@ impl TaskQueue {
             return Ok((record, false));
         }
         self.inner
-            .counters
-            .submitted
-            .fetch_add(1, Ordering::Relaxed);
+            .metrics
+            .tasks_submitted
+            .with_label_values(&[&record.task.task_type])
+            .inc();
         match (permit, served) {
             (Some(permit), Some((handler, _))) if record.state == TaskState::Running => {
                 // Watchers see the same PENDING, RUNNING sequence as for a dispatched task.
@@ -327,9 +321,10 @@ impl TaskQueue {
                 token.cancel();
             }
             self.inner
-                .counters
-                .cancelled
-                .fetch_add(1, Ordering::Relaxed);
+                .metrics
+                .tasks_cancelled
+                .with_label_values(&[&record.task.task_type])
+                .inc();
             self.emit(&record);
         }
         Ok((record, cancelled))
@@ -368,16 +363,26 @@ impl TaskQueue {
         }
     }
 
+    /// Tasks waiting or running, by type and state: (type, state, count).
+    pub async fn depth(&self) -> Result<Vec<(String, TaskState, i64)>, TaskError> {
+        self.inner.store.depth().await
+    }
+
+    /// The stack's Prometheus metrics, which the queue and what serves it count into.
+    pub fn instruments(&self) -> &Arc<Metrics> {
+        &self.inner.metrics
+    }
+
     pub async fn metrics(&self) -> Result<QueueMetrics, TaskError> {
         let by_state = self.inner.store.counts();
-        let c = &self.inner.counters;
+        let m = &self.inner.metrics;
         Ok(QueueMetrics {
             running: lock(&self.inner.running).len() as u64,
             by_state,
-            submitted: c.submitted.load(Ordering::Relaxed),
-            completed: c.completed.load(Ordering::Relaxed),
-            failed: c.failed.load(Ordering::Relaxed),
-            cancelled: c.cancelled.load(Ordering::Relaxed),
+            submitted: total(&m.tasks_submitted),
+            completed: total(&m.tasks_completed),
+            failed: total(&m.tasks_failed),
+            cancelled: total(&m.tasks_cancelled),
             uptime: self.inner.started.elapsed(),
             task_types: self.task_types(),
         })
@@ -459,6 +464,15 @@ impl TaskQueue {
         let attempt = task.attempt;
         let token = self.inner.shutdown.child_token();
         lock(&self.inner.running).insert(task_id.clone(), token.clone());
+        let task_type = task.task.task_type.clone();
+        let m = &self.inner.metrics;
+        m.tasks_started.with_label_values(&[&task_type]).inc();
+        if let (1, Some(started)) = (attempt, task.started_at_ms) {
+            m.task_wait_seconds
+                .with_label_values(&[&task_type])
+                .observe((started - task.created_at_ms).max(0) as f64 / 1000.0);
+        }
+        let began = Instant::now();
         self.emit(&task);
         let timeout = task.task.timeout;
         let work = handler.run(task);
@@ -477,10 +491,12 @@ impl TaskQueue {
         drop(permit);
         self.inner.wake.notify_one();
         let Some(result) = outcome else { return };
+        let ran = began.elapsed().as_secs_f64();
         let outcome = match result {
             Ok(bytes) => Outcome::Completed(bytes),
             Err(HandlerError::Failed(error)) => Outcome::Failed(error),
             Err(HandlerError::Lost(reason)) => {
+                m.lease_expiries.with_label_values(&[&task_type]).inc();
                 tracing::warn!(
                     task_id,
                     attempt,
@@ -490,23 +506,39 @@ impl TaskQueue {
             }
             Err(HandlerError::Unserved(reason)) => Outcome::Requeue(reason),
         };
+        let failed = matches!(outcome, Outcome::Failed(_));
         match self.inner.store.finish(&task_id, attempt, outcome).await {
             Ok(Some(record)) => {
-                match record.state {
-                    TaskState::Completed => self
-                        .inner
-                        .counters
-                        .completed
-                        .fetch_add(1, Ordering::Relaxed),
-                    TaskState::Failed => self.inner.counters.failed.fetch_add(1, Ordering::Relaxed),
-                    _ => 0,
+                let counted = match record.state {
+                    TaskState::Completed => Some(&m.tasks_completed),
+                    TaskState::Failed => Some(&m.tasks_failed),
+                    // A failed attempt with retries left.
+                    TaskState::Pending if failed => Some(&m.tasks_retried),
+                    _ => None,
                 };
+                if let Some(counter) = counted {
+                    counter.with_label_values(&[&task_type]).inc();
+                    m.task_run_seconds
+                        .with_label_values(&[&task_type])
+                        .observe(ran);
+                }
                 self.emit(&record);
             }
             Ok(None) => tracing::debug!(task_id, attempt, "stale result ignored"),
             Err(e) => tracing::error!(task_id, error = %e, "recording a task's result failed"),
         }
     }
+}
+
+/// A counter's sum over all its labels.
+fn total(counter: &prometheus::IntCounterVec) -> u64 {
+    use prometheus::core::Collector;
+    counter
+        .collect()
+        .iter()
+        .flat_map(|family| family.get_metric())
+        .map(|m| m.get_counter().get_value() as u64)
+        .sum()
 }
 
 #[cfg(test)]
@@ -548,6 +580,7 @@ mod tests {
             TaskStore::open(None, Durability::default()).unwrap(),
             4,
             Background::default(),
+            Arc::default(),
         )
         .await
         .unwrap();

@@ -656,6 +656,32 @@ impl TaskStore {
         .await
     }
 
+    /// Tasks waiting or running, by type and state: (type, state, count).
+    pub async fn depth(&self) -> Result<Vec<(String, TaskState, i64)>, TaskError> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT task_type, state, COUNT(*) FROM tasks \
+                 WHERE state IN ('PENDING', 'RUNNING') GROUP BY state, task_type",
+            )?;
+            let rows = stmt.query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, i64>(2)?,
+                ))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (task_type, state, n) = row?;
+                if let Some(state) = TaskState::parse(&state) {
+                    out.push((task_type, state, n));
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
     /// Task counts by state, as of the last committed write.
     pub fn counts(&self) -> BTreeMap<String, u64> {
         lock(&self.inner.counts)

@@ -52,9 +52,10 @@ def images() -> None:
 @pytest.fixture(autouse=True)
 def state_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each test keeps its task store and other state in a folder of its own, and its
-    env-manager port on any free port."""
+    env-manager and HTTP ports on any free port."""
     monkeypatch.setenv("DSPY_AGENT_STATE_DIR", str(tmp_path_factory.mktemp("state")))
     monkeypatch.setenv("ENV_MANAGER_GRPC_ADDR", "127.0.0.1:0")
+    monkeypatch.setenv("DSPY_AGENT_HTTP_ADDR", "127.0.0.1:0")
 
 
 @pytest.fixture

@@ -1,0 +1,140 @@
+//! The HTTP port beside the gRPC ones: `/metrics` in the Prometheus text format and `/healthz`.
+//! `/metrics` asks for the same token as the gRPC ports (`Authorization: Bearer TOKEN`, what a
+//! Prometheus scrape sends with `authorization: { credentials: ... }`); `/healthz` is open, as
+//! the gRPC health service is.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+
+use crate::engine::{RunState, SharedEngine};
+use crate::grpc::auth::Guard;
+use crate::services::supervisor::Supervisor;
+use crate::tasks::queue::TaskQueue;
+use crate::util::Background;
+
+/// How long a scrape waits for the Engine to say it is there.
+const ENGINE_CHECK: Duration = Duration::from_secs(1);
+
+/// What the HTTP port reads from.
+#[derive(Clone)]
+pub struct Sources {
+    pub queue: TaskQueue,
+    pub supervisor: Option<Arc<Supervisor>>,
+    pub engine: Option<SharedEngine>,
+    pub guard: Guard,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot serve HTTP on {addr:?}: {message}. Set DSPY_AGENT_HTTP_ADDR (http_addr in dspy-agent.toml) to a free address, or port 0 for any free port")]
+pub struct BindError {
+    pub addr: String,
+    pub message: String,
+}
+
+/// Binds `addr` and serves until `background` stops; the address bound.
+pub async fn serve(
+    addr: &str,
+    sources: Sources,
+    background: &Background,
+) -> Result<SocketAddr, BindError> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| BindError {
+            addr: addr.to_string(),
+            message: e.to_string(),
+        })?;
+    let bound = listener.local_addr().map_err(|e| BindError {
+        addr: addr.to_string(),
+        message: e.to_string(),
+    })?;
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .with_state(sources);
+    let stop = background.token();
+    background.spawn(async move {
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .await;
+        if let Err(e) = served {
+            tracing::warn!(error = %e, "the HTTP port stopped");
+        }
+    });
+    Ok(bound)
+}
+
+async fn metrics(State(s): State<Sources>, headers: HeaderMap) -> Response {
+    let authorization = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    if !s.guard.allows(authorization) {
+        return (
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Bearer")],
+            "a token is required: send `Authorization: Bearer TOKEN` (`dspy-agent token` prints it)\n",
+        )
+            .into_response();
+    }
+    refresh(&s).await;
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        s.queue.instruments().render(),
+    )
+        .into_response()
+}
+
+/// Sets the levels a scrape reads: queue depth, the services, the Engine.
+async fn refresh(s: &Sources) {
+    let m = s.queue.instruments();
+    match s.queue.depth().await {
+        Ok(depth) => {
+            m.queue_depth.reset();
+            for (task_type, state, n) in depth {
+                m.queue_depth
+                    .with_label_values(&[
+                        task_type.as_str(),
+                        state.as_str().to_ascii_lowercase().as_str(),
+                    ])
+                    .set(n);
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot count the queue for /metrics"),
+    }
+    if let Some(engine) = &s.engine {
+        let up = matches!(
+            tokio::time::timeout(ENGINE_CHECK, engine.engine_info()).await,
+            Ok(Ok(_))
+        );
+        m.engine_up.set(i64::from(up));
+    }
+    if let Some(supervisor) = &s.supervisor {
+        for service in supervisor.snapshot() {
+            let name = service.name.as_str();
+            let running = matches!(
+                service.engine_state,
+                Some(RunState::Running | RunState::Paused)
+            );
+            m.service_up
+                .with_label_values(&[name])
+                .set(i64::from(running));
+            m.service_healthy
+                .with_label_values(&[name])
+                .set(i64::from(service.healthy()));
+            let counted = m.service_restarts.with_label_values(&[name]);
+            let seen = u64::from(service.restart_count);
+            if seen > counted.get() {
+                counted.inc_by(seen - counted.get());
+            }
+        }
+    }
+}

@@ -190,6 +190,7 @@ impl Infra {
             ),
             tls: config.tls.clone(),
             background: background.clone(),
+            metrics: Arc::clone(queue.instruments()),
         };
         let opened = Self::open_rest(&config, &queue, own_log, serving, engine).await;
         match opened {

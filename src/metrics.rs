@@ -29,6 +29,8 @@ pub struct Metrics {
     pub service_healthy: IntGaugeVec,
     pub service_restarts: IntCounterVec,
     pub engine_up: IntGauge,
+    pub grpc_requests: IntCounterVec,
+    pub grpc_seconds: HistogramVec,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -53,10 +55,10 @@ fn gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGau
     g
 }
 
-fn seconds(registry: &Registry, name: &str, help: &str) -> HistogramVec {
+fn seconds(registry: &Registry, name: &str, help: &str, label: &str) -> HistogramVec {
     let h = HistogramVec::new(
         HistogramOpts::new(name, help).buckets(SECONDS_BUCKETS.to_vec()),
-        &["task_type"],
+        &[label],
     )
     .expect("a valid metric");
     registry
@@ -110,11 +112,13 @@ impl Metrics {
                 &r,
                 "task_run_seconds",
                 "How long a finished attempt ran, by task type.",
+                "task_type",
             ),
             task_wait_seconds: seconds(
                 &r,
                 "task_queue_wait_seconds",
-                "How long an attempt waited in the queue before it started, by task type.",
+                "How long a task waited in the queue before its first attempt, by task type.",
+                "task_type",
             ),
             lease_expiries: counter(
                 &r,
@@ -153,6 +157,18 @@ impl Metrics {
                 &["service"],
             ),
             engine_up,
+            grpc_requests: counter(
+                &r,
+                "grpc_requests_total",
+                "gRPC calls by method and status code.",
+                &["method", "code"],
+            ),
+            grpc_seconds: seconds(
+                &r,
+                "grpc_request_seconds",
+                "How long gRPC calls took, by method (for a stream, its whole life).",
+                "method",
+            ),
             registry: r,
         }
     }

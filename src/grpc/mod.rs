@@ -5,6 +5,7 @@ pub mod auth;
 pub mod codec;
 pub mod convert;
 pub mod env_manager;
+mod observe;
 pub mod orchestrator;
 mod status;
 pub mod worker_client;
@@ -87,6 +88,8 @@ pub struct Serving {
     pub guard: Guard,
     pub tls: Option<Tls>,
     pub background: Background,
+    /// Where every call is counted.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// Serves the orchestrator on `addr` ("HOST:PORT"; port 0 = any free port).
@@ -162,6 +165,7 @@ async fn serve(
         guard,
         tls,
         background,
+        metrics,
     } = serving;
     let bind_error = |message: String| GrpcError::Bind {
         what,
@@ -200,6 +204,7 @@ async fn serve(
             .tls_config(ServerTlsConfig::new().identity(identity))
             .map_err(|e| bind_error(format!("TLS: {e}")))?;
     }
+    let mut builder = builder.layer(observe::Observe::new(metrics));
     let stop = background.token();
     let signal = stop.clone();
     let task = background.spawn(async move {

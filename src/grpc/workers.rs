@@ -399,6 +399,7 @@ mod tests {
                 guard: crate::grpc::auth::Guard::default(),
                 tls: None,
                 background: background.clone(),
+                metrics: Arc::clone(queue.instruments()),
             },
         )
         .await

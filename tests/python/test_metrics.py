@@ -17,7 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from dspy_agent_infra import AgentInfra, Task
+import grpc
+from dspy_agent_infra import AgentInfra, InfraError, OrchestratorClient, Task
+from dspy_agent_infra.errors import TaskNotFoundError
 from helpers import ROOT, free_port, http_service, redis_service
 
 PROMETHEUS = Path(os.environ.get("DSPY_AGENT_PROMETHEUS", "/opt/dspy-agent-prometheus/usr/bin"))
@@ -73,6 +75,21 @@ async def test_metrics_of_a_running_stack(project: str) -> None:
         await infra.submit_task("w2", "later", {})
         for task_id in ("p0", "p1", "p2", "f", "b"):
             await infra.wait_for_task(task_id, timeout=30)
+        # gRPC calls, counted by method and code: two found, one not, one refused.
+        client = infra.orchestrator_client
+        for task_id in ("p0", "p1"):
+            await client.get_task_status(task_id)
+        with pytest.raises(TaskNotFoundError):
+            await client.get_task_status("missing")
+        port = int((infra.orchestrator_addr or "").rpartition(":")[2])
+        with pytest.raises(InfraError):
+            await OrchestratorClient(port=port, token="wrong-token-0123456789").get_task_status(
+                "p0"
+            )
+        # A path no port serves is counted, but never named.
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            with pytest.raises(grpc.aio.AioRpcError):
+                await channel.unary_unary("/made.Up/Path1")(b"")
 
         # Open: the health check. Behind the token: the metrics.
         assert get(f"{base}/healthz") == (200, "ok\n")
@@ -111,6 +128,13 @@ async def test_metrics_of_a_running_stack(project: str) -> None:
             assert f"# HELP dspy_agent_{family} " in text
             assert f"# TYPE dspy_agent_{family} " in text
         assert any(k.startswith("dspy_agent_build_info{version=") for k in s)
+        status_call = 'method="/orchestrator.v1.OrchestratorService/GetTaskStatus"'
+        assert s[f'dspy_agent_grpc_requests_total{{code="OK",{status_call}}}'] == 2
+        assert s[f'dspy_agent_grpc_requests_total{{code="NOT_FOUND",{status_call}}}'] == 1
+        assert s[f'dspy_agent_grpc_requests_total{{code="UNAUTHENTICATED",{status_call}}}'] == 1
+        assert s[f"dspy_agent_grpc_request_seconds_count{{{status_call}}}"] == 4
+        assert not any("made.Up" in k for k in s)
+        assert any('method="unknown"' in k for k in s)
 
 
 async def test_a_prometheus_server_scrapes_the_stack(project: str, tmp_path: Path) -> None:

@@ -1,7 +1,7 @@
 //! The HTTP port beside the gRPC ones: `/metrics` in the Prometheus text format and `/healthz`.
 //! `/metrics` asks for the same token as the gRPC ports (`Authorization: Bearer TOKEN`, what a
 //! Prometheus scrape sends with `authorization: { credentials: ... }`); `/healthz` is open, as
-//! the gRPC health service is.
+//! the gRPC health service is. With `[tls]` it speaks HTTPS with the same certificate.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,7 +12,14 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::{rustls, TlsAcceptor};
 
+use crate::config::Tls;
 use crate::engine::{RunState, SharedEngine};
 use crate::grpc::auth::Guard;
 use crate::services::supervisor::Supervisor;
@@ -21,6 +28,8 @@ use crate::util::Background;
 
 /// How long a scrape waits for the Engine to say it is there.
 const ENGINE_CHECK: Duration = Duration::from_secs(1);
+/// How long a client has to finish its TLS handshake.
+const HANDSHAKE: Duration = Duration::from_secs(10);
 
 /// What the HTTP port reads from.
 #[derive(Clone)]
@@ -38,26 +47,48 @@ pub struct BindError {
     pub message: String,
 }
 
-/// Binds `addr` and serves until `background` stops; the address bound.
+/// Binds `addr` and serves until `background` stops, over TLS when given; the address bound.
 pub async fn serve(
     addr: &str,
     sources: Sources,
+    tls: Option<&Tls>,
     background: &Background,
 ) -> Result<SocketAddr, BindError> {
+    let error = |message: String| BindError {
+        addr: addr.to_string(),
+        message,
+    };
     let listener = tokio::net::TcpListener::bind(addr)
         .await
-        .map_err(|e| BindError {
-            addr: addr.to_string(),
-            message: e.to_string(),
-        })?;
-    let bound = listener.local_addr().map_err(|e| BindError {
-        addr: addr.to_string(),
-        message: e.to_string(),
-    })?;
+        .map_err(|e| error(e.to_string()))?;
+    let bound = listener.local_addr().map_err(|e| error(e.to_string()))?;
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .with_state(sources);
+    match tls {
+        None => run(listener, app, background),
+        Some(tls) => {
+            let acceptor = TlsAcceptor::from(Arc::new(
+                server_config(tls).map_err(|e| error(format!("TLS: {e}")))?,
+            ));
+            let handshakes = handshakes(listener, acceptor, background);
+            let listener = TlsListener {
+                handshakes,
+                local: bound,
+            };
+            run(listener, app, background);
+        }
+    }
+    Ok(bound)
+}
+
+/// Serves `app` on `listener` until `background` stops.
+fn run<L>(listener: L, app: Router, background: &Background)
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
     let stop = background.token();
     background.spawn(async move {
         let served = axum::serve(listener, app)
@@ -67,7 +98,82 @@ pub async fn serve(
             tracing::warn!(error = %e, "the HTTP port stopped");
         }
     });
-    Ok(bound)
+}
+
+/// A rustls server configuration from the PEM files of `[tls]`.
+fn server_config(tls: &Tls) -> Result<rustls::ServerConfig, String> {
+    let certs = CertificateDer::pem_slice_iter(&tls.cert_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("tls.cert: {e}"))?;
+    let key = PrivateKeyDer::from_pem_slice(tls.key_pem.expose().as_bytes())
+        .map_err(|e| format!("tls.key: {e}"))?;
+    rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| e.to_string())
+}
+
+type Handshaken = (TlsStream<TcpStream>, SocketAddr);
+
+/// Accepts connections and runs each TLS handshake on its own (a client that never finishes
+/// one holds up nobody), handing over those that complete in time.
+fn handshakes(
+    listener: tokio::net::TcpListener,
+    acceptor: TlsAcceptor,
+    background: &Background,
+) -> mpsc::Receiver<Handshaken> {
+    let (tx, rx) = mpsc::channel(64);
+    let tasks = background.clone();
+    let stop = background.token();
+    background.spawn(async move {
+        loop {
+            let (tcp, peer) = tokio::select! {
+                _ = stop.cancelled() => return,
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "HTTPS accept failed");
+                        continue;
+                    }
+                },
+            };
+            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            tasks.spawn(async move {
+                match tokio::time::timeout(HANDSHAKE, acceptor.accept(tcp)).await {
+                    Ok(Ok(stream)) => {
+                        let _ = tx.send((stream, peer)).await;
+                    }
+                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    rx
+}
+
+struct TlsListener {
+    handshakes: mpsc::Receiver<Handshaken>,
+    local: SocketAddr,
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = TlsStream<TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> Handshaken {
+        match self.handshakes.recv().await {
+            Some(connection) => connection,
+            // The accepting task ended with the stack: nothing more comes.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        Ok(self.local)
+    }
 }
 
 async fn metrics(State(s): State<Sources>, headers: HeaderMap) -> Response {

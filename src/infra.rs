@@ -299,7 +299,7 @@ impl Infra {
             engine,
             guard,
         };
-        match http::serve(&config.http_addr, sources, background).await {
+        match http::serve(&config.http_addr, sources, config.tls.as_ref(), background).await {
             Ok(http_addr) => Ok(Opened {
                 supervisor,
                 servers,

@@ -4,10 +4,14 @@ and kept out of logs and output but once."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import os
+import ssl
 import subprocess
+import urllib.error
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
@@ -360,6 +364,25 @@ async def test_tls_round_trip(pb: dict[str, Any], tmp_path: Path) -> None:
             with pytest.raises(OrchestratorUnavailableError):
                 await wrong.get_task_status("tls")
             assert await wrong.health() is False
+        # The HTTP port speaks HTTPS with the same certificate, and refuses plain HTTP.
+        trusted = ssl.create_default_context(cafile=str(ca))
+        http_port = (infra.http_addr or "").rpartition(":")[2]
+        https = f"https://localhost:{http_port}"
+        with urllib.request.urlopen(f"{https}/healthz", context=trusted, timeout=10) as r:
+            assert r.read() == b"ok\n"
+        scrape = urllib.request.Request(
+            f"{https}/metrics", headers={"Authorization": f"Bearer {infra.token}"}
+        )
+        with urllib.request.urlopen(scrape, context=trusted, timeout=10) as r:
+            assert b"dspy_agent_build_info" in r.read()
+        with pytest.raises((urllib.error.URLError, ConnectionError, http.client.HTTPException)):
+            urllib.request.urlopen(f"http://127.0.0.1:{http_port}/healthz", timeout=10)
+        with pytest.raises(urllib.error.URLError):
+            urllib.request.urlopen(
+                f"{https}/healthz",
+                context=ssl.create_default_context(cafile=str(other_ca)),
+                timeout=10,
+            )
 
 
 async def test_secret_env_reaches_the_container_and_nothing_else(

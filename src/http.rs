@@ -28,6 +28,9 @@ use crate::util::Background;
 
 /// How long a scrape waits for the Engine to say it is there.
 const ENGINE_CHECK: Duration = Duration::from_secs(1);
+/// How often the containers' CPU and memory are sampled, and how long one sample may take.
+const SAMPLE_EVERY: Duration = Duration::from_secs(10);
+const STATS: Duration = Duration::from_secs(5);
 /// How long a client has to finish its TLS handshake.
 const HANDSHAKE: Duration = Duration::from_secs(10);
 
@@ -62,6 +65,7 @@ pub async fn serve(
         .await
         .map_err(|e| error(e.to_string()))?;
     let bound = listener.local_addr().map_err(|e| error(e.to_string()))?;
+    sample_usage(&sources, background);
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
@@ -96,6 +100,57 @@ where
             .await;
         if let Err(e) = served {
             tracing::warn!(error = %e, "the HTTP port stopped");
+        }
+    });
+}
+
+/// Samples the CPU and memory of the services' containers into the metrics: every second until
+/// every service runs (two minutes at most), then every 10 s (an Engine's stats take a second to measure CPU, too
+/// slow for a scrape to wait on).
+fn sample_usage(sources: &Sources, background: &Background) {
+    let (Some(supervisor), Some(engine)) = (sources.supervisor.clone(), sources.engine.clone())
+    else {
+        return;
+    };
+    let metrics = Arc::clone(sources.queue.instruments());
+    background.spawn_until_stopped(async move {
+        let began = tokio::time::Instant::now();
+        loop {
+            let running: Vec<(String, String)> = supervisor
+                .snapshot()
+                .into_iter()
+                .filter(|s| s.engine_state == Some(RunState::Running))
+                .filter_map(|s| Some((s.name, s.container_id?)))
+                .collect();
+            let samples = futures_util::future::join_all(running.iter().map(|(name, id)| {
+                let engine = &engine;
+                async move { (name, tokio::time::timeout(STATS, engine.stats(id)).await) }
+            }))
+            .await;
+            metrics.service_cpu.reset();
+            metrics.service_memory.reset();
+            let mut sampled = 0;
+            for (name, sample) in samples {
+                if let Ok(Ok(usage)) = sample {
+                    sampled += 1;
+                    metrics
+                        .service_cpu
+                        .with_label_values(&[name.as_str()])
+                        .set(usage.cpu_percent);
+                    metrics
+                        .service_memory
+                        .with_label_values(&[name.as_str()])
+                        .set(i64::try_from(usage.memory_bytes).unwrap_or(i64::MAX));
+                }
+            }
+            // Quickly while the stack comes up (for two minutes at most), then at the usual pace.
+            let coming_up = began.elapsed() < Duration::from_secs(120);
+            let pause = if coming_up && sampled < supervisor.names().len() {
+                Duration::from_secs(1)
+            } else {
+                SAMPLE_EVERY
+            };
+            tokio::time::sleep(pause).await;
         }
     });
 }

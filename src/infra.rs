@@ -326,6 +326,7 @@ impl Infra {
             background.clone(),
         ));
         supervisor.network_underway(network);
+        supervisor.record_probes(Arc::clone(queue.instruments()));
         let directory: Arc<dyn ServiceDirectory> = Arc::new(Directory(Arc::clone(&supervisor)));
         let limit = |t: &str| config.tasks.limits.get(t).copied();
         let exec = handlers::Exec {

@@ -3,8 +3,8 @@
 //! workers, services) are read when scraped.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 /// Run and wait times from a millisecond to an hour.
@@ -31,6 +31,9 @@ pub struct Metrics {
     pub engine_up: IntGauge,
     pub grpc_requests: IntCounterVec,
     pub grpc_seconds: HistogramVec,
+    pub probe_seconds: HistogramVec,
+    pub service_cpu: GaugeVec,
+    pub service_memory: IntGaugeVec,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -55,10 +58,10 @@ fn gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGau
     g
 }
 
-fn seconds(registry: &Registry, name: &str, help: &str, label: &str) -> HistogramVec {
+fn seconds(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> HistogramVec {
     let h = HistogramVec::new(
         HistogramOpts::new(name, help).buckets(SECONDS_BUCKETS.to_vec()),
-        &[label],
+        labels,
     )
     .expect("a valid metric");
     registry
@@ -112,13 +115,13 @@ impl Metrics {
                 &r,
                 "task_run_seconds",
                 "How long a finished attempt ran, by task type.",
-                "task_type",
+                t,
             ),
             task_wait_seconds: seconds(
                 &r,
                 "task_queue_wait_seconds",
                 "How long a task waited in the queue before its first attempt, by task type.",
-                "task_type",
+                t,
             ),
             lease_expiries: counter(
                 &r,
@@ -167,7 +170,31 @@ impl Metrics {
                 &r,
                 "grpc_request_seconds",
                 "How long gRPC calls took, by method (for a stream, its whole life).",
-                "method",
+                &["method"],
+            ),
+            probe_seconds: seconds(
+                &r,
+                "service_probe_seconds",
+                "How long health probes took, by service and outcome.",
+                &["service", "outcome"],
+            ),
+            service_cpu: {
+                let g = GaugeVec::new(
+                    Opts::new(
+                        "service_cpu_percent",
+                        "CPU the service's container used, in percent of one core, sampled every 10 s.",
+                    ),
+                    &["service"],
+                )
+                .expect("a valid metric");
+                r.register(Box::new(g.clone())).expect("registered once");
+                g
+            },
+            service_memory: gauge(
+                &r,
+                "service_memory_bytes",
+                "Memory the service's container uses (page cache excluded), sampled every 10 s.",
+                &["service"],
             ),
             registry: r,
         }

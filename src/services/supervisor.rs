@@ -191,6 +191,8 @@ pub struct Supervisor {
     background: Background,
     /// The project network's creation, begun before the first start asked for it.
     early_network: Mutex<Option<NetworkUnderway>>,
+    /// Where probe times are recorded, when the stack keeps metrics.
+    metrics: std::sync::OnceLock<Arc<crate::metrics::Metrics>>,
 }
 
 /// The project network being made in the background.
@@ -262,7 +264,13 @@ impl Supervisor {
             healing: Mutex::new(Healing::default()),
             background,
             early_network: Mutex::new(None),
+            metrics: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Records every health probe's time in `metrics` from now on.
+    pub fn record_probes(&self, metrics: Arc<crate::metrics::Metrics>) {
+        let _ = self.metrics.set(metrics);
     }
 
     /// The next start uses this creation of the project network instead of making it itself.
@@ -1146,8 +1154,22 @@ impl Supervisor {
         self.start_error(service, reason, logs)
     }
 
-    /// Runs one probe; `Err` carries what went wrong, for the error a user finally sees.
+    /// Runs one probe, timed; `Err` carries what went wrong, for the error a user finally sees.
     async fn probe(&self, spec: &ServiceSpec, id: &str) -> Result<(), String> {
+        let began = std::time::Instant::now();
+        let result = self.probe_once(spec, id).await;
+        if let Some(m) = self.metrics.get() {
+            m.probe_seconds
+                .with_label_values(&[
+                    spec.name.as_str(),
+                    if result.is_ok() { "pass" } else { "fail" },
+                ])
+                .observe(began.elapsed().as_secs_f64());
+        }
+        result
+    }
+
+    async fn probe_once(&self, spec: &ServiceSpec, id: &str) -> Result<(), String> {
         let timeout = spec.healthcheck.timeout;
         let published = |port: u16| -> Result<std::net::SocketAddr, String> {
             let state = self.lock();

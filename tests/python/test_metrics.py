@@ -135,6 +135,17 @@ async def test_metrics_of_a_running_stack(project: str) -> None:
         assert s[f"dspy_agent_grpc_request_seconds_count{{{status_call}}}"] == 4
         assert not any("made.Up" in k for k in s)
         assert any('method="unknown"' in k for k in s)
+        assert s['dspy_agent_service_probe_seconds_count{outcome="pass",service="cache"}'] >= 1
+        # CPU and memory are sampled in the background: they show up within seconds.
+        deadline = time.monotonic() + 30
+        memory = 'dspy_agent_service_memory_bytes{service="cache"}'
+        cpu = 'dspy_agent_service_cpu_percent{service="web"}'
+        while memory not in s or cpu not in s:
+            assert time.monotonic() < deadline, "no memory sample of cache"
+            await asyncio.sleep(0.5)
+            s = samples(get(f"{base}/metrics", infra.token)[1])
+        assert s[memory] > 0
+        assert s[cpu] >= 0
 
 
 async def test_a_prometheus_server_scrapes_the_stack(project: str, tmp_path: Path) -> None:

@@ -35,6 +35,9 @@ pub struct DaemonInfo {
     pub version: String,
     pub orchestrator_addr: String,
     pub env_manager_addr: String,
+    /// Where `/metrics` and `/healthz` are served (absent from files of earlier versions).
+    #[serde(default)]
+    pub http_addr: String,
     pub log: PathBuf,
     pub started_at_ms: i64,
 }
@@ -233,6 +236,7 @@ pub fn run(options: LoadOptions, launcher: Launcher) -> i32 {
         version: env!("CARGO_PKG_VERSION").to_string(),
         orchestrator_addr: infra.orchestrator_addr().to_string(),
         env_manager_addr: infra.env_manager_addr().to_string(),
+        http_addr: infra.http_addr().to_string(),
         log: log_path.clone(),
         started_at_ms: crate::tasks::store::now_ms(),
     };
@@ -339,6 +343,7 @@ mod tests {
             version: "0".into(),
             orchestrator_addr: "127.0.0.1:1".into(),
             env_manager_addr: "127.0.0.1:2".into(),
+            http_addr: "127.0.0.1:3".into(),
             log: dir.path().join(LOG_FILE),
             started_at_ms: 1,
         };

@@ -160,6 +160,7 @@ pub(super) async fn status(options: LoadOptions, json: bool) -> Result<i32, Fail
                 "version": info.version,
                 "orchestrator_addr": info.orchestrator_addr,
                 "env_manager_addr": info.env_manager_addr,
+                "http_addr": info.http_addr,
                 "uptime_seconds": uptime(info.started_at_ms),
             },
             "services": services,
@@ -167,14 +168,16 @@ pub(super) async fn status(options: LoadOptions, json: bool) -> Result<i32, Fail
         println!("{out:#}");
     } else {
         println!(
-            "project {:?}: daemon pid {}, up {}; orchestrator {}, env-manager {}",
+            "project {:?}: daemon pid {}, up {}; orchestrator {}, env-manager {}, metrics {}://{}/metrics",
             r.project,
             info.pid,
             uptime(info.started_at_ms)
                 .map(human_duration)
                 .unwrap_or_default(),
             info.orchestrator_addr,
-            info.env_manager_addr
+            info.env_manager_addr,
+            if config.tls.is_some() { "https" } else { "http" },
+            info.http_addr
         );
         if let Some(e) = &r.engine_error {
             println!("warning: {e}");

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -95,11 +96,16 @@ def test_a_whole_session(workdir: Path, project: str) -> None:
     assert sorted(s["container_id"] for s in services.values()) == sorted(containers(project))
     daemon_pid = report["daemon"]["pid"]
     assert pid_alive(daemon_pid)
+    # The daemon's HTTP port, where the command line says.
+    http_addr = report["daemon"]["http_addr"]
+    with urllib.request.urlopen(f"http://{http_addr}/healthz", timeout=10) as r:
+        assert r.read() == b"ok\n"
 
     table = run("status")
     assert table.returncode == 0
     header, *rows = [line for line in table.stdout.splitlines() if line.strip()][1:]
     assert header.split() == ["SERVICE", "STATE", "HEALTH", "PORTS", "CONTAINER", "UPTIME"]
+    assert f"metrics http://{http_addr}/metrics" in table.stdout
     assert {r.split()[0] for r in rows} == {"redis", "reddb", "infermesh"}
 
     logs = run("logs", "--service", "redis", "--tail", "5")

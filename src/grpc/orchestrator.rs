@@ -11,7 +11,7 @@ use tonic::{Request, Response, Status};
 
 use crate::grpc::workers::{Workers, LEASE};
 use crate::grpc::{convert, pb};
-use crate::tasks::model::NewTask;
+use crate::tasks::model::{is_traceparent, NewTask, TRACE_KEYS};
 use crate::tasks::queue::TaskQueue;
 use crate::tasks::store::ListFilter;
 use crate::util::Background;
@@ -59,12 +59,33 @@ impl pb::orchestrator_service_server::OrchestratorService for Orchestrator {
         &self,
         request: Request<pb::SubmitTaskRequest>,
     ) -> Result<Response<pb::SubmitTaskResponse>, Status> {
+        // The caller's trace context travels with the task, unless the task names its own.
+        let header = |key: &str| {
+            request
+                .metadata()
+                .get(key)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        let trace = header(TRACE_KEYS[0])
+            .filter(|t| is_traceparent(t))
+            .map(|parent| (parent, header(TRACE_KEYS[1])));
         let r = request.into_inner();
+        let mut metadata: std::collections::BTreeMap<String, String> =
+            r.metadata.into_iter().collect();
+        if let Some((parent, state)) = trace {
+            if !metadata.contains_key(TRACE_KEYS[0]) {
+                metadata.insert(TRACE_KEYS[0].into(), parent);
+                if let Some(state) = state {
+                    metadata.insert(TRACE_KEYS[1].into(), state);
+                }
+            }
+        }
         let task = NewTask {
             task_id: r.task_id,
             task_type: r.task_type,
             payload: r.payload,
-            metadata: r.metadata.into_iter().collect(),
+            metadata,
             priority: r.priority,
             timeout: (r.timeout_ms > 0).then(|| Duration::from_millis(r.timeout_ms)),
             max_retries: r.max_retries,

@@ -75,6 +75,24 @@ impl fmt::Display for TaskState {
     }
 }
 
+/// Metadata keys of the W3C trace context (https://www.w3.org/TR/trace-context/): a submit over
+/// gRPC with a `traceparent` header carries it into the task, for its handler to continue.
+pub const TRACE_KEYS: [&str; 2] = ["traceparent", "tracestate"];
+
+/// Whether `value` is a W3C `traceparent`: version, a 32-digit trace id and a 16-digit parent
+/// id (neither all zeros) and flags, in lower-case hex.
+pub fn is_traceparent(value: &str) -> bool {
+    let parts: Vec<&str> = value.split('-').collect();
+    let hex = |s: &str, n: usize| {
+        s.len() == n
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    matches!(parts.as_slice(), [version, trace, parent, flags]
+        if hex(version, 2) && *version != "ff" && hex(trace, 32) && hex(parent, 16) && hex(flags, 2)
+            && trace.bytes().any(|b| b != b'0') && parent.bytes().any(|b| b != b'0'))
+}
+
 /// A task as a client submits it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewTask {
@@ -115,14 +133,20 @@ impl NewTask {
         Ok(())
     }
 
-    /// Identifies the content, so that a repeated submit is recognised as the same task.
+    /// Identifies the content, so that a repeated submit is recognised as the same task. The
+    /// trace context is left out: it describes the call that submitted, and a retried submit
+    /// comes from another call.
     pub fn content_hash(&self) -> String {
         let mut h = Sha256::new();
         for part in [self.task_type.as_bytes(), &self.payload] {
             h.update((part.len() as u64).to_le_bytes());
             h.update(part);
         }
-        for (k, v) in &self.metadata {
+        for (k, v) in self
+            .metadata
+            .iter()
+            .filter(|(k, _)| !TRACE_KEYS.contains(&k.as_str()))
+        {
             for part in [k.as_bytes(), v.as_bytes()] {
                 h.update((part.len() as u64).to_le_bytes());
                 h.update(part);
@@ -206,6 +230,33 @@ impl TaskRecord {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn trace_context_is_checked_and_not_content() {
+        assert!(is_traceparent(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+        ));
+        for bad in [
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "nonsense",
+        ] {
+            assert!(!is_traceparent(bad), "{bad}");
+        }
+        let task = |parent: &str| NewTask {
+            task_id: "t".into(),
+            task_type: "x".into(),
+            payload: b"p".to_vec(),
+            metadata: [("traceparent".to_string(), parent.to_string())].into(),
+            priority: 0,
+            timeout: None,
+            max_retries: 0,
+        };
+        assert_eq!(task("a").content_hash(), task("b").content_hash());
+    }
 
     fn task(id: &str) -> NewTask {
         NewTask {

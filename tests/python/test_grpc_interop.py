@@ -245,3 +245,36 @@ async def test_a_worker_in_grpcio_serves_and_a_silent_one_loses_its_lease(
     assert back.status_name == "PENDING" and back.attempts == 0
     assert "no heartbeat" in back.error
     work.cancel()
+
+
+async def test_the_callers_trace_context_reaches_the_handler(pb: dict[str, Any]) -> None:
+    parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    async with AgentInfra.start(services=[]) as infra:
+        seen: dict[str, dict[str, str]] = {}
+
+        @infra.task_handler("traced")
+        async def traced(task: Task) -> str:
+            seen[task.task_id] = dict(task.metadata)
+            return "ok"
+
+        o = pb["orchestrator_v1_pb2"]
+        async with grpc.aio.secure_channel(infra.orchestrator_addr, credentials(infra.token)) as ch:
+            stub = pb["orchestrator_v1_pb2_grpc"].OrchestratorServiceStub(ch)
+            request = o.SubmitTaskRequest(task_id="t", task_type="traced", metadata={"k": "v"})
+            first = await stub.SubmitTask(
+                request, metadata=[("traceparent", parent), ("tracestate", "vendor=1")]
+            )
+            assert not first.duplicate
+            # A retried submit comes from another span of the caller: still the same task.
+            retry = "00-4bf92f3577b34da6a3ce929d0e0e4736-1111111111111111-01"
+            again = await stub.SubmitTask(request, metadata=[("traceparent", retry)])
+            assert again.success and again.duplicate
+            # What is not a W3C traceparent is not carried.
+            await stub.SubmitTask(
+                o.SubmitTaskRequest(task_id="u", task_type="traced"),
+                metadata=[("traceparent", "not-a-trace")],
+            )
+        for task_id in ("t", "u"):
+            await infra.wait_for_task(task_id, timeout=10)
+        assert seen["t"] == {"k": "v", "traceparent": parent, "tracestate": "vendor=1"}
+        assert seen["u"] == {}

@@ -1,7 +1,5 @@
 //! `dspy-agent export kubernetes`: the stack's services as Kubernetes objects.
 
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-
 use super::*;
 use crate::kubernetes;
 
@@ -30,18 +28,7 @@ pub(super) fn export_kubernetes(
             for e in &exported {
                 let path = dir.join(format!("{}.yaml", e.service));
                 // A Secret's values are readable by the owner only.
-                let mode = if e.secret { 0o600 } else { 0o644 };
-                std::fs::OpenOptions::new()
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .mode(mode)
-                    .open(&path)
-                    .and_then(|mut f| {
-                        // Also when the file was there before, with another mode.
-                        f.set_permissions(std::fs::Permissions::from_mode(mode))?;
-                        f.write_all(e.yaml.as_bytes())
-                    })
+                write_file(&path, &e.yaml, e.secret)
                     .map_err(|err| fail(format!("cannot write {}: {err}", path.display())))?;
             }
             eprintln!(

@@ -1,6 +1,5 @@
 //! `dspy-agent import docker-compose.yml`: writes the equivalent `dspy-agent.toml`.
 
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use super::*;
@@ -69,7 +68,7 @@ pub(super) fn import(options: LoadOptions, args: ImportArgs) -> Result<i32, Fail
                 output.display()
             )));
         }
-        write_private(&output, &imported.text, secrets)
+        write_file(&output, &imported.text, secrets)
             .map_err(|e| fail(format!("cannot write {}: {e}", output.display())))?;
         eprintln!(
             "wrote {}: {} service{} ({}){}",
@@ -95,23 +94,4 @@ pub(super) fn import(options: LoadOptions, args: ImportArgs) -> Result<i32, Fail
         }
     }
     Ok(EXIT_OK)
-}
-
-/// Writes `text` whole under another name and moves it into place; mode 600 when it holds
-/// secret values.
-fn write_private(path: &Path, text: &str, secret: bool) -> std::io::Result<()> {
-    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(if secret { 0o600 } else { 0o644 })
-        .open(&tmp)?;
-    let written = file
-        .write_all(text.as_bytes())
-        .and_then(|()| file.sync_all())
-        .and_then(|()| std::fs::rename(&tmp, path));
-    if written.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    written
 }

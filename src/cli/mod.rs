@@ -447,3 +447,23 @@ fn rpc_failure(what: &str, s: tonic::Status) -> Failure {
     };
     Failure(code, format!("error: {what}: {}", s.message()))
 }
+
+/// Writes `text` whole under another name and moves it into place (a reader never sees half a
+/// file, and a file that was there keeps no old mode); mode 600 when it holds secret values.
+fn write_file(path: &std::path::Path, text: &str, secret: bool) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(if secret { 0o600 } else { 0o644 })
+        .open(&tmp)?;
+    let written = file
+        .write_all(text.as_bytes())
+        .and_then(|()| file.sync_all())
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
+}

@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::access;
 use crate::config::{Config, ConfigError, Secret};
-use crate::engine::{Docker, EngineError, SharedEngine};
+use crate::engine::{EngineError, SharedEngine};
 use crate::grpc::env_manager::EnvManager;
 use crate::grpc::{self, GrpcError};
 use crate::health;
@@ -146,9 +146,13 @@ impl Infra {
             if config.services.is_empty() {
                 return Ok(None);
             }
-            let docker =
-                Docker::connect(config.docker_host.as_deref(), DOCKER_CONNECT_TIMEOUT).await?;
-            Ok::<_, EngineError>(Some(Arc::new(docker) as SharedEngine))
+            let engine = crate::engine::connect(
+                config.backend,
+                config.docker_host.as_deref(),
+                DOCKER_CONNECT_TIMEOUT,
+            )
+            .await?;
+            Ok::<_, EngineError>(Some(engine))
         };
         let (store, engine) = tokio::join!(store, connect);
         let store = store.map_err(|e| TaskError::Store {
@@ -208,6 +212,7 @@ impl Infra {
                         &launcher,
                         &config.project,
                         s.session(),
+                        config.backend,
                         config.docker_host.as_deref(),
                     )
                     .map_err(|e| {

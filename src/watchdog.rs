@@ -12,7 +12,8 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use crate::engine::{labels, Docker, Engine};
+use crate::config::Backend;
+use crate::engine::{labels, Engine};
 
 /// What the owner writes before it lets the watchdog go.
 const RELEASE: &[u8] = b"release\n";
@@ -50,9 +51,18 @@ impl Watchdog {
         launcher: &Launcher,
         project: &str,
         session: &str,
+        backend: Backend,
         docker_host: Option<&str>,
     ) -> std::io::Result<Watchdog> {
-        let mut args = vec!["watchdog", "--project", project, "--session", session];
+        let mut args = vec![
+            "watchdog",
+            "--project",
+            project,
+            "--session",
+            session,
+            "--backend",
+            backend.as_str(),
+        ];
         if let Some(host) = docker_host {
             args.extend(["--docker-host", host]);
         }
@@ -93,7 +103,7 @@ impl Drop for Watchdog {
 
 /// The watchdog process: waits for its owner to end, and removes the session's containers
 /// (except those the user asked to keep running) unless the owner released it.
-pub fn run(project: &str, session: &str, docker_host: Option<&str>) -> i32 {
+pub fn run(project: &str, session: &str, backend: Backend, docker_host: Option<&str>) -> i32 {
     crate::util::ignore_sigpipe();
     let mut said = Vec::new();
     let _ = std::io::stdin().lock().read_to_end(&mut said);
@@ -109,7 +119,7 @@ pub fn run(project: &str, session: &str, docker_host: Option<&str>) -> i32 {
         // The Engine may be restarting just then: keep trying for a while.
         let mut docker = None;
         for _ in 0..30 {
-            match Docker::connect(docker_host, Duration::from_secs(2)).await {
+            match crate::engine::connect(backend, docker_host, Duration::from_secs(2)).await {
                 Ok(d) => {
                     docker = Some(d);
                     break;
@@ -121,7 +131,7 @@ pub fn run(project: &str, session: &str, docker_host: Option<&str>) -> i32 {
             tracing::error!(session, "the owner of this stack died and the Docker Engine cannot be reached to remove its containers; the next start of project {project:?} will");
             return 1;
         };
-        let removed = remove_session(&docker, session).await;
+        let removed = remove_session(docker.as_ref(), session).await;
         docker
             .remove_network(&crate::util::network_name(project))
             .await;
@@ -136,7 +146,7 @@ pub fn run(project: &str, session: &str, docker_host: Option<&str>) -> i32 {
 }
 
 /// Removes the containers of `session` that are not marked to keep running.
-async fn remove_session(docker: &Docker, session: &str) -> usize {
+async fn remove_session(docker: &dyn Engine, session: &str) -> usize {
     let Ok(found) = docker.list_by_label(labels::SESSION, session).await else {
         return 0;
     };

@@ -10,7 +10,7 @@ import importlib
 import logging
 from typing import TYPE_CHECKING, Any
 
-from ._native import ServiceInfo, SubmitResponse, Task, TaskInfo, __version__
+from ._native import ReplicaInfo, ServiceInfo, SubmitResponse, Task, TaskInfo, __version__
 from .errors import (
     ConfigError,
     DockerUnavailableError,
@@ -37,6 +37,7 @@ __all__ = [
     "OrchestratorUnavailableError",
     "Payload",
     "PortInUseError",
+    "ReplicaInfo",
     "ServiceInfo",
     "ServiceStartError",
     "StackInUseError",

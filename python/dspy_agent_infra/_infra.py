@@ -81,6 +81,7 @@ class AgentInfra:
         config_file: str | os.PathLike[str] | None = None,
         project: str | None = None,
         docker_host: str | None = None,
+        backend: str | None = None,
         keep_running: bool | None = None,
         state_dir: str | os.PathLike[str] | None = None,
         dspy_agent_cli_path: str | os.PathLike[str] | None = None,
@@ -91,6 +92,8 @@ class AgentInfra:
         ``$DSPY_AGENT_CONFIG``), environment variables, then these arguments. ``services``
         chooses which services run (their dependencies come along); ``[]`` runs none and needs
         no Docker Engine. ``config`` is a mapping with the same shape as the TOML file.
+        ``backend`` is ``"docker"`` (the default: containers on one Engine) or ``"swarm"``
+        (Swarm services on the swarm whose manager ``docker_host`` is).
         ``dspy_agent_cli_path`` is accepted for code written against the earlier design and
         ignored: the core is built into this package.
 
@@ -112,6 +115,7 @@ class AgentInfra:
             config_file=config_file,
             project=project,
             docker_host=docker_host,
+            backend=backend,
             keep_running=keep_running,
             state_dir=state_dir,
         )

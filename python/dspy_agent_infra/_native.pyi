@@ -41,6 +41,28 @@ class ServiceInfo:
     def stand_in(self) -> bool:
         """The image is a local stand-in (tagged by ``scripts/provision.sh`` on a machine that
         cannot pull), not the real service."""
+    @property
+    def replicas(self) -> list[ReplicaInfo]:
+        """On the swarm backend, each copy of the service with its node; empty otherwise."""
+
+@final
+class ReplicaInfo:
+    """One copy of a service on the swarm backend."""
+
+    @property
+    def slot(self) -> int: ...
+    @property
+    def node(self) -> str: ...
+    @property
+    def node_addr(self) -> str: ...
+    @property
+    def state(self) -> str:
+        """The swarm's state of it: running, starting, pending, failed, node-down..."""
+    @property
+    def ports(self) -> dict[int, int]:
+        """Published TCP ports of this copy: container port -> port on its node."""
+    @property
+    def error(self) -> str | None: ...
 
 @final
 class Core:
@@ -52,6 +74,7 @@ class Core:
         config_file: str | PathLike[str] | None = None,
         project: str | None = None,
         docker_host: str | None = None,
+        backend: str | None = None,
         keep_running: bool | None = None,
         state_dir: str | PathLike[str] | None = None,
     ) -> Core: ...

@@ -107,8 +107,9 @@ pub(super) async fn clean_stale(config: &Config, info: Option<DaemonInfo>) {
 }
 
 /// The project's Docker Engine, if it answers.
-pub(super) async fn engine(config: &Config) -> Option<Docker> {
-    Docker::connect(
+pub(super) async fn engine(config: &Config) -> Option<crate::engine::SharedEngine> {
+    crate::engine::connect(
+        config.backend,
         config.docker_host.as_deref(),
         crate::infra::DOCKER_CONNECT_TIMEOUT,
     )

@@ -16,7 +16,7 @@ use tonic::transport::Channel;
 use crate::config::spec::parse_duration;
 use crate::config::{Config, ConfigError, LoadOptions, CONFIG_FILE_NAME};
 use crate::daemon::{self, DaemonInfo, Found};
-use crate::engine::{labels, ContainerInfo, Docker, Engine, RunState};
+use crate::engine::{labels, ContainerInfo, RunState};
 use crate::grpc::auth::{endpoint, AuthChannel, Bearer};
 use crate::grpc::env_manager::OWN_LOG_SERVICE;
 use crate::owner::{self, Owner};
@@ -141,6 +141,8 @@ enum Cmd {
         session: String,
         #[arg(long = "docker-host")]
         docker_host: Option<String>,
+        #[arg(long, default_value = "docker")]
+        backend: String,
     },
 }
 
@@ -271,9 +273,15 @@ pub fn main(args: Vec<String>, launcher: Launcher) -> i32 {
         Cmd::Watchdog {
             session,
             docker_host,
+            backend,
         } => {
             let project = cli.project.unwrap_or_default();
-            return watchdog::run(&project, &session, docker_host.as_deref());
+            let backend = if backend == "swarm" {
+                crate::config::Backend::Swarm
+            } else {
+                crate::config::Backend::Docker
+            };
+            return watchdog::run(&project, &session, backend, docker_host.as_deref());
         }
         _ => {}
     }

@@ -146,6 +146,19 @@ pub(super) async fn status(options: LoadOptions, json: bool) -> Result<i32, Fail
                     "restart_count": s.restart_count,
                     "message": s.message,
                     "stand_in": s.stand_in,
+                    "replicas": s.replicas.iter().map(|r| serde_json::json!({
+                        "slot": r.slot,
+                        "node": r.node,
+                        "node_addr": r.node_addr,
+                        "state": r.state,
+                        "ports": r.ports.iter().map(|((c, _), (ip, h))| serde_json::json!({
+                            "container_port": c,
+                            "host_ip": ip,
+                            "host_port": h,
+                        })).collect::<Vec<_>>(),
+                        "uptime_seconds": uptime(r.started_at_ms.unwrap_or(0)),
+                        "error": r.error,
+                    })).collect::<Vec<_>>(),
                 })
             })
             .collect();
@@ -185,8 +198,8 @@ pub(super) async fn status(options: LoadOptions, json: bool) -> Result<i32, Fail
         let rows: Vec<[String; 6]> = r
             .services
             .iter()
-            .map(|s| {
-                [
+            .flat_map(|s| {
+                let service = [
                     s.name.clone(),
                     match s.engine_state {
                         Some(e) => e.as_str().to_string(),
@@ -211,7 +224,25 @@ pub(super) async fn status(options: LoadOptions, json: bool) -> Result<i32, Fail
                     uptime(started(s))
                         .map(human_duration)
                         .unwrap_or_else(|| "-".into()),
-                ]
+                ];
+                // On the swarm backend, each replica below its service, with its node.
+                let replicas = s.replicas.iter().map(|r| {
+                    [
+                        format!("  {}.{}", s.name, r.slot),
+                        r.state.clone(),
+                        r.error.clone().unwrap_or_else(|| "-".into()),
+                        r.ports
+                            .iter()
+                            .map(|((c, _), (ip, h))| format!("{ip}:{h}->{c}"))
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                        format!("@{}", r.node),
+                        uptime(r.started_at_ms.unwrap_or(0))
+                            .map(human_duration)
+                            .unwrap_or_else(|| "-".into()),
+                    ]
+                });
+                std::iter::once(service).chain(replicas).collect::<Vec<_>>()
             })
             .collect();
         print_table(

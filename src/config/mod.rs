@@ -116,6 +116,38 @@ pub struct ServicePatch {
     pub cap_drop: Option<Vec<String>>,
     pub no_new_privileges: Option<bool>,
     pub init: Option<bool>,
+    /// How the service runs as a Swarm service (the swarm backend only).
+    pub swarm: Option<SwarmPatch>,
+}
+
+/// `[services.NAME.swarm]`: replicas, placement and rollout of a Swarm service.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SwarmPatch {
+    pub replicas: Option<u32>,
+    /// Placement constraints, as `docker service create --constraint` takes them.
+    pub constraints: Option<Vec<String>>,
+    /// Spread replicas evenly over the values of these node attributes ("node.labels.zone").
+    pub spread: Option<Vec<String>>,
+    pub max_per_node: Option<u32>,
+    /// "vip" (Swarm's default) or "dnsrr".
+    pub endpoint_mode: Option<String>,
+    /// "ingress" (Swarm's default: the routing mesh) or "host" (each replica on its node).
+    pub publish_mode: Option<String>,
+    pub update: Option<UpdatePatch>,
+}
+
+/// `[services.NAME.swarm.update]`: how a restart or a changed config rolls over the replicas.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct UpdatePatch {
+    pub parallelism: Option<u32>,
+    pub delay: Option<Scalar>,
+    /// "stop-first" (Swarm's default) or "start-first".
+    pub order: Option<String>,
+    /// "pause" (Swarm's default), "continue" or "rollback".
+    pub failure_action: Option<String>,
+    pub monitor: Option<Scalar>,
 }
 
 fn merge<T>(lower: &mut Option<T>, upper: Option<T>) {
@@ -192,6 +224,16 @@ impl ServicePatch {
         merge(&mut self.cap_drop, upper.cap_drop);
         merge(&mut self.no_new_privileges, upper.no_new_privileges);
         merge(&mut self.init, upper.init);
+        if let Some(w) = upper.swarm {
+            let lower = self.swarm.get_or_insert_with(SwarmPatch::default);
+            merge(&mut lower.replicas, w.replicas);
+            merge(&mut lower.constraints, w.constraints);
+            merge(&mut lower.spread, w.spread);
+            merge(&mut lower.max_per_node, w.max_per_node);
+            merge(&mut lower.endpoint_mode, w.endpoint_mode);
+            merge(&mut lower.publish_mode, w.publish_mode);
+            merge(&mut lower.update, w.update);
+        }
     }
 }
 
@@ -245,6 +287,9 @@ pub struct ConfigLayer {
     pub project: Option<String>,
     pub state_dir: Option<PathBuf>,
     pub docker_host: Option<String>,
+    /// "docker" (default: containers on one Engine) or "swarm" (Swarm services on the cluster
+    /// whose manager `docker_host` is).
+    pub backend: Option<String>,
     pub orchestrator_addr: Option<String>,
     pub env_manager_addr: Option<String>,
     /// The HTTP port of `/metrics`, `/healthz` and the dashboard.
@@ -271,6 +316,7 @@ impl ConfigLayer {
         merge(&mut self.project, upper.project);
         merge(&mut self.state_dir, upper.state_dir);
         merge(&mut self.docker_host, upper.docker_host);
+        merge(&mut self.backend, upper.backend);
         merge(&mut self.orchestrator_addr, upper.orchestrator_addr);
         merge(&mut self.http_addr, upper.http_addr);
         merge(&mut self.env_manager_addr, upper.env_manager_addr);
@@ -339,6 +385,7 @@ pub struct LoadOptions {
     pub services: Option<Vec<String>>,
     pub project: Option<String>,
     pub docker_host: Option<String>,
+    pub backend: Option<String>,
     pub keep_running: Option<bool>,
     pub state_dir: Option<PathBuf>,
     /// Working directory for finding the config file and resolving relative paths.
@@ -353,6 +400,36 @@ impl LoadOptions {
             cwd: std::env::current_dir().unwrap_or_else(|_| PathBuf::from(".")),
             env: std::env::vars().collect(),
             ..LoadOptions::default()
+        }
+    }
+}
+
+/// What runs the services.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Backend {
+    /// A container per service on one Docker Engine (or Podman's Docker API).
+    #[default]
+    Docker,
+    /// A Swarm service per service, on the swarm whose manager is the Engine.
+    Swarm,
+}
+
+impl Backend {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Backend::Docker => "docker",
+            Backend::Swarm => "swarm",
+        }
+    }
+
+    fn parse(text: Option<&str>) -> Result<Backend, ConfigError> {
+        match text.map(str::trim) {
+            None | Some("docker") => Ok(Backend::Docker),
+            Some("swarm") => Ok(Backend::Swarm),
+            Some(other) => Err(ConfigError::invalid(
+                "backend",
+                format!("{other:?} is not a backend; write \"docker\" or \"swarm\" (also DSPY_AGENT_BACKEND)"),
+            )),
         }
     }
 }
@@ -397,6 +474,7 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// `None` = the Engine's usual default (`DOCKER_HOST`, then the local socket).
     pub docker_host: Option<String>,
+    pub backend: Backend,
     pub orchestrator_addr: String,
     pub env_manager_addr: String,
     pub http_addr: String,
@@ -500,6 +578,13 @@ fn problems_of(l: Layered, env: &BTreeMap<String, String>) -> Vec<ConfigError> {
             found.push(e);
         }
     }
+    let backend = match check_backend(&layer) {
+        Ok(b) => b,
+        Err(e) => {
+            found.push(e);
+            Backend::Docker
+        }
+    };
     let publish_host_ip = layer
         .publish_host_ip
         .clone()
@@ -525,7 +610,7 @@ fn problems_of(l: Layered, env: &BTreeMap<String, String>) -> Vec<ConfigError> {
         .collect::<Vec<_>>()
         .join(", ");
     for (name, patch) in &layer.services {
-        match resolve_service(name, patch.clone(), &publish_host_ip, &l.base_dir) {
+        match resolve_service(name, patch.clone(), &publish_host_ip, &l.base_dir, backend) {
             Ok(spec) => {
                 for dep in spec.depends_on.keys() {
                     if !layer.services.contains_key(dep) {
@@ -590,6 +675,7 @@ fn layered(options: &LoadOptions) -> Result<Layered, ConfigError> {
     layer.apply(ConfigLayer {
         project: options.project.clone(),
         docker_host: options.docker_host.clone(),
+        backend: options.backend.clone(),
         keep_running: options.keep_running,
         state_dir: options.state_dir.clone(),
         ..ConfigLayer::default()
@@ -623,6 +709,7 @@ fn env_layer(env: &BTreeMap<String, String>) -> ConfigLayer {
         project: get("DSPY_AGENT_PROJECT"),
         state_dir: get("DSPY_AGENT_STATE_DIR").map(PathBuf::from),
         docker_host: get("ENV_MANAGER_DOCKER_HOST").or_else(|| get("DOCKER_HOST")),
+        backend: get("DSPY_AGENT_BACKEND"),
         orchestrator_addr: get("ORCHESTRATOR_GRPC_ADDR"),
         http_addr: get("DSPY_AGENT_HTTP_ADDR"),
         env_manager_addr: get("ENV_MANAGER_GRPC_ADDR"),
@@ -788,6 +875,7 @@ fn resolve(
     base_dir: &Path,
     env: &BTreeMap<String, String>,
 ) -> Result<Config, ConfigError> {
+    let backend = check_backend(&layer)?;
     let project = layer.project.unwrap_or_else(|| DEFAULT_PROJECT.to_string());
     spec::validate_name("project", &project)?;
     let orchestrator_addr = every_interface(
@@ -858,7 +946,7 @@ fn resolve(
             continue;
         }
         let patch = layer.services.get(&name).cloned().unwrap_or_default();
-        let spec = resolve_service(&name, patch, &publish_host_ip, base_dir)?;
+        let spec = resolve_service(&name, patch, &publish_host_ip, base_dir, backend)?;
         for dep in spec.depends_on.keys() {
             if !known.contains(dep) {
                 return Err(ConfigError::UnknownDependency {
@@ -882,6 +970,7 @@ fn resolve(
         project,
         state_dir,
         docker_host: layer.docker_host,
+        backend,
         orchestrator_addr,
         env_manager_addr,
         http_addr,
@@ -893,6 +982,18 @@ fn resolve(
         tasks,
         services,
     })
+}
+
+/// The backend, and the settings that only the other backend knows refused by name.
+fn check_backend(layer: &ConfigLayer) -> Result<Backend, ConfigError> {
+    let backend = Backend::parse(layer.backend.as_deref())?;
+    if backend == Backend::Swarm && layer.publish_host_ip.is_some() {
+        return Err(ConfigError::invalid(
+            "publish_host_ip",
+            "has no effect on the swarm backend: Swarm publishes ports on every address of its nodes; remove it, and keep services that must stay private unpublished (their dependents reach them over the stack's overlay network)",
+        ));
+    }
+    Ok(backend)
 }
 
 fn resolve_tasks(t: TasksPatch, state_dir: &Path) -> Result<TasksConfig, ConfigError> {
@@ -1033,10 +1134,46 @@ fn resolve_service(
     patch: ServicePatch,
     publish_host_ip: &str,
     base_dir: &Path,
+    backend: Backend,
 ) -> Result<ServiceSpec, ConfigError> {
     let field = |f: &str| format!("services.{name}.{f}");
     spec::validate_name(&format!("services.{name}"), name)?;
     let run = resolve_run(name, &patch)?;
+    let swarm = match (backend, &patch.swarm) {
+        (Backend::Docker, Some(_)) => {
+            return Err(ConfigError::invalid(
+                field("swarm"),
+                "is a Swarm setting and the backend is \"docker\"; set backend = \"swarm\" (or DSPY_AGENT_BACKEND=swarm), or remove it",
+            ))
+        }
+        (Backend::Docker, None) => None,
+        (Backend::Swarm, s) => Some(resolve_swarm(name, s.clone().unwrap_or_default())?),
+    };
+    if let Some(o) = &swarm {
+        let ports_given = patch.ports.as_ref().is_some_and(|p| !p.is_empty());
+        if ports_given
+            && o.endpoint_mode == spec::EndpointMode::Dnsrr
+            && o.publish_mode == spec::PublishMode::Ingress
+        {
+            return Err(ConfigError::invalid(
+                field("swarm.publish_mode"),
+                "Swarm's routing mesh (publish_mode = \"ingress\", its default) needs a virtual IP, and endpoint_mode is \"dnsrr\": write publish_mode = \"host\", or leave endpoint_mode at \"vip\"",
+            ));
+        }
+    }
+    if backend == Backend::Swarm {
+        if let Some(p) = patch
+            .ports
+            .iter()
+            .flatten()
+            .find(|p| p.text().matches(':').count() >= 2)
+        {
+            return Err(ConfigError::invalid(
+                field("ports"),
+                format!("{:?} names a host address, which Swarm cannot bind: it publishes on every address of its nodes; write \"HOST:CONTAINER\"", p.text()),
+            ));
+        }
+    }
     let image = patch
         .image
         .filter(|i| !i.trim().is_empty())
@@ -1153,6 +1290,101 @@ fn resolve_service(
         stop_timeout,
         scheme,
         run,
+        swarm,
+    })
+}
+
+fn resolve_swarm(name: &str, p: SwarmPatch) -> Result<spec::SwarmOptions, ConfigError> {
+    let field = |f: &str| format!("services.{name}.swarm.{f}");
+    let replicas = p.replicas.unwrap_or(1);
+    if replicas == 0 || replicas > 1000 {
+        return Err(ConfigError::invalid(
+            field("replicas"),
+            format!("{replicas} must be from 1 to 1000 (stop a service to run none)"),
+        ));
+    }
+    let constraints = p.constraints.unwrap_or_default();
+    for c in &constraints {
+        let (key, value) = c
+            .split_once("==")
+            .or_else(|| c.split_once("!="))
+            .unwrap_or(("", ""));
+        if key.trim().is_empty() || value.trim().is_empty() {
+            return Err(ConfigError::invalid(
+                field("constraints"),
+                format!("{c:?} is not a constraint; write \"ATTRIBUTE == VALUE\" or \"ATTRIBUTE != VALUE\", for example \"node.labels.gpu == true\""),
+            ));
+        }
+    }
+    let spread = p.spread.unwrap_or_default();
+    if let Some(bad) = spread.iter().find(|s| !s.starts_with("node.")) {
+        return Err(ConfigError::invalid(
+            field("spread"),
+            format!("{bad:?} is not a node attribute; write for example \"node.labels.zone\""),
+        ));
+    }
+    let endpoint_mode = match p.endpoint_mode.as_deref() {
+        None | Some("vip") => spec::EndpointMode::Vip,
+        Some("dnsrr") => spec::EndpointMode::Dnsrr,
+        Some(other) => {
+            return Err(ConfigError::invalid(
+                field("endpoint_mode"),
+                format!("{other:?} is not an endpoint mode; write \"vip\" or \"dnsrr\""),
+            ))
+        }
+    };
+    let publish_mode = match p.publish_mode.as_deref() {
+        None | Some("ingress") => spec::PublishMode::Ingress,
+        Some("host") => spec::PublishMode::Host,
+        Some(other) => {
+            return Err(ConfigError::invalid(
+                field("publish_mode"),
+                format!("{other:?} is not a publish mode; write \"ingress\" or \"host\""),
+            ))
+        }
+    };
+    let u = p.update.unwrap_or_default();
+    let duration = |key: &str, v: Option<Scalar>| {
+        v.map(|t| spec::parse_duration(&field(&format!("update.{key}")), &t.text()))
+            .transpose()
+    };
+    let order = match u.order.as_deref() {
+        None | Some("stop-first") => spec::UpdateOrder::StopFirst,
+        Some("start-first") => spec::UpdateOrder::StartFirst,
+        Some(other) => {
+            return Err(ConfigError::invalid(
+                field("update.order"),
+                format!("{other:?} is not an order; write \"stop-first\" or \"start-first\""),
+            ))
+        }
+    };
+    let failure_action = match u.failure_action.as_deref() {
+        None | Some("pause") => spec::FailureAction::Pause,
+        Some("continue") => spec::FailureAction::Continue,
+        Some("rollback") => spec::FailureAction::Rollback,
+        Some(other) => {
+            return Err(ConfigError::invalid(
+                field("update.failure_action"),
+                format!(
+                "{other:?} is not a failure action; write \"pause\", \"continue\" or \"rollback\""
+            ),
+            ))
+        }
+    };
+    Ok(spec::SwarmOptions {
+        replicas,
+        constraints,
+        spread,
+        max_per_node: p.max_per_node,
+        endpoint_mode,
+        publish_mode,
+        update: spec::UpdateOptions {
+            parallelism: u.parallelism.unwrap_or(1),
+            delay: duration("delay", u.delay)?.unwrap_or_default(),
+            order,
+            failure_action,
+            monitor: duration("monitor", u.monitor)?,
+        },
     })
 }
 
@@ -1574,6 +1806,65 @@ mod tests {
         let config = Config::load(opts).unwrap();
         let a = config.services.iter().find(|s| s.name == "a").unwrap();
         assert_eq!(a.volumes[0].source, "/var/run/docker.sock");
+    }
+
+    #[test]
+    fn swarm_settings_belong_to_the_swarm_backend_and_are_checked() {
+        let swarm = "catalog = false\n[services.web]\nimage = \"x\"\nports = [\"0:80\"]\n[services.web.swarm]\nreplicas = 3\nconstraints = [\"node.labels.gpu == true\"]\nspread = [\"node.labels.zone\"]\nendpoint_mode = \"dnsrr\"\npublish_mode = \"host\"\n[services.web.swarm.update]\norder = \"start-first\"\ndelay = \"2s\"\n";
+        let (_d, opts) = options(Some(swarm));
+        let err = Config::load(opts.clone()).unwrap_err().to_string();
+        assert!(
+            err.starts_with("services.web.swarm:") && err.contains("backend = \"swarm\""),
+            "{err}"
+        );
+        let mut on_swarm = opts.clone();
+        on_swarm
+            .env
+            .insert("DSPY_AGENT_BACKEND".into(), "swarm".into());
+        let cfg = Config::load(on_swarm.clone()).unwrap();
+        assert_eq!(cfg.backend, Backend::Swarm);
+        let o = cfg.services[0].swarm.clone().unwrap();
+        assert_eq!(o.replicas, 3);
+        assert_eq!(o.constraints, ["node.labels.gpu == true"]);
+        assert_eq!(o.update.order, spec::UpdateOrder::StartFirst);
+        assert_eq!(o.update.delay, Duration::from_secs(2));
+        // Each bad value names its key.
+        for (bad, key) in [
+            ("replicas = 3", "replicas = 0", "swarm.replicas"),
+            (
+                "\"node.labels.gpu == true\"",
+                "\"gpu\"",
+                "swarm.constraints",
+            ),
+            (
+                "publish_mode = \"host\"",
+                "publish_mode = \"ingress\"",
+                "swarm.publish_mode",
+            ),
+            (
+                "order = \"start-first\"",
+                "order = \"sideways\"",
+                "swarm.update.order",
+            ),
+            ("\"0:80\"", "\"127.0.0.1:0:80\"", "web.ports"),
+        ]
+        .map(|(from, to, key)| ((from, to), key))
+        {
+            let text = swarm.replace(bad.0, bad.1);
+            let (_d, mut o) = options(Some(&text));
+            o.env.insert("DSPY_AGENT_BACKEND".into(), "swarm".into());
+            let err = Config::load(o).unwrap_err().to_string();
+            assert!(err.contains(key), "{key}: {err}");
+        }
+        on_swarm
+            .env
+            .insert("DSPY_AGENT_BACKEND".into(), "kubernetes".into());
+        let err = Config::load(on_swarm).unwrap_err().to_string();
+        assert!(err.starts_with("backend:"), "{err}");
+        let (_d, mut o) = options(Some("publish_host_ip = \"0.0.0.0\"\n"));
+        o.env.insert("DSPY_AGENT_BACKEND".into(), "swarm".into());
+        let err = Config::load(o).unwrap_err().to_string();
+        assert!(err.starts_with("publish_host_ip:"), "{err}");
     }
 
     #[test]

@@ -37,6 +37,91 @@ pub struct ServiceSpec {
     /// that services which set none of it keep their containers.
     #[serde(skip_serializing_if = "RunOptions::is_unset")]
     pub run: RunOptions,
+    /// Replicas, placement and rollout, on the swarm backend only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub swarm: Option<SwarmOptions>,
+}
+
+/// How a service runs as a Swarm service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SwarmOptions {
+    pub replicas: u32,
+    pub constraints: Vec<String>,
+    /// Node attributes to spread replicas over.
+    pub spread: Vec<String>,
+    pub max_per_node: Option<u32>,
+    pub endpoint_mode: EndpointMode,
+    pub publish_mode: PublishMode,
+    pub update: UpdateOptions,
+}
+
+impl Default for SwarmOptions {
+    fn default() -> Self {
+        SwarmOptions {
+            replicas: 1,
+            constraints: Vec::new(),
+            spread: Vec::new(),
+            max_per_node: None,
+            endpoint_mode: EndpointMode::Vip,
+            publish_mode: PublishMode::Ingress,
+            update: UpdateOptions::default(),
+        }
+    }
+}
+
+/// How other services find the replicas: a virtual IP, or DNS round robin over their addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EndpointMode {
+    Vip,
+    Dnsrr,
+}
+
+/// Where a published port listens: on every node through the routing mesh, or on the node of
+/// each replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PublishMode {
+    Ingress,
+    Host,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct UpdateOptions {
+    pub parallelism: u32,
+    #[serde(with = "duration_ms")]
+    pub delay: Duration,
+    pub order: UpdateOrder,
+    pub failure_action: FailureAction,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub monitor: Option<Duration>,
+}
+
+impl Default for UpdateOptions {
+    fn default() -> Self {
+        UpdateOptions {
+            parallelism: 1,
+            delay: Duration::ZERO,
+            order: UpdateOrder::StopFirst,
+            failure_action: FailureAction::Pause,
+            monitor: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UpdateOrder {
+    StopFirst,
+    StartFirst,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FailureAction {
+    Pause,
+    Continue,
+    Rollback,
 }
 
 /// The process's user, folder, entry point and confinement, as `docker run` sets them.
@@ -528,6 +613,7 @@ pub fn test_service(name: &str, deps: &[&str], port: Option<u16>) -> ServiceSpec
         stop_timeout: Duration::from_secs(1),
         scheme: "tcp".into(),
         run: RunOptions::default(),
+        swarm: None,
     }
 }
 

@@ -28,7 +28,11 @@ use crate::config::spec::{GpuRequest, MountKind, PullPolicy, RestartPolicy};
 
 /// An Engine error; one that means the Engine cannot be reached at all (the socket is gone,
 /// nothing answers) becomes `Unavailable`, which says how to fix it.
-fn api_error(host: &str, context: impl Into<String>, e: bollard::errors::Error) -> EngineError {
+pub(super) fn api_error(
+    host: &str,
+    context: impl Into<String>,
+    e: bollard::errors::Error,
+) -> EngineError {
     use bollard::errors::Error as E;
     match e {
         E::HyperLegacyError { .. }
@@ -50,14 +54,14 @@ fn api_error(host: &str, context: impl Into<String>, e: bollard::errors::Error) 
     }
 }
 
-fn engine_message(e: &bollard::errors::Error) -> String {
+pub(super) fn engine_message(e: &bollard::errors::Error) -> String {
     match e {
         bollard::errors::Error::DockerResponseServerError { message, .. } => message.clone(),
         other => other.to_string(),
     }
 }
 
-fn status_of(e: &bollard::errors::Error) -> Option<u16> {
+pub(super) fn status_of(e: &bollard::errors::Error) -> Option<u16> {
     match e {
         bollard::errors::Error::DockerResponseServerError { status_code, .. } => Some(*status_code),
         _ => None,
@@ -87,6 +91,10 @@ impl Docker {
             Err(_) => return Err(unavailable(format!("no answer within {timeout:?}"))),
         };
         Ok(Docker { client, host })
+    }
+
+    pub(super) fn client(&self) -> &bollard::Docker {
+        &self.client
     }
 }
 
@@ -239,6 +247,8 @@ impl Engine for Docker {
                     started_at: None,
                     ports,
                     restart_count: 0,
+                    replicas: Vec::new(),
+                    problem: None,
                 }
             })
             .collect())
@@ -286,6 +296,8 @@ impl Engine for Docker {
             started_at: state.started_at,
             ports,
             restart_count: c.restart_count.unwrap_or(0),
+            replicas: Vec::new(),
+            problem: None,
         })
     }
 

@@ -64,6 +64,8 @@ impl FakeContainer {
                 .then(|| format!("start {}", self.started)),
             ports: self.ports.clone(),
             restart_count: 0,
+            replicas: Vec::new(),
+            problem: None,
         }
     }
 }

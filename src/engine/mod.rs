@@ -1,6 +1,8 @@
 //! The container engine seam: what the core asks of a container runtime, and the types that
 //! cross it. `docker` implements it over the Docker Engine API (Podman's compatible API too);
-//! `fake` is an in-memory engine for unit tests of supervision.
+//! `swarm` runs each service as a Swarm service on a cluster (a "container" of the seam is then
+//! a Swarm service, and its copies are `replicas`); `fake` is an in-memory engine for unit
+//! tests of supervision.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
@@ -9,12 +11,27 @@ use async_trait::async_trait;
 use futures_util::stream::BoxStream;
 
 use crate::config::spec::{PullPolicy, ServiceSpec};
+use crate::config::Backend;
 
 mod docker;
 #[cfg(test)]
 pub mod fake;
+mod swarm;
 
 pub use docker::Docker;
+pub use swarm::Swarm;
+
+/// The engine of `backend` at `host`; gives up after `timeout` when nothing answers.
+pub async fn connect(
+    backend: Backend,
+    host: Option<&str>,
+    timeout: Duration,
+) -> Result<SharedEngine, EngineError> {
+    Ok(match backend {
+        Backend::Docker => std::sync::Arc::new(Docker::connect(host, timeout).await?),
+        Backend::Swarm => std::sync::Arc::new(Swarm::connect(host, timeout).await?),
+    })
+}
 
 pub const DEFAULT_HOST: &str = "unix:///var/run/docker.sock";
 
@@ -122,6 +139,29 @@ pub struct ContainerInfo {
     /// (container port, protocol) → (host ip, host port) for published ports.
     pub ports: BTreeMap<(u16, String), (String, u16)>,
     pub restart_count: i64,
+    /// The copies of a cluster service, each on its node; empty for a plain container.
+    pub replicas: Vec<Replica>,
+    /// Why it cannot run as asked (no node satisfies its placement, say), when the engine
+    /// knows; waiting longer does not help.
+    pub problem: Option<String>,
+}
+
+/// One copy of a service on a cluster engine: where it runs and how to reach it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Replica {
+    pub slot: u32,
+    pub task_id: String,
+    /// The node's host name, and the address it is reached at.
+    pub node: String,
+    pub node_addr: String,
+    /// The cluster's state of it: `running`, `starting`, `pending`, `failed`...
+    pub state: String,
+    /// When it started running, in ms since the epoch.
+    pub started_at_ms: Option<i64>,
+    /// Published ports of this copy: (container port, protocol) → (address, port).
+    pub ports: BTreeMap<(u16, String), (String, u16)>,
+    /// The cluster's message about it, when it failed or waits.
+    pub error: Option<String>,
 }
 
 /// Something that happened to a container.
@@ -179,6 +219,11 @@ pub trait Engine: Send + Sync {
 
     /// Whether GPUs can be requested (the NVIDIA runtime is installed).
     async fn has_gpu_runtime(&self) -> bool;
+
+    /// Whether published ports listen on this machine, so that a start can check them first.
+    fn publishes_here(&self) -> bool {
+        true
+    }
 
     /// Makes `image` present according to `policy`; `progress` receives pull status lines.
     async fn ensure_image(

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use tonic::Status;
 
-use crate::engine::RunState;
+use crate::engine::{Replica, RunState};
 use crate::grpc::{env_pb as epb, pb as opb};
 use crate::services::supervisor::{Phase, ServiceState};
 use crate::tasks::model::{NewTask, TaskRecord, TaskState};
@@ -186,6 +186,29 @@ pub fn service_state(s: epb::ServiceStatus) -> ServiceState {
         image: s.image,
         message: s.message,
         stand_in: s.stand_in,
+        replicas: s
+            .replicas
+            .into_iter()
+            .map(|r| Replica {
+                slot: r.slot,
+                task_id: r.task_id,
+                node: r.node,
+                node_addr: r.node_addr,
+                state: r.state,
+                started_at_ms: Some(r.started_at_ms).filter(|ms| *ms > 0),
+                ports: r
+                    .ports
+                    .into_iter()
+                    .filter_map(|p| {
+                        Some((
+                            (u16::try_from(p.container_port).ok()?, "tcp".to_string()),
+                            (p.host_ip, u16::try_from(p.host_port).ok()?),
+                        ))
+                    })
+                    .collect(),
+                error: Some(r.error).filter(|e| !e.is_empty()),
+            })
+            .collect(),
     }
 }
 
@@ -220,5 +243,27 @@ pub fn service_status(s: ServiceState) -> epb::ServiceStatus {
         image: s.image,
         usage: None,
         stand_in: s.stand_in,
+        replicas: s
+            .replicas
+            .into_iter()
+            .map(|r| epb::Replica {
+                slot: r.slot,
+                task_id: r.task_id,
+                node: r.node,
+                node_addr: r.node_addr,
+                started_at_ms: r.started_at_ms.unwrap_or(0),
+                state: r.state,
+                ports: r
+                    .ports
+                    .iter()
+                    .map(|((c, _), (ip, h))| epb::PortMapping {
+                        container_port: u32::from(*c),
+                        host_ip: ip.clone(),
+                        host_port: u32::from(*h),
+                    })
+                    .collect(),
+                error: r.error.unwrap_or_default(),
+            })
+            .collect(),
     }
 }

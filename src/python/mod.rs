@@ -40,6 +40,31 @@ pub struct ServiceInfo {
     message: String,
     /// The image is a local stand-in (see `scripts/provision.sh`), not the real service.
     stand_in: bool,
+    /// On the swarm backend, each copy with its node; empty otherwise.
+    replicas: Vec<ReplicaInfo>,
+}
+
+/// One copy of a service on the swarm backend.
+#[pyclass(frozen, get_all, module = "dspy_agent_infra._native")]
+#[derive(Clone)]
+pub struct ReplicaInfo {
+    slot: u32,
+    node: String,
+    node_addr: String,
+    state: String,
+    /// Published TCP ports of this copy: container port -> port on its node.
+    ports: BTreeMap<u16, u16>,
+    error: Option<String>,
+}
+
+#[pymethods]
+impl ReplicaInfo {
+    fn __repr__(&self) -> String {
+        format!(
+            "ReplicaInfo(slot={}, node='{}', state='{}')",
+            self.slot, self.node, self.state
+        )
+    }
 }
 
 impl From<ServiceState> for ServiceInfo {
@@ -55,6 +80,23 @@ impl From<ServiceState> for ServiceInfo {
             reused: s.reused,
             message: s.message,
             stand_in: s.stand_in,
+            replicas: s
+                .replicas
+                .into_iter()
+                .map(|r| ReplicaInfo {
+                    slot: r.slot,
+                    node: r.node,
+                    node_addr: r.node_addr,
+                    state: r.state,
+                    ports: r
+                        .ports
+                        .iter()
+                        .filter(|((_, proto), _)| proto == "tcp")
+                        .map(|((c, _), (_, h))| (*c, *h))
+                        .collect(),
+                    error: r.error,
+                })
+                .collect(),
         }
     }
 }
@@ -157,7 +199,7 @@ pub struct Core {
 #[pymethods]
 impl Core {
     #[new]
-    #[pyo3(signature = (*, services=None, config=None, config_file=None, project=None, docker_host=None, keep_running=None, state_dir=None))]
+    #[pyo3(signature = (*, services=None, config=None, config_file=None, project=None, docker_host=None, backend=None, keep_running=None, state_dir=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -166,6 +208,7 @@ impl Core {
         config_file: Option<PathBuf>,
         project: Option<String>,
         docker_host: Option<String>,
+        backend: Option<String>,
         keep_running: Option<bool>,
         state_dir: Option<PathBuf>,
     ) -> PyResult<Self> {
@@ -200,6 +243,7 @@ impl Core {
         options.services = services;
         options.project = project;
         options.docker_host = docker_host;
+        options.backend = backend;
         options.keep_running = keep_running;
         options.state_dir = state_dir;
         let config = py
@@ -586,6 +630,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     crate::runtime::forks();
     m.add_class::<Core>()?;
     m.add_class::<ServiceInfo>()?;
+    m.add_class::<ReplicaInfo>()?;
     m.add_function(wrap_pyfunction!(cli, m)?)?;
     m.add_function(wrap_pyfunction!(file_descriptor_set, m)?)?;
     tasks::register(m)?;

@@ -19,7 +19,9 @@ use tokio_util::sync::CancellationToken;
 use crate::config::graph;
 use crate::config::spec::{Condition, GpuRequest, Probe, Protocol, RestartPolicy, ServiceSpec};
 use crate::config::{Config, ConfigError};
-use crate::engine::{labels, ContainerInfo, ContainerPlan, EngineError, RunState, SharedEngine};
+use crate::engine::{
+    labels, ContainerInfo, ContainerPlan, EngineError, Replica, RunState, SharedEngine,
+};
 use crate::health::{self, Backoff};
 use crate::services::walk::{self, Direction, Reached, Turn};
 use crate::util::Background;
@@ -129,6 +131,8 @@ pub struct ServiceState {
     pub restart_count: u32,
     /// The container runs a local stand-in image, not the real service.
     pub stand_in: bool,
+    /// On a cluster backend, each copy of the service with its node.
+    pub replicas: Vec<Replica>,
 }
 
 impl ServiceState {
@@ -246,6 +250,7 @@ impl Supervisor {
                         started_at_ms: None,
                         restart_count: 0,
                         stand_in: false,
+                        replicas: Vec::new(),
                     },
                 )
             })
@@ -843,7 +848,9 @@ impl Supervisor {
         }
         let (plans, mut stale) = self.plan(existing, selected, full);
         stale.extend(orphans);
-        self.check_ports(&plans, &stale)?;
+        if self.engine.publishes_here() {
+            self.check_ports(&plans, &stale)?;
+        }
 
         let mut removals = JoinSet::new();
         for c in &stale {
@@ -1128,6 +1135,7 @@ impl Supervisor {
             s.engine_state = Some(c.state);
             s.started_at_ms = c.started_at.as_deref().and_then(crate::util::rfc3339_ms);
             s.restart_count = s.restart_count.max(c.restart_count.max(0) as u32);
+            s.replicas = c.replicas.clone();
             s.ports = c
                 .ports
                 .iter()
@@ -1170,6 +1178,9 @@ impl Supervisor {
     }
 
     async fn probe_once(&self, spec: &ServiceSpec, id: &str) -> Result<(), String> {
+        if !self.engine.publishes_here() {
+            return self.probe_replicas(spec, id).await;
+        }
         let timeout = spec.healthcheck.timeout;
         let published = |port: u16| -> Result<std::net::SocketAddr, String> {
             let state = self.lock();
@@ -1213,6 +1224,77 @@ impl Supervisor {
         }
     }
 
+    /// A cluster service is healthy when every replica is: each is probed at its own node's
+    /// published port (host mode) or through the routing mesh at its node's address. An exec
+    /// probe or the image's HEALTHCHECK runs inside each replica, where the cluster counts a
+    /// replica as running only once it passes.
+    async fn probe_replicas(&self, spec: &ServiceSpec, id: &str) -> Result<(), String> {
+        let info = self.engine.inspect(id).await.map_err(|e| e.to_string())?;
+        if let Some(problem) = &info.problem {
+            return Err(problem.clone());
+        }
+        if info.state != RunState::Running {
+            let waiting: Vec<String> = info
+                .replicas
+                .iter()
+                .filter(|r| r.state != "running")
+                .map(|r| {
+                    format!(
+                        "replica {} on {}: {}",
+                        r.slot,
+                        or_unplaced(&r.node),
+                        r.state
+                    )
+                })
+                .collect();
+            return Err(if waiting.is_empty() {
+                "its replicas are not all running yet".to_string()
+            } else {
+                format!("not all replicas run: {}", waiting.join("; "))
+            });
+        }
+        // Kept current: each replica's address (a published port 0 differs on every node).
+        let reused = self.lock().get(&spec.name).is_some_and(|s| s.reused);
+        self.record_container(&spec.name, &info, reused);
+        let timeout = spec.healthcheck.timeout;
+        let port = match &spec.healthcheck.probe {
+            Probe::Tcp { port } | Probe::Http { port, .. } | Probe::Redis { port } => *port,
+            Probe::Exec { .. } | Probe::Docker | Probe::None => return Ok(()),
+        };
+        let checks = info.replicas.iter().map(|r| async move {
+            let (ip, host_port) = r
+                .ports
+                .iter()
+                .find(|((p, proto), _)| *p == port && proto == "tcp")
+                .map(|(_, addr)| addr.clone())
+                .ok_or_else(|| {
+                    format!(
+                        "replica {} on {}: container port {port} is not published",
+                        r.slot, r.node
+                    )
+                })?;
+            let addr = health::probe_addr(&ip, host_port);
+            let result = match &spec.healthcheck.probe {
+                Probe::Http { path, status, .. } => {
+                    health::http(addr, path, *status, timeout).await
+                }
+                Probe::Redis { .. } => health::redis(addr, timeout).await,
+                _ => health::tcp(addr, timeout).await,
+            };
+            result.map_err(|e| format!("replica {} on {}: {e}", r.slot, r.node))
+        });
+        let failed: Vec<String> = futures_util::future::join_all(checks)
+            .await
+            .into_iter()
+            .filter_map(Result::err)
+            .collect();
+        if failed.is_empty() {
+            Ok(())
+        } else {
+            Err(failed.join("; "))
+        }
+    }
+
     async fn wait_healthy(
         &self,
         spec: &ServiceSpec,
@@ -1231,6 +1313,9 @@ impl Supervisor {
                 .inspect(id)
                 .await
                 .map_err(|e| self.start_error(&spec.name, e.to_string(), String::new()))?;
+            if let Some(problem) = info.problem {
+                return Err(self.failure_with_logs(&spec.name, id, problem).await);
+            }
             if matches!(
                 info.state,
                 RunState::Exited | RunState::Dead | RunState::Restarting
@@ -1450,6 +1535,14 @@ impl Supervisor {
             Some(id) => Ok(self.engine.logs(&id, tail).await?),
             None => Ok(String::new()),
         }
+    }
+}
+
+fn or_unplaced(node: &str) -> &str {
+    if node.is_empty() {
+        "no node yet"
+    } else {
+        node
     }
 }
 

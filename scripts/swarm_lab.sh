@@ -6,6 +6,8 @@
 #   swarm_lab.sh up      starts the lab (idempotent when it already runs) and prints its env
 #   swarm_lab.sh down    stops every engine by pid and removes what they left
 #   swarm_lab.sh env     prints DSPY_AGENT_SWARM_* for a running lab
+#   swarm_lab.sh kill-node NODE    SIGKILLs that node's engine (a node lost)
+#   swarm_lab.sh start-node NODE   starts it again; it rejoins the swarm by itself
 #
 # Why it is built this way:
 # - the bridge lives in a namespace of its own: on the host, the main Engine's firewall (FORWARD
@@ -142,11 +144,31 @@ down() {
     ip link del dl-host 2>/dev/null || true
     for ns in "${NODES[@]/#/dspy-lab-}" "$BRIDGE_NS"; do ip netns del "$ns" 2>/dev/null || true; done
     # Mounts the engines made under their roots (overlay layers, netns files, shm).
-    grep -oE " ($LAB|$DATA)[^ ]*" /proc/mounts | sort -r | while read -r m; do umount -l "$m" 2>/dev/null || true; done
+    grep -oE " ($LAB|$DATA)[^ ]*" /proc/mounts | sort -r | while read -r m; do umount -l "$m" 2>/dev/null || true; done || true
     rm -rf "$LAB" "$DATA"
 }
 
+kill_node() {
+    local n=$1 dir="$LAB/$1"
+    kill -9 "$(cat "$dir/dockerd.pid")"
+    # Its containerd and containers go too, as when the machine is lost.
+    local pids
+    pids=$(ip netns pids "dspy-lab-$n" 2>/dev/null || true)
+    [ -n "$pids" ] && kill -9 $pids 2>/dev/null || true
+    rm -f "$dir/dockerd.pid"
+}
+
+start_node() {
+    local n=$1
+    grep -oE " $LAB/$n/exec[^ ]*" /proc/mounts | sort -r | while read -r m; do umount -l "$m" 2>/dev/null || true; done || true
+    rm -rf "$LAB/$n/exec"
+    engine_up "$n"
+    wait_engine "$n"
+}
+
 case "${1:-}" in
+    kill-node) kill_node "$2" ;;
+    start-node) start_node "$2" ;;
     up) as_root true; up ;;
     down) down ;;
     env) running && print_env ;;

@@ -42,6 +42,13 @@ use crate::config::spec::{
 
 /// On a secret: the Swarm service it was made for, so that its removal takes the secret along.
 const SECRET_OF: &str = "dspy-agent.secret-of";
+/// On a service: how many replicas it runs once started (it is created with none, so that it
+/// starts only after its dependencies are healthy, as a container does).
+const REPLICAS: &str = "dspy-agent.replicas";
+/// On a service: its health check as JSON. The Engine reports a service's health check under a
+/// key that bollard's types do not read, so a spec read back (to scale or update it) would lose
+/// it; it is put back from here.
+const HEALTH_CHECK: &str = "dspy-agent.health-check";
 /// How often the task watcher looks.
 const WATCH_EVERY: Duration = Duration::from_secs(1);
 
@@ -226,6 +233,14 @@ impl Swarm {
     async fn spec_for(&self, plan: &ContainerPlan<'_>) -> Result<SwarmServiceSpec, EngineError> {
         let spec = plan.spec;
         let options = spec.swarm.clone().unwrap_or_default();
+        let api = self.client().client_version();
+        let api_at_least = |minor: usize| api.major_version > 1 || api.minor_version >= minor;
+        if spec.run.no_new_privileges && !api_at_least(46) {
+            return Err(swarm_error(self.host(), format!(
+                "services.{}.no_new_privileges needs a swarm whose Engine API is 1.46 or newer (Docker 27), and this one speaks {}.{}: update the Engine, or remove it",
+                spec.name, api.major_version, api.minor_version
+            )));
+        }
         let secrets = self.make_secrets(plan).await?;
         let mut env: Vec<String> = spec
             .env
@@ -338,6 +353,13 @@ impl Swarm {
         };
         let mut all_labels: HashMap<String, String> = spec.labels.clone().into_iter().collect();
         all_labels.extend(plan.labels.clone());
+        all_labels.insert(REPLICAS.into(), options.replicas.to_string());
+        if let Some(h) = &health_check {
+            all_labels.insert(
+                HEALTH_CHECK.into(),
+                serde_json::to_string(h).expect("a health check serializes"),
+            );
+        }
         let restart = match spec.restart {
             RestartPolicy::No => (TaskSpecRestartPolicyConditionEnum::NONE, None),
             RestartPolicy::Always => (TaskSpecRestartPolicyConditionEnum::ANY, None),
@@ -406,9 +428,7 @@ impl Swarm {
             labels: Some(all_labels),
             task_template: Some(task_template),
             mode: Some(ServiceSpecMode {
-                replicated: Some(ServiceSpecModeReplicated {
-                    replicas: Some(i64::from(options.replicas)),
-                }),
+                replicated: Some(ServiceSpecModeReplicated { replicas: Some(0) }),
                 ..Default::default()
             }),
             update_config: Some(update_config(&options)),
@@ -438,6 +458,24 @@ impl Swarm {
             }),
             ..Default::default()
         })
+    }
+
+    async fn scale(&self, service: Service, replicas: i64) -> Result<(), EngineError> {
+        let id = service.id.clone().unwrap_or_default();
+        let version = service.version.and_then(|v| v.index).unwrap_or(0);
+        let mut spec = service.spec.unwrap_or_default();
+        if let Some(r) = spec.mode.as_mut().and_then(|m| m.replicated.as_mut()) {
+            r.replicas = Some(replicas);
+        }
+        restore_health_check(&mut spec);
+        let options = UpdateServiceOptionsBuilder::new()
+            .version(i32::try_from(version).unwrap_or(i32::MAX))
+            .build();
+        self.client()
+            .update_service(&id, spec, options, None)
+            .await
+            .map(drop)
+            .map_err(|e| self.err(format!("scale swarm service {id} to {replicas}"), e))
     }
 
     /// The services with their tasks, as the seam sees them.
@@ -527,6 +565,22 @@ fn tmpfs_options(service: &str, opts: &str) -> Result<MountTmpfsOptions, EngineE
         }
     }
     Ok(out)
+}
+
+/// Puts a spec's health check back from its label after a read (see `HEALTH_CHECK`).
+fn restore_health_check(spec: &mut SwarmServiceSpec) {
+    let saved = spec
+        .labels
+        .as_ref()
+        .and_then(|l| serde_json::from_str::<HealthConfig>(l.get(HEALTH_CHECK)?).ok());
+    if let (Some(h), Some(c)) = (
+        saved,
+        spec.task_template
+            .as_mut()
+            .and_then(|t| t.container_spec.as_mut()),
+    ) {
+        c.health_check.get_or_insert(h);
+    }
 }
 
 fn placement(o: &SwarmOptions) -> TaskSpecPlacement {
@@ -875,9 +929,25 @@ impl Engine for Swarm {
         }
     }
 
-    async fn start(&self, _id: &str) -> Result<(), EngineError> {
-        // A Swarm service runs from its creation, and Swarm itself replaces lost replicas.
-        Ok(())
+    async fn start(&self, id: &str) -> Result<(), EngineError> {
+        // Scaled to its replicas; once it runs, Swarm itself replaces lost ones.
+        let service = self.service(id).await?;
+        let spec = service.spec.clone().unwrap_or_default();
+        let Some(wanted) = spec
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(REPLICAS)?.parse::<i64>().ok())
+        else {
+            return Ok(());
+        };
+        let now = spec
+            .mode
+            .as_ref()
+            .and_then(|m| m.replicated.as_ref()?.replicas);
+        if now == Some(wanted) {
+            return Ok(());
+        }
+        self.scale(service, wanted).await
     }
 
     async fn restart(&self, id: &str, _timeout: Duration) -> Result<(), EngineError> {
@@ -888,6 +958,7 @@ impl Engine for Swarm {
         if let Some(t) = spec.task_template.as_mut() {
             t.force_update = Some(t.force_update.unwrap_or(0) + 1);
         }
+        restore_health_check(&mut spec);
         let options = UpdateServiceOptionsBuilder::new()
             .version(i32::try_from(version).unwrap_or(i32::MAX))
             .build();
@@ -906,16 +977,8 @@ impl Engine for Swarm {
         let Ok(service) = self.service(id).await else {
             return;
         };
-        let version = service.version.and_then(|v| v.index).unwrap_or(0);
-        let mut spec = service.spec.unwrap_or_default();
-        if let Some(r) = spec.mode.as_mut().and_then(|m| m.replicated.as_mut()) {
-            r.replicas = Some(0);
-        }
-        let options = UpdateServiceOptionsBuilder::new()
-            .version(i32::try_from(version).unwrap_or(i32::MAX))
-            .build();
-        if let Err(e) = self.client().update_service(id, spec, options, None).await {
-            tracing::debug!(service = id, error = %engine_message(&e), "scale to 0 failed; removing");
+        if let Err(e) = self.scale(service, 0).await {
+            tracing::debug!(service = id, error = %e, "scale to 0 failed; removing");
             return;
         }
         let deadline = tokio::time::Instant::now() + timeout + Duration::from_secs(5);

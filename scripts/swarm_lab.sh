@@ -160,6 +160,15 @@ kill_node() {
 
 start_node() {
     local n=$1
+    # What the killed engine left in its namespace: its firewall rules (stale port forwards to
+    # containers that are gone) and its bridges; a fresh engine makes its own.
+    for table in filter nat mangle; do
+        ip netns exec "dspy-lab-$n" iptables -t "$table" -F
+        ip netns exec "dspy-lab-$n" iptables -t "$table" -X
+    done
+    for link in $(ip -n "dspy-lab-$n" -o link show | awk -F': ' '{print $2}' | cut -d@ -f1); do
+        case "$link" in lo|eth0) ;; *) ip -n "dspy-lab-$n" link del "$link" 2>/dev/null || true ;; esac
+    done
     grep -oE " $LAB/$n/exec[^ ]*" /proc/mounts | sort -r | while read -r m; do umount -l "$m" 2>/dev/null || true; done || true
     rm -rf "$LAB/$n/exec"
     engine_up "$n"

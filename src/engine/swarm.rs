@@ -460,22 +460,43 @@ impl Swarm {
         })
     }
 
-    async fn scale(&self, service: Service, replicas: i64) -> Result<(), EngineError> {
-        let id = service.id.clone().unwrap_or_default();
-        let version = service.version.and_then(|v| v.index).unwrap_or(0);
-        let mut spec = service.spec.unwrap_or_default();
-        if let Some(r) = spec.mode.as_mut().and_then(|m| m.replicated.as_mut()) {
-            r.replicas = Some(replicas);
+    /// Changes a service's spec with `change`, read fresh: Swarm itself bumps a new service's
+    /// version (allocating its endpoint), so an update out of sequence is read again and
+    /// retried.
+    async fn update(
+        &self,
+        id: &str,
+        what: &str,
+        change: impl Fn(&mut SwarmServiceSpec),
+    ) -> Result<(), EngineError> {
+        let mut attempt = 0;
+        loop {
+            let service = self.service(id).await?;
+            let version = service.version.and_then(|v| v.index).unwrap_or(0);
+            let mut spec = service.spec.unwrap_or_default();
+            change(&mut spec);
+            restore_health_check(&mut spec);
+            let options = UpdateServiceOptionsBuilder::new()
+                .version(i32::try_from(version).unwrap_or(i32::MAX))
+                .build();
+            match self.client().update_service(id, spec, options, None).await {
+                Ok(_) => return Ok(()),
+                Err(e) if attempt < 10 && engine_message(&e).contains("out of sequence") => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => return Err(self.err(format!("{what}: swarm service {id}"), e)),
+            }
         }
-        restore_health_check(&mut spec);
-        let options = UpdateServiceOptionsBuilder::new()
-            .version(i32::try_from(version).unwrap_or(i32::MAX))
-            .build();
-        self.client()
-            .update_service(&id, spec, options, None)
-            .await
-            .map(drop)
-            .map_err(|e| self.err(format!("scale swarm service {id} to {replicas}"), e))
+    }
+
+    async fn scale(&self, id: &str, replicas: i64) -> Result<(), EngineError> {
+        self.update(id, &format!("scale to {replicas}"), |spec| {
+            if let Some(r) = spec.mode.as_mut().and_then(|m| m.replicated.as_mut()) {
+                r.replicas = Some(replicas);
+            }
+        })
+        .await
     }
 
     /// The services with their tasks, as the seam sees them.
@@ -947,26 +968,17 @@ impl Engine for Swarm {
         if now == Some(wanted) {
             return Ok(());
         }
-        self.scale(service, wanted).await
+        self.scale(id, wanted).await
     }
 
     async fn restart(&self, id: &str, _timeout: Duration) -> Result<(), EngineError> {
         // A rolling update that replaces every replica, as its update settings say.
-        let service = self.service(id).await?;
-        let version = service.version.and_then(|v| v.index).unwrap_or(0);
-        let mut spec = service.spec.unwrap_or_default();
-        if let Some(t) = spec.task_template.as_mut() {
-            t.force_update = Some(t.force_update.unwrap_or(0) + 1);
-        }
-        restore_health_check(&mut spec);
-        let options = UpdateServiceOptionsBuilder::new()
-            .version(i32::try_from(version).unwrap_or(i32::MAX))
-            .build();
-        self.client()
-            .update_service(id, spec, options, None)
-            .await
-            .map(drop)
-            .map_err(|e| self.err(format!("update swarm service {id}"), e))
+        self.update(id, "restart (rolling update)", |spec| {
+            if let Some(t) = spec.task_template.as_mut() {
+                t.force_update = Some(t.force_update.unwrap_or(0) + 1);
+            }
+        })
+        .await
     }
 
     async fn stop(&self, id: &str, timeout: Duration) {
@@ -974,10 +986,7 @@ impl Engine for Swarm {
             return;
         }
         // Scaled to none first, so that dependencies stop only after it has.
-        let Ok(service) = self.service(id).await else {
-            return;
-        };
-        if let Err(e) = self.scale(service, 0).await {
+        if let Err(e) = self.scale(id, 0).await {
             tracing::debug!(service = id, error = %e, "scale to 0 failed; removing");
             return;
         }

@@ -10,7 +10,8 @@ python3 -m pip install -q --upgrade "pytest>=8" "pytest-asyncio>=0.23" "mypy>=1.
 # The security tests call the ports as a second, unprivileged local user, with Debian's own
 # grpcio (this interpreter's lives in a folder that user cannot enter); the Podman tests run a
 # Podman API service of their own; the metrics tests run Debian's promtool and Prometheus,
-# unpacked (no service installed).
+# unpacked (no service installed). The swarm tests start a three-node swarm of their own
+# (scripts/swarm_lab.sh: three more Engines in network namespaces) and remove it afterwards.
 prometheus=/opt/dspy-agent-prometheus
 if [ "$(id -u)" = 0 ]; then
     wanted=()

@@ -27,6 +27,13 @@ impl Backoff {
         }
     }
 
+    pub fn starting_at(first: Duration, cap: Duration) -> Self {
+        Backoff {
+            next: first.min(cap),
+            cap,
+        }
+    }
+
     pub fn next_delay(&mut self) -> Duration {
         let delay = self.next;
         self.next = (self.next * 3 / 2).min(self.cap);

@@ -1302,7 +1302,13 @@ impl Supervisor {
         cancel: &CancellationToken,
     ) -> Result<(), StackError> {
         let deadline = Instant::now() + spec.healthcheck.start_period;
-        let mut backoff = Backoff::new(spec.healthcheck.interval);
+        let mut backoff = if self.engine.publishes_here() {
+            Backoff::new(spec.healthcheck.interval)
+        } else {
+            // Each look at a cluster service asks its manager about every task and node: a
+            // replica takes a scheduling round of the cluster to start anyway.
+            Backoff::starting_at(Duration::from_millis(50), spec.healthcheck.interval)
+        };
         loop {
             let last_error = match cancellable(cancel, self.probe(spec, id)).await? {
                 Ok(()) => return Ok(()),

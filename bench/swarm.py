@@ -317,7 +317,8 @@ def main() -> None:
     loss = [
         ("dspy_agent_infra: the core reports the service healthy again", ms("ours loss"), "1.00"),
         (
-            "Swarm alone: both replicas running again (no probe of its own)",
+            "`docker stack deploy`: both replicas running again"
+            " (a replica runs once its 100 ms in-container check passes)",
             ms("stack loss"),
             f"{ms('stack loss') / ms('ours loss'):.2f}",
         ),

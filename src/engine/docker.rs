@@ -72,6 +72,9 @@ pub(super) fn status_of(e: &bollard::errors::Error) -> Option<u16> {
 pub struct Docker {
     client: bollard::Docker,
     host: String,
+    /// Podman's Docker-compatible API: it leaves images' HEALTHCHECKs to systemd timers, which
+    /// a machine without systemd never runs.
+    podman: bool,
 }
 
 impl Docker {
@@ -90,7 +93,19 @@ impl Docker {
             Ok(Err(e)) => return Err(unavailable(engine_message(&e))),
             Err(_) => return Err(unavailable(format!("no answer within {timeout:?}"))),
         };
-        Ok(Docker { client, host })
+        let podman = match tokio::time::timeout(timeout, client.version()).await {
+            Ok(Ok(v)) => v
+                .components
+                .unwrap_or_default()
+                .iter()
+                .any(|c| c.name.contains("Podman")),
+            _ => false,
+        };
+        Ok(Docker {
+            client,
+            host,
+            podman,
+        })
     }
 
     pub(super) fn client(&self) -> &bollard::Docker {
@@ -708,6 +723,33 @@ impl Engine for Docker {
             exit_code,
             stdout,
             stderr,
+        })
+    }
+
+    async fn run_image_healthcheck(&self, id: &str) -> Option<Result<(), String>> {
+        if !self.podman {
+            return None;
+        }
+        let test = match self.client.inspect_container(id, None).await {
+            Ok(c) => c.config.and_then(|c| c.healthcheck).and_then(|h| h.test),
+            Err(e) => return Some(Err(engine_message(&e))),
+        };
+        // HEALTHCHECK's forms: ["CMD", args...], ["CMD-SHELL", line], ["NONE"].
+        let command: Vec<String> = match test.as_deref() {
+            Some([kind, args @ ..]) if kind == "CMD" && !args.is_empty() => args.to_vec(),
+            Some([kind, line]) if kind == "CMD-SHELL" => {
+                vec!["/bin/sh".into(), "-c".into(), line.clone()]
+            }
+            _ => return None,
+        };
+        Some(match self.exec(id, &command).await {
+            Ok(out) if out.exit_code == 0 => Ok(()),
+            Ok(out) => Err(format!(
+                "the image's HEALTHCHECK {command:?} exited with {}: {}",
+                out.exit_code,
+                format!("{}{}", out.stdout, out.stderr).trim()
+            )),
+            Err(e) => Err(e.to_string()),
         })
     }
 

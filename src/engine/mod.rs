@@ -51,7 +51,10 @@ pub mod labels {
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
-    #[error("cannot reach the Docker Engine at {host}: {message}. Start Docker (for example `sudo systemctl start docker`), or point ENV_MANAGER_DOCKER_HOST / DOCKER_HOST at a running Engine")]
+    #[error(
+        "cannot reach the Docker Engine at {host}: {message}. {}",
+        how_to_start(host)
+    )]
     Unavailable { host: String, message: String },
     #[error("image {image:?} is not available: {message}")]
     Image { image: String, message: String },
@@ -62,6 +65,16 @@ pub enum EngineError {
         /// What the Engine's HTTP status says, so that callers never decide on the text.
         kind: ApiErrorKind,
     },
+}
+
+/// The fix for an engine that does not answer, for the kind of engine `host` names.
+fn how_to_start(host: &str) -> String {
+    if host.contains("podman") {
+        let socket = host.strip_prefix("unix://").unwrap_or(host);
+        format!("Start Podman's API there (`podman system service --time=0 unix://{socket}`), or point ENV_MANAGER_DOCKER_HOST / DOCKER_HOST at a running Engine")
+    } else {
+        "Start Docker (for example `sudo systemctl start docker`), or point ENV_MANAGER_DOCKER_HOST / DOCKER_HOST at a running Engine".into()
+    }
 }
 
 /// An Engine API error by its HTTP status.
@@ -309,6 +322,13 @@ pub trait Engine: Send + Sync {
 
     /// Runs `command` in a running container and collects its output.
     async fn exec(&self, id: &str, command: &[String]) -> Result<ExecOutput, EngineError>;
+
+    /// Where the runtime does not run images' HEALTHCHECKs itself (Podman without systemd),
+    /// runs the container's check once and says how it went; `None` where the runtime runs
+    /// them (its verdict is then in `ContainerInfo::engine_health`).
+    async fn run_image_healthcheck(&self, _id: &str) -> Option<Result<(), String>> {
+        None
+    }
 }
 
 /// How the layers above hold the engine.

@@ -1211,6 +1211,16 @@ impl Supervisor {
                 }
             }
             Probe::Docker => {
+                let ours = tokio::time::timeout(timeout, self.engine.run_image_healthcheck(id));
+                match ours.await {
+                    Ok(Some(verdict)) => return verdict,
+                    Ok(None) => {}
+                    Err(_) => {
+                        return Err(format!(
+                            "the image's HEALTHCHECK gave no answer within {timeout:?}"
+                        ))
+                    }
+                }
                 let info = self.engine.inspect(id).await.map_err(|e| e.to_string())?;
                 match info.engine_health.as_deref() {
                     Some("healthy") => Ok(()),

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from test_reliability import phases
 
-from dspy_agent_infra import AgentInfra
+from dspy_agent_infra import AgentInfra, DockerUnavailableError
 from helpers import BUSYBOX, REDIS, containers, http_service, redis_service
 
 # What Podman reads beside its defaults. This machine lets no process raise its resource limits
@@ -75,10 +75,20 @@ def podman_host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             env={**os.environ, "CONTAINERS_CONF": str(conf)},
         )
         assert loaded.returncode == 0, loaded.stderr.decode()
+        # An image with a HEALTHCHECK of its own, which Podman never runs without systemd.
+        (folder / "Containerfile").write_text(
+            f"FROM {BUSYBOX}\nENV PORTS=8000\n"
+            "HEALTHCHECK --interval=1s CMD wget -q -O /dev/null http://127.0.0.1:8000/health\n"
+        )
+        built = podman("build", "-q", "--format", "docker", "-t", HEALTHCHECKED, str(folder), conf=conf)
+        assert built.returncode == 0, built.stderr
         yield f"unix://{sock}"
     finally:
         service.terminate()
         service.wait(timeout=30)
+
+
+HEALTHCHECKED = "dspy-agent-test/healthchecked:latest"
 
 
 def podman_containers(project: str, host: str) -> list[str]:
@@ -146,3 +156,37 @@ async def test_a_stack_runs_heals_and_stops_on_podman(podman_host: str, project:
         text=True,
     )
     assert kept.returncode == 0, kept.stderr
+
+
+async def test_the_images_own_healthcheck_is_run_on_podman(podman_host: str, project: str) -> None:
+    # Podman leaves HEALTHCHECKs to systemd timers: the core runs the image's check itself.
+    services = {
+        "web": {
+            "image": HEALTHCHECKED,
+            "pull": "never",
+            "ports": ["0:8000"],
+            "healthcheck": {"type": "docker", "start_period": "20s"},
+            "stop_timeout": "2s",
+        }
+    }
+    async with AgentInfra.start(
+        project=project, services=["web"], config={"services": services}, docker_host=podman_host
+    ) as infra:
+        web = infra.service("web")
+        assert web.status == "healthy" and "docker probe passed" in web.message, web.message
+    assert podman_containers(project, podman_host) == []
+
+
+async def test_a_podman_socket_that_is_not_there_is_named(tmp_path: Path, project: str) -> None:
+    missing = f"unix://{tmp_path}/podman.sock"
+    began = time.monotonic()
+    with pytest.raises(DockerUnavailableError) as failed:
+        async with AgentInfra.start(
+            project=project,
+            services=["web"],
+            config={"services": {"web": http_service()}},
+            docker_host=missing,
+        ):
+            pass
+    assert time.monotonic() - began < 15
+    assert missing in str(failed.value) and "podman system service" in str(failed.value)

@@ -80,7 +80,9 @@ def podman_host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             f"FROM {BUSYBOX}\nENV PORTS=8000\n"
             "HEALTHCHECK --interval=1s CMD wget -q -O /dev/null http://127.0.0.1:8000/health\n"
         )
-        built = podman("build", "-q", "--format", "docker", "-t", HEALTHCHECKED, str(folder), conf=conf)
+        built = podman(
+            "build", "-q", "--format", "docker", "-t", HEALTHCHECKED, str(folder), conf=conf
+        )
         assert built.returncode == 0, built.stderr
         yield f"unix://{sock}"
     finally:

@@ -6,17 +6,21 @@ cd "$(dirname "$0")/.."
 
 bash scripts/provision.sh
 python3 -m pip install -q --upgrade "pytest>=8" "pytest-asyncio>=0.23" "mypy>=1.10" "ruff>=0.5" \
-    "grpcio>=1.60" "grpcio-tools>=1.60" "grpcio-reflection>=1.60" "kubernetes-validate>=1.33"
+    "grpcio>=1.60" "grpcio-tools>=1.60" "grpcio-reflection>=1.60" "kubernetes-validate>=1.33" "selenium>=4.20"
 # The security tests call the ports as a second, unprivileged local user, with Debian's own
 # grpcio (this interpreter's lives in a folder that user cannot enter); the Podman tests run a
 # Podman API service of their own; the metrics tests run Debian's promtool and Prometheus,
-# unpacked (no service installed). The swarm tests start a three-node swarm of their own
-# (scripts/swarm_lab.sh: three more Engines in network namespaces) and remove it afterwards.
+# unpacked (no service installed); the dashboard's test runs Debian's headless Chromium. The
+# swarm tests start a three-node swarm of their own (scripts/swarm_lab.sh: three more Engines in
+# network namespaces) and remove it afterwards.
 prometheus=/opt/dspy-agent-prometheus
 if [ "$(id -u)" = 0 ]; then
     wanted=()
     /usr/bin/python3 -c "import grpc" >/dev/null 2>&1 || wanted+=(python3-grpcio)
     command -v podman >/dev/null 2>&1 || wanted+=(podman)
+    # The dashboard's test drives Debian's headless Chromium through its chromedriver.
+    command -v chromium >/dev/null 2>&1 || wanted+=(chromium)
+    command -v chromedriver >/dev/null 2>&1 || wanted+=(chromium-driver)
     if [ ${#wanted[@]} -gt 0 ] || [ ! -x "$prometheus/usr/bin/promtool" ]; then
         apt-get update -q
     fi

@@ -262,11 +262,13 @@ impl Infra {
         let guard = serving.guard.clone();
         let mut servers = Vec::new();
         let env_manager_addr = Arc::new(std::sync::OnceLock::new());
+        let workers = grpc::workers::Workers::new(queue.clone());
         match grpc::serve_orchestrator(
             &config.orchestrator_addr,
             queue.clone(),
             config.project.clone(),
             Arc::clone(&env_manager_addr),
+            Arc::clone(&workers),
             serving.clone(),
         )
         .await
@@ -303,6 +305,9 @@ impl Infra {
             supervisor: supervisor.clone(),
             engine,
             guard,
+            workers,
+            project: config.project.clone(),
+            tls: config.tls.is_some(),
         };
         match http::serve(&config.http_addr, sources, config.tls.as_ref(), background).await {
             Ok(http_addr) => Ok(Opened {

@@ -126,6 +126,13 @@ enum Cmd {
     /// Print the token both gRPC ports require, for clients in other languages or on other machines
     /// (made now when the project has none yet)
     Token,
+    /// Print the address of the running daemon's dashboard (and open it in a browser when
+    /// this session has a display)
+    Dashboard {
+        /// Only print the address
+        #[arg(long)]
+        no_browser: bool,
+    },
     /// Print the version
     Version,
     /// Run the daemon in this process (what `start` launches)
@@ -318,6 +325,7 @@ async fn run(cli: Cli, mut options: LoadOptions, launcher: Launcher) -> Result<i
         Cmd::Config(c) => config(options, c),
         Cmd::Tasks(t) => tasks(options, t).await,
         Cmd::Token => token(options),
+        Cmd::Dashboard { no_browser } => dashboard(options, no_browser),
         Cmd::Export(ExportCmd::Kubernetes {
             output,
             namespace,
@@ -353,6 +361,41 @@ async fn run(cli: Cli, mut options: LoadOptions, launcher: Launcher) -> Result<i
 }
 
 /// The running daemon, or the exit a command takes when there is none.
+fn dashboard(options: LoadOptions, no_browser: bool) -> Result<i32, Failure> {
+    let config = Config::load(options)?;
+    let info = running(&config)?;
+    let scheme = if config.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let host = match info.http_addr.rsplit_once(':') {
+        // A wildcard address is reached on loopback from here.
+        Some(("0.0.0.0" | "[::]", port)) => format!("127.0.0.1:{port}"),
+        _ => info.http_addr.clone(),
+    };
+    let url = format!("{scheme}://{host}/");
+    println!("{url}");
+    if crate::access::required(&config)?.token.is_some() {
+        println!("sign in with the project's token: `dspy-agent token` prints it");
+    }
+    let display = ["DISPLAY", "WAYLAND_DISPLAY"]
+        .iter()
+        .any(|v| std::env::var_os(v).is_some_and(|d| !d.is_empty()));
+    if !no_browser && display {
+        let opener = std::env::var("BROWSER").unwrap_or_else(|_| "xdg-open".into());
+        let opened = std::process::Command::new(&opener)
+            .arg(&url)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn();
+        if opened.is_err() {
+            eprintln!("note: could not run {opener:?} to open a browser; open the address above");
+        }
+    }
+    Ok(EXIT_OK)
+}
+
 fn running(config: &Config) -> Result<DaemonInfo, Failure> {
     let not_running = |extra: &str| {
         Failure(

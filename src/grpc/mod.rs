@@ -98,6 +98,7 @@ pub async fn serve_orchestrator(
     queue: TaskQueue,
     project: String,
     env_manager_addr: Arc<OnceLock<String>>,
+    workers: Arc<workers::Workers>,
     serving: Serving,
 ) -> Result<Server, GrpcError> {
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -109,6 +110,7 @@ pub async fn serve_orchestrator(
             queue,
             project,
             env_manager_addr,
+            workers,
             serving.background.clone(),
         ),
     )

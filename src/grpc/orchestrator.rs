@@ -31,10 +31,11 @@ impl Orchestrator {
         queue: TaskQueue,
         project: String,
         env_manager_addr: Arc<OnceLock<String>>,
+        workers: Arc<Workers>,
         background: Background,
     ) -> Self {
         Orchestrator {
-            workers: Workers::new(queue.clone()),
+            workers,
             queue,
             project,
             env_manager_addr,
@@ -148,6 +149,7 @@ impl pb::orchestrator_service_server::OrchestratorService for Orchestrator {
                 task_type: Some(r.task_type).filter(|t| !t.is_empty()),
                 limit,
                 after: Some(r.page_token).filter(|t| !t.is_empty()),
+                newest_first: false,
             })
             .await
             .map_err(Status::from)?;

@@ -43,6 +43,15 @@ struct State {
     served: BTreeMap<String, usize>,
 }
 
+/// A connected worker, as the dashboard shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct WorkerSummary {
+    pub name: String,
+    pub task_types: Vec<String>,
+    pub capacity: usize,
+    pub running: usize,
+}
+
 pub struct Workers {
     queue: TaskQueue,
     state: Mutex<State>,
@@ -63,6 +72,24 @@ impl Workers {
 
     fn lock(&self) -> MutexGuard<'_, State> {
         crate::util::lock(&self.state)
+    }
+
+    /// The workers connected now: name, the types they serve, how many tasks each takes at
+    /// once and how many it runs.
+    pub fn list(&self) -> Vec<WorkerSummary> {
+        let mut found: Vec<WorkerSummary> = self
+            .lock()
+            .workers
+            .values()
+            .map(|w| WorkerSummary {
+                name: w.name.clone(),
+                task_types: w.types.iter().cloned().collect(),
+                capacity: w.capacity,
+                running: w.leases.len(),
+            })
+            .collect();
+        found.sort_by(|a, b| a.name.cmp(&b.name));
+        found
     }
 
     /// Checks a hello's fields.
@@ -395,6 +422,7 @@ mod tests {
             queue.clone(),
             "p".into(),
             Arc::new(OnceLock::new()),
+            Workers::new(queue.clone()),
             crate::grpc::Serving {
                 guard: crate::grpc::auth::Guard::default(),
                 tls: None,

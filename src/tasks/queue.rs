@@ -303,6 +303,17 @@ impl TaskQueue {
             })
     }
 
+    /// A task with its input payload, to run it again.
+    pub async fn get_with_payload(&self, task_id: &str) -> Result<TaskRecord, TaskError> {
+        self.inner
+            .store
+            .get_with_payload(task_id)
+            .await?
+            .ok_or_else(|| TaskError::NotFound {
+                task_id: task_id.to_string(),
+            })
+    }
+
     pub async fn list(&self, filter: ListFilter) -> Result<Vec<TaskRecord>, TaskError> {
         self.inner.store.list(filter).await
     }

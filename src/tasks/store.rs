@@ -60,6 +60,8 @@ pub struct ListFilter {
     pub limit: usize,
     /// Return tasks created after this one (by insertion order): the page token.
     pub after: Option<String>,
+    /// The most recent first (and `after` then pages towards older ones).
+    pub newest_first: bool,
 }
 
 #[derive(Clone)]
@@ -626,6 +628,17 @@ impl TaskStore {
         self.read(move |conn| get_in(conn, &task_id)).await
     }
 
+    /// A task with its input payload (`get` leaves the payload out).
+    pub async fn get_with_payload(&self, task_id: &str) -> Result<Option<TaskRecord>, TaskError> {
+        let task_id = task_id.to_string();
+        self.read(move |conn| {
+            conn.prepare_cached(&format!("SELECT {COLUMNS} FROM tasks WHERE task_id = ?1"))?
+                .query_row([&task_id], record)
+                .optional()
+        })
+        .await
+    }
+
     /// Tasks in submission order, without their input payloads.
     pub async fn list(&self, filter: ListFilter) -> Result<Vec<TaskRecord>, TaskError> {
         self.read(move |conn| {
@@ -638,9 +651,14 @@ impl TaskStore {
                     .unwrap_or(0),
                 None => 0,
             };
+            let (page, order) = if filter.newest_first {
+                ("(?1 = 0 OR seq < ?1)", "DESC")
+            } else {
+                ("seq > ?1", "ASC")
+            };
             let mut stmt = conn.prepare_cached(&format!(
-                "SELECT {STATUS_COLUMNS} FROM tasks WHERE seq > ?1 AND (?2 IS NULL OR state = ?2) \
-                 AND (?3 IS NULL OR task_type = ?3) ORDER BY seq LIMIT ?4"
+                "SELECT {STATUS_COLUMNS} FROM tasks WHERE {page} AND (?2 IS NULL OR state = ?2) \
+                 AND (?3 IS NULL OR task_type = ?3) ORDER BY seq {order} LIMIT ?4"
             ))?;
             let rows = stmt.query_map(
                 params![
@@ -1061,6 +1079,27 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(rest.len(), 300);
+        let newest = store
+            .list(ListFilter {
+                limit: 2,
+                newest_first: true,
+                ..ListFilter::default()
+            })
+            .await
+            .unwrap();
+        let older = store
+            .list(ListFilter {
+                limit: 1,
+                newest_first: true,
+                after: Some(newest[1].task.task_id.clone()),
+                ..ListFilter::default()
+            })
+            .await
+            .unwrap();
+        let last = rest.last().unwrap().task.task_id.clone();
+        assert_eq!(newest[0].task.task_id, last);
+        assert_eq!(newest[1].task.task_id, rest[rest.len() - 2].task.task_id);
+        assert_eq!(older[0].task.task_id, rest[rest.len() - 3].task.task_id);
         assert_eq!(store.counts()["PENDING"], 500);
     }
 }

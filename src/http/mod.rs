@@ -1,4 +1,5 @@
-//! The HTTP port beside the gRPC ones: `/metrics` in the Prometheus text format and `/healthz`.
+//! The HTTP port beside the gRPC ones: `/metrics` in the Prometheus text format, `/healthz`, and
+//! the dashboard at `/` (`dashboard`).
 //! `/metrics` asks for the same token as the gRPC ports (`Authorization: Bearer TOKEN`, what a
 //! Prometheus scrape sends with `authorization: { credentials: ... }`); `/healthz` is open, as
 //! the gRPC health service is. With `[tls]` it speaks HTTPS with the same certificate.
@@ -26,6 +27,8 @@ use crate::services::supervisor::Supervisor;
 use crate::tasks::queue::TaskQueue;
 use crate::util::Background;
 
+mod dashboard;
+
 /// How long a scrape waits for the Engine to say it is there.
 const ENGINE_CHECK: Duration = Duration::from_secs(1);
 /// How often the containers' CPU and memory are sampled, and how long one sample may take.
@@ -41,6 +44,10 @@ pub struct Sources {
     pub supervisor: Option<Arc<Supervisor>>,
     pub engine: Option<SharedEngine>,
     pub guard: Guard,
+    pub workers: Arc<crate::grpc::workers::Workers>,
+    pub project: String,
+    /// The port speaks HTTPS (the login cookie is then marked Secure).
+    pub tls: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -69,7 +76,8 @@ pub async fn serve(
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
-        .with_state(sources);
+        .with_state(sources.clone())
+        .merge(dashboard::routes(sources, background.token()));
     match tls {
         None => run(listener, app, background),
         Some(tls) => {

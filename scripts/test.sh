@@ -6,7 +6,8 @@ cd "$(dirname "$0")/.."
 
 bash scripts/provision.sh
 python3 -m pip install -q --upgrade "pytest>=8" "pytest-asyncio>=0.23" "mypy>=1.10" "ruff>=0.5" \
-    "grpcio>=1.60" "grpcio-tools>=1.60" "grpcio-reflection>=1.60" "kubernetes-validate>=1.33" "selenium>=4.20"
+    "grpcio>=1.60" "grpcio-tools>=1.60" "grpcio-reflection>=1.60" "kubernetes-validate>=1.33" "selenium>=4.20" \
+    "opentelemetry-sdk>=1.20" "opentelemetry-proto>=1.20"
 # The security tests call the ports as a second, unprivileged local user, with Debian's own
 # grpcio (this interpreter's lives in a folder that user cannot enter); the Podman tests run a
 # Podman API service of their own; the metrics tests run Debian's promtool and Prometheus,

@@ -135,6 +135,7 @@ impl Infra {
         // alone.
         access::private_dir(&config.state_dir)?;
         let mut owner = OwnerLock::acquire(&config.state_dir, &config.project)?;
+        crate::otel::init();
         let required = access::required(&config)?;
         let store_path = config.tasks.store.clone();
         let durability = config.tasks.durability;
@@ -465,6 +466,7 @@ impl Infra {
             }
         }
         self.background.stop().await;
+        crate::otel::flush().await;
         if let Some(w) = &self.watchdog {
             w.release();
         }

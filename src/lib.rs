@@ -15,6 +15,7 @@ pub mod http;
 pub mod infra;
 pub mod kubernetes;
 pub mod metrics;
+pub mod otel;
 pub mod owner;
 pub mod runtime;
 pub mod services;

@@ -217,6 +217,7 @@ impl TaskQueue {
     pub async fn submit(&self, task: NewTask) -> Result<(TaskRecord, bool), TaskError> {
         let mut task = task;
         task.validate()?;
+        crate::otel::on_submit(&mut task);
         let declared = crate::util::read(&self.inner.declared)
             .get(&task.task_type)
             .cloned();
@@ -470,9 +471,15 @@ impl TaskQueue {
         }
     }
 
-    async fn run(&self, task: TaskRecord, handler: Arc<dyn Handler>, permit: OwnedSemaphorePermit) {
+    async fn run(
+        &self,
+        mut task: TaskRecord,
+        handler: Arc<dyn Handler>,
+        permit: OwnedSemaphorePermit,
+    ) {
         let task_id = task.task.task_id.clone();
         let attempt = task.attempt;
+        let span = crate::otel::on_run(&mut task.task, attempt);
         let token = self.inner.shutdown.child_token();
         lock(&self.inner.running).insert(task_id.clone(), token.clone());
         let task_type = task.task.task_type.clone();
@@ -501,7 +508,20 @@ impl TaskQueue {
         lock(&self.inner.running).remove(&task_id);
         drop(permit);
         self.inner.wake.notify_one();
-        let Some(result) = outcome else { return };
+        let Some(result) = outcome else {
+            if let Some(span) = span {
+                span.end(Some("cancelled"));
+            }
+            return;
+        };
+        if let Some(span) = span {
+            match &result {
+                Ok(_) => span.end(None),
+                Err(
+                    HandlerError::Failed(e) | HandlerError::Lost(e) | HandlerError::Unserved(e),
+                ) => span.end(Some(e)),
+            }
+        }
         let ran = began.elapsed().as_secs_f64();
         let outcome = match result {
             Ok(bytes) => Outcome::Completed(bytes),

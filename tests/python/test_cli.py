@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -107,6 +108,15 @@ def test_a_whole_session(workdir: Path, project: str) -> None:
     assert header.split() == ["SERVICE", "STATE", "HEALTH", "PORTS", "CONTAINER", "UPTIME"]
     assert f"metrics http://{http_addr}/metrics" in table.stdout
     assert {r.split()[0] for r in rows} == {"redis", "reddb", "infermesh"}
+
+    # The dashboard's address; without the token the page asks for it.
+    dashboard = run("dashboard", "--no-browser")
+    assert dashboard.returncode == 0, dashboard.stderr
+    assert dashboard.stdout.splitlines()[0] == f"http://{http_addr}/"
+    assert "dspy-agent token" in dashboard.stdout
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(f"http://{http_addr}/", timeout=10)
+    assert refused.value.code == 401 and b'name="token"' in refused.value.read()
 
     logs = run("logs", "--service", "redis", "--tail", "5")
     assert logs.returncode == 0, logs.stderr

@@ -5,6 +5,7 @@ scraping a stack and answering queries about it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -20,7 +21,7 @@ import pytest
 import grpc
 from dspy_agent_infra import AgentInfra, InfraError, OrchestratorClient, Task
 from dspy_agent_infra.errors import TaskNotFoundError
-from helpers import ROOT, free_port, http_service, redis_service
+from helpers import ROOT, EngineProxy, free_port, http_service, redis_service
 
 PROMETHEUS = Path(os.environ.get("DSPY_AGENT_PROMETHEUS", "/opt/dspy-agent-prometheus/usr/bin"))
 
@@ -254,3 +255,33 @@ def test_the_grafana_dashboard_queries_documented_metrics(tmp_path: Path) -> Non
     for name in set(re.findall(r"dspy_agent_[a-z_]+", " ".join(exprs))):
         family = re.sub(r"_(bucket|sum|count)$", "", name)
         assert f"`{family}`" in documented, name
+
+
+async def test_metrics_during_an_engine_outage(project: str, tmp_path: Path) -> None:
+    relay = EngineProxy(tmp_path / "engine.sock")
+    relay.up()
+    try:
+        async with AgentInfra.start(
+            project=project,
+            services=["web"],
+            config={"services": {"web": http_service()}},
+            docker_host=f"unix://{relay.path}",
+        ) as infra:
+            url = f"http://{infra.http_addr}/metrics"
+            code, text = await asyncio.to_thread(get, url, infra.token)
+            assert code == 200 and samples(text)["dspy_agent_engine_up"] == 1
+            # The Engine goes away: the endpoint still answers, and says so.
+            relay.down()
+            began = time.monotonic()
+            code, text = await asyncio.to_thread(get, url, infra.token)
+            assert code == 200 and time.monotonic() - began < 5
+            s = samples(text)
+            assert s["dspy_agent_engine_up"] == 0
+            # What was last known of the services is still there, for the dashboards.
+            assert s['dspy_agent_service_healthy{service="web"}'] == 1
+            relay.up()
+            code, text = await asyncio.to_thread(get, url, infra.token)
+            assert code == 200 and samples(text)["dspy_agent_engine_up"] == 1
+    finally:
+        with contextlib.suppress(OSError, AssertionError):
+            relay.down()

@@ -135,7 +135,7 @@ impl Infra {
         // alone.
         access::private_dir(&config.state_dir)?;
         let mut owner = OwnerLock::acquire(&config.state_dir, &config.project)?;
-        crate::otel::init();
+        crate::tasks::spans::init();
         let required = access::required(&config)?;
         let store_path = config.tasks.store.clone();
         let durability = config.tasks.durability;
@@ -466,7 +466,7 @@ impl Infra {
             }
         }
         self.background.stop().await;
-        crate::otel::flush().await;
+        crate::tasks::spans::flush().await;
         if let Some(w) = &self.watchdog {
             w.release();
         }

@@ -15,7 +15,6 @@ pub mod http;
 pub mod infra;
 pub mod kubernetes;
 pub mod metrics;
-pub mod otel;
 pub mod owner;
 pub mod runtime;
 pub mod services;

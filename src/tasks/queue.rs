@@ -217,7 +217,7 @@ impl TaskQueue {
     pub async fn submit(&self, task: NewTask) -> Result<(TaskRecord, bool), TaskError> {
         let mut task = task;
         task.validate()?;
-        crate::otel::on_submit(&mut task);
+        crate::tasks::spans::on_submit(&mut task);
         let declared = crate::util::read(&self.inner.declared)
             .get(&task.task_type)
             .cloned();
@@ -479,7 +479,7 @@ impl TaskQueue {
     ) {
         let task_id = task.task.task_id.clone();
         let attempt = task.attempt;
-        let span = crate::otel::on_run(&mut task.task, attempt);
+        let span = crate::tasks::spans::on_run(&mut task.task, attempt);
         let token = self.inner.shutdown.child_token();
         lock(&self.inner.running).insert(task_id.clone(), token.clone());
         let task_type = task.task.task_type.clone();

@@ -139,7 +139,7 @@ pub fn run(project: &str, session: &str, backend: Backend, docker_host: Option<&
             project,
             session,
             removed,
-            "the process owning this stack died; its containers were removed"
+            "the process owning this stack died; its containers (Swarm services on the swarm backend) were removed"
         );
         0
     })

@@ -117,9 +117,17 @@ CREATE TABLE IF NOT EXISTS tasks (
 );
 CREATE INDEX IF NOT EXISTS tasks_ready ON tasks (state, task_type, priority DESC, seq);
 CREATE INDEX IF NOT EXISTS tasks_finished ON tasks (finished_at) WHERE finished_at IS NOT NULL;
+CREATE TABLE IF NOT EXISTS task_payloads (seq INTEGER PRIMARY KEY, payload BLOB NOT NULL);
+CREATE TRIGGER IF NOT EXISTS task_payload_gone AFTER DELETE ON tasks
+    BEGIN DELETE FROM task_payloads WHERE seq = OLD.seq; END;
 ";
 
-const COLUMNS: &str = "task_id, task_type, payload, metadata, priority, timeout_ms, max_retries, \
+/// A payload is kept in a table of its own (`tasks.payload` is empty, but in rows written before
+/// that): SQLite rewrites a whole row, large blob included, at every update of its state, so a
+/// 100 kB payload beside the state was written again at each of a task's steps.
+const COLUMNS: &str = "task_id, task_type, \
+                       COALESCE((SELECT p.payload FROM task_payloads p WHERE p.seq = tasks.seq), \
+                       tasks.payload), metadata, priority, timeout_ms, max_retries, \
                        state, attempt, result, error, created_at, started_at, finished_at";
 
 /// The same columns without the input payload (an empty blob in its place): for status answers,
@@ -376,7 +384,7 @@ impl TaskStore {
                 stmt.execute(params![
                     task.task_id,
                     task.task_type,
-                    task.payload,
+                    Vec::<u8>::new(),
                     serde_json::to_string(&task.metadata).unwrap_or_else(|_| "{}".into()),
                     task.priority,
                     task.timeout.map(|t| t.as_millis() as i64),
@@ -389,6 +397,13 @@ impl TaskStore {
                 ])
             })
             .map_err(sql)?;
+                if !task.payload.is_empty() {
+                    txn.prepare_cached(
+                        "INSERT INTO task_payloads (seq, payload) VALUES (last_insert_rowid(), ?1)",
+                    )
+                    .and_then(|mut stmt| stmt.execute(params![task.payload]))
+                    .map_err(sql)?;
+                }
                 Ok((
                     TaskRecord {
                         task,
@@ -926,6 +941,47 @@ mod tests {
         let counts = store.counts();
         assert_eq!((counts["FAILED"], counts["PENDING"]), (1, 1));
         assert!(!counts.contains_key("RUNNING"));
+    }
+
+    #[tokio::test]
+    async fn payloads_live_apart_and_go_with_their_task() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tasks.db");
+        let store = TaskStore::open(Some(&path), Durability::default()).unwrap();
+        // A row written before payloads had a table of their own.
+        Connection::open(&path)
+            .unwrap()
+            .execute(
+                "INSERT INTO tasks (task_id, task_type, payload, metadata, priority, max_retries, \
+                 content_hash, state, created_at) VALUES ('old', 'test', X'0102', '{}', 0, 0, 'h', \
+                 'PENDING', 0)",
+                [],
+            )
+            .unwrap();
+        let mut big = task("big", 0);
+        big.payload = vec![7; 100_000];
+        store.submit(big, false).await.unwrap();
+        let claimed = store.claim("test", 10).await.unwrap();
+        let payloads: BTreeMap<String, usize> = claimed
+            .iter()
+            .map(|r| (r.task.task_id.clone(), r.task.payload.len()))
+            .collect();
+        assert_eq!(
+            payloads,
+            BTreeMap::from([("big".into(), 100_000), ("old".into(), 2)])
+        );
+        let full = store.get_with_payload("big").await.unwrap().unwrap();
+        assert_eq!(full.task.payload, vec![7; 100_000]);
+        store
+            .finish("big", 1, Outcome::Completed(Vec::new()))
+            .await
+            .unwrap();
+        assert_eq!(store.prune(now_ms() + 1, 10).await.unwrap(), 1);
+        let left: i64 = Connection::open(&path)
+            .unwrap()
+            .query_row("SELECT COUNT(*) FROM task_payloads", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(left, 0);
     }
 
     #[tokio::test]

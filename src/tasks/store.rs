@@ -122,9 +122,12 @@ CREATE TRIGGER IF NOT EXISTS task_payload_gone AFTER DELETE ON tasks
     BEGIN DELETE FROM task_payloads WHERE seq = OLD.seq; END;
 ";
 
-/// A payload is kept in a table of its own (`tasks.payload` is empty, but in rows written before
-/// that): SQLite rewrites a whole row, large blob included, at every update of its state, so a
-/// 100 kB payload beside the state was written again at each of a task's steps.
+/// A payload above `INLINE_PAYLOAD` bytes is kept in a table of its own (`tasks.payload` is then
+/// empty): SQLite rewrites a whole row, large blob included, at every update of its state, so a
+/// 100 kB payload beside the state was written again at each of a task's steps. A small one stays
+/// in the row, where rewriting it costs less than a second insert.
+const INLINE_PAYLOAD: usize = 512;
+
 const COLUMNS: &str = "task_id, task_type, \
                        COALESCE((SELECT p.payload FROM task_payloads p WHERE p.seq = tasks.seq), \
                        tasks.payload), metadata, priority, timeout_ms, max_retries, \
@@ -381,10 +384,11 @@ impl TaskStore {
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
             )
             .and_then(|mut stmt| {
+                let apart = task.payload.len() > INLINE_PAYLOAD;
                 stmt.execute(params![
                     task.task_id,
                     task.task_type,
-                    Vec::<u8>::new(),
+                    if apart { &[][..] } else { &task.payload[..] },
                     serde_json::to_string(&task.metadata).unwrap_or_else(|_| "{}".into()),
                     task.priority,
                     task.timeout.map(|t| t.as_millis() as i64),
@@ -397,7 +401,7 @@ impl TaskStore {
                 ])
             })
             .map_err(sql)?;
-                if !task.payload.is_empty() {
+                if task.payload.len() > INLINE_PAYLOAD {
                     txn.prepare_cached(
                         "INSERT INTO task_payloads (seq, payload) VALUES (last_insert_rowid(), ?1)",
                     )
@@ -977,6 +981,8 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(store.prune(now_ms() + 1, 10).await.unwrap(), 1);
+        // A small payload stays in its row.
+        store.submit(task("small", 0), false).await.unwrap();
         let left: i64 = Connection::open(&path)
             .unwrap()
             .query_row("SELECT COUNT(*) FROM task_payloads", [], |r| r.get(0))

@@ -38,6 +38,8 @@ async def test_submit_status_cancel_and_stream(
     stub = pb["orchestrator_v1_pb2_grpc"].OrchestratorServiceStub(ch)
 
     stream = stub.StreamTaskResults(o.StreamTaskResultsRequest(task_ids=["e1"]))
+    # The server answers with headers once it follows the task: only then is every change seen.
+    await stream.initial_metadata()
     submitted = await stub.SubmitTask(
         o.SubmitTaskRequest(task_id="e1", task_type="echo", payload=b"hi", metadata={"k": "v"})
     )

@@ -35,6 +35,14 @@ STACK: dict[str, tuple[str, int, str, list[str]]] = {
 }
 
 
+def in_container_check(probe: str, port: int) -> str:
+    """The stack's health check as a shell line run inside the container (the Engine's
+    HEALTHCHECK, for the peers that rely on it)."""
+    if probe == "redis":
+        return f"echo PING | nc 127.0.0.1 {port} | grep -q PONG"
+    return f"wget -q -O /dev/null http://127.0.0.1:{port}/health"
+
+
 def sh(*args: str) -> str:
     return subprocess.run(args, check=True, capture_output=True, text=True).stdout
 

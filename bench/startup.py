@@ -40,7 +40,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from floor import STACK, floor_api_run, floor_run, sh, wait_until
+from floor import STACK, floor_api_run, floor_run, in_container_check, sh, wait_until
 from report import write_section
 
 from dspy_agent_infra import AgentInfra
@@ -92,10 +92,7 @@ async def ours_warm(project: str, runs: int) -> list[float]:
 def compose_file(interval: str) -> str:
     lines = ["version: '2.4'", "services:"]
     for name, (image, port, probe_kind, deps) in STACK.items():
-        if probe_kind == "redis":
-            test = f"echo PING | nc 127.0.0.1 {port} | grep -q PONG"
-        else:
-            test = f"wget -q -O /dev/null http://127.0.0.1:{port}/health"
+        test = in_container_check(probe_kind, port)
         lines += [
             f"  {name}:",
             f"    image: {image}",

@@ -29,7 +29,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from floor import STACK, wait_until
+from floor import STACK, in_container_check, wait_until
 from report import write_section
 
 from dspy_agent_infra import AgentInfra
@@ -85,10 +85,7 @@ async def ours_start(manager: str, project: str, ordered: bool = True) -> float:
 def stack_file(interval: str) -> str:
     lines = ["version: '3.8'", "services:"]
     for name, (image, port, probe, _deps) in STACK.items():
-        if probe == "redis":
-            test = f"echo PING | nc 127.0.0.1 {port} | grep -q PONG"
-        else:
-            test = f"wget -q -O /dev/null http://127.0.0.1:{port}/health"
+        test = in_container_check(probe, port)
         lines += [
             f"  {name}:",
             f"    image: {image}",

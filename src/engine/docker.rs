@@ -61,6 +61,27 @@ pub(super) fn engine_message(e: &bollard::errors::Error) -> String {
     }
 }
 
+/// A service's volumes as Engine mounts; named volumes carry the project's prefix.
+pub(super) fn volume_mounts(plan: &ContainerPlan<'_>) -> Vec<Mount> {
+    plan.spec
+        .volumes
+        .iter()
+        .map(|m| Mount {
+            target: Some(m.target.clone()),
+            source: Some(match m.kind {
+                MountKind::Volume => format!("{}_{}", plan.volume_prefix, m.source),
+                MountKind::Bind => m.source.clone(),
+            }),
+            typ: Some(match m.kind {
+                MountKind::Volume => MountType::VOLUME,
+                MountKind::Bind => MountType::BIND,
+            }),
+            read_only: Some(m.read_only),
+            ..Default::default()
+        })
+        .collect()
+}
+
 pub(super) fn status_of(e: &bollard::errors::Error) -> Option<u16> {
     match e {
         bollard::errors::Error::DockerResponseServerError { status_code, .. } => Some(*status_code),
@@ -335,23 +356,7 @@ impl Engine for Docker {
                 }]),
             );
         }
-        let mounts = spec
-            .volumes
-            .iter()
-            .map(|m| Mount {
-                target: Some(m.target.clone()),
-                source: Some(match m.kind {
-                    MountKind::Volume => format!("{}_{}", plan.volume_prefix, m.source),
-                    MountKind::Bind => m.source.clone(),
-                }),
-                typ: Some(match m.kind {
-                    MountKind::Volume => MountType::VOLUME,
-                    MountKind::Bind => MountType::BIND,
-                }),
-                read_only: Some(m.read_only),
-                ..Default::default()
-            })
-            .collect();
+        let mounts = volume_mounts(plan);
         let restart_policy = match spec.restart {
             RestartPolicy::No => EngineRestart {
                 name: Some(RestartPolicyNameEnum::NO),

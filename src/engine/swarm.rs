@@ -36,7 +36,7 @@ use super::{
     EngineError, EngineInfo, ExecOutput, Replica, RunState, Usage,
 };
 use crate::config::spec::{
-    EndpointMode, FailureAction, GpuRequest, MountKind, Probe, Protocol, PublishMode, PullPolicy,
+    EndpointMode, FailureAction, GpuRequest, Probe, Protocol, PublishMode, PullPolicy,
     RestartPolicy, SwarmOptions, UpdateOrder,
 };
 
@@ -146,16 +146,36 @@ impl Swarm {
             .map_err(|e| self.err(format!("list swarm services with {label}={value}"), e))
     }
 
-    /// The image's own entry point and command, which the secret wrapper must run.
-    async fn image_command(&self, image: &str) -> Result<Vec<String>, EngineError> {
-        let inspected = self
-            .client()
-            .inspect_image(image)
-            .await
-            .map_err(|e| self.err(format!("inspect image {image:?}"), e))?;
-        let config = inspected.config.unwrap_or_default();
-        let mut command = config.entrypoint.unwrap_or_default();
-        command.extend(config.cmd.unwrap_or_default());
+    /// What the container runs, as `docker run` decides it: the entry point (the service's, else
+    /// the image's) followed by the command (the service's; else the image's, unless the entry
+    /// point was replaced). The secret wrapper must run it itself.
+    async fn full_command(
+        &self,
+        spec: &crate::config::spec::ServiceSpec,
+    ) -> Result<Vec<String>, EngineError> {
+        // A replaced entry point drops the image's command too: the image is not needed then.
+        let image = match spec.run.entrypoint {
+            Some(_) => None,
+            None => Some(
+                self.client()
+                    .inspect_image(&spec.image)
+                    .await
+                    .map_err(|e| self.err(format!("inspect image {:?}", spec.image), e))?
+                    .config
+                    .unwrap_or_default(),
+            ),
+        };
+        let mut command = match &spec.run.entrypoint {
+            Some(e) => e.clone(),
+            None => image
+                .as_ref()
+                .and_then(|c| c.entrypoint.clone())
+                .unwrap_or_default(),
+        };
+        match &spec.command {
+            Some(c) => command.extend(c.iter().cloned()),
+            None => command.extend(image.and_then(|c| c.cmd).unwrap_or_default()),
+        }
         Ok(command)
     }
 
@@ -210,7 +230,9 @@ impl Swarm {
         Ok(refs)
     }
 
-    async fn remove_secrets_of(&self, service_name: &str) {
+    /// Removes the secrets made for a service; says whether any is left (still in use by a
+    /// task that is ending).
+    async fn remove_secrets_of(&self, service_name: &str) -> bool {
         let filters = HashMap::from([("label", vec![format!("{SECRET_OF}={service_name}")])]);
         let Ok(secrets) = self
             .client()
@@ -219,15 +241,18 @@ impl Swarm {
             ))
             .await
         else {
-            return;
+            return false;
         };
+        let mut left = false;
         for s in secrets {
             if let Some(id) = s.id {
                 if let Err(e) = self.client().delete_secret(&id).await {
                     tracing::debug!(secret = id, error = %engine_message(&e), "secret not removed");
+                    left = true;
                 }
             }
         }
+        left
     }
 
     async fn spec_for(&self, plan: &ContainerPlan<'_>) -> Result<SwarmServiceSpec, EngineError> {
@@ -253,25 +278,7 @@ impl Swarm {
         let (command, args) = if secrets.is_empty() {
             (spec.run.entrypoint.clone(), spec.command.clone())
         } else {
-            let mut original = match &spec.run.entrypoint {
-                Some(e) => e.clone(),
-                None => self.image_command(&spec.image).await?,
-            };
-            if let Some(c) = &spec.command {
-                if spec.run.entrypoint.is_none() {
-                    // The image's command is replaced, its entry point kept.
-                    let image_entry = self
-                        .client()
-                        .inspect_image(&spec.image)
-                        .await
-                        .map_err(|e| self.err(format!("inspect image {:?}", spec.image), e))?
-                        .config
-                        .and_then(|c| c.entrypoint)
-                        .unwrap_or_default();
-                    original = image_entry;
-                }
-                original.extend(c.iter().cloned());
-            }
+            let original = self.full_command(spec).await?;
             let exports: String = spec
                 .secret_env
                 .iter()
@@ -296,23 +303,7 @@ impl Swarm {
                 Some(args),
             )
         };
-        let mut mounts: Vec<Mount> = spec
-            .volumes
-            .iter()
-            .map(|m| Mount {
-                target: Some(m.target.clone()),
-                source: Some(match m.kind {
-                    MountKind::Volume => format!("{}_{}", plan.volume_prefix, m.source),
-                    MountKind::Bind => m.source.clone(),
-                }),
-                typ: Some(match m.kind {
-                    MountKind::Volume => MountType::VOLUME,
-                    MountKind::Bind => MountType::BIND,
-                }),
-                read_only: Some(m.read_only),
-                ..Default::default()
-            })
-            .collect();
+        let mut mounts = super::docker::volume_mounts(plan);
         for (target, opts) in &spec.run.tmpfs {
             mounts.push(Mount {
                 target: Some(target.clone()),
@@ -1024,20 +1015,10 @@ impl Engine for Swarm {
         let this = self.clone();
         tokio::spawn(async move {
             for _ in 0..20 {
-                this.remove_secrets_of(&name).await;
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                let filters = HashMap::from([("label", vec![format!("{SECRET_OF}={name}")])]);
-                let left = this
-                    .client()
-                    .list_secrets(Some(
-                        ListSecretsOptionsBuilder::new().filters(&filters).build(),
-                    ))
-                    .await
-                    .map(|s| s.len())
-                    .unwrap_or(0);
-                if left == 0 {
+                if !this.remove_secrets_of(&name).await {
                     return;
                 }
+                tokio::time::sleep(Duration::from_millis(500)).await;
             }
         });
         Ok(())

@@ -1191,11 +1191,9 @@ impl Supervisor {
             Ok(health::probe_addr(&ip, host_port))
         };
         match &spec.healthcheck.probe {
-            Probe::Tcp { port } => health::tcp(published(*port)?, timeout).await,
-            Probe::Http { port, path, status } => {
-                health::http(published(*port)?, path, *status, timeout).await
+            probe @ (Probe::Tcp { port } | Probe::Http { port, .. } | Probe::Redis { port }) => {
+                network_probe(probe, published(*port)?, timeout).await
             }
-            Probe::Redis { port } => health::redis(published(*port)?, timeout).await,
             Probe::Exec { command } => {
                 match tokio::time::timeout(timeout, self.engine.exec(id, command)).await {
                     Err(_) => Err(format!(
@@ -1284,14 +1282,9 @@ impl Supervisor {
                     )
                 })?;
             let addr = health::probe_addr(&ip, host_port);
-            let result = match &spec.healthcheck.probe {
-                Probe::Http { path, status, .. } => {
-                    health::http(addr, path, *status, timeout).await
-                }
-                Probe::Redis { .. } => health::redis(addr, timeout).await,
-                _ => health::tcp(addr, timeout).await,
-            };
-            result.map_err(|e| format!("replica {} on {}: {e}", r.slot, r.node))
+            network_probe(&spec.healthcheck.probe, addr, timeout)
+                .await
+                .map_err(|e| format!("replica {} on {}: {e}", r.slot, r.node))
         });
         let failed: Vec<String> = futures_util::future::join_all(checks)
             .await
@@ -1551,6 +1544,19 @@ impl Supervisor {
             Some(id) => Ok(self.engine.logs(&id, tail).await?),
             None => Ok(String::new()),
         }
+    }
+}
+
+/// A `tcp`, `http` or `redis` probe of `addr` (any other probe is taken as `tcp`).
+async fn network_probe(
+    probe: &Probe,
+    addr: std::net::SocketAddr,
+    timeout: Duration,
+) -> Result<(), String> {
+    match probe {
+        Probe::Http { path, status, .. } => health::http(addr, path, *status, timeout).await,
+        Probe::Redis { .. } => health::redis(addr, timeout).await,
+        _ => health::tcp(addr, timeout).await,
     }
 }
 

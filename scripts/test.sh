@@ -35,6 +35,17 @@ if [ "$(id -u)" = 0 ]; then
     fi
     id dspy-intruder >/dev/null 2>&1 || useradd --system --no-create-home --shell /usr/sbin/nologin dspy-intruder
 fi
+# The PostgreSQL task store's tests run against a server of their own, on loopback with a
+# password (scripts/postgres.sh), stopped and removed at the end; they read its URL from
+# DSPY_AGENT_TEST_POSTGRES (and its folder, to restart it under load, from
+# DSPY_AGENT_TEST_POSTGRES_DIR).
+if [ -z "${DSPY_AGENT_TEST_POSTGRES:-}" ]; then
+    pg_dir=$(mktemp -d /tmp/dspy-agent-pg.XXXXXX)
+    trap 'bash scripts/postgres.sh stop "$pg_dir" || true; rm -rf "$pg_dir"' EXIT
+    DSPY_AGENT_TEST_POSTGRES=$(bash scripts/postgres.sh start "$pg_dir")
+    DSPY_AGENT_TEST_POSTGRES_DIR=$pg_dir
+    export DSPY_AGENT_TEST_POSTGRES DSPY_AGENT_TEST_POSTGRES_DIR
+fi
 # A debug build is enough for tests and builds in a fraction of the release time.
 MATURIN_PEP517_ARGS="--profile=dev" python3 -m pip install -q -e .
 

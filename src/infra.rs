@@ -20,7 +20,6 @@ use crate::services::supervisor::{NetworkUnderway, ServiceState, StackError, Sup
 use crate::tasks::handlers::{self, Handler, ServiceDirectory};
 use crate::tasks::model::TaskError;
 use crate::tasks::queue::TaskQueue;
-use crate::tasks::store::TaskStore;
 use crate::util::Background;
 use crate::watchdog::{Launcher, Watchdog};
 
@@ -137,10 +136,11 @@ impl Infra {
         let mut owner = OwnerLock::acquire(&config.state_dir, &config.project)?;
         crate::tasks::spans::init();
         let required = access::required(&config)?;
-        let store_path = config.tasks.store.clone();
-        let durability = config.tasks.durability;
-        let store =
-            tokio::task::spawn_blocking(move || TaskStore::open(store_path.as_deref(), durability));
+        let store = crate::tasks::store::open(
+            &config.tasks.store,
+            config.tasks.durability,
+            config.tasks.lease,
+        );
         // The Engine is reached while the store opens: with services to run, the cold start's
         // critical path begins there.
         let connect = async {
@@ -156,10 +156,7 @@ impl Infra {
             Ok::<_, EngineError>(Some(engine))
         };
         let (store, engine) = tokio::join!(store, connect);
-        let store = store.map_err(|e| TaskError::Store {
-            path: String::new(),
-            message: e.to_string(),
-        })??;
+        let store = store?;
         let background = Background::default();
         // The project network is the first thing a cold start waits for on the Engine: it is
         // made now, beside binding the ports, and the start picks it up.
@@ -175,6 +172,7 @@ impl Infra {
         });
         let queue = TaskQueue::start(
             store,
+            config.tasks.lease,
             config.tasks.concurrency,
             background.clone(),
             Arc::default(),

@@ -26,7 +26,9 @@ pub(super) const CONFIG_TEMPLATE: &str = r#"# dspy-agent.toml: the stack `dspy-a
 # "process" survives the process being killed; "power" also a power cut (fsync per commit).
 # durability = "process"
 # concurrency = 64
-# store = "tasks.db"   # relative to the state folder; ":memory:" keeps nothing
+# store = "tasks.db"   # relative to the state folder; ":memory:" keeps nothing; or a queue
+#                      # several orchestrators share: "postgresql://USER:PASSWORD@HOST:5432/DB"
+# lease = "30s"        # PostgreSQL: a stopped orchestrator's tasks go to the others after this
 # retention = "7d"     # finished tasks older than this are deleted; "forever" keeps them
 
 # A declared type is accepted before any handler or worker serves it; its tasks wait.
@@ -136,7 +138,8 @@ pub(super) fn config(options: LoadOptions, command: ConfigCmd) -> Result<i32, Fa
                 "token": config.token.as_ref().map(|_| "(set; not shown)"),
                 "keep_running": config.keep_running,
                 "tasks": {
-                    "store": config.tasks.store.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| ":memory:".into()),
+                    "store": config.tasks.store.to_string(),
+                    "lease_ms": config.tasks.lease.as_millis() as u64,
                     "concurrency": config.tasks.concurrency,
                     "limits": config.tasks.limits,
                     "durability": format!("{:?}", config.tasks.durability).to_lowercase(),

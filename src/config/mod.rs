@@ -253,8 +253,11 @@ pub struct TlsPatch {
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct TasksPatch {
-    /// SQLite file (relative to the state folder), or ":memory:" for a throwaway queue.
+    /// SQLite file (relative to the state folder), ":memory:" for a throwaway queue, or a
+    /// `postgresql://` URL for a queue several orchestrators share.
     pub store: Option<String>,
+    /// How long a task stays held by an orchestrator of a shared store that stopped renewing it.
+    pub lease: Option<Scalar>,
     /// Tasks of one type running at once, unless `limits` says otherwise.
     pub concurrency: Option<usize>,
     pub limits: Option<BTreeMap<String, usize>>,
@@ -340,6 +343,7 @@ impl ConfigLayer {
             merge(&mut lower.concurrency, t.concurrency);
             merge(&mut lower.durability, t.durability);
             merge(&mut lower.retention, t.retention);
+            merge(&mut lower.lease, t.lease);
             if let Some(limits) = t.limits {
                 lower
                     .limits
@@ -445,11 +449,50 @@ pub enum Durability {
     Power,
 }
 
+/// Where the tasks are kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreLocation {
+    /// A private in-memory SQLite database: the queue ends with the process.
+    Memory,
+    /// A SQLite file, private to the process that opens it.
+    File(PathBuf),
+    /// A PostgreSQL database that several orchestrators may share (`postgresql://...`).
+    Postgres(String),
+}
+
+impl std::fmt::Display for StoreLocation {
+    /// The location as messages show it: a PostgreSQL URL without its password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreLocation::Memory => f.write_str(":memory:"),
+            StoreLocation::File(p) => write!(f, "{}", p.display()),
+            StoreLocation::Postgres(url) => match url.parse::<tokio_postgres::Config>() {
+                Ok(c) => {
+                    let host = match c.get_hosts().first() {
+                        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+                        Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
+                        None => "localhost".into(),
+                    };
+                    write!(
+                        f,
+                        "postgresql://{}@{host}:{}/{}",
+                        c.get_user().unwrap_or(""),
+                        c.get_ports().first().copied().unwrap_or(5432),
+                        c.get_dbname().unwrap_or("")
+                    )
+                }
+                Err(_) => f.write_str("postgresql://(unparsable)"),
+            },
+        }
+    }
+}
+
 /// Where tasks are kept and how many run at once.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TasksConfig {
-    /// `None` = in memory (lost when the process ends).
-    pub store: Option<PathBuf>,
+    pub store: StoreLocation,
+    /// How long an orchestrator's tasks on a shared store stay held once it stops renewing them.
+    pub lease: Duration,
     pub concurrency: usize,
     pub limits: BTreeMap<String, usize>,
     pub durability: Durability,
@@ -998,15 +1041,45 @@ fn check_backend(layer: &ConfigLayer) -> Result<Backend, ConfigError> {
 
 fn resolve_tasks(t: TasksPatch, state_dir: &Path) -> Result<TasksConfig, ConfigError> {
     let store = match t.store.as_deref().map(str::trim) {
-        Some(":memory:") => None,
+        Some(":memory:") => StoreLocation::Memory,
         Some("") => {
             return Err(ConfigError::invalid(
                 "tasks.store",
-                "must be a file path or \":memory:\"",
+                "must be a file path, \":memory:\" or a postgresql:// URL",
             ))
         }
-        Some(path) => Some(state_dir.join(path)),
-        None => Some(state_dir.join("tasks.db")),
+        Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+            match url.parse::<tokio_postgres::Config>() {
+                Ok(c) if !c.get_hosts().is_empty() => StoreLocation::Postgres(url.to_string()),
+                Ok(_) => {
+                    return Err(ConfigError::invalid(
+                        "tasks.store",
+                        "the PostgreSQL URL names no host; write postgresql://USER:PASSWORD@HOST:PORT/DATABASE",
+                    ))
+                }
+                Err(e) => {
+                    return Err(ConfigError::invalid(
+                        "tasks.store",
+                        format!("is not a PostgreSQL URL ({e}); write postgresql://USER:PASSWORD@HOST:PORT/DATABASE"),
+                    ))
+                }
+            }
+        }
+        Some(path) => StoreLocation::File(state_dir.join(path)),
+        None => StoreLocation::File(state_dir.join("tasks.db")),
+    };
+    let lease = match t.lease {
+        None => Duration::from_secs(30),
+        Some(l) => {
+            let lease = spec::parse_duration("tasks.lease", &l.text())?;
+            if lease < Duration::from_millis(300) {
+                return Err(ConfigError::invalid(
+                    "tasks.lease",
+                    "must be at least 300ms: an orchestrator renews its leases every third of it",
+                ));
+            }
+            lease
+        }
     };
     let concurrency = t.concurrency.unwrap_or(64);
     if concurrency == 0 || concurrency > 100_000 {
@@ -1093,6 +1166,7 @@ fn resolve_tasks(t: TasksPatch, state_dir: &Path) -> Result<TasksConfig, ConfigE
     };
     Ok(TasksConfig {
         store,
+        lease,
         concurrency,
         limits,
         durability,

@@ -361,11 +361,9 @@ mod tests {
     use std::sync::OnceLock;
 
     use super::*;
-    use crate::config::Durability;
     use crate::grpc::worker_client::WorkerClient;
     use crate::tasks::handlers::boxed;
     use crate::tasks::model::{NewTask, TaskState};
-    use crate::tasks::store::TaskStore;
 
     /// Answers "done by NAME", or never answers when the payload says "hang".
     struct Named(&'static str);
@@ -409,7 +407,8 @@ mod tests {
     async fn a_lost_worker_puts_its_task_back_for_another() {
         let background = crate::util::Background::default();
         let queue = TaskQueue::start(
-            TaskStore::open(None, Durability::default()).unwrap(),
+            crate::tasks::store::memory(),
+            Duration::from_secs(30),
             8,
             background.clone(),
             Default::default(),

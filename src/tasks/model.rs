@@ -9,7 +9,7 @@ use sha2::{Digest, Sha256};
 /// Longest task id or type accepted, in bytes.
 pub const MAX_ID_BYTES: usize = 256;
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum TaskError {
     #[error("{field}: {message}")]
     Invalid {

@@ -8,13 +8,11 @@ use std::time::{Duration, Instant};
 use tokio::sync::{broadcast, oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-#[cfg(test)]
-use crate::config::Durability;
 use crate::config::TaskType;
 use crate::metrics::Metrics;
 use crate::tasks::handlers::{Handler, HandlerError};
 use crate::tasks::model::{NewTask, TaskError, TaskRecord, TaskState};
-use crate::tasks::store::{now_ms, ListFilter, Outcome, TaskStore};
+use crate::tasks::store::{now_ms, Change, ListFilter, Outcome, TaskStore};
 use crate::util::{lock, Background};
 
 /// Largest payload accepted, in bytes (the gRPC message limit is set a little above it).
@@ -57,6 +55,8 @@ struct Inner {
     /// Owns the dispatcher and every handler run.
     background: Background,
     default_concurrency: usize,
+    /// Types another orchestrator on the shared store serves, and when that was last seen.
+    served_elsewhere: Mutex<HashMap<String, Instant>>,
 }
 
 #[derive(Clone)]
@@ -84,9 +84,12 @@ impl Drop for ForgetWaiter<'_> {
 
 impl TaskQueue {
     /// Recovers what a previous process left running and starts dispatching; the dispatcher and
-    /// the handlers run in `background`.
+    /// the handlers run in `background`. On a shared store it also renews this orchestrator's
+    /// leases (every third of `lease`), takes back the tasks of orchestrators that stopped, and
+    /// follows the others' changes.
     pub async fn start(
         store: TaskStore,
+        lease: Duration,
         default_concurrency: usize,
         background: Background,
         metrics: Arc<Metrics>,
@@ -99,6 +102,7 @@ impl TaskQueue {
                 "tasks left running by a process that stopped were recovered"
             );
         }
+        let changes = store.take_changes();
         let (events, _) = broadcast::channel(65_536);
         let queue = TaskQueue {
             inner: Arc::new(Inner {
@@ -114,6 +118,7 @@ impl TaskQueue {
                 shutdown: background.token(),
                 background,
                 default_concurrency: default_concurrency.max(1),
+                served_elsewhere: Mutex::new(HashMap::new()),
             }),
         };
         let dispatcher = queue.clone();
@@ -121,6 +126,20 @@ impl TaskQueue {
             .inner
             .background
             .spawn(async move { dispatcher.dispatch().await });
+        if queue.inner.store.shared() {
+            let keeper = queue.clone();
+            queue
+                .inner
+                .background
+                .spawn(async move { keeper.keep_leases(lease).await });
+        }
+        if let Some(changes) = changes {
+            let follower = queue.clone();
+            queue
+                .inner
+                .background
+                .spawn(async move { follower.follow(changes).await });
+        }
         Ok(queue)
     }
 
@@ -133,6 +152,141 @@ impl TaskQueue {
         crate::util::write(&self.inner.handlers)
             .insert(task_type.to_string(), Registered { handler, slots });
         self.inner.wake.notify_one();
+    }
+
+    /// Tells the other orchestrators of a shared store which types this one serves, when that
+    /// changed since it last told them (run by the dispatcher, which registering wakes).
+    async fn announce(&self, announced: &mut Option<Vec<String>>) {
+        let types = self.task_types();
+        if !self.inner.store.shared() || announced.as_ref() == Some(&types) {
+            return;
+        }
+        match self.inner.store.announce(types.clone()).await {
+            Ok(()) => *announced = Some(types),
+            Err(e) => {
+                tracing::warn!(error = %e, "telling the other orchestrators which task types this one serves failed")
+            }
+        }
+    }
+
+    /// Whether an orchestrator sharing the store serves `task_type` (remembered for a second).
+    async fn served_elsewhere(&self, task_type: &str) -> Result<bool, TaskError> {
+        const REMEMBERED: Duration = Duration::from_secs(1);
+        if !self.inner.store.shared() {
+            return Ok(false);
+        }
+        if lock(&self.inner.served_elsewhere)
+            .get(task_type)
+            .is_some_and(|seen| seen.elapsed() < REMEMBERED)
+        {
+            return Ok(true);
+        }
+        let served = self.inner.store.served_elsewhere(task_type).await?;
+        if served {
+            lock(&self.inner.served_elsewhere).insert(task_type.to_string(), Instant::now());
+        }
+        Ok(served)
+    }
+
+    /// Renews this orchestrator's leases and takes back the tasks of orchestrators whose
+    /// leases ran out, every third of `lease`.
+    async fn keep_leases(self, lease: Duration) {
+        let every = lease / 3;
+        loop {
+            tokio::select! {
+                () = self.inner.shutdown.cancelled() => return,
+                () = tokio::time::sleep(every) => {}
+            }
+            if let Err(e) = self.inner.store.renew().await {
+                tracing::warn!(error = %e, "renewing this orchestrator's task leases failed");
+            }
+            match self.inner.store.recover().await {
+                Ok(recovered) => {
+                    if recovered.requeued + recovered.failed > 0 {
+                        tracing::warn!(
+                            requeued = recovered.requeued,
+                            failed = recovered.failed,
+                            "tasks of an orchestrator that stopped renewing its leases were taken back"
+                        );
+                        self.inner.wake.notify_one();
+                    }
+                    for record in &recovered.records {
+                        self.emit(record);
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "taking back expired task leases failed"),
+            }
+        }
+    }
+
+    /// Acts on the changes other orchestrators make to the shared store: wakes the dispatcher
+    /// for tasks it can run, stops handlers of tasks cancelled elsewhere, and tells waiters and
+    /// watchers here.
+    async fn follow(self, mut changes: tokio::sync::mpsc::UnboundedReceiver<Change>) {
+        loop {
+            let first = tokio::select! {
+                () = self.inner.shutdown.cancelled() => return,
+                change = changes.recv() => match change {
+                    Some(c) => c,
+                    None => return,
+                },
+            };
+            let mut batch = vec![first];
+            while batch.len() < 4096 {
+                match changes.try_recv() {
+                    Ok(c) => batch.push(c),
+                    Err(_) => break,
+                }
+            }
+            let watched = self.inner.events.receiver_count() > 0;
+            let mut wanted = Vec::new();
+            let mut wake = false;
+            for change in batch {
+                match change {
+                    Change::Resync => {
+                        wake = true;
+                        wanted.extend(lock(&self.inner.waiters).keys().cloned());
+                    }
+                    Change::Task {
+                        task_id,
+                        task_type,
+                        state,
+                    } => {
+                        if state == TaskState::Pending
+                            && crate::util::read(&self.inner.handlers).contains_key(&task_type)
+                        {
+                            wake = true;
+                        }
+                        if state == TaskState::Cancelled {
+                            if let Some(token) = lock(&self.inner.running).remove(&task_id) {
+                                token.cancel();
+                            }
+                        }
+                        if watched || lock(&self.inner.waiters).contains_key(&task_id) {
+                            wanted.push(task_id);
+                        }
+                    }
+                }
+            }
+            if wake {
+                self.inner.wake.notify_one();
+            }
+            if wanted.is_empty() {
+                continue;
+            }
+            wanted.sort();
+            wanted.dedup();
+            match self.inner.store.get_many(wanted).await {
+                Ok(records) => {
+                    for record in &records {
+                        self.emit(record);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading tasks another orchestrator changed failed")
+                }
+            }
+        }
     }
 
     /// Deletes finished tasks older than `older_than`, a small batch at a time so that the queue's
@@ -187,6 +341,7 @@ impl TaskQueue {
     /// ones wait for a handler to come back.
     pub fn unregister(&self, task_type: &str) {
         crate::util::write(&self.inner.handlers).remove(task_type);
+        self.inner.wake.notify_one();
     }
 
     pub fn task_types(&self) -> Vec<String> {
@@ -230,7 +385,8 @@ impl TaskQueue {
         let served = crate::util::read(&self.inner.handlers)
             .get(&task.task_type)
             .map(|r| (Arc::clone(&r.handler), Arc::clone(&r.slots)));
-        if served.is_none() && declared.is_none() {
+        if served.is_none() && declared.is_none() && !self.served_elsewhere(&task.task_type).await?
+        {
             let list = |names: Vec<String>| {
                 if names.is_empty() {
                     "none".to_string()
@@ -403,7 +559,9 @@ impl TaskQueue {
     async fn dispatch(self) {
         // Safety net for retries whose backoff ends while nothing else wakes the dispatcher.
         const IDLE_CHECK: Duration = Duration::from_millis(500);
+        let mut announced = None;
         loop {
+            self.announce(&mut announced).await;
             let free: Vec<(String, Arc<dyn Handler>, Arc<Semaphore>)> =
                 crate::util::read(&self.inner.handlers)
                     .iter()
@@ -538,7 +696,28 @@ impl TaskQueue {
             Err(HandlerError::Unserved(reason)) => Outcome::Requeue(reason),
         };
         let failed = matches!(outcome, Outcome::Failed(_));
-        match self.inner.store.finish(&task_id, attempt, outcome).await {
+        // A store that cannot be reached (a database restarting) is asked again until it
+        // answers: the result is kept, and the fence makes a repeat harmless.
+        let mut pause = Duration::from_millis(100);
+        let recorded = loop {
+            match self
+                .inner
+                .store
+                .finish(&task_id, attempt, outcome.clone())
+                .await
+            {
+                Err(e @ TaskError::Store { .. }) if !self.inner.shutdown.is_cancelled() => {
+                    tracing::warn!(task_id, error = %e, "recording a task's result failed; trying again");
+                    tokio::select! {
+                        () = self.inner.shutdown.cancelled() => {}
+                        () = tokio::time::sleep(pause) => {}
+                    }
+                    pause = (pause * 2).min(Duration::from_secs(5));
+                }
+                other => break other,
+            }
+        };
+        match recorded {
             Ok(Some(record)) => {
                 let counted = match record.state {
                     TaskState::Completed => Some(&m.tasks_completed),
@@ -608,7 +787,8 @@ mod tests {
 
     async fn queue() -> TaskQueue {
         let q = TaskQueue::start(
-            TaskStore::open(None, Durability::default()).unwrap(),
+            crate::tasks::store::memory(),
+            Duration::from_secs(30),
             4,
             Background::default(),
             Arc::default(),

@@ -20,6 +20,7 @@ from helpers import (
     containers,
     docker,
     generate_stubs,
+    postgres_schema,
 )
 
 
@@ -56,6 +57,15 @@ def state_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Monk
     monkeypatch.setenv("DSPY_AGENT_STATE_DIR", str(tmp_path_factory.mktemp("state")))
     monkeypatch.setenv("ENV_MANAGER_GRPC_ADDR", "127.0.0.1:0")
     monkeypatch.setenv("DSPY_AGENT_HTTP_ADDR", "127.0.0.1:0")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def task_store(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Runs the test once on each task store: the SQLite file of the test's state folder, and a
+    schema of its own on the test PostgreSQL server (through DSPY_AGENT_TASK_STORE)."""
+    if request.param == "postgresql":
+        monkeypatch.setenv("DSPY_AGENT_TASK_STORE", postgres_schema())
+    return str(request.param)
 
 
 @pytest.fixture

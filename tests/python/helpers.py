@@ -4,12 +4,16 @@ on the local test images."""
 from __future__ import annotations
 
 import contextlib
+import csv
 import importlib
+import io
 import json
+import os
 import socket
 import subprocess
 import sys
 import threading
+import uuid
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -218,3 +222,35 @@ def credentials(token: str | None) -> grpc.ChannelCredentials:
     if token is None:
         return local
     return grpc.composite_channel_credentials(local, grpc.access_token_call_credentials(token))
+
+
+def postgres_url() -> str:
+    """The test PostgreSQL server's URL. scripts/test.sh starts one (scripts/postgres.sh) and
+    sets DSPY_AGENT_TEST_POSTGRES; without it the PostgreSQL tests fail, never skip."""
+    url = os.environ.get("DSPY_AGENT_TEST_POSTGRES")
+    if not url:
+        raise RuntimeError(
+            "DSPY_AGENT_TEST_POSTGRES is not set: run the tests with scripts/test.sh, or "
+            "`export DSPY_AGENT_TEST_POSTGRES=$(bash scripts/postgres.sh start /tmp/dspy-pg)`"
+        )
+    return url
+
+
+def psql(url: str, sql: str) -> list[list[str]]:
+    """Rows of `sql` run by Debian's psql on `url`, as text."""
+    out = subprocess.run(
+        ["psql", url, "-X", "-q", "-v", "ON_ERROR_STOP=1", "--csv", "-t", "-c", sql],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    return list(csv.reader(io.StringIO(out)))
+
+
+def postgres_schema() -> str:
+    """A schema of its own in the test database, for one test's queue: the URL that uses it."""
+    url = postgres_url()
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    psql(url, f"CREATE SCHEMA {schema}")
+    sep = "&" if "?" in url else "?"
+    return f"{url}{sep}options=-csearch_path%3D{schema}"

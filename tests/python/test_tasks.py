@@ -1,5 +1,5 @@
 """The task queue through AgentInfra and OrchestratorClient: the hand-off's examples, handlers
-that fail, hang or misbehave, cancellation, retries and idempotency."""
+that fail, hang or misbehave, cancellation, retries and idempotency, on each task store."""
 
 from __future__ import annotations
 
@@ -28,6 +28,9 @@ from dspy_agent_infra import (
     UnknownTaskTypeError,
 )
 from helpers import BUSYBOX, containers, http_service
+
+# The whole suite runs on both task stores: the same behaviour on SQLite and PostgreSQL.
+pytestmark = pytest.mark.usefixtures("task_store")
 
 
 def tasks_only(**config: Any) -> AgentInfra:

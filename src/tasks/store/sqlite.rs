@@ -1,4 +1,4 @@
-//! The durable task store: SQLite in WAL mode, one writer thread with grouped commits.
+//! The embedded task store: SQLite in WAL mode, one writer thread with grouped commits.
 //!
 //! Every write is a closure run by the writer thread inside a shared transaction (each in its own
 //! savepoint, so one failing write does not undo the others). The writer takes whatever writes
@@ -15,10 +15,10 @@ use tokio::sync::oneshot;
 
 use crate::config::Durability;
 use crate::tasks::model::{NewTask, TaskError, TaskRecord, TaskState};
+use crate::tasks::store::{
+    now_ms, retry_backoff, ListFilter, Outcome, Recovered, Store, FREE_LOSSES,
+};
 use crate::util::lock;
-
-/// Losses of a task's runner forgiven before a loss counts as a failed attempt.
-pub const FREE_LOSSES: u32 = 3;
 
 /// Most writes committed together.
 const MAX_BATCH: usize = 4096;
@@ -34,38 +34,8 @@ struct Reader {
 }
 type Job = Box<dyn FnOnce(&Transaction<'_>) -> (bool, Reply) + Send>;
 
-/// How an attempt ended, as reported to `finish`.
-#[derive(Debug, Clone)]
-pub enum Outcome {
-    Completed(Vec<u8>),
-    Failed(String),
-    /// The attempt never reached a handler: back to PENDING at once, at no cost.
-    Requeue(String),
-    /// Whoever ran the attempt went away: back to PENDING at once. The first `FREE_LOSSES` losses
-    /// of a task do not count against its retries; later ones count as failed attempts.
-    Lost(String),
-}
-
-/// What `recover` did with tasks that were running when the last process stopped.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Recovered {
-    pub requeued: usize,
-    pub failed: usize,
-}
-
-#[derive(Debug, Clone, Default)]
-pub struct ListFilter {
-    pub state: Option<TaskState>,
-    pub task_type: Option<String>,
-    pub limit: usize,
-    /// Return tasks created after this one (by insertion order): the page token.
-    pub after: Option<String>,
-    /// The most recent first (and `after` then pages towards older ones).
-    pub newest_first: bool,
-}
-
 #[derive(Clone)]
-pub struct TaskStore {
+pub struct SqliteStore {
     inner: Arc<Inner>,
 }
 
@@ -79,19 +49,6 @@ struct Inner {
     /// so reads go through the writer there.
     reader: Option<Reader>,
     location: String,
-}
-
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
-/// Delay before retry `attempt` (1-based): 100 ms doubling, at most 30 s.
-pub fn retry_backoff(attempt: u32) -> Duration {
-    Duration::from_millis(100u64.saturating_mul(1 << attempt.saturating_sub(1).min(20)))
-        .min(Duration::from_secs(30))
 }
 
 const SCHEMA: &str = "
@@ -172,9 +129,9 @@ fn get_in(conn: &Connection, task_id: &str) -> rusqlite::Result<Option<TaskRecor
     .optional()
 }
 
-impl TaskStore {
+impl SqliteStore {
     /// Opens (creating if needed) the store at `path`, or a private in-memory store for `None`.
-    pub fn open(path: Option<&Path>, durability: Durability) -> Result<TaskStore, TaskError> {
+    pub fn open(path: Option<&Path>, durability: Durability) -> Result<SqliteStore, TaskError> {
         let (location, uri) = match path {
             Some(p) => (p.display().to_string(), None),
             None => {
@@ -256,7 +213,7 @@ impl TaskStore {
             .name("dspy-task-store".into())
             .spawn(move || writer_loop(writer_conn, rx))
             .map_err(|e| store_error(&e))?;
-        Ok(TaskStore {
+        Ok(SqliteStore {
             inner: Arc::new(Inner {
                 writer: Mutex::new(tx),
                 counts: Mutex::new(counts),
@@ -330,18 +287,17 @@ impl TaskStore {
             .map_err(|_| self.store_error("the reader thread has stopped"))?
             .map_err(|e| self.store_error(e))
     }
+}
 
+#[async_trait::async_trait]
+impl Store for SqliteStore {
     /// Stores a new task. Submitting an id again with the same content returns the stored task
     /// (`false`: nothing new); with different content it is refused.
     ///
     /// With `run_now` (the caller holds a free handler slot), a new task that no ready task of
     /// its type is waiting ahead of is stored as RUNNING, attempt 1, in the same commit: it
     /// skips a second commit and the dispatcher's round trip.
-    pub async fn submit(
-        &self,
-        task: NewTask,
-        run_now: bool,
-    ) -> Result<(TaskRecord, bool), TaskError> {
+    async fn submit(&self, task: NewTask, run_now: bool) -> Result<(TaskRecord, bool), TaskError> {
         task.validate()?;
         // Hashed by the caller: the one writer thread only writes.
         let hash = task.content_hash();
@@ -431,7 +387,7 @@ impl TaskStore {
 
     /// Moves up to `limit` ready PENDING tasks of `task_type` to RUNNING, highest priority
     /// first, and returns them with their new attempt number.
-    pub async fn claim(&self, task_type: &str, limit: usize) -> Result<Vec<TaskRecord>, TaskError> {
+    async fn claim(&self, task_type: &str, limit: usize) -> Result<Vec<TaskRecord>, TaskError> {
         let task_type = task_type.to_string();
         let claimed = self.write(move |txn| {
             let now = now_ms();
@@ -459,7 +415,7 @@ impl TaskStore {
 
     /// Earliest time (ms since the epoch) a PENDING task of one of `task_types` becomes ready,
     /// if any is waiting.
-    pub async fn next_ready_ms(&self, task_types: Vec<String>) -> Result<Option<i64>, TaskError> {
+    async fn next_ready_ms(&self, task_types: Vec<String>) -> Result<Option<i64>, TaskError> {
         self.read(move |conn| {
             let mut stmt = conn.prepare_cached(
                 "SELECT MIN(not_before) FROM tasks WHERE state = 'PENDING' AND task_type = ?1",
@@ -477,7 +433,7 @@ impl TaskStore {
     /// Records how attempt `attempt` ended. Returns `None` when the result is stale (the task was
     /// cancelled, or a newer attempt owns it) and was therefore ignored. A failure with retries
     /// left puts the task back as PENDING after a backoff.
-    pub async fn finish(
+    async fn finish(
         &self,
         task_id: &str,
         attempt: u32,
@@ -556,7 +512,7 @@ impl TaskStore {
     }
 
     /// Cancels a PENDING or RUNNING task; a finished task is returned unchanged.
-    pub async fn cancel(&self, task_id: &str) -> Result<TaskRecord, TaskError> {
+    async fn cancel(&self, task_id: &str) -> Result<TaskRecord, TaskError> {
         let task_id = task_id.to_string();
         let (before, record) = self.write(move |txn| {
             let before = get_in(txn, &task_id)
@@ -582,7 +538,7 @@ impl TaskStore {
     /// Deletes up to `batch` finished tasks (completed, failed, cancelled) that finished before
     /// `before_ms`, oldest first; returns how many. Small batches keep the writer free for the
     /// queue between them.
-    pub async fn prune(&self, before_ms: i64, batch: usize) -> Result<usize, TaskError> {
+    async fn prune(&self, before_ms: i64, batch: usize) -> Result<usize, TaskError> {
         let deleted: Vec<TaskState> = self
             .write(move |txn| {
                 let mut stmt = txn
@@ -611,7 +567,7 @@ impl TaskStore {
 
     /// After a restart: tasks left RUNNING by a process that died go back to PENDING while they
     /// have retries left, and become FAILED otherwise. Their old attempt can no longer report.
-    pub async fn recover(&self) -> Result<Recovered, TaskError> {
+    async fn recover(&self) -> Result<Recovered, TaskError> {
         let recovered = self.write(|txn| {
             let now = now_ms();
             let failed = txn
@@ -629,7 +585,7 @@ impl TaskStore {
                     [],
                 )
                 .map_err(sql)?;
-            Ok((Recovered { requeued, failed }, count_states(txn).map_err(sql)?))
+            Ok((Recovered { requeued, failed, records: Vec::new() }, count_states(txn).map_err(sql)?))
         })
         .await?;
         *lock(&self.inner.counts) = recovered.1;
@@ -637,7 +593,7 @@ impl TaskStore {
     }
 
     /// The task's state, without its input payload.
-    pub async fn get(&self, task_id: &str) -> Result<Option<TaskRecord>, TaskError> {
+    async fn get(&self, task_id: &str) -> Result<Option<TaskRecord>, TaskError> {
         // A lookup by key takes microseconds: done in place when the reader is free, it spares
         // the hop to the reader thread and back, which costs more than the lookup.
         if let Some(Ok(conn)) = self.inner.reader.as_ref().map(|r| r.conn.try_lock()) {
@@ -648,7 +604,7 @@ impl TaskStore {
     }
 
     /// A task with its input payload (`get` leaves the payload out).
-    pub async fn get_with_payload(&self, task_id: &str) -> Result<Option<TaskRecord>, TaskError> {
+    async fn get_with_payload(&self, task_id: &str) -> Result<Option<TaskRecord>, TaskError> {
         let task_id = task_id.to_string();
         self.read(move |conn| {
             conn.prepare_cached(&format!("SELECT {COLUMNS} FROM tasks WHERE task_id = ?1"))?
@@ -659,7 +615,7 @@ impl TaskStore {
     }
 
     /// Tasks in submission order, without their input payloads.
-    pub async fn list(&self, filter: ListFilter) -> Result<Vec<TaskRecord>, TaskError> {
+    async fn list(&self, filter: ListFilter) -> Result<Vec<TaskRecord>, TaskError> {
         self.read(move |conn| {
             let after_seq: i64 = match &filter.after {
                 Some(id) => conn
@@ -694,7 +650,7 @@ impl TaskStore {
     }
 
     /// Tasks waiting or running, by type and state: (type, state, count).
-    pub async fn depth(&self) -> Result<Vec<(String, TaskState, i64)>, TaskError> {
+    async fn depth(&self) -> Result<Vec<(String, TaskState, i64)>, TaskError> {
         self.read(|conn| {
             let mut stmt = conn.prepare_cached(
                 "SELECT task_type, state, COUNT(*) FROM tasks \
@@ -720,7 +676,7 @@ impl TaskStore {
     }
 
     /// Task counts by state, as of the last committed write.
-    pub fn counts(&self) -> BTreeMap<String, u64> {
+    fn counts(&self) -> BTreeMap<String, u64> {
         lock(&self.inner.counts)
             .iter()
             .filter(|(_, n)| **n > 0)
@@ -826,7 +782,7 @@ mod tests {
 
     #[tokio::test]
     async fn submit_is_idempotent_and_refuses_changed_content() {
-        let store = TaskStore::open(None, Durability::default()).unwrap();
+        let store = SqliteStore::open(None, Durability::default()).unwrap();
         let (first, created) = store.submit(task("a", 0), false).await.unwrap();
         assert!(created && first.state == TaskState::Pending);
         let (again, created) = store.submit(task("a", 0), false).await.unwrap();
@@ -848,7 +804,7 @@ mod tests {
 
     #[tokio::test]
     async fn priority_order_retries_and_stale_results() {
-        let store = TaskStore::open(None, Durability::default()).unwrap();
+        let store = SqliteStore::open(None, Durability::default()).unwrap();
         store.submit(task("low", 1), false).await.unwrap();
         let mut high = task("high", 0);
         high.priority = 5;
@@ -898,7 +854,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_submit_runs_at_once_only_with_nothing_ready_ahead() {
-        let store = TaskStore::open(None, Durability::default()).unwrap();
+        let store = SqliteStore::open(None, Durability::default()).unwrap();
         let (first, _) = store.submit(task("first", 0), true).await.unwrap();
         assert_eq!((first.state, first.attempt), (TaskState::Running, 1));
         assert!(first.started_at_ms.is_some());
@@ -929,13 +885,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tasks.db");
         {
-            let store = TaskStore::open(Some(&path), Durability::default()).unwrap();
+            let store = SqliteStore::open(Some(&path), Durability::default()).unwrap();
             store.submit(task("a", 0), true).await.unwrap();
             store.submit(task("b", 1), false).await.unwrap();
             store.submit(task("c", 0), false).await.unwrap();
             store.cancel("c").await.unwrap();
         }
-        let store = TaskStore::open(Some(&path), Durability::default()).unwrap();
+        let store = SqliteStore::open(Some(&path), Durability::default()).unwrap();
         let counts = store.counts();
         assert_eq!(
             (counts["RUNNING"], counts["PENDING"], counts["CANCELLED"]),
@@ -951,7 +907,7 @@ mod tests {
     async fn payloads_live_apart_and_go_with_their_task() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tasks.db");
-        let store = TaskStore::open(Some(&path), Durability::default()).unwrap();
+        let store = SqliteStore::open(Some(&path), Durability::default()).unwrap();
         // A row written before payloads had a table of their own.
         Connection::open(&path)
             .unwrap()
@@ -999,7 +955,7 @@ mod tests {
             .unwrap()
             .execute_batch(&SCHEMA.replace(",\n    lost INTEGER NOT NULL DEFAULT 0", ""))
             .unwrap();
-        let store = TaskStore::open(Some(&path), Durability::default()).unwrap();
+        let store = SqliteStore::open(Some(&path), Durability::default()).unwrap();
         store.submit(task("poison", 1), false).await.unwrap();
         let lose = |id: &'static str| {
             let store = store.clone();
@@ -1052,7 +1008,7 @@ mod tests {
 
     #[tokio::test]
     async fn cancel_pending_and_running() {
-        let store = TaskStore::open(None, Durability::default()).unwrap();
+        let store = SqliteStore::open(None, Durability::default()).unwrap();
         store.submit(task("p", 0), false).await.unwrap();
         assert_eq!(store.cancel("p").await.unwrap().state, TaskState::Cancelled);
         store.submit(task("r", 0), false).await.unwrap();
@@ -1075,7 +1031,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state/tasks.db");
         {
-            let store = TaskStore::open(Some(&path), Durability::Power).unwrap();
+            let store = SqliteStore::open(Some(&path), Durability::Power).unwrap();
             store.submit(task("retry-left", 1), false).await.unwrap();
             store.submit(task("no-retries", 0), false).await.unwrap();
             store.submit(task("done", 0), false).await.unwrap();
@@ -1085,12 +1041,13 @@ mod tests {
                 .await
                 .unwrap();
         }
-        let store = TaskStore::open(Some(&path), Durability::Power).unwrap();
+        let store = SqliteStore::open(Some(&path), Durability::Power).unwrap();
         assert_eq!(
             store.recover().await.unwrap(),
             Recovered {
                 requeued: 1,
-                failed: 1
+                failed: 1,
+                records: Vec::new()
             }
         );
         let get = |id: &'static str| {
@@ -1112,7 +1069,7 @@ mod tests {
     async fn concurrent_submits_share_commits_and_list_pages() {
         let dir = tempfile::tempdir().unwrap();
         let store =
-            TaskStore::open(Some(&dir.path().join("tasks.db")), Durability::default()).unwrap();
+            SqliteStore::open(Some(&dir.path().join("tasks.db")), Durability::default()).unwrap();
         let mut handles = Vec::new();
         for i in 0..500 {
             let store = store.clone();

@@ -3,14 +3,15 @@
 # task store: a cluster in a folder of its own, run as an unprivileged user, with a password.
 #
 #   bash scripts/postgres.sh start DIR   # initdb (once) and start; prints the database's URL
+#   bash scripts/postgres.sh restart DIR # stops it and starts it again (the tests' restart)
 #   bash scripts/postgres.sh stop DIR    # stops it (by its pid file); the folder stays
 #
 # The URL names database `dspy_agent_test` of user `dspy`; the tests read it from
 # DSPY_AGENT_TEST_POSTGRES.
 set -euo pipefail
 
-action=${1:?usage: postgres.sh start|stop DIR}
-dir=${2:?usage: postgres.sh start|stop DIR}
+action=${1:?usage: postgres.sh start|restart|stop DIR}
+dir=${2:?usage: postgres.sh start|restart|stop DIR}
 bin=/usr/lib/postgresql/15/bin
 port=${DSPY_AGENT_PG_PORT:-55432}
 
@@ -57,13 +58,16 @@ start)
     fi
     echo "postgresql://dspy:$password@127.0.0.1:$port/dspy_agent_test"
     ;;
+restart)
+    "${run_as[@]}" "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -m fast -w -t 30 restart >&2
+    ;;
 stop)
     if [ -f "$dir/data/postmaster.pid" ]; then
         "${run_as[@]}" "$bin/pg_ctl" -D "$dir/data" -m fast -w stop >&2
     fi
     ;;
 *)
-    echo "postgres.sh: unknown action $action (start or stop)" >&2
+    echo "postgres.sh: unknown action $action (start, restart or stop)" >&2
     exit 2
     ;;
 esac

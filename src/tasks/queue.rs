@@ -197,7 +197,8 @@ impl TaskQueue {
                 () = self.inner.shutdown.cancelled() => return,
                 () = tokio::time::sleep(every) => {}
             }
-            if let Err(e) = self.inner.store.renew().await {
+            let held = lock(&self.inner.running).keys().cloned().collect();
+            if let Err(e) = self.inner.store.renew(held).await {
                 tracing::warn!(error = %e, "renewing this orchestrator's task leases failed");
             }
             match self.inner.store.recover().await {

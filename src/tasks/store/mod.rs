@@ -105,9 +105,11 @@ pub trait Store: Send + Sync + 'static {
     /// shared one only those whose holder stopped renewing its lease.
     async fn recover(&self) -> Result<Recovered, TaskError>;
 
-    /// Extends the lease on every task this process holds (shared stores; a private store has
-    /// nobody to lose them to).
-    async fn renew(&self) -> Result<(), TaskError> {
+    /// Extends the lease on the tasks of `held` this process holds: those its handlers are
+    /// running. A task it holds but does not run (a claim whose answer was lost with its
+    /// connection) is left to expire, and so to run elsewhere. Shared stores only: a private
+    /// store has nobody to lose its tasks to.
+    async fn renew(&self, _held: Vec<String>) -> Result<(), TaskError> {
         Ok(())
     }
 

@@ -948,16 +948,16 @@ impl Store for PostgresStore {
         })
     }
 
-    async fn renew(&self) -> Result<(), TaskError> {
+    async fn renew(&self, held: Vec<String>) -> Result<(), TaskError> {
         let inner = &self.inner;
         let client = inner.client().await?;
         client
             .execute(
                 &format!(
                     "UPDATE dspy_agent_tasks SET lease_until = {DB_NOW} + $2 \
-                     WHERE owner = $1 AND state = 'RUNNING'"
+                     WHERE owner = $1 AND state = 'RUNNING' AND task_id = ANY($3)"
                 ),
-                &[&inner.node, &inner.lease_ms],
+                &[&inner.node, &inner.lease_ms, &held],
             )
             .await
             .map_err(|e| inner.db_error(e))?;
@@ -1278,12 +1278,24 @@ pub(crate) mod tests {
         let a = PostgresStore::open(&url, lease).await.unwrap();
         let b = PostgresStore::open(&url, lease).await.unwrap();
         a.submit(task("t"), false).await.unwrap();
-        a.claim("test", 1).await.unwrap();
+        a.submit(task("orphan"), false).await.unwrap();
+        assert_eq!(a.claim("test", 2).await.unwrap().len(), 2);
+        // `a` runs "t" only (the answer to its claim of "orphan" was lost, say): "t" stays
+        // held as long as `a` renews, "orphan" goes back to the queue.
+        let mut requeued = Vec::new();
         for _ in 0..6 {
             tokio::time::sleep(lease / 3).await;
-            a.renew().await.unwrap();
-            assert_eq!(b.recover().await.unwrap().requeued, 0);
+            a.renew(vec!["t".into()]).await.unwrap();
+            requeued.extend(
+                b.recover()
+                    .await
+                    .unwrap()
+                    .records
+                    .into_iter()
+                    .map(|r| r.task.task_id),
+            );
         }
+        assert_eq!(requeued, ["orphan"]);
     }
 
     #[tokio::test]

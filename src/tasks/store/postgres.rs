@@ -60,7 +60,7 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX dspy_agent_tasks_ready ON dspy_agent_tasks (task_type, priority DESC, seq)
         WHERE state = 'PENDING';
-    CREATE INDEX dspy_agent_tasks_held ON dspy_agent_tasks (owner, lease_until)
+    CREATE INDEX dspy_agent_tasks_leases ON dspy_agent_tasks (lease_until)
         WHERE state = 'RUNNING';
     CREATE INDEX dspy_agent_tasks_finished ON dspy_agent_tasks (finished_at)
         WHERE finished_at IS NOT NULL;",
@@ -205,8 +205,15 @@ impl PostgresStore {
             message: format!("no randomness for the orchestrator's id: {e}"),
         })?;
         let node: String = node.iter().map(|b| format!("{b:02x}")).collect();
+        // Batches arrive as arrays whose length only a custom plan sees: a generic plan guesses
+        // ten rows and joins a batch of thousands by a nested loop.
+        let options = match config.get_options() {
+            Some(o) => format!("{o} -c plan_cache_mode=force_custom_plan"),
+            None => "-c plan_cache_mode=force_custom_plan".to_string(),
+        };
         config
             .application_name(format!("dspy-agent-{node}"))
+            .options(options)
             .connect_timeout(CONNECT_TIMEOUT);
         let manager = Manager::from_config(
             config.clone(),
@@ -593,7 +600,8 @@ async fn complete_batch(
             "UPDATE dspy_agent_tasks t SET state = 'COMPLETED', result = f.result, error = NULL, \
              finished_at = $4, owner = NULL, lease_until = NULL \
              FROM unnest($1::text[], $2::int[], $3::bytea[]) AS f(task_id, attempt, result) \
-             WHERE t.task_id = f.task_id AND t.state = 'RUNNING' AND t.attempt = f.attempt \
+             WHERE t.task_id = ANY($1) AND t.task_id = f.task_id AND t.state = 'RUNNING' \
+             AND t.attempt = f.attempt \
              AND t.owner = $5 RETURNING {}",
             returning("t")
         ))

@@ -1,7 +1,8 @@
 """Large payloads: concurrent submit-and-wait of tasks with a payload of each size through an
-in-process stack (SQLite store, default durability), against the floor of a plain loop of SQLite
-inserts of the same size (Python's sqlite3, WAL, synchronous=NORMAL as the store uses, one
-commit per insert), in one run.
+in-process stack, on each store, against the floor of a plain loop of inserts of the same size
+into the same kind of store, in one run: SQLite (Python's sqlite3, WAL, synchronous=NORMAL as
+the store uses, one commit per insert) and PostgreSQL (psycopg, one autocommitted insert each,
+on the server of DSPY_AGENT_TEST_POSTGRES; skipped without it).
 
 Usage: python bench/payloads.py [--tasks 3000] [--rounds 3] [--write docs/BENCHMARKS.md]
 """
@@ -13,10 +14,12 @@ import asyncio
 import os
 import sqlite3
 import statistics
+import subprocess
 import sys
 import tempfile
 import textwrap
 import time
+import uuid
 from pathlib import Path
 
 from report import write_section
@@ -40,8 +43,33 @@ def plain(path: Path, tasks: int, payload: bytes) -> float:
     return tasks / elapsed
 
 
-async def ours(state: Path, tasks: int, payload: bytes) -> float:
-    config = {"orchestrator_addr": "127.0.0.1:0", "env_manager_addr": "127.0.0.1:0"}
+def fresh_schema() -> str:
+    """A new schema on the PostgreSQL server: the URL that uses it."""
+    url = os.environ["DSPY_AGENT_TEST_POSTGRES"]
+    schema = f"p_{uuid.uuid4().hex[:10]}"
+    subprocess.run(["psql", url, "-X", "-q", "-c", f"CREATE SCHEMA {schema}"], check=True)
+    return f"{url}?options=-csearch_path%3D{schema}"
+
+
+def plain_postgres(tasks: int, payload: bytes) -> float:
+    import psycopg
+
+    url = fresh_schema()
+    with psycopg.connect(url, autocommit=True) as db:
+        db.execute("CREATE TABLE t (id BIGSERIAL PRIMARY KEY, payload BYTEA NOT NULL)")
+        began = time.perf_counter()
+        for _ in range(tasks):
+            db.execute("INSERT INTO t (payload) VALUES (%s)", (payload,))
+        return tasks / (time.perf_counter() - began)
+
+
+async def ours(state: Path, tasks: int, payload: bytes, store: str | None = None) -> float:
+    config: dict[str, object] = {
+        "orchestrator_addr": "127.0.0.1:0",
+        "env_manager_addr": "127.0.0.1:0",
+    }
+    if store:
+        config["tasks"] = {"store": store}
     async with AgentInfra.start(services=[], state_dir=state, config=config) as infra:
 
         @infra.task_handler("noop")
@@ -63,6 +91,10 @@ async def ours(state: Path, tasks: int, payload: bytes) -> float:
 def measure(name: str, folder: Path, tasks: int, payload: bytes) -> float:
     if name == "plain":
         return plain(folder / "plain.db", tasks, payload)
+    if name == "plain-pg":
+        return plain_postgres(tasks, payload)
+    if name == "ours-pg":
+        return asyncio.run(ours(folder / "state-pg", tasks, payload, fresh_schema()))
     return asyncio.run(ours(folder / "state", tasks, payload))
 
 
@@ -73,23 +105,28 @@ def main() -> None:
     parser.add_argument("--write", type=Path, help="write the results as Markdown to this file")
     args = parser.parse_args()
     results: dict[tuple[str, int], list[float]] = {}
+    pairs = [("plain", "ours")]
+    if os.environ.get("DSPY_AGENT_TEST_POSTGRES"):
+        pairs.append(("plain-pg", "ours-pg"))
     for r in range(args.rounds):
         for size in SIZES:
             payload = os.urandom(size)
             with tempfile.TemporaryDirectory() as tmp:
                 # Each round starts with the other contender.
-                order = ("plain", "ours") if r % 2 == 0 else ("ours", "plain")
+                order = [name for pair in pairs for name in (pair if r % 2 == 0 else pair[::-1])]
                 for name in order:
                     rate = measure(name, Path(tmp), args.tasks, payload)
                     results.setdefault((name, size), []).append(rate)
         print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
     rows = []
-    for size in SIZES:
-        floor = statistics.median(results[("plain", size)])
-        ours_rate = statistics.median(results[("ours", size)])
-        rows.append(
-            f"| {size // 1000} kB | {ours_rate:,.0f} | {floor:,.0f} | {ours_rate / floor:.2f} |"
-        )
+    for (floor_name, ours_name), store in zip(pairs, ("SQLite", "PostgreSQL")):
+        for size in SIZES:
+            floor = statistics.median(results[(floor_name, size)])
+            ours_rate = statistics.median(results[(ours_name, size)])
+            rows.append(
+                f"| {store} | {size // 1000} kB | {ours_rate:,.0f} | {floor:,.0f} "
+                f"| {ours_rate / floor:.2f} |"
+            )
     report = (
         textwrap.dedent(
             f"""\
@@ -97,13 +134,14 @@ def main() -> None:
 
             `python bench/payloads.py --tasks {args.tasks} --rounds {args.rounds}` on this
             machine: {args.tasks:,} tasks of each payload size submitted and waited for,
-            {CONCURRENCY} at once, through an in-process stack with a no-op handler (SQLite
-            store, default durability), against the floor of a plain loop of SQLite inserts of
-            the same size (WAL, synchronous=NORMAL, a commit each), median of {args.rounds}
-            rounds, the two alternating which goes first.
+            {CONCURRENCY} at once, through an in-process stack with a no-op handler, on each
+            store, against the floor of a plain loop of inserts of the same size into the same
+            kind of store: SQLite (WAL, synchronous=NORMAL as the store uses, a commit each) and
+            PostgreSQL (psycopg, an autocommitted insert each, the same server and settings as
+            the store); median of {args.rounds} rounds, each pair alternating which goes first.
 
-            | payload | ours, tasks/s | plain inserts/s | ratio |
-            | ---: | ---: | ---: | ---: |
+            | store | payload | ours, tasks/s | plain inserts/s | ratio |
+            | --- | ---: | ---: | ---: | ---: |
             """
         )
         + "\n".join(rows)

@@ -2,22 +2,27 @@
 a short retention and, as the baseline in the same run, kept forever.
 
 After every round of tasks it records the round's rate and the store's size on disk (the SQLite
-file with its WAL) and rows. With a retention the store should stop growing once the retention
-window is full, and the rate should hold round after round.
+file with its WAL; on PostgreSQL the table with its indexes and TOAST) and rows. With a retention
+the store should stop growing once the retention window is full, and the rate should hold round
+after round.
 
 Usage: python bench/retention.py [--tasks 1000000] [--rounds 10] [--retention 10s]
-                                 [--write docs/BENCHMARKS.md]
+                                 [--store sqlite|postgresql] [--write docs/BENCHMARKS.md]
+PostgreSQL: a schema of its own on the server of DSPY_AGENT_TEST_POSTGRES.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import platform
+import subprocess
 import tempfile
 import textwrap
 import time
-from collections.abc import Awaitable
+import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +32,45 @@ from dspy_agent_infra import AgentInfra, Task
 from tasks import timed_batches
 
 
-def store_bytes(db: Path) -> int:
-    return sum(p.stat().st_size for p in db.parent.glob(db.name + "*") if p.exists())
+def sqlite_store(db: Path) -> tuple[str, Callable[[], int]]:
+    """The store's setting, and how to read its size on disk (the file and its WAL)."""
+
+    def size() -> int:
+        return sum(p.stat().st_size for p in db.parent.glob(db.name + "*") if p.exists())
+
+    return str(db), size
 
 
-async def soak(n: int, rounds: int, retention: str, db: Path) -> list[dict[str, float]]:
+def postgres_store() -> tuple[str, Callable[[], int]]:
+    """A fresh schema's URL, and how to read the size of its tasks table (with indexes, TOAST)."""
+    url = os.environ["DSPY_AGENT_TEST_POSTGRES"]
+    schema = f"r_{uuid.uuid4().hex[:10]}"
+    subprocess.run(["psql", url, "-X", "-q", "-c", f"CREATE SCHEMA {schema}"], check=True)
+
+    def size() -> int:
+        out = subprocess.run(
+            [
+                "psql",
+                url,
+                "-X",
+                "-tAc",
+                f"SELECT pg_total_relation_size('{schema}.dspy_agent_tasks')",
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+        return int(out.strip())
+
+    return f"{url}?options=-csearch_path%3D{schema}", size
+
+
+async def soak(
+    n: int, rounds: int, retention: str, store: tuple[str, Callable[[], int]]
+) -> list[dict[str, float]]:
+    location, store_bytes = store
     config: dict[str, Any] = {
-        "tasks": {"store": str(db), "concurrency": 256, "retention": retention},
+        "tasks": {"store": location, "concurrency": 256, "retention": retention},
         "orchestrator_addr": "127.0.0.1:0",
         "http_addr": "127.0.0.1:0",
     }
@@ -66,7 +103,7 @@ async def soak(n: int, rounds: int, retention: str, db: Path) -> list[dict[str, 
                 {
                     "tasks": done_before,
                     "rate": per_round / elapsed,
-                    "mb": store_bytes(db) / 1e6,
+                    "mb": store_bytes() / 1e6,
                     "rows": stored,
                 }
             )
@@ -78,11 +115,22 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=1_000_000)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--retention", default="10s")
+    parser.add_argument("--store", choices=["sqlite", "postgresql"], default="sqlite")
     parser.add_argument("--write", type=Path)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        kept = asyncio.run(soak(args.tasks, args.rounds, args.retention, Path(tmp) / "kept.db"))
-        forever = asyncio.run(soak(args.tasks, args.rounds, "forever", Path(tmp) / "all.db"))
+        if args.store == "sqlite":
+            stores = sqlite_store(Path(tmp) / "kept.db"), sqlite_store(Path(tmp) / "all.db")
+        else:
+            stores = postgres_store(), postgres_store()
+        kept = asyncio.run(soak(args.tasks, args.rounds, args.retention, stores[0]))
+        forever = asyncio.run(soak(args.tasks, args.rounds, "forever", stores[1]))
+    store = "SQLite" if args.store == "sqlite" else "PostgreSQL"
+    size = (
+        "the SQLite file and its WAL"
+        if args.store == "sqlite"
+        else "the tasks table with its indexes and TOAST, `pg_total_relation_size`"
+    )
     rows = [
         f"| {k['tasks']:,} | {k['rate']:.0f} | {k['mb']:.1f} | {k['rows']:,} | "
         f"{f['rate']:.0f} | {f['mb']:.1f} | {f['rows']:,} |"
@@ -90,14 +138,15 @@ def main() -> None:
     ]
     report = textwrap.dedent(
         f"""
-        ## Retention: a soak of {args.tasks:,} no-op tasks
+        ## Retention on {store}: a soak of {args.tasks:,} no-op tasks
 
         `python bench/retention.py --tasks {args.tasks} --rounds {args.rounds} --retention
-        {args.retention}` on {platform.machine()}: the tasks go through an in-process stack in
-        {args.rounds} rounds, submitted 1,000 at a time; after each round, the round's rate
-        (submit to all completed), the store's size on disk (the SQLite file and its WAL) and
-        the tasks it holds. Left: finished tasks kept for {args.retention} (deleted in batches
-        of 500 every quarter of that); right, in the same run: kept forever.
+        {args.retention} --store {args.store}` on {platform.machine()}: the tasks go through an
+        in-process stack in {args.rounds} rounds, submitted 1,000 at a time; after each round,
+        the round's rate (submit to all completed), the store's size on disk ({size}) and the
+        tasks it holds. Left: finished tasks kept for {args.retention} (deleted in batches of
+        500, every quarter of that, each batch followed by a pause as long as it took);
+        right, in the same run: kept forever.
 
         | tasks so far | tasks/s | store MB | stored | tasks/s, kept forever | store MB | stored |
         | ---: | ---: | ---: | ---: | ---: | ---: | ---: |
@@ -105,7 +154,8 @@ def main() -> None:
     ) + "\n".join(rows)
     print(report)
     if args.write:
-        write_section(args.write, "retention", report)
+        section = "retention" if args.store == "sqlite" else "retention-postgres"
+        write_section(args.write, section, report)
 
 
 if __name__ == "__main__":

@@ -64,21 +64,43 @@ const MIGRATIONS: &[&str] = &[
         WHERE state = 'RUNNING';
     CREATE INDEX dspy_agent_tasks_finished ON dspy_agent_tasks (finished_at)
         WHERE finished_at IS NOT NULL;",
-    // 2: orchestrators announce the types they serve; every state change is notified.
+    // 2: orchestrators announce the types they serve; every change of a task's state is
+    // notified (as "<node>\n<state>\t<type>\t<id>\n...": ids and types hold no control
+    // characters).
     "CREATE TABLE dspy_agent_nodes (
         node TEXT PRIMARY KEY,
         task_types TEXT[] NOT NULL,
         alive_until BIGINT NOT NULL
     );
-    CREATE FUNCTION dspy_agent_task_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+    -- One notification per statement and up to ~7 kB of changes (NOTIFY takes 8 kB), not one
+    -- per row: a batch of 2,000 submits is a handful of messages for every listener.
+    CREATE FUNCTION dspy_agent_tasks_notify(changes TEXT[]) RETURNS void LANGUAGE sql AS $$
+        SELECT pg_notify('dspy_agent_tasks_' || current_schema(),
+                         current_setting('application_name') || E'\n'
+                         || string_agg(line, E'\n'))
+        FROM (SELECT line, sum(length(line) + 1) OVER (ORDER BY n) / 7000 AS chunk
+              FROM unnest(changes) WITH ORDINALITY AS c(line, n)) lines
+        GROUP BY chunk
+    $$;
+    CREATE FUNCTION dspy_agent_tasks_inserted() RETURNS trigger LANGUAGE plpgsql AS $$
     BEGIN
-        PERFORM pg_notify('dspy_agent_tasks_' || TG_TABLE_SCHEMA,
-            current_setting('application_name') || ' ' || NEW.state || ' ' || NEW.task_type
-            || ' ' || NEW.task_id);
+        PERFORM dspy_agent_tasks_notify(ARRAY(
+            SELECT state || E'\t' || task_type || E'\t' || task_id FROM changed));
         RETURN NULL;
     END $$;
-    CREATE TRIGGER dspy_agent_task_changed AFTER INSERT OR UPDATE OF state ON dspy_agent_tasks
-        FOR EACH ROW EXECUTE FUNCTION dspy_agent_task_changed();",
+    CREATE FUNCTION dspy_agent_tasks_updated() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        PERFORM dspy_agent_tasks_notify(ARRAY(
+            SELECT n.state || E'\t' || n.task_type || E'\t' || n.task_id
+            FROM changed n JOIN before o ON o.seq = n.seq WHERE o.state <> n.state));
+        RETURN NULL;
+    END $$;
+    CREATE TRIGGER dspy_agent_tasks_inserted AFTER INSERT ON dspy_agent_tasks
+        REFERENCING NEW TABLE AS changed
+        FOR EACH STATEMENT EXECUTE FUNCTION dspy_agent_tasks_inserted();
+    CREATE TRIGGER dspy_agent_tasks_updated AFTER UPDATE ON dspy_agent_tasks
+        REFERENCING OLD TABLE AS before NEW TABLE AS changed
+        FOR EACH STATEMENT EXECUTE FUNCTION dspy_agent_tasks_updated();",
 ];
 
 /// The database's clock, in ms since the epoch: leases are timed by one clock, whichever
@@ -354,25 +376,27 @@ async fn follow(
                 None => return,
             };
             while let Some(payload) = hearing.recv().await {
-                let mut parts = payload.splitn(4, ' ');
-                let (Some(from), Some(state), Some(task_type), Some(task_id)) =
-                    (parts.next(), parts.next(), parts.next(), parts.next())
-                else {
-                    continue;
-                };
-                if from == me {
-                    continue;
-                }
-                let Some(state) = TaskState::parse(state) else {
-                    continue;
-                };
-                let change = Change::Task {
-                    task_id: task_id.to_string(),
-                    task_type: task_type.to_string(),
-                    state,
-                };
-                if changes.send(change).is_err() {
-                    return;
+                let mut lines = payload.split('\n');
+                if lines.next() != Some(me.as_str()) {
+                    for line in lines {
+                        let mut parts = line.splitn(3, '\t');
+                        let (Some(state), Some(task_type), Some(task_id)) =
+                            (parts.next(), parts.next(), parts.next())
+                        else {
+                            continue;
+                        };
+                        let Some(state) = TaskState::parse(state) else {
+                            continue;
+                        };
+                        let change = Change::Task {
+                            task_id: task_id.to_string(),
+                            task_type: task_type.to_string(),
+                            state,
+                        };
+                        if changes.send(change).is_err() {
+                            return;
+                        }
+                    }
                 }
             }
         }
@@ -1198,8 +1222,12 @@ pub(crate) mod tests {
         let client = store.inner.client().await.unwrap();
         client
             .batch_execute(
-                "DROP TABLE dspy_agent_nodes; DROP TRIGGER dspy_agent_task_changed ON dspy_agent_tasks; \
-                 DROP FUNCTION dspy_agent_task_changed(); DELETE FROM dspy_agent_schema WHERE version > 1;",
+                "DROP TABLE dspy_agent_nodes; \
+                 DROP TRIGGER dspy_agent_tasks_inserted ON dspy_agent_tasks; \
+                 DROP TRIGGER dspy_agent_tasks_updated ON dspy_agent_tasks; \
+                 DROP FUNCTION dspy_agent_tasks_inserted(); DROP FUNCTION dspy_agent_tasks_updated(); \
+                 DROP FUNCTION dspy_agent_tasks_notify(TEXT[]); \
+                 DELETE FROM dspy_agent_schema WHERE version > 1;",
             )
             .await
             .unwrap();

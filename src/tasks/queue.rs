@@ -194,7 +194,16 @@ impl TaskQueue {
         let every = lease / 3;
         loop {
             tokio::select! {
-                () = self.inner.shutdown.cancelled() => return,
+                () = self.inner.shutdown.cancelled() => {
+                    // Stopping cancelled the handlers: their tasks go to the other orchestrators
+                    // now rather than when the leases end.
+                    match self.inner.store.release().await {
+                        Ok(0) => {}
+                        Ok(n) => tracing::info!(released = n, "tasks this orchestrator was running went back to the shared queue"),
+                        Err(e) => tracing::warn!(error = %e, "handing this orchestrator's tasks back failed; they return when their leases end"),
+                    }
+                    return;
+                }
                 () = tokio::time::sleep(every) => {}
             }
             let held = lock(&self.inner.running).keys().cloned().collect();

@@ -279,3 +279,32 @@ async def test_wrong_credentials_and_a_newer_schema_fail_the_start() -> None:
     with pytest.raises(InfraError, match="version 1000, newer than"):
         async with AgentInfra.start(services=[], config={"tasks": {"store": newer}}):
             pass
+
+
+async def test_an_orchestrator_that_stops_hands_its_tasks_over_at_once() -> None:
+    url = postgres_schema()
+    # A lease of an hour: only the hand-over at stop lets the other run the task soon.
+    config = {"tasks": {"store": url, "lease": "1h"}, "orchestrator_addr": "127.0.0.1:0"}
+    started = asyncio.Event()
+    async with AgentInfra.start(services=[], config=config) as a:
+
+        @a.task_handler("work")
+        async def hang(task: Task) -> str:
+            started.set()
+            await asyncio.sleep(3600)
+            return "never"
+
+        await a.submit_task("handed", "work", {})
+        await asyncio.wait_for(started.wait(), 30)
+
+    async with AgentInfra.start(services=[], config=config) as b:
+
+        @b.task_handler("work")
+        async def work(task: Task) -> str:
+            return "done by b"
+
+        done = await b.wait_for_task("handed", timeout=30)
+        assert done.status == TaskStatus.COMPLETED
+        assert done.result_payload == b"done by b"
+        # The stop cost no attempt.
+        assert done.attempts == 1

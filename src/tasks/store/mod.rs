@@ -113,6 +113,13 @@ pub trait Store: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Puts the tasks this process holds back in the queue at no cost (it is stopping, and its
+    /// handlers were cancelled), so that other orchestrators run them at once instead of after
+    /// the lease; returns how many. A private store keeps them for its next process to recover.
+    async fn release(&self) -> Result<usize, TaskError> {
+        Ok(0)
+    }
+
     /// The task's state, without its input payload.
     async fn get(&self, task_id: &str) -> Result<Option<TaskRecord>, TaskError>;
 

@@ -90,9 +90,12 @@ const MIGRATIONS: &[&str] = &[
     END $$;
     CREATE FUNCTION dspy_agent_tasks_updated() RETURNS trigger LANGUAGE plpgsql AS $$
     BEGIN
+        -- Rows whose state changed (a renewed lease changes none): a hashed set difference,
+        -- as a join of the two transition tables would be planned as a nested loop.
         PERFORM dspy_agent_tasks_notify(ARRAY(
-            SELECT n.state || E'\t' || n.task_type || E'\t' || n.task_id
-            FROM changed n JOIN before o ON o.seq = n.seq WHERE o.state <> n.state));
+            SELECT c.state || E'\t' || c.task_type || E'\t' || c.task_id
+            FROM (SELECT seq, state, task_type, task_id FROM changed
+                  EXCEPT SELECT seq, state, task_type, task_id FROM before) c));
         RETURN NULL;
     END $$;
     CREATE TRIGGER dspy_agent_tasks_inserted AFTER INSERT ON dspy_agent_tasks
@@ -1001,6 +1004,22 @@ impl Store for PostgresStore {
             .await
             .map_err(|e| inner.db_error(e))?;
         Ok(())
+    }
+
+    async fn release(&self) -> Result<usize, TaskError> {
+        let inner = &self.inner;
+        let client = inner.client().await?;
+        let released = client
+            .execute(
+                "UPDATE dspy_agent_tasks SET state = 'PENDING', attempt = attempt - 1, \
+                 not_before = 0, owner = NULL, lease_until = NULL, \
+                 error = 'interrupted: the orchestrator running it stopped' \
+                 WHERE owner = $1 AND state = 'RUNNING'",
+                &[&inner.node],
+            )
+            .await
+            .map_err(|e| inner.db_error(e))?;
+        Ok(released as usize)
     }
 
     async fn get(&self, task_id: &str) -> Result<Option<TaskRecord>, TaskError> {

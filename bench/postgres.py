@@ -33,7 +33,8 @@ from pathlib import Path
 
 from report import in_fresh_process, write_section
 
-from dspy_agent_infra import AgentInfra, Task
+from dspy_agent_infra import AgentInfra
+from tasks import noop_rates, rates
 
 BATCH = 1000
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,14 +63,6 @@ def drop_database(url: str) -> None:
     )
 
 
-def rates(n: int, began: float, enqueued: float, done: float) -> dict[str, float]:
-    return {
-        "enqueue": n / (enqueued - began),
-        "processing": n / max(done - enqueued, 1e-9),
-        "throughput": n / (done - began),
-    }
-
-
 async def bench_ours(n: int, store: str) -> dict[str, float]:
     config = {
         "tasks": {"store": store, "concurrency": 256},
@@ -77,31 +70,7 @@ async def bench_ours(n: int, store: str) -> dict[str, float]:
         "http_addr": "127.0.0.1:0",
     }
     async with AgentInfra.start(services=[], config=config) as infra:
-
-        @infra.task_handler("noop")
-        async def noop(task: Task) -> None:
-            return None
-
-        client = infra.orchestrator_client
-        began = time.perf_counter()
-        for start in range(0, n, BATCH):
-            await asyncio.gather(
-                *(
-                    infra.submit_task(f"t{i}", "noop", b"")
-                    for i in range(start, min(n, start + BATCH))
-                )
-            )
-        enqueued = time.perf_counter()
-        while True:
-            m = await client.metrics()
-            if m["completed"] + m["failed"] >= n:
-                break
-            if time.perf_counter() - began > 600:
-                raise RuntimeError(f"not all tasks finished within 600 s: {m}")
-            await asyncio.sleep(0.005)
-        if m["failed"]:
-            raise RuntimeError(f"{m['failed']} no-op tasks failed: {m}")
-        return rates(n, began, enqueued, time.perf_counter())
+        return await noop_rates(infra, n)
 
 
 async def bench_pgqueuer(n: int, url: str) -> dict[str, float] | None:
@@ -360,8 +329,8 @@ def main() -> None:
             contender's fastest way to enqueue many (ours: concurrent submits, gathered into
             one statement and commit; pgqueuer: `enqueue` with lists; procrastinate:
             `batch_defer_async`), the worker in the submitting process, until every one is
-            complete. Every contender keeps finished jobs (procrastinate's default
-            `delete_jobs="never"`, pgqueuer's statistics log, our results).
+            complete. We keep each finished task with its result; procrastinate keeps finished
+            jobs (its default `delete_jobs="never"`); pgqueuer moves each to its log table.
 
             """
         )

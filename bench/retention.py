@@ -145,8 +145,7 @@ def main() -> None:
         in-process stack in {args.rounds} rounds, submitted 1,000 at a time; after each round,
         the round's rate (submit to all completed), the store's size on disk ({size}) and the
         tasks it holds. Left: finished tasks kept for {args.retention} (deleted in batches of
-        500, every quarter of that, each batch followed by a pause as long as it took);
-        right, in the same run: kept forever.
+        500, every quarter of that); right, in the same run: kept forever.
 
         | tasks so far | tasks/s | store MB | stored | tasks/s, kept forever | store MB | stored |
         | ---: | ---: | ---: | ---: | ---: | ---: | ---: |

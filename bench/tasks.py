@@ -72,6 +72,30 @@ def rates(n: int, began: float, enqueued: float, done: float) -> dict[str, float
     }
 
 
+async def noop_rates(infra: AgentInfra, n: int) -> dict[str, float]:
+    """Serves "noop" with a no-op handler, submits `n` tasks of it a batch at a time and waits
+    until all are complete: the enqueue, processing and end-to-end rates."""
+
+    @infra.task_handler("noop")
+    async def noop(task: Task) -> None:
+        return None
+
+    client = infra.orchestrator_client
+    began = time.perf_counter()
+    await timed_batches(n, lambda i: infra.submit_task(f"t{i}", "noop", b""))
+    enqueued = time.perf_counter()
+    while True:
+        m = await client.metrics()
+        if m["completed"] + m["failed"] >= n:
+            break
+        if time.perf_counter() - began > 600:
+            raise RuntimeError(f"not all tasks finished within 600 s: {m}")
+        await asyncio.sleep(0.005)
+    if m["failed"]:
+        raise RuntimeError(f"{m['failed']} no-op tasks failed: {m}")
+    return rates(n, began, enqueued, time.perf_counter())
+
+
 async def bench_ours(n: int, workdir: Path) -> dict[str, float]:
     config = {
         "tasks": {"store": str(workdir / "ours.db"), "concurrency": 256},
@@ -79,25 +103,7 @@ async def bench_ours(n: int, workdir: Path) -> dict[str, float]:
         "http_addr": "127.0.0.1:0",
     }
     async with AgentInfra.start(services=[], config=config) as infra:
-
-        @infra.task_handler("noop")
-        async def noop(task: Task) -> None:
-            return None
-
-        client = infra.orchestrator_client
-        began = time.perf_counter()
-        await timed_batches(n, lambda i: infra.submit_task(f"t{i}", "noop", b""))
-        enqueued = time.perf_counter()
-        while True:
-            m = await client.metrics()
-            if m["completed"] + m["failed"] >= n:
-                break
-            if time.perf_counter() - began > 600:
-                raise RuntimeError(f"not all tasks finished within 600 s: {m}")
-            await asyncio.sleep(0.005)
-        if m["failed"]:
-            raise RuntimeError(f"{m['failed']} no-op tasks failed: {m}")
-        measured = rates(n, began, enqueued, time.perf_counter())
+        measured = await noop_rates(infra, n)
 
         latencies = []
         for i in range(LATENCY_SAMPLES):

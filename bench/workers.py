@@ -3,19 +3,22 @@
 Ours: a `dspy-agent` daemon (the orchestrator, SQLite store), 1 and 2 worker processes that
 attach to it with `AgentInfra.start()` and serve a no-op handler over the `Work` stream, and a
 third process submitting N tasks over gRPC (`OrchestratorClient`, 256 calls in flight). Celery:
-a Redis broker and result backend, 1 and 2 worker processes (`--pool=solo`... each a process of
-its own, prefetching 256), a third process publishing the tasks as groups of 1,000 and joining
+a Redis broker and result backend, 1 and 2 worker processes (`--pool=solo`: each worker one
+process, prefetching 256), a third process publishing the tasks as groups of 1,000 and joining
 them. arq: a Redis server, 1 and 2 worker processes (`max_jobs=256`), a third process enqueuing
 with 256 calls in flight. Each figure is tasks per second from the first submit until the last
 task is complete.
 
 Usage: python bench/workers.py [--tasks 20000] [--rounds 3] [--write docs/BENCHMARKS.md]
-Needs `pip install celery redis arq` and a `redis-server` binary; a missing peer is skipped.
+Needs `pip install "celery[redis]==5.5.3" "redis==5.2.1" arq` (arq wants redis-py below 6, and
+Celery's Redis transport from 5.6 on wants 6.1 or later: these versions hold both) and a
+`redis-server` binary; a missing peer is skipped.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -200,12 +203,17 @@ print(json.dumps({"submit": n / (submitted - began), "throughput": n / (done - b
 """
 
 
-def celery(n: int, workers: int) -> dict[str, float] | None:
+def peer_installed(module: str) -> bool:
+    """Whether a Redis-based peer can run here: its package and a redis-server."""
     try:
-        import celery  # noqa: F401
+        importlib.import_module(module)
     except ImportError:
-        return None
-    if shutil.which("redis-server") is None:
+        return False
+    return shutil.which("redis-server") is not None
+
+
+def celery(n: int, workers: int) -> dict[str, float] | None:
+    if not peer_installed("celery"):
         return None
     redis = Redis()
     procs = []
@@ -293,11 +301,7 @@ asyncio.run(main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])))
 
 
 def arq(n: int, workers: int) -> dict[str, float] | None:
-    try:
-        import arq  # noqa: F401
-    except ImportError:
-        return None
-    if shutil.which("redis-server") is None:
+    if not peer_installed("arq"):
         return None
     redis = Redis()
     procs = []

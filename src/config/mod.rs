@@ -1732,11 +1732,24 @@ mod tests {
             ),
             ("[tasks]\nretention = 0\n", "tasks.retention"),
             ("[tasks]\nretention = \"a while\"\n", "tasks.retention"),
+            ("[tasks]\nlease = \"100ms\"\n", "tasks.lease"),
+            (
+                "[tasks]\nstore = \"postgresql://u:p@localhost:99999/db\"\n",
+                "tasks.store",
+            ),
+            ("[tasks]\nstore = \"postgresql://\"\n", "tasks.store"),
         ] {
             let (_d, opts) = options(Some(text));
             let err = Config::load(opts).unwrap_err().to_string();
             assert!(err.contains(field), "{text:?}: {err}");
         }
+        // A PostgreSQL URL is kept as given; messages show it without the password.
+        let (_d, opts) = options(Some(
+            "[tasks]\nstore = \"postgresql://agents:s3cret@db:5433/q\"\nlease = \"2s\"\n",
+        ));
+        let tasks = Config::load(opts).unwrap().tasks;
+        assert_eq!(tasks.lease, Duration::from_secs(2));
+        assert_eq!(tasks.store.to_string(), "postgresql://agents@db:5433/q");
         let (_d, opts) = options(Some("[tasks.types.x]\nretries = 1\n"));
         assert!(Config::load(opts)
             .unwrap_err()

@@ -52,6 +52,27 @@ pub struct ListFilter {
     pub newest_first: bool,
 }
 
+impl ListFilter {
+    /// The condition that pages past the `seq` bound to `param` (0: from the start), and the
+    /// order: submission order, or the most recent first.
+    fn page(&self, param: &str) -> (String, &'static str) {
+        if self.newest_first {
+            (format!("({param} = 0 OR seq < {param})"), "DESC")
+        } else {
+            (format!("seq > {param}"), "ASC")
+        }
+    }
+}
+
+/// Counts by state as `counts` answers them: the states that have tasks, by name.
+fn named_counts(counts: &BTreeMap<TaskState, i64>) -> BTreeMap<String, u64> {
+    counts
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .map(|(state, n)| (state.as_str().to_string(), *n as u64))
+        .collect()
+}
+
 /// A change another orchestrator made to a shared store.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {

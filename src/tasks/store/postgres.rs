@@ -21,7 +21,7 @@ use tokio_postgres::{AsyncMessage, NoTls, Row};
 use crate::config::StoreLocation;
 use crate::tasks::model::{NewTask, TaskError, TaskRecord, TaskState};
 use crate::tasks::store::{
-    now_ms, retry_backoff, Change, ListFilter, Outcome, Recovered, Store, FREE_LOSSES,
+    named_counts, now_ms, retry_backoff, Change, ListFilter, Outcome, Recovered, Store, FREE_LOSSES,
 };
 use crate::util::lock;
 
@@ -1076,11 +1076,7 @@ impl Store for PostgresStore {
                 .unwrap_or(0),
             None => 0,
         };
-        let (page, order) = if filter.newest_first {
-            ("($1 = 0 OR seq < $1)", "DESC")
-        } else {
-            ("seq > $1", "ASC")
-        };
+        let (page, order) = filter.page("$1");
         let state = filter.state.map(|s| s.as_str());
         Ok(client
             .query(
@@ -1119,11 +1115,7 @@ impl Store for PostgresStore {
     }
 
     fn counts(&self) -> BTreeMap<String, u64> {
-        lock(&self.inner.counts)
-            .iter()
-            .filter(|(_, n)| **n > 0)
-            .map(|(state, n)| (state.as_str().to_string(), *n as u64))
-            .collect()
+        named_counts(&lock(&self.inner.counts))
     }
 
     fn shared(&self) -> bool {

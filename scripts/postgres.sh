@@ -13,7 +13,14 @@ set -euo pipefail
 action=${1:?usage: postgres.sh start|restart|stop DIR}
 dir=${2:?usage: postgres.sh start|restart|stop DIR}
 bin=/usr/lib/postgresql/15/bin
-port=${DSPY_AGENT_PG_PORT:-55432}
+# The port: DSPY_AGENT_PG_PORT, else the one this folder's cluster had, else a free one.
+if [ -n "${DSPY_AGENT_PG_PORT:-}" ]; then
+    port=$DSPY_AGENT_PG_PORT
+elif [ -f "$dir/port" ]; then
+    port=$(cat "$dir/port")
+else
+    port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+fi
 
 if [ ! -x "$bin/initdb" ]; then
     if [ "$(id -u)" != 0 ]; then
@@ -50,6 +57,7 @@ start)
             -o "-c listen_addresses=127.0.0.1 -p $port -c unix_socket_directories=$dir/socket -c max_connections=300" \
             start >&2
     fi
+    echo "$port" >"$dir/port"
     password=$(cat "$dir/password")
     export PGPASSWORD=$password
     if ! "$bin/psql" -h 127.0.0.1 -p "$port" -U dspy -d postgres -tAc \

@@ -7,7 +7,8 @@
 #   bash scripts/postgres.sh stop DIR    # stops it (by its pid file); the folder stays
 #
 # The URL names database `dspy_agent_test` of user `dspy`; the tests read it from
-# DSPY_AGENT_TEST_POSTGRES.
+# DSPY_AGENT_TEST_POSTGRES. Autovacuum looks at each database every 5 s instead of every
+# minute, as a server under a busy task queue should (docs/ACROSS_MACHINES.md).
 set -euo pipefail
 
 action=${1:?usage: postgres.sh start|restart|stop DIR}
@@ -54,7 +55,7 @@ start)
     fi
     if ! "${run_as[@]}" "$bin/pg_ctl" -D "$dir/data" status >/dev/null 2>&1; then
         "${run_as[@]}" "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 30 \
-            -o "-c listen_addresses=127.0.0.1 -p $port -c unix_socket_directories=$dir/socket -c max_connections=300" \
+            -o "-c listen_addresses=127.0.0.1 -p $port -c unix_socket_directories=$dir/socket -c max_connections=300 -c autovacuum_naptime=5s" \
             start >&2
     fi
     echo "$port" >"$dir/port"

@@ -322,9 +322,9 @@ def main() -> None:
 
             `python bench/postgres.py --tasks {n} --rounds {args.rounds}` on
             {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()};
-            {versions()}, the server as `scripts/postgres.sh` starts it (Debian's defaults:
-            `fsync` and `synchronous_commit` on). Each contender in a fresh process and a fresh
-            database of the one server, rounds interleaved, each figure the median of the
+            {versions()}, the server as `scripts/postgres.sh` starts it (`fsync` and
+            `synchronous_commit` on, as Debian ships them; autovacuum every 5 s). Each
+            contender in a fresh process and a fresh database of the one server, rounds interleaved, each figure the median of the
             rounds. {n} no-op tasks enqueued a batch of {BATCH} at a time with each
             contender's fastest way to enqueue many (ours: concurrent submits, gathered into
             one statement and commit; pgqueuer: `enqueue` with lists; procrastinate:

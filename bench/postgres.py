@@ -324,13 +324,14 @@ def main() -> None:
             {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()};
             {versions()}, the server as `scripts/postgres.sh` starts it (`fsync` and
             `synchronous_commit` on, as Debian ships them; autovacuum every 5 s). Each
-            contender in a fresh process and a fresh database of the one server, rounds interleaved, each figure the median of the
-            rounds. {n} no-op tasks enqueued a batch of {BATCH} at a time with each
-            contender's fastest way to enqueue many (ours: concurrent submits, gathered into
-            one statement and commit; pgqueuer: `enqueue` with lists; procrastinate:
-            `batch_defer_async`), the worker in the submitting process, until every one is
-            complete. We keep each finished task with its result; procrastinate keeps finished
-            jobs (its default `delete_jobs="never"`); pgqueuer moves each to its log table.
+            contender in a fresh process and a fresh database of the one server, rounds
+            interleaved, each figure the median of the rounds. {n} no-op tasks enqueued a
+            batch of {BATCH} at a time with each contender's fastest way to enqueue many
+            (ours: concurrent submits, gathered into one statement and commit; pgqueuer:
+            `enqueue` with lists; procrastinate: `batch_defer_async`), the worker in the
+            submitting process, until every one is complete. We keep each finished task with
+            its result; procrastinate keeps finished jobs (its default
+            `delete_jobs="never"`); pgqueuer moves each to its log table.
 
             """
         )

@@ -22,7 +22,6 @@ import asyncio
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,7 +30,7 @@ import time
 import uuid
 from pathlib import Path
 
-from report import in_fresh_process, write_section
+from report import installed_versions, interleaved_medians, write_section
 
 from dspy_agent_infra import AgentInfra
 from tasks import noop_rates, rates
@@ -242,26 +241,12 @@ def run_one(name: str, n: int) -> dict[str, float] | None:
         drop_database(url)
 
 
-def median_of(results: list[dict[str, float]]) -> dict[str, float] | None:
-    if not results:
-        return None
-    return {key: statistics.median(r[key] for r in results) for key in results[0]}
-
-
 def versions() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    found = []
-    for package in ("pgqueuer", "procrastinate", "asyncpg", "psycopg"):
-        try:
-            found.append(f"{package} {version(package)}")
-        except PackageNotFoundError:
-            found.append(f"{package} not installed")
     out = subprocess.run(
         ["psql", server(), "-X", "-tAc", "SHOW server_version"], capture_output=True, text=True
     ).stdout.strip()
-    found.append(f"PostgreSQL {out}")
-    return ", ".join(found)
+    packages = ["pgqueuer", "procrastinate", "asyncpg", "psycopg"]
+    return ", ".join([*installed_versions(packages, "not installed"), f"PostgreSQL {out}"])
 
 
 def main() -> None:
@@ -277,14 +262,7 @@ def main() -> None:
         return
 
     names = ["ours", "sqlite", "pgqueuer", "procrastinate", "shared1", "shared2", "shared3"]
-    runs: dict[str, list[dict[str, float]]] = {name: [] for name in names}
-    for _ in range(args.rounds):
-        for name, done in runs.items():
-            result = in_fresh_process(__file__, "--only", name, "--tasks", str(n))
-            print(name, result, file=sys.stderr)
-            if result is not None:
-                done.append(result)
-    results = {name: median_of(done) for name, done in runs.items()}
+    results = interleaved_medians(__file__, names, args.rounds, "--tasks", str(n))
     ours = results["ours"]
     assert ours is not None
     labels = {

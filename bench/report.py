@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -37,3 +39,44 @@ def in_fresh_process(script: str, *args: str) -> Any:
         [sys.executable, script, *args], check=True, capture_output=True, text=True
     ).stdout
     return json.loads(out.strip().splitlines()[-1])
+
+
+def interleaved_medians(
+    script: str, names: list[str], rounds: int, *args: str
+) -> dict[str, dict[str, float] | None]:
+    """Runs `script --only NAME *args` for every name, each in a fresh process, `rounds` times
+    with the rounds interleaved (a slow spell of the machine falls on all of them alike), and
+    returns each figure's median per name; None for a contender that was skipped."""
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in names}
+    for _ in range(rounds):
+        for name, done in runs.items():
+            result = in_fresh_process(script, "--only", name, *args)
+            print(name, result, file=sys.stderr)
+            if result is not None:
+                done.append(result)
+    return {
+        name: {key: statistics.median(r[key] for r in done) for key in done[0]} if done else None
+        for name, done in runs.items()
+    }
+
+
+def installed_versions(packages: list[str], missing: str = "not installed (skipped)") -> list[str]:
+    """ "package version" for each installed package, `missing` after the others."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = []
+    for package in packages:
+        try:
+            found.append(f"{package} {version(package)}")
+        except PackageNotFoundError:
+            found.append(f"{package} {missing}")
+    return found
+
+
+def redis_server_version() -> list[str]:
+    """The local redis-server's version, if there is one."""
+    redis = shutil.which("redis-server")
+    if not redis:
+        return []
+    out = subprocess.run([redis, "--version"], capture_output=True, text=True).stdout
+    return [f"redis-server {out.split('v=')[1].split()[0]}" if "v=" in out else out]

@@ -25,7 +25,6 @@ import os
 import platform
 import shutil
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -36,7 +35,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from report import in_fresh_process, write_section
+from report import installed_versions, interleaved_medians, redis_server_version, write_section
 
 from dspy_agent_infra import AgentInfra, Task
 
@@ -268,28 +267,9 @@ async def bench_arq(n: int) -> dict[str, float] | None:
         redis.wait()
 
 
-def median_of(results: list[dict[str, float]]) -> dict[str, float] | None:
-    """Each figure's median over the rounds; None for a contender that was skipped."""
-    if not results:
-        return None
-    return {key: statistics.median(r[key] for r in results) for key in results[0]}
-
-
 def peer_versions() -> str:
     """The installed versions of the peers, as measured."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    found = []
-    for package in ("taskito", "arq"):
-        try:
-            found.append(f"{package} {version(package)}")
-        except PackageNotFoundError:
-            found.append(f"{package} not installed (skipped)")
-    redis = shutil.which("redis-server")
-    if redis:
-        out = subprocess.run([redis, "--version"], capture_output=True, text=True).stdout
-        found.append(f"redis-server {out.split('v=')[1].split()[0]}" if "v=" in out else out)
-    return ", ".join(found)
+    return ", ".join(installed_versions(["taskito", "arq"]) + redis_server_version())
 
 
 def run_one(name: str, n: int) -> dict[str, float] | None:
@@ -321,16 +301,10 @@ def main() -> None:
         print(json.dumps(run_one(args.only, n)))
         return
 
-    # Each contender in a fresh process, so none inherits another's threads or memory; rounds
-    # interleaved, so a slow spell of the machine falls on all of them.
-    runs: dict[str, list[dict[str, float]]] = {"ours": [], "taskito": [], "arq": []}
-    for _ in range(args.rounds):
-        for name, done in runs.items():
-            result = in_fresh_process(__file__, "--only", name, "--tasks", str(n))
-            print(name, result, file=sys.stderr)
-            if result is not None:
-                done.append(result)
-    results = {name: median_of(done) for name, done in runs.items()}
+    # Each contender in a fresh process, so none inherits another's threads or memory.
+    results = interleaved_medians(
+        __file__, ["ours", "taskito", "arq"], args.rounds, "--tasks", str(n)
+    )
     ours = results["ours"]
     assert ours is not None
     taskito, arq = results["taskito"], results["arq"]

@@ -24,7 +24,6 @@ import os
 import platform
 import shutil
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -33,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from report import in_fresh_process, write_section
+from report import installed_versions, interleaved_medians, redis_server_version, write_section
 
 DSPY_AGENT = str(Path(sys.executable).parent / "dspy-agent")
 IN_FLIGHT = 256
@@ -326,19 +325,7 @@ def run_one(name: str, n: int) -> dict[str, float] | None:
 
 
 def versions() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    found = []
-    for package in ("celery", "redis", "arq"):
-        try:
-            found.append(f"{package} {version(package)}")
-        except PackageNotFoundError:
-            found.append(f"{package} not installed (skipped)")
-    server = shutil.which("redis-server")
-    if server:
-        out = subprocess.run([server, "--version"], capture_output=True, text=True).stdout
-        found.append(f"redis-server {out.split('v=')[1].split()[0]}" if "v=" in out else out)
-    return ", ".join(found)
+    return ", ".join(installed_versions(["celery", "redis", "arq"]) + redis_server_version())
 
 
 def main() -> None:
@@ -353,17 +340,7 @@ def main() -> None:
         print(json.dumps(run_one(args.only, n)))
         return
     names = [f"{c}-{k}" for c in ("ours", "celery", "arq") for k in (1, 2)]
-    runs: dict[str, list[dict[str, float]]] = {name: [] for name in names}
-    for _ in range(args.rounds):
-        for name, done in runs.items():
-            result = in_fresh_process(__file__, "--only", name, "--tasks", str(n))
-            print(name, result, file=sys.stderr)
-            if result is not None:
-                done.append(result)
-    med = {
-        name: {k: statistics.median(r[k] for r in done) for k in done[0]} if done else None
-        for name, done in runs.items()
-    }
+    med = interleaved_medians(__file__, names, args.rounds, "--tasks", str(n))
     labels = {
         "ours": "dspy_agent_infra (daemon, attached `AgentInfra` workers, SQLite store)",
         "celery": "Celery (Redis broker and results, `--pool=solo` workers)",

@@ -173,7 +173,7 @@ impl Handler for BridgedHandler {
 /// a `Task` to run, None, or the answer (a value or an exception).
 fn to_python(py: Python<'_>, message: Message) -> PyResult<(char, u64, Py<PyAny>)> {
     Ok(match message {
-        Message::Run { token, record } => ('r', token, Py::new(py, py_task(&record))?.into_any()),
+        Message::Run { token, record } => ('r', token, Py::new(py, py_task(record))?.into_any()),
         Message::Cancel { token } => ('c', token, py.None()),
         Message::Reply { token, result } => {
             let value = match result {

@@ -143,12 +143,12 @@ pub fn encode_result(value: &Bound<'_, PyAny>) -> Result<Vec<u8>, String> {
     }
 }
 
-pub fn py_task(record: &TaskRecord) -> Task {
+pub fn py_task(record: TaskRecord) -> Task {
     Task {
-        task_id: record.task.task_id.clone(),
-        task_type: record.task.task_type.clone(),
-        payload: record.task.payload.clone(),
-        metadata: record.task.metadata.clone(),
+        task_id: record.task.task_id,
+        task_type: record.task.task_type,
+        payload: record.task.payload,
+        metadata: record.task.metadata,
         priority: record.task.priority,
         attempt: record.attempt,
     }

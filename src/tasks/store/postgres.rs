@@ -595,7 +595,9 @@ async fn submit_batch(
             continue;
         }
         out.push(match existing.get(&id) {
-            Some((hash, _)) if *hash != s.hash => Err(TaskError::Conflict { task_id: id }),
+            Some((stored, _)) if !s.task.same_content(&s.hash, stored) => {
+                Err(TaskError::Conflict { task_id: id })
+            }
             Some((_, rec)) => Ok((rec.clone(), false)),
             None => Err(TaskError::NotFound { task_id: id }),
         });

@@ -6,10 +6,14 @@
 //! on disk while a thousand concurrent writers share one fsync.
 
 use std::collections::BTreeMap;
+use std::ffi::c_int;
 use std::path::Path;
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
+use rusqlite::hooks::Wal;
+use rusqlite::wal::CheckpointMode;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Row, Transaction};
 use tokio::sync::oneshot;
 
@@ -22,6 +26,13 @@ use crate::util::lock;
 
 /// Most writes committed together.
 const MAX_BATCH: usize = 4096;
+/// Pages in the write-ahead log after which a background checkpoint copies them into the
+/// database (SQLite's own threshold).
+const CHECKPOINT_PAGES: c_int = 1000;
+/// Pages after which the writer checkpoints itself between batches: under unbroken writes the
+/// background checkpoints may never reach the end of the log, and the log starts over only once
+/// one has.
+const WRITER_CHECKPOINT_PAGES: c_int = 16 * CHECKPOINT_PAGES;
 
 type Reply = Box<dyn FnOnce(Result<(), String>) + Send>;
 type ReadJob = Box<dyn FnOnce(&Connection) + Send>;
@@ -169,7 +180,8 @@ impl SqliteStore {
         {
             std::fs::create_dir_all(parent).map_err(|e| store_error(&e))?;
         }
-        let writer_conn = open().map_err(|e| store_error(&e))?;
+        let mut writer_conn = open().map_err(|e| store_error(&e))?;
+        let wal_pages = Arc::new(AtomicI32::new(0));
         if path.is_some() {
             // WAL: readers never block the writer. In WAL mode NORMAL keeps every commit across a
             // process crash; FULL adds an fsync per (grouped) commit for power cuts.
@@ -180,6 +192,42 @@ impl SqliteStore {
             writer_conn
                 .pragma_update(None, "journal_mode", "WAL")
                 .and_then(|_| writer_conn.pragma_update(None, "synchronous", synchronous))
+                .map_err(|e| store_error(&e))?;
+            // Checkpoints (copying the log into the database, with an fsync of each) run on a
+            // thread of their own instead of inside the writer's commits, where every caller
+            // of the batch waited for them. The hook replaces SQLite's automatic checkpoint.
+            let checkpoints = open()
+                // A connection that has not read the database yet does not know it is in WAL
+                // mode, and its checkpoints would do nothing.
+                .and_then(|c| {
+                    c.pragma_query_value(None, "journal_mode", |r| r.get::<_, String>(0))?;
+                    Ok(c)
+                })
+                .map_err(|e| store_error(&e))?;
+            let (wake, woken) = mpsc::sync_channel::<()>(1);
+            std::thread::Builder::new()
+                .name("dspy-task-checkpoints".into())
+                .spawn(move || {
+                    // Ends when the writer's connection, which holds `wake`, closes.
+                    while woken.recv().is_ok() {
+                        if let Err(e) =
+                            checkpoints.wal_checkpoint_v2(None::<&str>, CheckpointMode::PASSIVE)
+                        {
+                            tracing::debug!(error = %e, "task store: checkpoint put off");
+                        }
+                    }
+                })
+                .map_err(|e| store_error(&e))?;
+            let pages = Arc::clone(&wal_pages);
+            writer_conn
+                .wal_hook(Some(move |_: &mut Wal, n: c_int| {
+                    pages.store(n, Ordering::Relaxed);
+                    if n >= CHECKPOINT_PAGES {
+                        // Full: a checkpoint is already asked for.
+                        let _ = wake.try_send(());
+                    }
+                    Ok(())
+                }))
                 .map_err(|e| store_error(&e))?;
         }
         writer_conn
@@ -211,7 +259,7 @@ impl SqliteStore {
         let (tx, rx) = mpsc::channel::<Job>();
         std::thread::Builder::new()
             .name("dspy-task-store".into())
-            .spawn(move || writer_loop(writer_conn, rx))
+            .spawn(move || writer_loop(writer_conn, rx, &wal_pages))
             .map_err(|e| store_error(&e))?;
         Ok(SqliteStore {
             inner: Arc::new(Inner {
@@ -308,7 +356,7 @@ impl Store for SqliteStore {
                     .and_then(|mut stmt| stmt.query_row([&task.task_id], |r| r.get(0)).optional())
                     .map_err(sql)?;
                 if let Some(existing) = existing {
-                    if existing != hash {
+                    if !task.same_content(&hash, &existing) {
                         return Err(TaskError::Conflict {
                             task_id: task.task_id,
                         });
@@ -717,7 +765,8 @@ fn run_cached(conn: &Connection, statement: &str) -> rusqlite::Result<usize> {
     conn.prepare_cached(statement)?.execute([])
 }
 
-fn writer_loop(mut conn: Connection, jobs: mpsc::Receiver<Job>) {
+/// `wal_pages`: the pages in the write-ahead log after the last commit.
+fn writer_loop(mut conn: Connection, jobs: mpsc::Receiver<Job>, wal_pages: &AtomicI32) {
     while let Ok(first) = jobs.recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -755,6 +804,12 @@ fn writer_loop(mut conn: Connection, jobs: mpsc::Receiver<Job>) {
         }
         for reply in replies {
             reply(committed.clone());
+        }
+        if wal_pages.load(Ordering::Relaxed) >= WRITER_CHECKPOINT_PAGES {
+            match conn.wal_checkpoint_v2(None::<&str>, CheckpointMode::PASSIVE) {
+                Ok((pages, _)) => wal_pages.store(pages, Ordering::Relaxed),
+                Err(e) => tracing::debug!(error = %e, "task store: checkpoint put off"),
+            }
         }
     }
 }
@@ -939,6 +994,32 @@ mod tests {
             .query_row("SELECT COUNT(*) FROM task_payloads", [], |r| r.get(0))
             .unwrap();
         assert_eq!(left, 0);
+    }
+
+    #[tokio::test]
+    async fn the_log_is_checkpointed_while_the_store_is_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tasks.db");
+        let store = SqliteStore::open(Some(&path), Durability::default()).unwrap();
+        // About 2,500 pages of log, in commits of their own: past the checkpoint threshold
+        // twice, far below the writer's own.
+        for i in 0..100 {
+            let mut big = task(&format!("big-{i}"), 0);
+            big.payload = vec![i as u8; 100_000];
+            store.submit(big, false).await.unwrap();
+        }
+        let database = || std::fs::metadata(&path).unwrap().len();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while database() < 4_000_000 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(
+            database() >= 4_000_000,
+            "the database file holds {} bytes: the log was not copied into it",
+            database()
+        );
+        let full = store.get_with_payload("big-99").await.unwrap().unwrap();
+        assert_eq!(full.task.payload, vec![99; 100_000]);
     }
 
     #[tokio::test]

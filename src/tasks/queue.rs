@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{broadcast, oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::config::TaskType;
 use crate::metrics::Metrics;
@@ -54,6 +55,11 @@ struct Inner {
     shutdown: CancellationToken,
     /// Owns the dispatcher and every handler run.
     background: Background,
+    /// Everything that can move a task to RUNNING here: the dispatcher, handler runs and
+    /// submits that start their task. On a shared store, tasks are handed back at stop only
+    /// once all of these have ended, so that none claimed meanwhile stays held until its lease
+    /// runs out.
+    claimers: TaskTracker,
     default_concurrency: usize,
     /// Types another orchestrator on the shared store serves, and when that was last seen.
     served_elsewhere: Mutex<HashMap<String, Instant>>,
@@ -117,6 +123,7 @@ impl TaskQueue {
                 started: Instant::now(),
                 shutdown: background.token(),
                 background,
+                claimers: TaskTracker::new(),
                 default_concurrency: default_concurrency.max(1),
                 served_elsewhere: Mutex::new(HashMap::new()),
             }),
@@ -125,7 +132,7 @@ impl TaskQueue {
         queue
             .inner
             .background
-            .spawn(async move { dispatcher.dispatch().await });
+            .spawn(queue.inner.claimers.track_future(dispatcher.dispatch()));
         if queue.inner.store.shared() {
             let keeper = queue.clone();
             queue
@@ -197,6 +204,8 @@ impl TaskQueue {
                 () = self.inner.shutdown.cancelled() => {
                     // Stopping cancelled the handlers: their tasks go to the other orchestrators
                     // now rather than when the leases end.
+                    self.inner.claimers.close();
+                    self.inner.claimers.wait().await;
                     match self.inner.store.release().await {
                         Ok(0) => {}
                         Ok(n) => tracing::info!(released = n, "tasks this orchestrator was running went back to the shared queue"),
@@ -377,8 +386,9 @@ impl TaskQueue {
         let _ = self.inner.events.send(record);
     }
 
-    /// Queues a task; returns it and whether it is new (`false`: an identical resubmission).
-    /// A task whose type has a free slot and no ready task ahead of it starts at once.
+    /// Queues a task; returns it (without its payload when it started at once) and whether it is
+    /// new (`false`: an identical resubmission). A task whose type has a free slot and no ready
+    /// task ahead of it starts at once.
     pub async fn submit(&self, task: NewTask) -> Result<(TaskRecord, bool), TaskError> {
         let mut task = task;
         task.validate()?;
@@ -424,10 +434,13 @@ impl TaskQueue {
                 ),
             });
         }
-        // A declared type nobody serves yet: its tasks wait, PENDING.
+        // A declared type nobody serves yet: its tasks wait, PENDING. Once the queue stops,
+        // nothing starts here.
         let permit = served
             .as_ref()
+            .filter(|_| !self.inner.shutdown.is_cancelled())
             .and_then(|(_, slots)| Arc::clone(slots).try_acquire_owned().ok());
+        let _starting = permit.as_ref().map(|_| self.inner.claimers.token());
         let (record, created) = self.inner.store.submit(task, permit.is_some()).await?;
         if !created {
             return Ok((record, false));
@@ -439,25 +452,29 @@ impl TaskQueue {
             .inc();
         match (permit, served) {
             (Some(permit), Some((handler, _))) if record.state == TaskState::Running => {
+                let status = record.status_copy();
                 // Watchers see the same PENDING, RUNNING sequence as for a dispatched task.
                 self.emit(&TaskRecord {
                     state: TaskState::Pending,
                     attempt: 0,
                     started_at_ms: None,
-                    ..record.status_copy()
+                    ..status.clone()
                 });
                 let this = self.clone();
-                let started = record.clone();
-                self.inner
-                    .background
-                    .spawn(async move { this.run(started, handler, permit).await });
+                // The handler takes the payload; the caller's answer does without it.
+                self.inner.background.spawn(
+                    self.inner
+                        .claimers
+                        .track_future(async move { this.run(record, handler, permit).await }),
+                );
+                Ok((status, true))
             }
             _ => {
                 self.emit(&record);
                 self.inner.wake.notify_one();
+                Ok((record, true))
             }
         }
-        Ok((record, true))
     }
 
     pub async fn get(&self, task_id: &str) -> Result<TaskRecord, TaskError> {
@@ -570,7 +587,7 @@ impl TaskQueue {
         // Safety net for retries whose backoff ends while nothing else wakes the dispatcher.
         const IDLE_CHECK: Duration = Duration::from_millis(500);
         let mut announced = None;
-        loop {
+        while !self.inner.shutdown.is_cancelled() {
             self.announce(&mut announced).await;
             let free: Vec<(String, Arc<dyn Handler>, Arc<Semaphore>)> =
                 crate::util::read(&self.inner.handlers)
@@ -607,7 +624,9 @@ impl TaskQueue {
                             let handler = Arc::clone(&handler);
                             self.inner
                                 .background
-                                .spawn(async move { this.run(task, handler, permit).await });
+                                .spawn(self.inner.claimers.track_future(async move {
+                                    this.run(task, handler, permit).await
+                                }));
                         }
                     }
                     Err(e) => tracing::error!(error = %e, "claiming tasks failed"),
@@ -632,6 +651,7 @@ impl TaskQueue {
                 None => IDLE_CHECK,
             };
             tokio::select! {
+                biased;
                 _ = self.inner.shutdown.cancelled() => return,
                 _ = self.inner.wake.notified() => {}
                 _ = tokio::time::sleep(sleep) => {}

@@ -283,19 +283,30 @@ async def test_wrong_credentials_and_a_newer_schema_fail_the_start() -> None:
 
 async def test_an_orchestrator_that_stops_hands_its_tasks_over_at_once() -> None:
     url = postgres_schema()
-    # A lease of an hour: only the hand-over at stop lets the other run the task soon.
-    config = {"tasks": {"store": url, "lease": "1h"}, "orchestrator_addr": "127.0.0.1:0"}
-    started = asyncio.Event()
+    # A lease of an hour: only the hand-over at stop lets the other run the tasks soon.
+    config = {
+        "tasks": {"store": url, "lease": "1h", "concurrency": 16},
+        "orchestrator_addr": "127.0.0.1:0",
+    }
+    ids = [f"handed-{i}" for i in range(48)]
     async with AgentInfra.start(services=[], config=config) as a:
+        started = 0
+        all_started = asyncio.Event()
 
         @a.task_handler("work")
         async def hang(task: Task) -> str:
-            started.set()
+            nonlocal started
+            started += 1
+            if started == 16:
+                all_started.set()
             await asyncio.sleep(3600)
             return "never"
 
-        await a.submit_task("handed", "work", {})
-        await asyncio.wait_for(started.wait(), 30)
+        # 16 running, 32 waiting: the handlers cancelled at stop free their slots while the
+        # queue stops, and none of the waiting tasks may be taken meanwhile.
+        for task_id in ids:
+            await a.submit_task(task_id, "work", {})
+        await asyncio.wait_for(all_started.wait(), 30)
 
     async with AgentInfra.start(services=[], config=config) as b:
 
@@ -303,8 +314,9 @@ async def test_an_orchestrator_that_stops_hands_its_tasks_over_at_once() -> None
         async def work(task: Task) -> str:
             return "done by b"
 
-        done = await b.wait_for_task("handed", timeout=30)
-        assert done.status == TaskStatus.COMPLETED
-        assert done.result_payload == b"done by b"
-        # The stop cost no attempt.
-        assert done.attempts == 1
+        for task_id in ids:
+            done = await b.wait_for_task(task_id, timeout=30)
+            assert done.status == TaskStatus.COMPLETED, task_id
+            assert done.result_payload == b"done by b"
+            # The stop cost no attempt.
+            assert done.attempts == 1, task_id

@@ -14,15 +14,13 @@ import asyncio
 import os
 import sqlite3
 import statistics
-import subprocess
 import sys
 import tempfile
 import textwrap
 import time
-import uuid
 from pathlib import Path
 
-from report import write_section
+from report import postgres_schema, write_section
 
 from dspy_agent_infra import AgentInfra, Task
 
@@ -43,19 +41,10 @@ def plain(path: Path, tasks: int, payload: bytes) -> float:
     return tasks / elapsed
 
 
-def fresh_schema() -> str:
-    """A new schema on the PostgreSQL server: the URL that uses it."""
-    url = os.environ["DSPY_AGENT_TEST_POSTGRES"]
-    schema = f"p_{uuid.uuid4().hex[:10]}"
-    subprocess.run(["psql", url, "-X", "-q", "-c", f"CREATE SCHEMA {schema}"], check=True)
-    return f"{url}?options=-csearch_path%3D{schema}"
-
-
 def plain_postgres(tasks: int, payload: bytes) -> float:
     import psycopg
 
-    url = fresh_schema()
-    with psycopg.connect(url, autocommit=True) as db:
+    with postgres_schema("p") as (_, url), psycopg.connect(url, autocommit=True) as db:
         db.execute("CREATE TABLE t (id BIGSERIAL PRIMARY KEY, payload BYTEA NOT NULL)")
         began = time.perf_counter()
         for _ in range(tasks):
@@ -94,7 +83,8 @@ def measure(name: str, folder: Path, tasks: int, payload: bytes) -> float:
     if name == "plain-pg":
         return plain_postgres(tasks, payload)
     if name == "ours-pg":
-        return asyncio.run(ours(folder / "state-pg", tasks, payload, fresh_schema()))
+        with postgres_schema("p") as (_, url):
+            return asyncio.run(ours(folder / "state-pg", tasks, payload, url))
     return asyncio.run(ours(folder / "state", tasks, payload))
 
 

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import statistics
 import subprocess
 import sys
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -80,3 +84,26 @@ def redis_server_version() -> list[str]:
         return []
     out = subprocess.run([redis, "--version"], capture_output=True, text=True).stdout
     return [f"redis-server {out.split('v=')[1].split()[0]}" if "v=" in out else out]
+
+
+def psql(url: str, sql: str) -> str:
+    """Runs `sql` on the server at `url`; its output, unaligned."""
+    return subprocess.run(
+        ["psql", url, "-X", "-q", "-tA", "-c", sql], check=True, capture_output=True, text=True
+    ).stdout.strip()
+
+
+@contextmanager
+def postgres_schema(prefix: str) -> Iterator[tuple[str, str]]:
+    """A new schema on the server of DSPY_AGENT_TEST_POSTGRES: its name and a URL that uses it.
+    The server first writes out what earlier runs left in its buffers (CHECKPOINT, which needs
+    a superuser or pg_checkpoint, as the user of `scripts/postgres.sh` is), so that no run pays
+    for another's writes; the schema is dropped afterwards, so runs never fill the server."""
+    url = os.environ["DSPY_AGENT_TEST_POSTGRES"]
+    schema = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    psql(url, f"CREATE SCHEMA {schema}")
+    try:
+        psql(url, "CHECKPOINT")
+        yield schema, f"{url}?options=-csearch_path%3D{schema}"
+    finally:
+        psql(url, f"DROP SCHEMA {schema} CASCADE")

@@ -17,16 +17,14 @@ import argparse
 import asyncio
 import os
 import platform
-import subprocess
 import tempfile
 import textwrap
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from report import write_section
+from report import postgres_schema, psql, write_section
 
 from dspy_agent_infra import AgentInfra, Task
 from tasks import timed_batches
@@ -41,28 +39,14 @@ def sqlite_store(db: Path) -> tuple[str, Callable[[], int]]:
     return str(db), size
 
 
-def postgres_store() -> tuple[str, Callable[[], int]]:
-    """A fresh schema's URL, and how to read the size of its tasks table (with indexes, TOAST)."""
-    url = os.environ["DSPY_AGENT_TEST_POSTGRES"]
-    schema = f"r_{uuid.uuid4().hex[:10]}"
-    subprocess.run(["psql", url, "-X", "-q", "-c", f"CREATE SCHEMA {schema}"], check=True)
+def postgres_store(schema: str, url: str) -> tuple[str, Callable[[], int]]:
+    """The store at `url`, and how to read the size of its tasks table (with indexes, TOAST)."""
+    server = os.environ["DSPY_AGENT_TEST_POSTGRES"]
 
     def size() -> int:
-        out = subprocess.run(
-            [
-                "psql",
-                url,
-                "-X",
-                "-tAc",
-                f"SELECT pg_total_relation_size('{schema}.dspy_agent_tasks')",
-            ],
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout
-        return int(out.strip())
+        return int(psql(server, f"SELECT pg_total_relation_size('{schema}.dspy_agent_tasks')"))
 
-    return f"{url}?options=-csearch_path%3D{schema}", size
+    return url, size
 
 
 async def soak(
@@ -120,11 +104,21 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         if args.store == "sqlite":
-            stores = sqlite_store(Path(tmp) / "kept.db"), sqlite_store(Path(tmp) / "all.db")
+            kept = asyncio.run(
+                soak(args.tasks, args.rounds, args.retention, sqlite_store(Path(tmp) / "kept.db"))
+            )
+            forever = asyncio.run(
+                soak(args.tasks, args.rounds, "forever", sqlite_store(Path(tmp) / "all.db"))
+            )
         else:
-            stores = postgres_store(), postgres_store()
-        kept = asyncio.run(soak(args.tasks, args.rounds, args.retention, stores[0]))
-        forever = asyncio.run(soak(args.tasks, args.rounds, "forever", stores[1]))
+            with postgres_schema("r") as schema:
+                kept = asyncio.run(
+                    soak(args.tasks, args.rounds, args.retention, postgres_store(*schema))
+                )
+            with postgres_schema("r") as schema:
+                forever = asyncio.run(
+                    soak(args.tasks, args.rounds, "forever", postgres_store(*schema))
+                )
     store = "SQLite" if args.store == "sqlite" else "PostgreSQL"
     size = (
         "the SQLite file and its WAL"

@@ -39,10 +39,13 @@ def write_section(path: Path, name: str, markdown: str) -> None:
 def in_fresh_process(script: str, *args: str) -> Any:
     """Runs `script` with `args` in a new interpreter, so that no run inherits another's
     threads or memory, and returns the JSON of its last line of output."""
-    out = subprocess.run(
-        [sys.executable, script, *args], check=True, capture_output=True, text=True
-    ).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    run = subprocess.run([sys.executable, script, *args], capture_output=True, text=True)
+    if run.returncode != 0:
+        sys.exit(
+            f"{Path(script).name} {' '.join(args)} failed (exit status {run.returncode}):\n"
+            + run.stderr[-4000:]
+        )
+    return json.loads(run.stdout.strip().splitlines()[-1])
 
 
 def interleaved_medians(

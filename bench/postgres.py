@@ -17,7 +17,6 @@ Needs DSPY_AGENT_TEST_POSTGRES (a server: `bash scripts/postgres.sh start DIR` p
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
@@ -30,7 +29,7 @@ import time
 import uuid
 from pathlib import Path
 
-from report import installed_versions, interleaved_medians, write_section
+from report import contest_arguments, installed_versions, interleaved_medians, write_section
 
 from dspy_agent_infra import AgentInfra
 from tasks import noop_rates, rates
@@ -250,12 +249,7 @@ def versions() -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", type=int, default=20000)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--write", type=Path)
-    parser.add_argument("--only", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = contest_arguments(__doc__)
     n = args.tasks
     if args.only:
         print(json.dumps(run_one(args.only, n)))

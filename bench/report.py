@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -46,6 +47,17 @@ def in_fresh_process(script: str, *args: str) -> Any:
             + run.stderr[-4000:]
         )
     return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def contest_arguments(doc: str) -> argparse.Namespace:
+    """The options of a contest run by `interleaved_medians`: --tasks, --rounds, --write, and
+    the hidden --only NAME with which each contender runs in its own process."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--tasks", type=int, default=20000)
+    parser.add_argument("--rounds", type=int, default=3, help="runs of each contender (median)")
+    parser.add_argument("--write", type=Path, help="write the results as Markdown to this file")
+    parser.add_argument("--only", help=argparse.SUPPRESS)
+    return parser.parse_args()
 
 
 def interleaved_medians(

@@ -17,7 +17,6 @@ Needs `pip install taskito arq` and a `redis-server` binary (for arq); a missing
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import logging
@@ -35,7 +34,13 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from report import installed_versions, interleaved_medians, redis_server_version, write_section
+from report import (
+    contest_arguments,
+    installed_versions,
+    interleaved_medians,
+    redis_server_version,
+    write_section,
+)
 
 from dspy_agent_infra import AgentInfra, Task
 
@@ -283,12 +288,7 @@ def run_one(name: str, n: int) -> dict[str, float] | None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", type=int, default=20000)
-    parser.add_argument("--rounds", type=int, default=3, help="runs of each contender (median)")
-    parser.add_argument("--write", type=Path)
-    parser.add_argument("--only", choices=["ours", "taskito", "arq"], help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = contest_arguments(__doc__)
     n = args.tasks
     if args.only == "ours" or not args.only:
         # The load client is built before anything is timed.

@@ -17,7 +17,6 @@ Celery's Redis transport from 5.6 on wants 6.1 or later: these versions hold bot
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
 import os
@@ -32,7 +31,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from report import installed_versions, interleaved_medians, redis_server_version, write_section
+from report import (
+    contest_arguments,
+    installed_versions,
+    interleaved_medians,
+    redis_server_version,
+    write_section,
+)
 
 DSPY_AGENT = str(Path(sys.executable).parent / "dspy-agent")
 IN_FLIGHT = 256
@@ -329,12 +334,7 @@ def versions() -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", type=int, default=20000)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--write", type=Path)
-    parser.add_argument("--only", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = contest_arguments(__doc__)
     n = args.tasks
     if args.only:
         print(json.dumps(run_one(args.only, n)))

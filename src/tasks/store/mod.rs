@@ -227,6 +227,40 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// The `SET` expressions of the lost-runner rule, in SQL both stores run: the first
+/// `FREE_LOSSES` losses send the task back to PENDING at once without costing an attempt; later
+/// ones count as a failed attempt (retried at `retry_at`, or FAILED). Every expression sees the
+/// row as it was, so `lost` is the count before this loss. The arguments are the statement's
+/// placeholders (or expressions) for the free-loss count, the error of a free loss, the error
+/// of a counted one, the time now (ms) and the retry time.
+pub fn lost_runner_sets(
+    free: &str,
+    reason: &str,
+    counted: &str,
+    now: &str,
+    retry_at: &str,
+) -> String {
+    format!(
+        "lost = lost + 1, \
+         error = CASE WHEN lost < {free} THEN {reason} ELSE {counted} END, \
+         attempt = CASE WHEN lost < {free} THEN attempt - 1 ELSE attempt END, \
+         state = CASE WHEN lost < {free} OR attempt <= max_retries THEN 'PENDING' \
+         ELSE 'FAILED' END, \
+         not_before = CASE WHEN lost < {free} THEN {now} \
+         WHEN attempt <= max_retries THEN {retry_at} ELSE not_before END, \
+         finished_at = CASE WHEN lost < {free} OR attempt <= max_retries THEN finished_at \
+         ELSE {now} END"
+    )
+}
+
+/// The error of a loss that counts against the task's retries; `runner` names what went away.
+pub fn counted_loss(reason: &str, runner: &str) -> String {
+    format!(
+        "{reason}; its runner was lost more than {FREE_LOSSES} times, so this loss counts as a \
+         failed attempt (does the task bring its {runner} down?)"
+    )
+}
+
 /// Delay before retry `attempt` (1-based): 100 ms doubling, at most 30 s.
 pub fn retry_backoff(attempt: u32) -> Duration {
     Duration::from_millis(100u64.saturating_mul(1 << attempt.saturating_sub(1).min(20)))

@@ -21,7 +21,8 @@ use tokio_postgres::{AsyncMessage, NoTls, Row};
 use crate::config::StoreLocation;
 use crate::tasks::model::{NewTask, TaskError, TaskRecord, TaskState};
 use crate::tasks::store::{
-    named_counts, now_ms, retry_backoff, Change, ListFilter, Outcome, Recovered, Store, FREE_LOSSES,
+    counted_loss, lost_runner_sets, named_counts, now_ms, retry_backoff, Change, ListFilter,
+    Outcome, Recovered, Store, FREE_LOSSES,
 };
 use crate::util::lock;
 
@@ -880,21 +881,14 @@ impl Store for PostgresStore {
                     .await
             }
             Outcome::Lost(reason) => {
-                let counted = format!(
-                    "{reason}; its runner was lost more than {FREE_LOSSES} times, so this loss \
-                     counts as a failed attempt (does the task bring its worker down?)"
-                );
+                let counted = counted_loss(&reason, "worker");
                 let not_before = now + retry_backoff(attempt).as_millis() as i64;
                 client
                     .query(
                         &format!(
-                            "UPDATE dspy_agent_tasks SET lost = lost + 1, \
-                             error = CASE WHEN lost < $6 THEN $4 ELSE $7 END, \
-                             attempt = CASE WHEN lost < $6 THEN attempt - 1 ELSE attempt END, \
-                             state = CASE WHEN lost < $6 OR attempt <= max_retries THEN 'PENDING' ELSE 'FAILED' END, \
-                             not_before = CASE WHEN lost < $6 THEN $5 WHEN attempt <= max_retries THEN $8 ELSE not_before END, \
-                             finished_at = CASE WHEN lost < $6 OR attempt <= max_retries THEN finished_at ELSE $5 END, \
-                             {released} WHERE {guard} RETURNING {STATUS_COLUMNS}"
+                            "UPDATE dspy_agent_tasks SET {}, \
+                             {released} WHERE {guard} RETURNING {STATUS_COLUMNS}",
+                            lost_runner_sets("$6", "$4", "$7", "$5", "$8")
                         ),
                         &[
                             &task_id,
@@ -998,24 +992,15 @@ impl Store for PostgresStore {
         let inner = &self.inner;
         let client = inner.client().await?;
         let reason = "interrupted: the orchestrator running it stopped renewing its lease";
-        let counted = format!(
-            "{reason}; its runner was lost more than {FREE_LOSSES} times, so this loss counts as \
-             a failed attempt (does the task bring its orchestrator down?)"
-        );
+        let counted = counted_loss(reason, "orchestrator");
         let rows = client
             .query(
                 &format!(
-                    "UPDATE dspy_agent_tasks SET lost = lost + 1, \
-                     error = CASE WHEN lost < $1 THEN $2 ELSE $3 END, \
-                     attempt = CASE WHEN lost < $1 THEN attempt - 1 ELSE attempt END, \
-                     state = CASE WHEN lost < $1 OR attempt <= max_retries THEN 'PENDING' ELSE 'FAILED' END, \
-                     not_before = CASE WHEN lost < $1 THEN $4 WHEN attempt <= max_retries THEN {} ELSE not_before END, \
-                     finished_at = CASE WHEN lost < $1 OR attempt <= max_retries THEN finished_at ELSE $4 END, \
-                     owner = NULL, lease_until = NULL \
+                    "UPDATE dspy_agent_tasks SET {}, owner = NULL, lease_until = NULL \
                      WHERE seq IN (SELECT seq FROM dspy_agent_tasks WHERE state = 'RUNNING' \
                      AND lease_until < {DB_NOW} LIMIT 1000 FOR UPDATE SKIP LOCKED) \
                      RETURNING {STATUS_COLUMNS}",
-                    backoff_sql("$4")
+                    lost_runner_sets("$1", "$2", "$3", "$4", &backoff_sql("$4"))
                 ),
                 &[&(FREE_LOSSES as i32), &reason, &counted, &now_ms()],
             )

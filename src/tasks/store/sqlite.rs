@@ -20,7 +20,8 @@ use tokio::sync::oneshot;
 use crate::config::Durability;
 use crate::tasks::model::{NewTask, TaskError, TaskRecord, TaskState};
 use crate::tasks::store::{
-    named_counts, now_ms, retry_backoff, ListFilter, Outcome, Recovered, Store, FREE_LOSSES,
+    counted_loss, lost_runner_sets, named_counts, now_ms, retry_backoff, ListFilter, Outcome,
+    Recovered, Store, FREE_LOSSES,
 };
 use crate::util::lock;
 
@@ -507,21 +508,12 @@ impl Store for SqliteStore {
                     ))
                     .and_then(|mut stmt| stmt.query_row(params![task_id, attempt, reason, now], record).optional()),
                 Outcome::Lost(reason) => {
-                    // Every SET expression sees the row as it was: `lost` is the count before
-                    // this loss.
-                    let counted = format!(
-                        "{reason}; its runner was lost more than {FREE_LOSSES} times, so this \
-                         loss counts as a failed attempt (does the task bring its worker down?)"
-                    );
+                    let counted = counted_loss(&reason, "worker");
                     let not_before = now + retry_backoff(attempt).as_millis() as i64;
                     txn.prepare_cached(&format!(
-                        "UPDATE tasks SET lost = lost + 1, \
-                         error = CASE WHEN lost < ?5 THEN ?3 ELSE ?6 END, \
-                         attempt = CASE WHEN lost < ?5 THEN attempt - 1 ELSE attempt END, \
-                         state = CASE WHEN lost < ?5 OR attempt <= max_retries THEN 'PENDING' ELSE 'FAILED' END, \
-                         not_before = CASE WHEN lost < ?5 THEN ?4 WHEN attempt <= max_retries THEN ?7 ELSE not_before END, \
-                         finished_at = CASE WHEN lost < ?5 OR attempt <= max_retries THEN finished_at ELSE ?4 END \
-                         WHERE task_id = ?1 AND state = 'RUNNING' AND attempt = ?2 RETURNING {STATUS_COLUMNS}"
+                        "UPDATE tasks SET {} \
+                         WHERE task_id = ?1 AND state = 'RUNNING' AND attempt = ?2 RETURNING {STATUS_COLUMNS}",
+                        lost_runner_sets("?5", "?3", "?6", "?4", "?7")
                     ))
                     .and_then(|mut stmt| {
                         stmt.query_row(

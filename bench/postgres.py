@@ -11,8 +11,9 @@ orchestrators (separate processes) sharing one database.
               its share and running whatever it claims: total tasks/s until the last completes
 
 Usage: python bench/postgres.py [--tasks 20000] [--rounds 3] [--write docs/BENCHMARKS.md]
-Needs DSPY_AGENT_TEST_POSTGRES (a server: `bash scripts/postgres.sh start DIR` prints it) and
-`pip install pgqueuer procrastinate asyncpg "psycopg[binary]"`; a missing peer is skipped.
+Needs DSPY_AGENT_TEST_POSTGRES (a server: `bash scripts/postgres.sh start DIR` prints it); the
+peers' versions are pinned in requirements/dev.txt (`.venv/`, which scripts/test.sh makes, has
+them); a missing peer is skipped.
 """
 
 from __future__ import annotations

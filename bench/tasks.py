@@ -12,7 +12,8 @@ the same process as the submitter, each at its best documented settings:
   gRPC        (ours only) SubmitTask from a separate process with 128 calls in flight
 
 Usage: python bench/tasks.py [--tasks 20000] [--write docs/BENCHMARKS.md]
-Needs `pip install taskito arq` and a `redis-server` binary (for arq); a missing peer is skipped.
+The peers' versions are pinned in requirements/dev.txt (`.venv/`, which scripts/test.sh makes,
+has them); needs a `redis-server` binary (for arq); a missing peer is skipped.
 """
 
 from __future__ import annotations

@@ -10,9 +10,8 @@ with 256 calls in flight. Each figure is tasks per second from the first submit 
 task is complete.
 
 Usage: python bench/workers.py [--tasks 20000] [--rounds 3] [--write docs/BENCHMARKS.md]
-Needs `pip install "celery[redis]==5.5.3" "redis==5.2.1" arq` (arq wants redis-py below 6, and
-Celery's Redis transport from 5.6 on wants 6.1 or later: these versions hold both) and a
-`redis-server` binary; a missing peer is skipped.
+The peers' versions are pinned in requirements/dev.txt (`.venv/`, which scripts/test.sh makes, has
+them); needs a `redis-server` binary; a missing peer is skipped.
 """
 
 from __future__ import annotations

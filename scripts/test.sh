@@ -5,9 +5,23 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 bash scripts/provision.sh
-python3 -m pip install -q --upgrade "pytest>=8" "pytest-asyncio>=0.23" "mypy>=1.10" "ruff>=0.5" \
-    "grpcio>=1.60" "grpcio-tools>=1.60" "grpcio-reflection>=1.60" "kubernetes-validate>=1.33" "selenium>=4.20" \
-    "opentelemetry-sdk>=1.20" "opentelemetry-proto>=1.20"
+# Every Python package of the tests, the lints and the benchmarks, at the exact versions of
+# requirements/dev.txt, in a virtual environment of this checkout's own (.venv/): made when
+# missing, made again when the pins or the interpreter changed, reused otherwise. Nothing is
+# installed into the interpreter on PATH, so a run depends only on the clone and this script.
+venv=.venv
+wanted_stamp="$(python3 -c 'import sys; print(sys.version)') $(sha256sum requirements/dev.txt)"
+if [ ! -x "$venv/bin/python" ] || [ "$(cat "$venv/.dspy-agent-stamp" 2>/dev/null)" != "$wanted_stamp" ]; then
+    echo "test: making $venv from requirements/dev.txt"
+    rm -rf "$venv"
+    python3 -m venv "$venv"
+    "$venv/bin/python" -m pip install -q --disable-pip-version-check -r requirements/dev.txt
+    echo "$wanted_stamp" >"$venv/.dspy-agent-stamp"
+else
+    echo "test: reusing $venv (requirements/dev.txt unchanged)"
+fi
+# shellcheck disable=SC1091
+. "$venv/bin/activate"
 # The security tests call the ports as a second, unprivileged local user, with Debian's own
 # grpcio (this interpreter's lives in a folder that user cannot enter); the Podman tests run a
 # Podman API service of their own; the metrics tests run Debian's promtool and Prometheus,
@@ -47,7 +61,9 @@ if [ -z "${DSPY_AGENT_TEST_POSTGRES:-}" ]; then
     export DSPY_AGENT_TEST_POSTGRES DSPY_AGENT_TEST_POSTGRES_DIR
 fi
 # A debug build is enough for tests and builds in a fraction of the release time.
-MATURIN_PEP517_ARGS="--profile=dev" python3 -m pip install -q -e .
+# maturin comes from the pins too, not from whatever a build-isolation download finds newest.
+MATURIN_PEP517_ARGS="--profile=dev" python -m pip install -q --disable-pip-version-check \
+    --no-build-isolation --no-deps -e .
 
 cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings
@@ -56,4 +72,4 @@ cargo test
 ruff check .
 ruff format --check .
 mypy --strict python/dspy_agent_infra tests/python examples bench scripts
-python3 -m pytest
+python -m pytest "$@"

@@ -40,9 +40,10 @@ async fn main() {
         .ok()
         .filter(|t| !t.is_empty())
         .map(Secret::new);
-    let token = access::client_token(configured.as_ref(), &addr)
+    let route = access::route(configured.as_ref(), &addr)
         .unwrap_or_else(|e| panic!("cannot read the token: {e}"));
-    let bearer = Bearer::new(token.as_ref().map(|t| t.expose())).expect("a printable token");
+    let bearer = Bearer::new(route.token.as_ref().map(|t| t.expose())).expect("a printable token");
+    let addr = route.addr;
     let mut clients = Vec::new();
     for _ in 0..connections.max(1) {
         let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))

@@ -7,12 +7,13 @@
 
 use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::{ErrorKind, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{check_token_text, is_loopback, user_state_base, Config, ConfigError, Secret};
+use crate::config::{check_token_text, user_state_base, Config, ConfigError, Secret};
 
 /// The token file in a project's state folder.
 pub const TOKEN_FILE: &str = "token";
@@ -260,42 +261,87 @@ impl Drop for Listed {
     }
 }
 
-/// The token a client of this user sends to `addr` ("HOST:PORT"): the configured one, or the
-/// one of the live stack of this user that lists that port, when `addr` is on this machine.
-/// `None` when neither is known: the port then answers UNAUTHENTICATED, saying where the token
-/// lives.
-pub fn client_token(
-    configured: Option<&Secret>,
-    addr: &str,
-) -> Result<Option<Secret>, ConfigError> {
-    if let Some(token) = configured {
-        return Ok(Some(token.clone()));
-    }
+/// Where a client connects for an address it was given, and the token it sends there.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Route {
+    /// "IP:PORT" or "HOST:PORT": what to dial. Where this user's live stack lists the port, its
+    /// exact address, never a name that might resolve to another.
+    pub addr: String,
+    pub token: Option<Secret>,
+}
+
+/// The route of a client of this user to `addr` ("HOST:PORT"). Where a live stack of this user
+/// lists that port and `addr` names it (its address, a name resolving to it, a loopback name
+/// for a loopback or wildcard listing), the client dials the listed address itself and sends
+/// the configured token or the stack's own. Otherwise it dials `addr` as given with the
+/// configured token only: a stack's token never goes to whatever else answers on that port
+/// number (`localhost` may resolve to `::1`, where another user can listen).
+pub fn route(configured: Option<&Secret>, addr: &str) -> Result<Route, ConfigError> {
+    let as_given = || Route {
+        addr: addr.to_string(),
+        token: configured.cloned(),
+    };
     let Some((host, port)) = addr.rsplit_once(':') else {
-        return Ok(None);
+        return Ok(as_given());
     };
     let Ok(port) = port.parse::<u16>() else {
-        return Ok(None);
+        return Ok(as_given());
     };
     let Some(listing) = fs::read(ports_dir().join(port.to_string()))
         .ok()
         .and_then(|b| serde_json::from_slice::<Listing>(&b).ok())
+        .filter(|l| !crate::util::is_dead(l.pid))
     else {
-        return Ok(None);
+        return Ok(as_given());
     };
-    // Only to a stack that still runs, and only on this machine: the token never travels to
-    // whatever else answers on that port number.
+    let Ok(listed) = listing.addr.parse::<SocketAddr>() else {
+        return Ok(as_given());
+    };
     let host = host.trim_start_matches('[').trim_end_matches(']');
-    let listed_host = listing
-        .addr
-        .rsplit_once(':')
-        .map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']'))
-        .unwrap_or_default();
-    let local = is_loopback(addr) || host == listed_host || host == "0.0.0.0" || host == "::";
-    if !local || crate::util::is_dead(listing.pid) {
-        return Ok(None);
-    }
-    read_token(&listing.state_dir)
+    let Some(dial) = dial_for(host, port, listed) else {
+        return Ok(as_given());
+    };
+    let token = match configured {
+        Some(t) => Some(t.clone()),
+        None => read_token(&listing.state_dir)?,
+    };
+    Ok(Route {
+        addr: dial.to_string(),
+        token,
+    })
+}
+
+/// The address to dial when `host` names the stack listed at `listed`, else `None`.
+fn dial_for(host: &str, port: u16, listed: SocketAddr) -> Option<SocketAddr> {
+    let family_loopback = |ip: IpAddr| match ip {
+        IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
+    };
+    // A wildcard listing is reached on its family's loopback address.
+    let reachable = if listed.ip().is_unspecified() {
+        family_loopback(listed.ip())
+    } else {
+        listed.ip()
+    };
+    let names_it = |ip: IpAddr| {
+        ip == listed.ip()
+            || ip == reachable
+            || (listed.ip().is_unspecified()
+                && ip.is_unspecified()
+                && ip.is_ipv4() == listed.is_ipv4())
+    };
+    let named = match host.parse::<IpAddr>() {
+        Ok(ip) => names_it(ip),
+        Err(_) => {
+            let loopback_name = host.eq_ignore_ascii_case("localhost");
+            let resolved: Vec<IpAddr> = (host, port)
+                .to_socket_addrs()
+                .map(|a| a.map(|s| s.ip()).collect())
+                .unwrap_or_default();
+            resolved.into_iter().any(names_it) || (loopback_name && reachable.is_loopback())
+        }
+    };
+    named.then(|| SocketAddr::new(reachable, port))
 }
 
 #[cfg(test)]
@@ -364,12 +410,41 @@ mod tests {
     }
 
     #[test]
-    fn the_configured_token_wins_and_nothing_is_found_for_an_unlisted_port() {
+    fn the_configured_token_goes_where_it_was_given_and_nothing_is_found_for_an_unlisted_port() {
         let token = Secret::new("a-configured-token-0123456789".into());
         assert_eq!(
-            client_token(Some(&token), "127.0.0.1:1").unwrap(),
-            Some(token)
+            route(Some(&token), "127.0.0.1:1").unwrap(),
+            Route {
+                addr: "127.0.0.1:1".into(),
+                token: Some(token)
+            }
         );
-        assert_eq!(client_token(None, "not an address").unwrap(), None);
+        assert_eq!(route(None, "not an address").unwrap().token, None);
+    }
+
+    #[test]
+    fn a_listed_port_is_dialled_at_its_own_address_only() {
+        let at = |listed: &str, host: &str| {
+            dial_for(host, 4000, listed.parse().unwrap()).map(|a| a.to_string())
+        };
+        let v4 = Some("127.0.0.1:4000".to_string());
+        let v6 = Some("[::1]:4000".to_string());
+        // `localhost` means this machine: the listed address, whatever the name resolves to
+        // first (the stock hosts file lists ::1 first).
+        assert_eq!(at("127.0.0.1:4000", "localhost"), v4);
+        assert_eq!(at("127.0.0.1:4000", "127.0.0.1"), v4);
+        assert_eq!(at("127.0.0.1:4000", "::1"), None);
+        assert_eq!(at("127.0.0.1:4000", "127.0.0.2"), None);
+        assert_eq!(at("0.0.0.0:4000", "localhost"), v4);
+        assert_eq!(at("0.0.0.0:4000", "0.0.0.0"), v4);
+        assert_eq!(at("0.0.0.0:4000", "::1"), None);
+        assert_eq!(at("[::1]:4000", "localhost"), v6);
+        assert_eq!(at("[::1]:4000", "127.0.0.1"), None);
+        assert_eq!(
+            at("10.0.0.5:4000", "10.0.0.5"),
+            Some("10.0.0.5:4000".into())
+        );
+        assert_eq!(at("10.0.0.5:4000", "localhost"), None);
+        assert_eq!(at("10.0.0.5:4000", "name.invalid"), None);
     }
 }

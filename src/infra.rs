@@ -16,6 +16,7 @@ use crate::grpc::{self, GrpcError};
 use crate::health;
 use crate::http;
 use crate::owner::{Owner, OwnerError, OwnerLock};
+use crate::services::logs::Redactor;
 use crate::services::supervisor::{NetworkUnderway, ServiceState, StackError, Supervisor};
 use crate::tasks::handlers::{self, Handler, ServiceDirectory};
 use crate::tasks::model::TaskError;
@@ -195,7 +196,8 @@ impl Infra {
             background: background.clone(),
             metrics: Arc::clone(queue.instruments()),
         };
-        let opened = Self::open_rest(&config, &queue, own_log, serving, engine).await;
+        let redactor = Redactor::for_stack(&config, required.token.as_ref().map(|t| t.expose()));
+        let opened = Self::open_rest(&config, &queue, own_log, serving, engine, redactor).await;
         match opened {
             Ok(Opened {
                 supervisor,
@@ -206,6 +208,7 @@ impl Infra {
                     tracing::warn!(error = %e, "cannot record this stack's address in its owner lock; a second start of the project will not find it to attach");
                 }
                 let listed = announce(&config, &required, &servers);
+                warn_clear_text(&config, &servers, http_addr);
                 let watchdog = match (&supervisor, launcher) {
                     (Some(s), Some(launcher)) => Watchdog::spawn(
                         &launcher,
@@ -256,6 +259,7 @@ impl Infra {
         own_log: Option<PathBuf>,
         serving: grpc::Serving,
         engine: Option<(SharedEngine, NetworkUnderway)>,
+        redactor: Redactor,
     ) -> Result<Opened, (InfraError, Vec<grpc::Server>)> {
         let background = &serving.background.clone();
         let guard = serving.guard.clone();
@@ -279,7 +283,7 @@ impl Infra {
         let (supervisor, engine) = match engine {
             Some((engine, network)) => (
                 Some(Self::prepare_supervisor(
-                    config, queue, owner_addr, background, &engine, network,
+                    config, queue, owner_addr, background, &engine, network, redactor,
                 )),
                 Some(engine),
             ),
@@ -306,7 +310,6 @@ impl Infra {
             guard,
             workers,
             project: config.project.clone(),
-            tls: config.tls.is_some(),
         };
         match http::serve(&config.http_addr, sources, config.tls.as_ref(), background).await {
             Ok(http_addr) => Ok(Opened {
@@ -326,6 +329,7 @@ impl Infra {
         background: &Background,
         engine: &SharedEngine,
         network: NetworkUnderway,
+        redactor: Redactor,
     ) -> Arc<Supervisor> {
         let supervisor = Arc::new(Supervisor::new(
             Arc::clone(engine),
@@ -333,6 +337,7 @@ impl Infra {
             new_session_id(),
             owner_addr,
             background.clone(),
+            redactor,
         ));
         supervisor.network_underway(network);
         supervisor.record_probes(Arc::clone(queue.instruments()));
@@ -519,6 +524,27 @@ fn announce(
         }
     }
     listed
+}
+
+/// Warns, once a start, about every port that other machines can reach and that speaks plain
+/// text: the token (and all else) crosses the network readable by anyone on the way.
+fn warn_clear_text(config: &Config, servers: &[grpc::Server], http_addr: SocketAddr) {
+    if config.tls.is_some() {
+        return;
+    }
+    let ports = servers
+        .iter()
+        .map(|s| s.addr)
+        .chain([http_addr])
+        .filter(|a| !a.ip().is_loopback())
+        .map(|a| a.to_string())
+        .collect::<Vec<_>>();
+    if !ports.is_empty() {
+        tracing::warn!(
+            ports = %ports.join(", "),
+            "these ports can be reached from other machines and speak plain text, so the token crosses the network in clear; set [tls] (cert and key) in dspy-agent.toml, or bind them to 127.0.0.1"
+        );
+    }
 }
 
 fn no_such_service(name: &str) -> InfraError {

@@ -90,7 +90,7 @@ fn service(
     let mut env_from = Vec::new();
     if !plain_env.is_empty() {
         let map_name = format!("{name}-env");
-        push(yaml_serde::to_string(&ConfigMap {
+        push(crate::yaml::to_string(&ConfigMap {
             metadata: meta(&map_name),
             data: Some(plain_env),
             ..ConfigMap::default()
@@ -106,7 +106,7 @@ fn service(
     let secret = !secret_env.is_empty();
     if secret {
         let secret_name = format!("{name}-secret");
-        push(yaml_serde::to_string(&Secret {
+        push(crate::yaml::to_string(&Secret {
             metadata: meta(&secret_name),
             string_data: Some(secret_env),
             type_: Some("Opaque".into()),
@@ -123,7 +123,7 @@ fn service(
 
     // Its name on the cluster network, as on the project network.
     if !spec.ports.is_empty() {
-        push(yaml_serde::to_string(&Service {
+        push(crate::yaml::to_string(&Service {
             metadata: meta(&name),
             spec: Some(KubeServiceSpec {
                 selector: Some(BTreeMap::from([(
@@ -224,7 +224,7 @@ fn service(
         ..LabelSelector::default()
     };
     if claims.is_empty() {
-        push(yaml_serde::to_string(&Deployment {
+        push(crate::yaml::to_string(&Deployment {
             metadata: meta(&name),
             spec: Some(DeploymentSpec {
                 replicas: Some(1),
@@ -236,7 +236,7 @@ fn service(
         }))?;
     } else {
         // Named volumes keep their data: a StatefulSet, with a claim per volume.
-        push(yaml_serde::to_string(&StatefulSet {
+        push(crate::yaml::to_string(&StatefulSet {
             metadata: meta(&name),
             spec: Some(StatefulSetSpec {
                 replicas: Some(1),

@@ -22,6 +22,7 @@ pub mod stack;
 pub mod tasks;
 pub mod util;
 pub mod watchdog;
+pub mod yaml;
 
 #[cfg(feature = "python")]
 mod python;

@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
 use futures_util::StreamExt;
-use tonic::transport::Channel;
 
 use crate::config::spec::parse_duration;
 use crate::config::{Config, ConfigError, LoadOptions, CONFIG_FILE_NAME};
@@ -426,44 +425,35 @@ fn running(config: &Config) -> Result<DaemonInfo, Failure> {
 }
 
 /// A connection to `addr` (over TLS when configured); `unreachable` words the failure.
+/// A channel to the port at `addr` whose calls carry the token it requires: the configured one,
+/// or the one of this user's stack serving there, which goes only to the address that stack
+/// lists (`access::route`).
 async fn connect(
     config: &Config,
     addr: &str,
     unreachable: impl FnOnce(tonic::transport::Error) -> Failure,
-) -> Result<Channel, Failure> {
-    endpoint(addr, config.tls.as_ref())
+) -> Result<AuthChannel, Failure> {
+    let route = crate::access::route(config.token.as_ref(), addr)?;
+    let bearer = Bearer::new(route.token.as_ref().map(|t| t.expose()))
+        .map_err(|e| Failure(EXIT_USAGE, format!("error: token: {e}")))?;
+    let channel = endpoint(&route.addr, config.tls.as_ref())
         .map_err(|e| fail(format!("error: {e}")))?
         .connect_timeout(Duration::from_secs(2))
         .connect()
         .await
-        .map_err(unreachable)
-}
-
-async fn channel(config: &Config, addr: &str) -> Result<Channel, Failure> {
-    connect(config, addr, |e| {
-        fail(format!(
-            "cannot reach the daemon at {addr}: {e}. `dspy-agent logs --service env-manager` shows its log"
-        ))
-    })
-    .await
-}
-
-/// Adds the token the port at `addr` requires to a channel's calls: the configured one, or the
-/// one of this user's stack serving there.
-fn authed(config: &Config, addr: &str, channel: Channel) -> Result<AuthChannel, Failure> {
-    let token = crate::access::client_token(config.token.as_ref(), addr)?;
-    let bearer = Bearer::new(token.as_ref().map(|t| t.expose()))
-        .map_err(|e| Failure(EXIT_USAGE, format!("error: token: {e}")))?;
+        .map_err(unreachable)?;
     Ok(bearer.channel(channel))
 }
 
 async fn env_client(config: &Config, info: &DaemonInfo) -> Result<ServiceClient, Failure> {
-    let channel = channel(config, &info.env_manager_addr).await?;
-    Ok(ServiceClient::new(authed(
-        config,
-        &info.env_manager_addr,
-        channel,
-    )?))
+    let addr = &info.env_manager_addr;
+    let channel = connect(config, addr, |e| {
+        fail(format!(
+            "cannot reach the daemon at {addr}: {e}. `dspy-agent logs --service env-manager` shows its log"
+        ))
+    })
+    .await?;
+    Ok(ServiceClient::new(channel))
 }
 
 /// The task client of the project's orchestrator: the daemon's, or one at the configured address.
@@ -488,7 +478,7 @@ async fn orchestrator_client(config: &Config) -> Result<TaskClient, Failure> {
         )
     })
     .await?;
-    Ok(TaskClient::new(authed(config, &addr, channel)?))
+    Ok(TaskClient::new(channel))
 }
 
 fn rpc_failure(what: &str, s: tonic::Status) -> Failure {

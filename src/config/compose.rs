@@ -162,6 +162,22 @@ const CARRIED: &[&str] = &[
     "working_dir",
 ];
 
+/// `text` with its line continuations joined, as a shell joins them: a backslash before a line
+/// break goes with the break, and so does one that stood at a line's end before a folded scalar
+/// (`command: >-`) turned the break into a space (` \ ` between words).
+fn continued(text: &str) -> String {
+    let joined = text.replace("\\\r\n", " ").replace("\\\n", " ");
+    let words: Vec<&str> = joined.split(' ').collect();
+    let last = words.len().saturating_sub(1);
+    words
+        .iter()
+        .enumerate()
+        .filter(|(i, w)| !(**w == "\\" && *i > 0 && *i < last))
+        .map(|(_, w)| *w)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// Environment names whose values are kept out of logs and status (`secret_env`): a word of
 /// the name says password, secret, token, key, auth or salt.
 fn looks_secret(name: &str) -> bool {
@@ -421,7 +437,7 @@ impl Context<'_> {
             Yaml::Sequence(_) => self.strings(key, value),
             other => {
                 let text = self.string(key, other)?;
-                shlex::split(&text)
+                shlex::split(&continued(&text))
                     .ok_or_else(|| invalid(key, format!("{text:?} has an unclosed quote")))
             }
         }
@@ -1908,5 +1924,14 @@ mod tests {
         let joined = notes.join("\n");
         assert!(joined.contains("services.web.container_name"), "{joined}");
         assert!(joined.contains("seccomp:unconfined"), "{joined}");
+    }
+
+    #[test]
+    fn a_command_continued_over_lines_splits_as_a_shell_would() {
+        let split = |t: &str| shlex::split(&continued(t)).unwrap();
+        let want = ["python", "-m", "x", "--workspace", "/w"];
+        assert_eq!(split("python -m x \\\n  --workspace /w"), want);
+        assert_eq!(split("python -m x \\ --workspace /w"), want);
+        assert_eq!(split("echo a\\ b"), ["echo", "a b"]);
     }
 }

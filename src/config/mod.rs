@@ -12,6 +12,7 @@ pub mod catalog;
 pub mod compose;
 mod error;
 pub mod graph;
+pub mod host_access;
 pub mod spec;
 
 pub use error::ConfigError;
@@ -96,6 +97,8 @@ pub struct ServicePatch {
     pub secret_env: Option<Vec<String>>,
     /// Let this service mount the Docker Engine's socket (which gives it control of the host).
     pub allow_docker_socket: Option<bool>,
+    /// Let this service have capabilities that amount to privilege (`SYS_ADMIN`, `ALL`, ...).
+    pub allow_privileged: Option<bool>,
     pub ports: Option<Vec<Scalar>>,
     pub volumes: Option<Vec<String>>,
     pub depends_on: Option<DependsOn>,
@@ -172,6 +175,7 @@ impl ServicePatch {
         merge(&mut self.command, upper.command);
         merge_map(&mut self.env, upper.env);
         merge(&mut self.allow_docker_socket, upper.allow_docker_socket);
+        merge(&mut self.allow_privileged, upper.allow_privileged);
         if let Some(names) = upper.secret_env {
             let lower = self.secret_env.get_or_insert_with(Vec::new);
             lower.extend(names);
@@ -653,7 +657,15 @@ fn problems_of(l: Layered, env: &BTreeMap<String, String>) -> Vec<ConfigError> {
         .collect::<Vec<_>>()
         .join(", ");
     for (name, patch) in &layer.services {
-        match resolve_service(name, patch.clone(), &publish_host_ip, &l.base_dir, backend) {
+        let own_socket = host_access::own_socket(layer.docker_host.as_deref());
+        match resolve_service(
+            name,
+            patch.clone(),
+            &publish_host_ip,
+            &l.base_dir,
+            backend,
+            own_socket.as_deref(),
+        ) {
             Ok(spec) => {
                 for dep in spec.depends_on.keys() {
                     if !layer.services.contains_key(dep) {
@@ -982,6 +994,7 @@ fn resolve(
     };
 
     // Dependencies of a wanted service come along, as with `docker compose up SERVICE`.
+    let own_socket = host_access::own_socket(layer.docker_host.as_deref());
     let mut specs: BTreeMap<String, ServiceSpec> = BTreeMap::new();
     let mut queue: Vec<String> = wanted.into_iter().collect();
     while let Some(name) = queue.pop() {
@@ -989,7 +1002,14 @@ fn resolve(
             continue;
         }
         let patch = layer.services.get(&name).cloned().unwrap_or_default();
-        let spec = resolve_service(&name, patch, &publish_host_ip, base_dir, backend)?;
+        let spec = resolve_service(
+            &name,
+            patch,
+            &publish_host_ip,
+            base_dir,
+            backend,
+            own_socket.as_deref(),
+        )?;
         for dep in spec.depends_on.keys() {
             if !known.contains(dep) {
                 return Err(ConfigError::UnknownDependency {
@@ -1175,40 +1195,15 @@ fn resolve_tasks(t: TasksPatch, state_dir: &Path) -> Result<TasksConfig, ConfigE
     })
 }
 
-/// Where container engines put their sockets.
-const ENGINE_SOCKETS: &[&str] = &[
-    "/var/run/docker.sock",
-    "/run/docker.sock",
-    "/run/podman/podman.sock",
-    "/var/run/podman/podman.sock",
-];
-
-/// The engine socket a bind mount of `source` would expose: the socket itself (by name, by file
-/// type, or through a link) or a folder above one.
-fn engine_socket_under(source: &Path) -> Option<PathBuf> {
-    use std::os::unix::fs::FileTypeExt;
-    let real = std::fs::canonicalize(source).unwrap_or_else(|_| source.to_path_buf());
-    let named = |p: &Path| {
-        p.file_name()
-            .is_some_and(|n| n == "docker.sock" || n == "podman.sock")
-    };
-    let is_socket = std::fs::metadata(&real).is_ok_and(|m| m.file_type().is_socket());
-    if named(source) || named(&real) || is_socket {
-        return Some(real);
-    }
-    ENGINE_SOCKETS.iter().map(Path::new).find_map(|socket| {
-        let socket_real = std::fs::canonicalize(socket).unwrap_or_else(|_| socket.to_path_buf());
-        (socket.starts_with(source) || socket.starts_with(&real) || socket_real.starts_with(&real))
-            .then(|| socket.to_path_buf())
-    })
-}
-
+/// `own_socket` is the Unix socket of the engine this stack talks to, which no service may
+/// mount unless it says so.
 fn resolve_service(
     name: &str,
     patch: ServicePatch,
     publish_host_ip: &str,
     base_dir: &Path,
     backend: Backend,
+    own_socket: Option<&Path>,
 ) -> Result<ServiceSpec, ConfigError> {
     let field = |f: &str| format!("services.{name}.{f}");
     spec::validate_name(&format!("services.{name}"), name)?;
@@ -1278,12 +1273,20 @@ fn resolve_service(
         .collect::<Result<Vec<_>, _>>()?;
     if !patch.allow_docker_socket.unwrap_or(false) {
         for m in volumes.iter().filter(|m| m.kind == MountKind::Bind) {
-            if let Some(socket) = engine_socket_under(Path::new(&m.source)) {
+            if let Some(socket) = host_access::exposed_by(Path::new(&m.source), own_socket) {
                 return Err(ConfigError::invalid(
                     field("volumes"),
-                    format!("{:?} exposes the container engine's socket ({}), which gives the container control of this machine; set allow_docker_socket = true for this service if that is meant", m.source, socket.display()),
+                    format!("{:?} exposes a container engine's socket ({}), which gives the container control of this machine; mount a folder without it, or set allow_docker_socket = true for this service if that is meant", m.source, socket.display()),
                 ));
             }
+        }
+    }
+    if !patch.allow_privileged.unwrap_or(false) {
+        if let Some(cap) = host_access::privileged_capability(&run.cap_add) {
+            return Err(ConfigError::invalid(
+                field("cap_add"),
+                format!("{cap:?} lets the container leave its confinement and control this machine; add only the capabilities it needs (\"NET_BIND_SERVICE\", ...), or set allow_privileged = true for this service if that is meant"),
+            ));
         }
     }
     let depends_on = patch
@@ -1886,7 +1889,7 @@ mod tests {
             assert!(err.contains("allow_docker_socket"), "{source}: {err}");
         }
         let (_d, opts) = options(Some(
-            "[services.a]\nimage = \"x\"\nvolumes = [\"/var/lib:/data:ro\", \"data:/data2\"]\n",
+            "[services.a]\nimage = \"x\"\nvolumes = [\"/usr/share:/data:ro\", \"data:/data2\"]\n",
         ));
         Config::load(opts).expect("a folder without a socket is fine");
         let (_d, opts) = options(Some(&format!("{mount}allow_docker_socket = true\n")));

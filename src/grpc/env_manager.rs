@@ -16,6 +16,7 @@ use crate::config::Config;
 use crate::engine::{RunState, SharedEngine};
 use crate::grpc::convert;
 use crate::grpc::env_pb as pb;
+use crate::services::logs::LineSplitter;
 use crate::services::supervisor::{Phase, ServiceEvent, Supervisor};
 use crate::tasks::store::now_ms;
 use crate::util::Background;
@@ -122,32 +123,6 @@ fn health_update(service: &str, phase: Phase, message: &str) -> pb::HealthUpdate
     }
 }
 
-/// Splits output chunks into lines per stream, keeping an unfinished line until it ends.
-struct LineSplitter {
-    partial: [Vec<u8>; 2],
-}
-
-impl LineSplitter {
-    fn push(&mut self, stderr: bool, chunk: &[u8], out: &mut Vec<(bool, String)>) {
-        let buf = &mut self.partial[usize::from(stderr)];
-        buf.extend_from_slice(chunk);
-        while let Some(i) = buf.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = buf.drain(..=i).collect();
-            let text = String::from_utf8_lossy(&line[..line.len() - 1]);
-            out.push((stderr, text.trim_end_matches('\r').to_string()));
-        }
-    }
-
-    fn finish(&mut self, out: &mut Vec<(bool, String)>) {
-        for (i, buf) in self.partial.iter_mut().enumerate() {
-            if !buf.is_empty() {
-                out.push((i == 1, String::from_utf8_lossy(buf).into_owned()));
-                buf.clear();
-            }
-        }
-    }
-}
-
 fn log_line(service: &str, stderr: bool, line: String) -> pb::LogLine {
     pb::LogLine {
         service: service.to_string(),
@@ -182,9 +157,7 @@ fn follow_file(
             }
         };
         let mut offset = text.len() as u64;
-        let mut split = LineSplitter {
-            partial: [Vec::new(), Vec::new()],
-        };
+        let mut split = LineSplitter::default();
         let mut lines = Vec::new();
         split.push(false, &text, &mut lines);
         let skip = if tail == 0 {
@@ -511,36 +484,29 @@ impl pb::env_manager_service_server::EnvManagerService for EnvManager {
                 r.follow,
             )));
         }
-        let id = self.container_of(&r.service)?;
-        let engine = Arc::clone(self.engine()?);
+        let mut lines = self.one(&r.service)?.log_lines(
+            &r.service,
+            r.follow,
+            r.tail as usize,
+            r.since_seconds,
+        )?;
         let service = r.service;
-        let mut chunks = engine.log_stream(&id, r.follow, r.tail as usize, r.since_seconds);
         let (tx, rx) = mpsc::channel(256);
         self.background.spawn_until_stopped(async move {
-            let mut split = LineSplitter {
-                partial: [Vec::new(), Vec::new()],
-            };
-            let mut lines = Vec::new();
             loop {
-                let chunk = tokio::select! {
+                let line = tokio::select! {
                     _ = tx.closed() => return,
-                    c = chunks.next() => c,
+                    l = lines.next() => l,
                 };
-                let end = chunk.is_none();
-                match chunk {
-                    Some(Ok((stderr, bytes))) => split.push(stderr, &bytes, &mut lines),
+                let sent = match line {
+                    Some(Ok((stderr, line))) => tx.send(Ok(log_line(&service, stderr, line))).await,
                     Some(Err(e)) => {
                         let _ = tx.send(Err(Status::from(e))).await;
                         return;
                     }
-                    None => split.finish(&mut lines),
-                }
-                for (stderr, line) in lines.drain(..) {
-                    if tx.send(Ok(log_line(&service, stderr, line))).await.is_err() {
-                        return;
-                    }
-                }
-                if end {
+                    None => return,
+                };
+                if sent.is_err() {
                     return;
                 }
             }
@@ -668,9 +634,7 @@ mod tests {
 
     #[test]
     fn lines_are_split_per_stream_and_partial_lines_wait() {
-        let mut split = LineSplitter {
-            partial: [Vec::new(), Vec::new()],
-        };
+        let mut split = LineSplitter::default();
         let mut out = Vec::new();
         split.push(false, b"one\ntw", &mut out);
         split.push(true, b"err\r\n", &mut out);

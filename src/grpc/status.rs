@@ -26,7 +26,7 @@ impl From<StackError> for Status {
         let message = e.to_string();
         match e {
             StackError::UnknownService { .. } => Status::not_found(message),
-            StackError::PortInUse { .. } | StackError::InUse(_) => {
+            StackError::PortInUse { .. } | StackError::InUse(_) | StackError::NotRunning { .. } => {
                 Status::failed_precondition(message)
             }
             StackError::Engine(e) => e.into(),

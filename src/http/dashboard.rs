@@ -1,8 +1,9 @@
 //! The dashboard at `/`: one page (assets built into the binary) that shows the services, the
 //! tasks and the workers, live over server-sent events (one update a second at most), with
-//! restart, cancel and retry. Entry takes the token when one is set: a login form keeps it in a
-//! cookie for this address (HttpOnly, SameSite=Strict). Actions also need a header that only
-//! the page's own script sends, so another site cannot make a signed-in browser post them.
+//! restart, cancel and retry. Entry takes the token when one is set, once: signing in makes a
+//! dashboard session (`sessions`), which the page's script keeps in sessionStorage and sends as
+//! the `X-Dspy-Agent-Session` header; the browser never holds the token, and no cookie is set.
+//! Scripts may send `Authorization: Bearer TOKEN` instead.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::convert::Infallible;
@@ -12,27 +13,26 @@ use std::time::Duration;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
-use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Form, Json, Router};
+use axum::{Json, Router};
 use futures_util::StreamExt;
 use prometheus::core::Collector;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
+use super::sessions::Sessions;
 use super::Sources;
 use crate::tasks::model::{NewTask, TaskRecord, TaskState};
 use crate::tasks::store::{now_ms, ListFilter};
 
 const INDEX: &str = include_str!("assets/index.html");
-const LOGIN: &str = include_str!("assets/login.html");
 const SCRIPT: &str = include_str!("assets/app.js");
 const STYLE: &str = include_str!("assets/style.css");
 
-const COOKIE: &str = "dspy_agent_token";
-/// Sent by the page's own script with every action.
-const ACTION_HEADER: &str = "x-dspy-agent";
+/// The header that carries a dashboard session.
+const SESSION_HEADER: &str = "x-dspy-agent-session";
 /// Throughput is sampled this often, and this many samples are kept (six minutes).
 const SAMPLE_EVERY: Duration = Duration::from_secs(5);
 const SAMPLES: usize = 72;
@@ -47,6 +47,7 @@ pub struct Dashboard {
     sources: Sources,
     /// (ms since the epoch, tasks finished so far): the throughput chart.
     history: Arc<Mutex<VecDeque<(i64, u64)>>>,
+    sessions: Arc<Sessions>,
     stop: CancellationToken,
 }
 
@@ -55,13 +56,20 @@ pub fn routes(sources: Sources, stop: CancellationToken) -> Router {
     let dashboard = Dashboard {
         sources,
         history: Arc::default(),
+        sessions: Arc::default(),
         stop,
     };
     sample_throughput(&dashboard);
+    // Sessions end with the stack.
+    let (sessions, stopped) = (Arc::clone(&dashboard.sessions), dashboard.stop.clone());
+    tokio::spawn(async move {
+        stopped.cancelled().await;
+        sessions.close_all();
+    });
     Router::new()
         .route("/", get(index))
-        .route("/login", post(login))
-        .route("/logout", post(logout))
+        .route("/api/session", post(sign_in).delete(sign_out))
+        .route("/api/tickets", post(ticket))
         .route("/assets/app.js", get(|| asset(SCRIPT, "text/javascript")))
         .route("/assets/style.css", get(|| asset(STYLE, "text/css")))
         .route("/api/state", get(state))
@@ -87,7 +95,8 @@ async fn asset(body: &'static str, kind: &'static str) -> Response {
         .into_response()
 }
 
-/// The token a request carries: its bearer header, else the login cookie.
+/// Whether a request may read or act: it carries the token (`Authorization: Bearer`) or a live
+/// session, or the stack asks for no token.
 fn allowed(d: &Dashboard, headers: &HeaderMap) -> bool {
     let bearer = headers
         .get(header::AUTHORIZATION)
@@ -95,47 +104,24 @@ fn allowed(d: &Dashboard, headers: &HeaderMap) -> bool {
     if d.sources.guard.allows(bearer) {
         return true;
     }
-    cookie(headers).is_some_and(|t| d.sources.guard.allows(Some(&format!("Bearer {t}"))))
-}
-
-fn cookie(headers: &HeaderMap) -> Option<String> {
     headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(k, _)| *k == COOKIE)
-        .and_then(|(_, v)| unhex(v))
+        .get(SESSION_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|id| d.sessions.valid(id))
 }
 
-/// The token travels in the cookie as hex: a token may hold `;` or `,`, which a cookie cannot.
-fn hex(text: &str) -> String {
-    text.bytes().map(|b| format!("{b:02x}")).collect()
-}
-
-fn unhex(text: &str) -> Option<String> {
-    let bytes = (0..text.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
-        .collect::<Option<Vec<u8>>>()?;
-    String::from_utf8(bytes).ok()
+/// A stream's entry: what `allowed` takes, or a ticket in the query (an `EventSource` cannot
+/// send a header).
+fn stream_allowed(d: &Dashboard, headers: &HeaderMap, ticket: Option<&str>) -> bool {
+    allowed(d, headers) || ticket.is_some_and(|t| d.sessions.redeem(t))
 }
 
 fn refused() -> Response {
     (
         StatusCode::UNAUTHORIZED,
-        [(header::WWW_AUTHENTICATE, "Bearer")],
-        "a token is required: sign in at / or send `Authorization: Bearer TOKEN` (`dspy-agent token` prints it)\n",
+        Json(json!({"error": "sign in at / with the stack's token (`dspy-agent token` prints it), or send `Authorization: Bearer TOKEN`"})),
     )
         .into_response()
-}
-
-fn login_page(d: &Dashboard, message: &str) -> Response {
-    let page = LOGIN
-        .replace("{{project}}", &escape(&d.sources.project))
-        .replace("{{message}}", &escape(message));
-    (StatusCode::UNAUTHORIZED, Html(page)).into_response()
 }
 
 fn escape(text: &str) -> String {
@@ -145,68 +131,72 @@ fn escape(text: &str) -> String {
         .replace('"', "&quot;")
 }
 
-async fn index(State(d): State<Dashboard>, headers: HeaderMap) -> Response {
-    if !allowed(&d, &headers) {
-        return login_page(&d, "");
-    }
+/// The page: it signs in by itself, so it holds nothing before that.
+async fn index(State(d): State<Dashboard>) -> Response {
     Html(INDEX.replace("{{project}}", &escape(&d.sources.project))).into_response()
 }
 
 #[derive(Deserialize)]
-struct Login {
+struct SignIn {
+    #[serde(default)]
     token: String,
 }
 
-async fn login(State(d): State<Dashboard>, Form(form): Form<Login>) -> Response {
+/// Takes the token once and answers a session of the dashboard's own.
+async fn sign_in(State(d): State<Dashboard>, body: axum::body::Bytes) -> Response {
+    let Ok(form) = serde_json::from_slice::<SignIn>(&body) else {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error": "send {\"token\": \"...\"} as JSON"})),
+        )
+            .into_response();
+    };
     let token = form.token.trim();
     if !d.sources.guard.allows(Some(&format!("Bearer {token}"))) {
-        return login_page(
-            &d,
-            "That token is not this stack's. `dspy-agent token` prints it.",
-        );
+        return (
+            StatusCode::UNAUTHORIZED,
+            Json(json!({"error": "That token is not this stack's. `dspy-agent token` prints it."})),
+        )
+            .into_response();
     }
-    let secure = if d.sources.tls { "; Secure" } else { "" };
-    (
-        [(
-            header::SET_COOKIE,
-            format!(
-                "{COOKIE}={}; Path=/; HttpOnly; SameSite=Strict{secure}",
-                hex(token)
-            ),
-        )],
-        Redirect::to("/"),
-    )
-        .into_response()
+    match d.sessions.open() {
+        Ok(id) => Json(json!({
+            "session": id,
+            "expires_in_s": super::sessions::SESSION_LIFETIME.as_secs(),
+        }))
+        .into_response(),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Json(json!({"error": format!("no randomness for a session: {e}")})),
+        )
+            .into_response(),
+    }
 }
 
-async fn logout() -> Response {
-    (
-        [(
-            header::SET_COOKIE,
-            format!("{COOKIE}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0"),
-        )],
-        Redirect::to("/"),
-    )
-        .into_response()
+/// Ends the session the request carries.
+async fn sign_out(State(d): State<Dashboard>, headers: HeaderMap) -> Response {
+    if let Some(id) = headers.get(SESSION_HEADER).and_then(|v| v.to_str().ok()) {
+        d.sessions.close(id);
+    }
+    StatusCode::NO_CONTENT.into_response()
 }
 
-/// Why an action is refused, if it is: it needs the token and the page's own header.
-fn action_refusal(d: &Dashboard, headers: &HeaderMap) -> Option<Response> {
-    if !allowed(d, headers) {
-        return Some(refused());
+/// A one-use ticket for a stream, for the session the request carries.
+async fn ticket(State(d): State<Dashboard>, headers: HeaderMap) -> Response {
+    let session = headers.get(SESSION_HEADER).and_then(|v| v.to_str().ok());
+    match session.map(|id| d.sessions.ticket(id)) {
+        Some(Ok(Some(ticket))) => Json(json!({
+            "ticket": ticket,
+            "expires_in_s": super::sessions::TICKET_LIFETIME.as_secs(),
+        }))
+        .into_response(),
+        Some(Err(e)) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Json(json!({"error": format!("no randomness for a ticket: {e}")})),
+        )
+            .into_response(),
+        _ => refused(),
     }
-    if headers.get(ACTION_HEADER).is_none() {
-        return Some(
-            (
-                StatusCode::FORBIDDEN,
-                format!(
-                    "actions need the {ACTION_HEADER} header, which the dashboard's page sends\n"
-                ),
-            )
-                .into_response(),
-        );
-    }
-    None
 }
 
 async fn state(State(d): State<Dashboard>, headers: HeaderMap) -> Response {
@@ -451,8 +441,8 @@ async fn cancel(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
-    if let Some(r) = action_refusal(&d, &headers) {
-        return r;
+    if !allowed(&d, &headers) {
+        return refused();
     }
     match d.sources.queue.cancel(&id).await {
         Ok((t, _)) => Json(task_json(&t)).into_response(),
@@ -463,8 +453,8 @@ async fn cancel(
 /// Runs a finished task again as a new task (the same type, payload and settings), whose id
 /// says what it retries.
 async fn retry(State(d): State<Dashboard>, headers: HeaderMap, Path(id): Path<String>) -> Response {
-    if let Some(r) = action_refusal(&d, &headers) {
-        return r;
+    if !allowed(&d, &headers) {
+        return refused();
     }
     let old = match d.sources.queue.get_with_payload(&id).await {
         Ok(t) => t,
@@ -498,8 +488,8 @@ async fn restart(
     headers: HeaderMap,
     Path(name): Path<String>,
 ) -> Response {
-    if let Some(r) = action_refusal(&d, &headers) {
-        return r;
+    if !allowed(&d, &headers) {
+        return refused();
     }
     let Some(supervisor) = d.sources.supervisor.clone() else {
         return (StatusCode::NOT_FOUND, "this stack runs no services\n").into_response();
@@ -539,39 +529,34 @@ async fn logs(
     }
 }
 
-/// One service's output as it comes, each chunk an event.
+#[derive(Deserialize)]
+struct StreamQuery {
+    ticket: Option<String>,
+}
+
+/// One service's output as it comes, each line an event.
 async fn log_stream(
     State(d): State<Dashboard>,
     headers: HeaderMap,
     Path(name): Path<String>,
+    Query(q): Query<StreamQuery>,
 ) -> Response {
-    if !allowed(&d, &headers) {
+    if !stream_allowed(&d, &headers, q.ticket.as_deref()) {
         return refused();
     }
-    let (Some(supervisor), Some(engine)) = (&d.sources.supervisor, &d.sources.engine) else {
+    let Some(supervisor) = &d.sources.supervisor else {
         return (StatusCode::NOT_FOUND, "this stack runs no services\n").into_response();
     };
-    let id = supervisor
-        .snapshot()
-        .into_iter()
-        .find(|s| s.name == name)
-        .and_then(|s| s.container_id);
-    let Some(id) = id else {
-        return (
-            StatusCode::NOT_FOUND,
-            format!("{name} is not a running service of this stack\n"),
-        )
-            .into_response();
+    let lines = match supervisor.log_lines(&name, true, 50, 0) {
+        Ok(lines) => lines,
+        Err(e) => return (StatusCode::NOT_FOUND, format!("{e}\n")).into_response(),
     };
     let stop = d.stop.clone();
-    let stream = engine
-        .log_stream(&id, true, 50, 0)
+    let stream = lines
         .take_until(async move { stop.cancelled().await })
-        .map(|chunk| {
-            Ok::<_, Infallible>(match chunk {
-                Ok((_, bytes)) => Event::default()
-                    .event("log")
-                    .data(String::from_utf8_lossy(&bytes).trim_end()),
+        .map(|line| {
+            Ok::<_, Infallible>(match line {
+                Ok((_, text)) => Event::default().event("log").data(text),
                 Err(e) => Event::default().event("error").data(e.to_string()),
             })
         });
@@ -582,8 +567,12 @@ async fn log_stream(
 
 /// Live updates: a `state` event (the snapshot) at once and then whenever something changed,
 /// and a `tasks` event with the tasks that changed, each at most once a second.
-async fn events(State(d): State<Dashboard>, headers: HeaderMap) -> Response {
-    if !allowed(&d, &headers) {
+async fn events(
+    State(d): State<Dashboard>,
+    headers: HeaderMap,
+    Query(q): Query<StreamQuery>,
+) -> Response {
+    if !stream_allowed(&d, &headers, q.ticket.as_deref()) {
         return refused();
     }
     let (tx, rx) = tokio::sync::mpsc::channel::<Event>(16);
@@ -672,15 +661,7 @@ mod tests {
     }
 
     #[test]
-    fn the_login_cookie_is_found_among_others() {
-        let mut headers = HeaderMap::new();
-        headers.insert(
-            header::COOKIE,
-            format!("a=1; dspy_agent_token={}; b=2", hex("a;b,c"))
-                .parse()
-                .unwrap(),
-        );
-        assert_eq!(cookie(&headers).as_deref(), Some("a;b,c"));
+    fn text_is_escaped_for_the_page() {
         assert_eq!(escape("<b>\"x\"</b>"), "&lt;b&gt;&quot;x&quot;&lt;/b&gt;");
     }
 }

@@ -27,7 +27,9 @@ use crate::services::supervisor::Supervisor;
 use crate::tasks::queue::TaskQueue;
 use crate::util::Background;
 
+mod browser;
 mod dashboard;
+mod sessions;
 
 /// How long a scrape waits for the Engine to say it is there.
 const ENGINE_CHECK: Duration = Duration::from_secs(1);
@@ -46,8 +48,6 @@ pub struct Sources {
     pub guard: Guard,
     pub workers: Arc<crate::grpc::workers::Workers>,
     pub project: String,
-    /// The port speaks HTTPS (the login cookie is then marked Secure).
-    pub tls: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -73,11 +73,13 @@ pub async fn serve(
         .map_err(|e| error(e.to_string()))?;
     let bound = listener.local_addr().map_err(|e| error(e.to_string()))?;
     sample_usage(&sources, background);
+    let served = Arc::new(browser::Served::new(bound, tls.is_some()));
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .with_state(sources.clone())
-        .merge(dashboard::routes(sources, background.token()));
+        .merge(dashboard::routes(sources, background.token()))
+        .layer(axum::middleware::from_fn_with_state(served, browser::guard));
     match tls {
         None => run(listener, app, background),
         Some(tls) => {

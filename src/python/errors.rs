@@ -119,7 +119,7 @@ fn stack_error(message: String, e: StackError) -> PyErr {
             py_error::<exc::UnknownServiceError>(message, vec![("service", Attr::Text(name))])
         }
         StackError::InUse(crate::owner::OwnerError::InUse { owner, .. }) => in_use(message, &owner),
-        StackError::InUse(_) | StackError::Cancelled => {
+        StackError::InUse(_) | StackError::Cancelled | StackError::NotRunning { .. } => {
             py_error::<exc::InfraError>(message, vec![])
         }
     }

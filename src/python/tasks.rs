@@ -138,18 +138,16 @@ impl GrpcClient {
         } else {
             host.to_string()
         };
-        // Without a token given, the one of this user's stack serving that port, if any.
-        let token = match token {
-            Some(t) => Some(t),
-            None => crate::access::client_token(None, &format!("{host}:{port}"))
-                .map_err(|e| py_error::<exc::ConfigError>(e.to_string(), vec![]))?
-                .map(|t| t.expose().to_string()),
-        };
-        let bearer = Bearer::new(token.as_deref())
+        // Without a token given, the one of this user's stack serving that port, if any; either
+        // goes only to the exact address that stack lists.
+        let given = token.map(crate::config::Secret::new);
+        let route = crate::access::route(given.as_ref(), &format!("{host}:{port}"))
+            .map_err(|e| py_error::<exc::ConfigError>(e.to_string(), vec![]))?;
+        let bearer = Bearer::new(route.token.as_ref().map(|t| t.expose()))
             .map_err(|e| py_error::<exc::ConfigError>(format!("token: {e}"), vec![]))?;
         let server_name = server_name.unwrap_or_else(|| "localhost".into());
         let endpoint = crate::grpc::auth::endpoint_trusting(
-            &format!("{host}:{port}"),
+            &route.addr,
             tls_ca.as_deref().map(|ca| (ca, server_name.as_str())),
         )
         .map_err(|e| py_error::<exc::InfraError>(e, vec![]))?

@@ -1,4 +1,5 @@
 //! The service stack: the supervisor that brings the configured services up and keeps them so.
 
+pub mod logs;
 pub mod supervisor;
 pub mod walk;

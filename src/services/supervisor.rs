@@ -23,6 +23,7 @@ use crate::engine::{
     labels, ContainerInfo, ContainerPlan, EngineError, Replica, RunState, SharedEngine,
 };
 use crate::health::{self, Backoff};
+use crate::services::logs::{LineSplitter, LogLines, Redactor};
 use crate::services::walk::{self, Direction, Reached, Turn};
 use crate::util::Background;
 
@@ -55,6 +56,8 @@ pub enum StackError {
     },
     #[error("unknown service {name:?}; this stack runs: {known}")]
     UnknownService { name: String, known: String },
+    #[error("service {name:?} has no container (it is stopped); start it first")]
+    NotRunning { name: String },
     #[error("start was cancelled; every container it started has been removed")]
     Cancelled,
     /// Containers of the project belong to another live process.
@@ -197,6 +200,8 @@ pub struct Supervisor {
     early_network: Mutex<Option<NetworkUnderway>>,
     /// Where probe times are recorded, when the stack keeps metrics.
     metrics: std::sync::OnceLock<Arc<crate::metrics::Metrics>>,
+    /// Masks the stack's secrets in every message, error and log line that leaves it.
+    redactor: Redactor,
 }
 
 /// The project network being made in the background.
@@ -222,13 +227,15 @@ enum Plan {
 impl Supervisor {
     /// `owner_addr` is this process's orchestrator address, written on every container so that
     /// a second start of the project can find (and attach to) the stack's owner.
-    /// Its background tasks run in `background`, and end when that stops.
+    /// Its background tasks run in `background`, and end when that stops; `redactor` masks
+    /// the secrets in what it reports.
     pub fn new(
         engine: SharedEngine,
         config: Arc<Config>,
         session: String,
         owner_addr: String,
         background: Background,
+        redactor: Redactor,
     ) -> Self {
         let network = crate::util::network_name(&config.project);
         let state = config
@@ -270,6 +277,7 @@ impl Supervisor {
             background,
             early_network: Mutex::new(None),
             metrics: std::sync::OnceLock::new(),
+            redactor,
         }
     }
 
@@ -605,7 +613,7 @@ impl Supervisor {
     }
 
     fn set_phase(&self, service: &str, phase: Phase, message: impl Into<String>) {
-        let message = message.into();
+        let message = self.redactor.redact(&message.into());
         if let Some(s) = self.lock().get_mut(service) {
             s.phase = phase;
             s.message = message.clone();
@@ -1148,8 +1156,8 @@ impl Supervisor {
     fn start_error(&self, service: &str, reason: String, logs: String) -> StackError {
         StackError::ServiceStart {
             service: service.to_string(),
-            reason,
-            logs,
+            reason: self.redactor.redact(&reason),
+            logs: self.redactor.redact(&logs),
         }
     }
 
@@ -1541,9 +1549,53 @@ impl Supervisor {
         self.spec(name)?;
         let id = self.lock().get(name).and_then(|s| s.container_id.clone());
         match id {
-            Some(id) => Ok(self.engine.logs(&id, tail).await?),
+            Some(id) => Ok(self.redactor.redact(&self.engine.logs(&id, tail).await?)),
             None => Ok(String::new()),
         }
+    }
+
+    /// A service's output as whole lines (stderr `true`), secrets masked: `tail` 0 is
+    /// everything, `since` in seconds since the epoch (0 = from the beginning).
+    pub fn log_lines(
+        &self,
+        name: &str,
+        follow: bool,
+        tail: usize,
+        since: i64,
+    ) -> Result<LogLines, StackError> {
+        self.spec(name)?;
+        let id = self.lock().get(name).and_then(|s| s.container_id.clone());
+        let Some(id) = id else {
+            return Err(StackError::NotRunning {
+                name: name.to_string(),
+            });
+        };
+        let chunks = self.engine.log_stream(&id, follow, tail, since);
+        let redactor = self.redactor.clone();
+        let lines = futures_util::stream::unfold(
+            (chunks, LineSplitter::default(), false),
+            |(mut chunks, mut split, done)| async move {
+                if done {
+                    return None;
+                }
+                let mut lines = Vec::new();
+                let end = match chunks.next().await {
+                    Some(Ok((stderr, bytes))) => {
+                        split.push(stderr, &bytes, &mut lines);
+                        false
+                    }
+                    Some(Err(e)) => return Some((vec![Err(e)], (chunks, split, true))),
+                    None => {
+                        split.finish(&mut lines);
+                        true
+                    }
+                };
+                Some((lines.into_iter().map(Ok).collect(), (chunks, split, end)))
+            },
+        )
+        .flat_map(futures_util::stream::iter)
+        .map(move |line| line.map(|(stderr, text)| (stderr, redactor.redact(&text))));
+        Ok(lines.boxed())
     }
 }
 

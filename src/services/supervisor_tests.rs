@@ -44,12 +44,14 @@ fn config(toml: &str, services: &[&str]) -> Arc<Config> {
 
 fn supervisor(engine: &Arc<FakeEngine>, config: Arc<Config>) -> Arc<Supervisor> {
     let shared: SharedEngine = Arc::clone(engine) as SharedEngine;
+    let redactor = Redactor::for_stack(&config, None);
     Arc::new(Supervisor::new(
         shared,
         config,
         "session-1".into(),
         "127.0.0.1:50052".into(),
         Background::default(),
+        redactor,
     ))
 }
 

@@ -68,15 +68,17 @@ impl Remote {
         if addr.ends_with(":0") {
             return Ok(None);
         }
-        let Some(channel) = connect(addr, config.tls.as_ref(), PROBE_TIMEOUT).await else {
-            return Ok(None);
-        };
-        let token = crate::access::client_token(config.token.as_ref(), addr).map_err(|e| {
+        // The token goes only to the address this user's stack lists for the port.
+        let route = crate::access::route(config.token.as_ref(), addr).map_err(|e| {
             AttachError::Unauthenticated {
                 addr: addr.clone(),
                 message: e.to_string(),
             }
         })?;
+        let Some(channel) = connect(&route.addr, config.tls.as_ref(), PROBE_TIMEOUT).await else {
+            return Ok(None);
+        };
+        let token = route.token;
         let bearer = Bearer::new(token.as_ref().map(|t| t.expose())).map_err(|message| {
             AttachError::Unauthenticated {
                 addr: addr.clone(),
@@ -110,16 +112,19 @@ impl Remote {
         if health.env_manager_addr.is_empty() {
             return Err(AttachError::NoEnvManager { addr: addr.clone() });
         }
-        let env_channel = connect(
-            &health.env_manager_addr,
-            config.tls.as_ref(),
-            Duration::from_secs(2),
-        )
-        .await
-        .ok_or_else(|| AttachError::Rpc {
-            what: format!("env-manager at {}", health.env_manager_addr),
-            message: "does not answer".into(),
-        })?;
+        let env_route =
+            crate::access::route(token.as_ref(), &health.env_manager_addr).map_err(|e| {
+                AttachError::Unauthenticated {
+                    addr: health.env_manager_addr.clone(),
+                    message: e.to_string(),
+                }
+            })?;
+        let env_channel = connect(&env_route.addr, config.tls.as_ref(), Duration::from_secs(2))
+            .await
+            .ok_or_else(|| AttachError::Rpc {
+                what: format!("env-manager at {}", health.env_manager_addr),
+                message: "does not answer".into(),
+            })?;
         let name = format!(
             "{}:{}",
             std::env::var("HOSTNAME").unwrap_or_else(|_| "local".into()),

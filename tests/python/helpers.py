@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -254,3 +255,48 @@ def postgres_schema() -> str:
     psql(url, f"CREATE SCHEMA {schema}")
     sep = "&" if "?" in url else "?"
     return f"{url}{sep}options=-csearch_path%3D{schema}"
+
+
+def stacks(pid: int) -> str:
+    """The Python and native stacks of every thread of a live process (py-spy), for the
+    failure output of a test whose process hung."""
+    spy = Path(sys.executable).parent / "py-spy"
+    try:
+        dump = subprocess.run(
+            [str(spy), "dump", "--native", "--pid", str(pid)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"(no stacks of {pid}: {e})"
+    return dump.stdout + dump.stderr
+
+
+@contextlib.asynccontextmanager
+async def port_stubs(
+    pb: dict[str, ModuleType], orchestrator_addr: str, env_manager_addr: str
+) -> AsyncIterator[tuple[Any, Any]]:
+    """grpcio stubs of both ports (orchestrator, env-manager), reached on 127.0.0.1."""
+    port = orchestrator_addr.rpartition(":")[2]
+    env_port = env_manager_addr.rpartition(":")[2]
+    async with (
+        grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch,
+        grpc.aio.insecure_channel(f"127.0.0.1:{env_port}") as env_ch,
+    ):
+        yield (
+            pb["orchestrator_v1_pb2_grpc"].OrchestratorServiceStub(ch),
+            pb["env_manager_v1_pb2_grpc"].EnvManagerServiceStub(env_ch),
+        )
+
+
+def cli_ping(dspy_agent: str, orchestrator_addr: str) -> None:
+    """`dspy-agent tasks submit ping --wait` against `orchestrator_addr`: it must answer pong."""
+    cli = subprocess.run(
+        [dspy_agent, "tasks", "submit", "ping", "--wait"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "ORCHESTRATOR_GRPC_ADDR": orchestrator_addr},
+    )
+    assert cli.returncode == 0 and "pong" in cli.stdout, cli.stderr

@@ -114,9 +114,11 @@ def test_a_whole_session(workdir: Path, project: str) -> None:
     assert dashboard.returncode == 0, dashboard.stderr
     assert dashboard.stdout.splitlines()[0] == f"http://{http_addr}/"
     assert "dspy-agent token" in dashboard.stdout
+    with urllib.request.urlopen(f"http://{http_addr}/", timeout=10) as page:
+        assert b'name="token"' in page.read()
     with pytest.raises(urllib.error.HTTPError) as refused:
-        urllib.request.urlopen(f"http://{http_addr}/", timeout=10)
-    assert refused.value.code == 401 and b'name="token"' in refused.value.read()
+        urllib.request.urlopen(f"http://{http_addr}/api/state", timeout=10)
+    assert refused.value.code == 401
 
     logs = run("logs", "--service", "redis", "--tail", "5")
     assert logs.returncode == 0, logs.stderr

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from dspy_agent_infra import AgentInfra, ConfigError, DockerUnavailableError, InfraError
-from helpers import containers
+from helpers import containers, stacks
 
 
 @pytest.mark.parametrize(
@@ -128,7 +128,13 @@ def test_ctrl_c_while_starting_removes_everything(project: str, tmp_path: Path) 
         time.sleep(0.05)
     assert len(containers(project)) == 2
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
+    try:
+        out, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        dump = stacks(proc.pid)
+        proc.kill()
+        out, err = proc.communicate()
+        raise AssertionError(f"no exit within 60 s of SIGINT; its stacks:\n{dump}\n{err}") from None
     assert "interrupted" in out, err
     assert containers(project) == []
 

@@ -61,11 +61,15 @@ def test_the_built_in_stack(tmp_path: Path) -> None:
 
 
 def test_imported_compose_files_export_and_validate(tmp_path: Path) -> None:
-    for name, dotenv in (("airflow", "AIRFLOW_UID=50000\n"), ("langfuse", "")):
+    # Every compose file of the tests, each with what its docs have users write into .env.
+    dotenvs = {"airflow": "AIRFLOW_UID=50000\n"}
+    names = sorted(p.name for p in COMPOSE.iterdir() if p.is_dir())
+    assert {"airflow", "langfuse", "voting-app", "agent-stack"} <= set(names)
+    for name in names:
         folder = tmp_path / name
         shutil.copytree(COMPOSE / name, folder)
-        if dotenv:
-            (folder / ".env").write_text(dotenv)
+        if name in dotenvs:
+            (folder / ".env").write_text(dotenvs[name])
         compose = next(p for p in folder.iterdir() if p.suffix in (".yml", ".yaml"))
         imported = subprocess.run(
             [DSPY_AGENT, "import", compose.name],
@@ -88,3 +92,13 @@ def test_imported_compose_files_export_and_validate(tmp_path: Path) -> None:
         assert f"wait-for-{dependency}" in web
     airflow = tmp_path / "airflow" / "k8s"
     assert "runAsUser: 50000" in (airflow / "airflow-webserver.yaml").read_text()
+    # Words YAML 1.1 reads as booleans, octal numbers or dates stay strings (quoted), and a
+    # command continued over lines splits as a shell would.
+    agent = tmp_path / "agent-stack" / "k8s"
+    redis = (agent / "redis.yaml").read_text()
+    assert "- --appendonly\n        - 'no'\n" in redis, redis
+    assert "- ''\n" in redis
+    server = (agent / "agent.yaml").read_text()
+    assert "VERBOSE: 'on'" in server and "RETRIES: '0777'" in server, server
+    assert "STARTED: '2024-01-02'" in server
+    assert "- python\n        - -m\n        - agent.serve\n        - --workspace\n" in server

@@ -26,7 +26,15 @@ from dspy_agent_infra.errors import (
     ServiceStartError,
     TaskNotFoundError,
 )
-from helpers import docker, http_service, inspect, redis_service
+from helpers import (
+    BUSYBOX,
+    cli_ping,
+    containers,
+    docker,
+    http_service,
+    inspect,
+    redis_service,
+)
 
 TOKEN = "t0ken-for-tests-5f2b9c1e7d"
 
@@ -172,6 +180,90 @@ async def test_another_local_user_cannot_call_the_ports(
         assert not (ports_dir / port).exists()
     finally:
         subprocess.run(["rm", "-rf", str(shared)], check=True)
+
+
+# Runs as INTRUDER with Debian's grpcio: a gRPC server on [::1]:PORT that prints the metadata
+# of every call it receives (and answers UNIMPLEMENTED).
+LISTEN = """
+import json, sys, concurrent.futures
+import grpc
+class Record(grpc.GenericRpcHandler):
+    def service(self, details):
+        print(json.dumps([details.method, list(details.invocation_metadata)]), flush=True)
+        return None
+server = grpc.server(concurrent.futures.ThreadPoolExecutor(4), handlers=[Record()])
+server.add_insecure_port("[::1]:" + sys.argv[1])
+server.start()
+print("listening", flush=True)
+server.wait_for_termination(timeout=float(sys.argv[2]))
+"""
+
+
+def free_on_both_loopbacks() -> int:
+    """A port free on 127.0.0.1 and on [::1] alike."""
+    import socket
+
+    for _ in range(50):
+        with socket.socket(socket.AF_INET6) as v6:
+            v6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            v6.bind(("::1", 0))
+            port = int(v6.getsockname()[1])
+            with socket.socket() as v4:
+                try:
+                    v4.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
+    raise AssertionError("no port free on both loopback addresses")
+
+
+async def test_the_token_goes_only_to_the_listed_address(
+    project: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert os.geteuid() == 0, "this test runs as root, to swap the hosts file and be a second user"
+    subprocess.run(["id", INTRUDER], check=True, capture_output=True)  # scripts/test.sh adds it
+    hosts = Path("/etc/hosts")
+    original = hosts.read_bytes()
+    # The stock Debian hosts file: `localhost` is ::1 first.
+    kept = [
+        line for line in original.decode().splitlines() if "localhost" not in line.split("#")[0]
+    ]
+    port = free_on_both_loopbacks()
+    intruder = subprocess.Popen(
+        ["runuser", "-u", INTRUDER, "--", "/usr/bin/python3", "-c", LISTEN, str(port), "150"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/",
+    )  # fmt: skip
+    try:
+        hosts.write_text(
+            "::1\tlocalhost ip6-localhost ip6-loopback\n127.0.0.1\tlocalhost\n"
+            + "\n".join(kept)
+            + "\n"
+        )
+        assert intruder.stdout is not None
+        assert intruder.stdout.readline().strip() == "listening", intruder.stderr
+        monkeypatch.setenv("ORCHESTRATOR_GRPC_ADDR", f"127.0.0.1:{port}")
+        token = ""
+        async with AgentInfra.start(project=project, services=[]) as infra:
+            assert infra.token is not None
+            token = infra.token
+            # localhost (the default host) reaches the stack that lists the port, not ::1.
+            assert await OrchestratorClient(host="localhost", port=port).health()
+            client = OrchestratorClient(port=port)
+            await client.submit_task("p", "ping", {})
+            assert (await client.wait_for_task("p", timeout=30)).status == TaskStatus.COMPLETED
+            cli_ping(DSPY_AGENT, f"localhost:{port}")
+            # Named by its own address, the intruder gets a call, and no token with it.
+            with pytest.raises(InfraError):
+                await OrchestratorClient(host="::1", port=port).health()
+    finally:
+        hosts.write_bytes(original)
+        intruder.terminate()
+        received, errors = intruder.communicate(timeout=30)
+    assert hosts.read_bytes() == original
+    calls = [json.loads(line) for line in received.splitlines() if line.startswith("[")]
+    assert calls, f"the intruder saw no call at all, so the test proves nothing: {errors}"
+    assert all(k != "authorization" for _, metadata in calls for k, _v in metadata), calls
+    assert token and token not in received
 
 
 async def test_a_state_folder_that_cannot_be_private_is_refused(tmp_path: Path) -> None:
@@ -385,33 +477,98 @@ async def test_tls_round_trip(pb: dict[str, Any], tmp_path: Path) -> None:
             )
 
 
-async def test_secret_env_reaches_the_container_and_nothing_else(
-    project: str, caplog: pytest.LogCaptureFixture
+SECRET_SERVICE = """
+catalog = false
+[services.web]
+image = "{image}"
+pull = "never"
+ports = ["0:8000"]
+env = {{ PORTS = "8000", API_KEY = "{secret}" }}
+secret_env = ["API_KEY"]
+command = ["sh", "-c", "echo starting with key=$API_KEY; echo $API_KEY >&2; {then}"]
+stop_timeout = "2s"
+[services.web.healthcheck]
+type = "http"
+path = "/health"
+start_period = "20s"
+"""
+
+
+async def test_a_service_that_prints_its_secret_shows_stars(
+    project: str, caplog: pytest.LogCaptureFixture, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="dspy_agent_infra")
     secret = f"sk-{uuid.uuid4().hex}"
-    web = http_service(env={"API_KEY": secret}, secret_env=["API_KEY"])
+
+    def printing(then: str) -> dict[str, Any]:
+        return http_service(
+            env={"API_KEY": secret},
+            secret_env=["API_KEY"],
+            command=["sh", "-c", f"echo starting with key=$API_KEY; echo $API_KEY >&2; {then}"],
+        )
+
+    # A start that fails: its error and its log lines show the line, with stars for the secret.
+    with pytest.raises(ServiceStartError) as failed:
+        async with AgentInfra.start(
+            project=project, services=["web"], config={"services": {"web": printing("exit 1")}}
+        ):
+            pass
+    shown = str(failed.value) + failed.value.reason + failed.value.logs
+    assert "starting with key=***" in failed.value.logs and "key=***" in str(failed.value)
+    assert secret not in shown
+    # A running one: it has the value; its logs, status and the dashboard show stars.
     async with AgentInfra.start(
-        project=project, services=["web"], config={"services": {"web": web}}
+        project=project, services=["web"], config={"services": {"web": printing("exec /serve")}}
     ) as infra:
         container = infra.service("web").container_id or ""
         assert f"API_KEY={secret}" in inspect(container)["Config"]["Env"]
         assert docker("exec", container, "sh", "-c", "echo $API_KEY").strip() == secret
+        assert secret in docker("logs", container), "the container did print it"
+        logs = await infra.logs("web", tail=50)
+        assert "starting with key=***" in logs and secret not in logs
         status = await infra.status()
-        shown = [repr(infra.services), repr(status), str(infra.env), repr(infra)]
-        shown += [s.message for s in status.values()]
-        assert all(secret not in text for text in shown)
-    # A start that fails: its error and the log lines it carries hold no secret either.
-    failing = http_service(
-        env={"API_KEY": secret}, secret_env=["API_KEY"], command=["sh", "-c", "exit 3"]
-    )
-    with pytest.raises(ServiceStartError) as failed:
-        async with AgentInfra.start(
-            project=project, services=["web"], config={"services": {"web": failing}}
-        ):
-            pass
-    assert secret not in str(failed.value) + failed.value.reason + failed.value.logs
+        shown = repr(infra.services) + repr(status) + str(infra.env) + repr(infra)
+        assert secret not in shown + "".join(s.message for s in status.values())
+        bearer = {"Authorization": f"Bearer {infra.token}"}
+        base = f"http://{infra.http_addr}/api/services/web"
+        with urllib.request.urlopen(
+            urllib.request.Request(f"{base}/logs?tail=50", headers=bearer), timeout=10
+        ) as r:
+            page = r.read().decode()
+        assert "starting with key=***" in page and secret not in page
+        with urllib.request.urlopen(
+            urllib.request.Request(f"{base}/logs/stream", headers=bearer), timeout=10
+        ) as r:
+            streamed = b""
+            while b"key=***" not in streamed:
+                streamed += r.read1(4096)
+        assert secret.encode() not in streamed
     assert caplog.records and secret not in caplog.text
+
+    # The command line: a failing start, then `logs` of a running one.
+    monkeypatch.setenv("DSPY_AGENT_PROJECT", project)
+    monkeypatch.setenv("ORCHESTRATOR_GRPC_ADDR", "127.0.0.1:0")
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "dspy-agent.toml"
+    config.write_text(SECRET_SERVICE.format(image=BUSYBOX, secret=secret, then="exit 1"))
+    try:
+        refused = subprocess.run([DSPY_AGENT, "start"], capture_output=True, text=True, timeout=120)
+        assert refused.returncode != 0 and "key=***" in refused.stderr, refused.stderr
+        assert secret not in refused.stdout + refused.stderr
+        config.write_text(SECRET_SERVICE.format(image=BUSYBOX, secret=secret, then="exec /serve"))
+        started = subprocess.run([DSPY_AGENT, "start"], capture_output=True, text=True, timeout=120)
+        assert started.returncode == 0, started.stderr
+        cli_logs = subprocess.run(
+            [DSPY_AGENT, "logs", "--service", "web"], capture_output=True, text=True, timeout=60
+        )
+        assert "starting with key=***" in cli_logs.stdout + cli_logs.stderr, cli_logs
+        assert secret not in cli_logs.stdout + cli_logs.stderr
+    finally:
+        subprocess.run([DSPY_AGENT, "stop"], capture_output=True, text=True, timeout=60)
+    daemon_log = "".join(
+        p.read_text() for p in Path(os.environ["DSPY_AGENT_STATE_DIR"]).glob("daemon.log*")
+    )
+    assert secret not in daemon_log
 
 
 def test_the_daemon_speaks_tls(
@@ -441,3 +598,121 @@ def test_the_daemon_speaks_tls(
     finally:
         stopped = subprocess.run([DSPY_AGENT, "stop"], capture_output=True, text=True, timeout=60)
     assert stopped.returncode == 0, stopped.stderr
+
+
+async def test_no_service_mounts_an_engine_socket_or_gets_privilege(
+    project: str, tmp_path: Path
+) -> None:
+    # The Engine's socket, bind-mounted to a folder of its own under a name no list knows: the
+    # stack talks to it there, and no service may mount that folder.
+    folder = tmp_path / "engsock"
+    folder.mkdir()
+    socket_path = folder / "engine.socket"
+    socket_path.touch()
+    subprocess.run(["mount", "--bind", "/var/run/docker.sock", str(socket_path)], check=True)
+    try:
+        docker_host = f"unix://{socket_path}"
+
+        async def start(web: dict[str, Any]) -> None:
+            async with AgentInfra.start(
+                project=project,
+                services=["web"],
+                docker_host=docker_host,
+                config={"services": {"web": web}},
+            ) as infra:
+                assert infra.service("web").status == "healthy"
+
+        hostile = {
+            f"{folder}:/eng": str(socket_path),
+            "/run/user/0:/xdg": "/run/user",
+            "/run/containerd:/containerd": "/run/containerd",
+            "/:/host": "docker.sock",
+            "/var/run:/host-run": "docker.sock",
+        }
+        for volume, named in hostile.items():
+            with pytest.raises(ConfigError) as refused:
+                await start(http_service(volumes=[volume]))
+            message = str(refused.value)
+            assert "services.web.volumes" in message and named in message, message
+            assert "allow_docker_socket" in message
+        for caps in (["ALL"], ["SYS_ADMIN"], ["NET_ADMIN", "CAP_SYS_MODULE"]):
+            with pytest.raises(ConfigError, match=r"services\.web\.cap_add.*allow_privileged"):
+                await start(http_service(cap_add=caps))
+        assert containers(project) == []
+        # Said on purpose, it runs: the stack reaches its Engine through that socket, and the
+        # container sees it (which is why it is refused otherwise).
+        async with AgentInfra.start(
+            project=project,
+            services=["web"],
+            docker_host=docker_host,
+            config={
+                "services": {
+                    "web": http_service(volumes=[f"{folder}:/eng"], allow_docker_socket=True)
+                }
+            },
+        ) as infra:
+            container = infra.service("web").container_id or ""
+            assert "engine.socket" in docker("exec", container, "ls", "/eng")
+    finally:
+        subprocess.run(["umount", str(socket_path)], check=False)
+
+
+HOSTILE_COMPOSE = """
+services:
+  socket-folder:
+    image: busybox
+    volumes: ["/var/run:/host-run"]
+  rootless:
+    image: busybox
+    volumes: ["/run/user/1000:/xdg"]
+  everything:
+    image: busybox
+    cap_add: [ALL]
+  admin:
+    image: busybox
+    cap_add: [SYS_ADMIN]
+  host-root:
+    image: busybox
+    volumes: ["/:/host"]
+  privileged:
+    image: busybox
+    privileged: true
+"""
+
+
+def test_importing_a_hostile_compose_file_names_each_refusal(tmp_path: Path) -> None:
+    (tmp_path / "compose.yaml").write_text(HOSTILE_COMPOSE)
+    run = subprocess.run(
+        [DSPY_AGENT, "import", "compose.yaml"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 2, run.stderr
+    assert not (tmp_path / "dspy-agent.toml").exists()
+    for refusal in (
+        "services.socket-folder.volumes",
+        "services.rootless.volumes",
+        "services.everything.cap_add",
+        "services.admin.cap_add",
+        "services.host-root.volumes",
+    ):
+        assert refusal in run.stderr, (refusal, run.stderr)
+    assert "privileged" in run.stderr
+
+
+async def test_a_port_other_machines_reach_without_tls_is_warned_of_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="dspy_agent_infra")
+    config = {"orchestrator_addr": "0.0.0.0:0", "env_manager_addr": "127.0.0.1:0"}
+    async with AgentInfra.start(services=[], config=config) as infra:
+        warned = [r.getMessage() for r in caplog.records if "plain text" in r.getMessage()]
+        assert len(warned) == 1, warned
+        port = infra.orchestrator_addr.rpartition(":")[2]
+        assert f"0.0.0.0:{port}" in warned[0] and "[tls]" in warned[0]
+        assert infra.env_manager_addr not in warned[0]
+    caplog.clear()
+    async with AgentInfra.start(services=[], config={"orchestrator_addr": "127.0.0.1:0"}):
+        assert not [r for r in caplog.records if "plain text" in r.getMessage()]

@@ -1,10 +1,17 @@
 // The dashboard's page: one live view of the stack, fed by server-sent events (/api/events).
+// Signing in trades the token for a dashboard session, kept in sessionStorage (this scheme,
+// host and port only) and sent as a header; the token itself is never stored. Everything the
+// stack sends is put on the page as text, never as markup.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const ACTION = { "X-Dspy-Agent": "1" };
+const SESSION = "dspy-agent-session";
+let session = sessionStorage.getItem(SESSION);
 let tasks = new Map(); // task_id -> task, the rows on screen
 let logStream = null;
+let events = null;
+
+class SignedOut extends Error {}
 
 function el(tag, attrs, ...children) {
   const node = document.createElement(tag);
@@ -36,11 +43,48 @@ function ms(seconds) {
   return seconds < 1 ? `${(seconds * 1000).toFixed(1)} ms` : `${seconds.toFixed(2)} s`;
 }
 
-async function call(method, url) {
-  const r = await fetch(url, { method, headers: ACTION, credentials: "same-origin" });
-  if (r.status === 401) location.reload();
+// A call of the dashboard's API with this page's session; a refused session signs out.
+async function call(method, url, body) {
+  const headers = session ? { "X-Dspy-Agent-Session": session } : {};
+  if (body !== undefined) headers["Content-Type"] = "application/json";
+  const r = await fetch(url, {
+    method, headers, credentials: "omit", cache: "no-store",
+    body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  if (r.status === 401) {
+    signedOut("");
+    throw new SignedOut();
+  }
   if (!r.ok) throw new Error(await r.text());
   return r;
+}
+
+// A stream of server-sent events: an EventSource cannot send a header, so it opens with a
+// one-use ticket, and asks for a new one whenever it has to connect again.
+function stream(url, handlers, onState) {
+  let source = null;
+  let closed = false;
+  const open = async () => {
+    if (closed) return;
+    let ticket;
+    try {
+      ticket = (await (await call("POST", "/api/tickets")).json()).ticket;
+    } catch (e) {
+      if (!(e instanceof SignedOut)) setTimeout(open, 2000);
+      return;
+    }
+    if (closed) return;
+    source = new EventSource(`${url}?ticket=${encodeURIComponent(ticket)}`);
+    source.addEventListener("open", () => onState && onState(true));
+    source.addEventListener("error", () => {
+      onState && onState(false);
+      source.close();
+      setTimeout(open, 1000);
+    });
+    for (const [name, f] of Object.entries(handlers)) source.addEventListener(name, f);
+  };
+  open();
+  return { close: () => { closed = true; if (source) source.close(); } };
 }
 
 // ---- services -------------------------------------------------------------------------------
@@ -82,10 +126,11 @@ async function showLogs(name) {
   $("logs-title").textContent = `${name}: live output`;
   const text = $("logs-text");
   text.textContent = "";
-  logStream = new EventSource(`/api/services/${encodeURIComponent(name)}/logs/stream`);
-  logStream.addEventListener("log", (e) => {
-    text.textContent += e.data + "\n";
-    text.scrollTop = text.scrollHeight;
+  logStream = stream(`/api/services/${encodeURIComponent(name)}/logs/stream`, {
+    log: (e) => {
+      text.textContent += e.data + "\n";
+      text.scrollTop = text.scrollHeight;
+    },
   });
 }
 
@@ -140,8 +185,7 @@ function renderTasks() {
 
 async function loadTasks() {
   const q = new URLSearchParams({ state: $("filter-state").value, type: $("filter-type").value, limit: "50" });
-  const r = await fetch(`/api/tasks?${q}`, { credentials: "same-origin" });
-  if (!r.ok) return;
+  const r = await call("GET", `/api/tasks?${q}`);
   tasks = new Map((await r.json()).map((t) => [t.task_id, t]));
   renderTasks();
 }
@@ -154,9 +198,7 @@ async function act(t, action) {
 }
 
 async function showTask(id) {
-  const r = await fetch(`/api/tasks/${encodeURIComponent(id)}`, { credentials: "same-origin" });
-  if (!r.ok) return;
-  const t = await r.json();
+  const t = await (await call("GET", `/api/tasks/${encodeURIComponent(id)}`)).json();
   $("detail").hidden = false;
   $("detail-title").textContent = t.task_id;
   const when = (v) => (v ? new Date(v).toLocaleString() : "-");
@@ -182,7 +224,11 @@ function renderThroughput(points) {
   const max = Math.max(1, ...points.map((p) => p.per_second));
   const step = points.length > 1 ? 360 / (points.length - 1) : 360;
   const line = points.map((p, i) => `${(i * step).toFixed(1)},${(78 - (p.per_second / max) * 74).toFixed(1)}`).join(" ");
-  svg.innerHTML = points.length ? `<polyline fill="none" stroke="#2f5fb3" stroke-width="1.5" points="${line}"/>` : "";
+  const polyline = document.createElementNS("http://www.w3.org/2000/svg", "polyline");
+  for (const [k, v] of [["fill", "none"], ["stroke", "#2f5fb3"], ["stroke-width", "1.5"], ["points", line]]) {
+    polyline.setAttribute(k, v);
+  }
+  svg.replaceChildren(...(points.length ? [polyline] : []));
   const last = points[points.length - 1];
   $("throughput-now").textContent = last
     ? `${last.per_second.toFixed(1)} tasks/s now, ${max.toFixed(1)}/s at most over the last ${Math.round(points.length * 5 / 60)} min`
@@ -217,15 +263,75 @@ function render(state) {
 }
 
 function connect() {
-  const events = new EventSource("/api/events");
-  events.addEventListener("open", () => { $("live").textContent = "live"; $("live").className = "badge live"; });
-  events.addEventListener("error", () => { $("live").textContent = "reconnecting…"; $("live").className = "badge down"; });
-  events.addEventListener("state", (e) => render(JSON.parse(e.data)));
-  events.addEventListener("tasks", (e) => {
-    for (const t of JSON.parse(e.data)) tasks.set(t.task_id, t);
-    renderTasks();
+  events = stream("/api/events", {
+    state: (e) => render(JSON.parse(e.data)),
+    tasks: (e) => {
+      for (const t of JSON.parse(e.data)) tasks.set(t.task_id, t);
+      renderTasks();
+    },
+  }, (up) => {
+    $("live").textContent = up ? "live" : "reconnecting…";
+    $("live").className = up ? "badge live" : "badge down";
   });
 }
 
-loadTasks();
-connect();
+// ---- signing in and out ---------------------------------------------------------------------
+
+function signedOut(message) {
+  session = null;
+  sessionStorage.removeItem(SESSION);
+  for (const s of [events, logStream]) if (s) s.close();
+  events = logStream = null;
+  $("dashboard").hidden = true;
+  $("login").hidden = false;
+  $("login-error").textContent = message;
+  $("token").focus();
+}
+
+async function signIn(token) {
+  const r = await fetch("/api/session", {
+    method: "POST", credentials: "omit", cache: "no-store",
+    headers: { "Content-Type": "application/json" }, body: JSON.stringify({ token }),
+  });
+  const answer = await r.json().catch(() => ({ error: `the stack answered ${r.status}` }));
+  if (!r.ok) return answer.error;
+  session = answer.session;
+  sessionStorage.setItem(SESSION, session);
+  return null;
+}
+
+function signedIn() {
+  $("login").hidden = true;
+  $("dashboard").hidden = false;
+  loadTasks().catch(() => {});
+  connect();
+}
+
+$("login").addEventListener("submit", async (e) => {
+  e.preventDefault();
+  const field = $("token");
+  const error = await signIn(field.value.trim());
+  field.value = "";
+  if (error) signedOut(error);
+  else signedIn();
+});
+
+$("sign-out").addEventListener("click", async () => {
+  await call("DELETE", "/api/session").catch(() => {});
+  signedOut("");
+});
+
+// A stack that asks for no token signs the page in at once; otherwise a session kept from
+// before this load is tried, else the form is shown.
+(async () => {
+  if (!session && (await signIn(""))) {
+    signedOut("");
+    return;
+  }
+  try {
+    await call("GET", "/api/state");
+    signedIn();
+  } catch (e) {
+    if (!(e instanceof SignedOut)) signedOut(String(e));
+  }
+})();

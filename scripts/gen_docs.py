@@ -27,23 +27,6 @@ from dspy_agent_infra import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-CLI_COMMANDS = [
-    [],
-    ["start"],
-    ["stop"],
-    ["status"],
-    ["logs"],
-    ["restart"],
-    ["config"],
-    ["tasks"],
-    ["tasks", "submit"],
-    ["tasks", "status"],
-    ["tasks", "list"],
-    ["tasks", "watch"],
-    ["tasks", "cancel"],
-]
-
-
 def doc(obj: Any) -> str:
     text = inspect.getdoc(obj) or ""
     return text.strip()
@@ -146,20 +129,67 @@ def api() -> str:
     return "\n".join(out).rstrip() + "\n"
 
 
-def cli() -> str:
+def cli_help(*args: str) -> str:
     command = Path(sys.executable).parent / "dspy-agent"
+    return subprocess.run(
+        [str(command), *args, "--help"], capture_output=True, text=True, check=True
+    ).stdout
+
+
+def subcommands(help_text: str) -> list[str]:
+    """The commands a `--help` lists under "Commands:" (clap's own tree), but `help`."""
+    names: list[str] = []
+    listing = False
+    for line in help_text.splitlines():
+        if line == "Commands:":
+            listing = True
+        elif listing and not line.strip():
+            break
+        elif listing and line.startswith("  ") and not line.startswith("   "):
+            name = line.split()[0]
+            if name != "help":
+                names.append(name)
+    return names
+
+
+def command_tree(*args: str) -> list[tuple[list[str], str]]:
+    """Every command, depth first from `args`, with its help: new commands are found, never
+    listed by hand."""
+    text = cli_help(*args)
+    found = [(list(args), text)]
+    for name in subcommands(text):
+        found += command_tree(*args, name)
+    return found
+
+
+def undocumented(help_text: str) -> list[str]:
+    """The options and arguments of a `--help` printed without a line saying what they do."""
+    missing = []
+    section = ""
+    for line in help_text.splitlines():
+        if line in ("Options:", "Arguments:"):
+            section = line
+        elif not line.strip():
+            section = ""
+        elif section and line.startswith("  ") and not line.startswith("          "):
+            entry = line.strip()
+            # clap puts the help two or more spaces after the flag, or on the next lines.
+            if "  " not in entry:
+                missing.append(entry)
+    return missing
+
+
+def cli() -> str:
     out = [
         "# Command line",
         "",
-        "Generated from `dspy-agent --help` by `python scripts/gen_docs.py`; do not edit by hand.",
+        "Generated from `dspy-agent --help` by `python scripts/gen_docs.py`: every command of",
+        "the command tree, as its own `--help` prints it; do not edit by hand.",
         "Exit codes: 0 done, 1 failed, 2 bad usage or configuration, 3 not running.",
         "",
     ]
-    for args in CLI_COMMANDS:
+    for args, text in command_tree():
         shown = " ".join(["dspy-agent", *args])
-        text = subprocess.run(
-            [str(command), *args, "--help"], capture_output=True, text=True, check=True
-        ).stdout
         out += [f"## `{shown}`", "", "```text", text.rstrip(), "```", ""]
     return "\n".join(out).rstrip() + "\n"
 
@@ -175,10 +205,16 @@ def main() -> int:
                 stale.append(path.name)
         else:
             path.write_text(text)
+    bare = [
+        f"dspy-agent {' '.join(args)}: {entry}"
+        for args, text in command_tree()
+        for entry in undocumented(text)
+    ]
     if stale:
         print(f"stale: {', '.join(stale)}; run python scripts/gen_docs.py", file=sys.stderr)
-        return 1
-    return 0
+    if bare:
+        print("without a help line (add a /// comment):\n  " + "\n  ".join(bare), file=sys.stderr)
+    return 1 if stale or bare else 0
 
 
 if __name__ == "__main__":

@@ -201,6 +201,25 @@ impl Metrics {
     }
 
     /// Everything, in the Prometheus text format.
+    /// Shows every per-type family of `task_type` at zero from now on: a scrape (and a
+    /// `rate()` or `increase()` over it) then sees the type before its first event.
+    pub fn know_task_type(&self, task_type: &str) {
+        let labels = [task_type];
+        for counter in [
+            &self.tasks_submitted,
+            &self.tasks_started,
+            &self.tasks_completed,
+            &self.tasks_failed,
+            &self.tasks_retried,
+            &self.tasks_cancelled,
+            &self.lease_expiries,
+        ] {
+            counter.with_label_values(&labels);
+        }
+        self.task_run_seconds.with_label_values(&labels);
+        self.task_wait_seconds.with_label_values(&labels);
+    }
+
     pub fn render(&self) -> String {
         let mut out = Vec::new();
         TextEncoder::new()
@@ -213,6 +232,25 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_known_type_is_shown_at_zero_before_its_first_event() {
+        let m = Metrics::new();
+        m.know_task_type("train");
+        let text = m.render();
+        for family in [
+            "submitted_total",
+            "started_total",
+            "completed_total",
+            "failed_total",
+            "retried_total",
+            "cancelled_total",
+        ] {
+            let line = format!("dspy_agent_tasks_{family}{{task_type=\"train\"}} 0");
+            assert!(text.contains(&line), "{line} missing from:\n{text}");
+        }
+        assert!(text.contains("dspy_agent_task_run_seconds_count{task_type=\"train\"} 0"));
+    }
 
     #[test]
     fn every_family_has_help_and_type_and_the_prefix() {

@@ -77,11 +77,16 @@ enum Cmd {
     },
     /// Show each service's state, health, ports, container and uptime
     Status {
+        /// Print JSON instead of a table
         #[arg(long)]
         json: bool,
     },
     /// Show service output (all services, or one; "env-manager" is the daemon's own log)
     Logs {
+        /// Only this service's output (also written `--service NAME`)
+        #[arg(value_name = "SERVICE", conflicts_with = "service")]
+        name: Option<String>,
+        /// Only this service's output
         #[arg(long, short = 's')]
         service: Option<String>,
         /// Keep following new output
@@ -95,7 +100,10 @@ enum Cmd {
         since: Option<String>,
     },
     /// Restart one service and wait until it is healthy again
-    Restart { service: String },
+    Restart {
+        /// The service to restart
+        service: String,
+    },
     /// Create, show or check the configuration
     #[command(subcommand)]
     Config(ConfigCmd),
@@ -190,7 +198,9 @@ enum TasksCmd {
     Submit(SubmitArgs),
     /// Print a task's state, result and error
     Status {
+        /// The task's id
         task_id: String,
+        /// Print JSON instead of text
         #[arg(long)]
         json: bool,
     },
@@ -199,17 +209,26 @@ enum TasksCmd {
         /// pending, running, completed, failed or cancelled
         #[arg(long)]
         state: Option<String>,
+        /// Only tasks of this type
         #[arg(long = "type", value_name = "TYPE")]
         task_type: Option<String>,
+        /// Most tasks listed
         #[arg(long, default_value_t = 50)]
         limit: u32,
+        /// Print JSON instead of a table
         #[arg(long)]
         json: bool,
     },
     /// Print every state change of the given tasks (all tasks when none are given)
-    Watch { task_ids: Vec<String> },
+    Watch {
+        /// The tasks to follow (all when none are given)
+        task_ids: Vec<String>,
+    },
     /// Cancel a pending or running task
-    Cancel { task_id: String },
+    Cancel {
+        /// The task's id
+        task_id: String,
+    },
     /// Delete finished tasks (completed, failed, cancelled) older than a duration
     Prune {
         /// A duration: "1h", "7d", "30m"; "0s" deletes every finished task
@@ -220,17 +239,20 @@ enum TasksCmd {
 
 #[derive(Args)]
 struct SubmitArgs {
+    /// The task's type: a built-in one (ping, echo, exec, http) or one a handler serves
     task_type: String,
     /// The payload (JSON or any text); "-" reads it from stdin
     payload: Option<String>,
     /// Task id (default: a new unique one)
     #[arg(long)]
     id: Option<String>,
+    /// Higher runs first among waiting tasks of its type
     #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     priority: i32,
     /// Seconds before an attempt is cancelled
     #[arg(long)]
     timeout: Option<f64>,
+    /// Attempts after a failed one
     #[arg(long, default_value_t = 0)]
     retries: u32,
     /// KEY=VALUE, repeatable
@@ -239,6 +261,10 @@ struct SubmitArgs {
     /// Wait for the task to finish and print its result
     #[arg(long)]
     wait: bool,
+    /// With --wait: give up after this long (a duration: "30s", "10m"); exit 1 with the task's
+    /// state then
+    #[arg(long, value_name = "DURATION", requires = "wait")]
+    wait_timeout: Option<String>,
 }
 
 /// A failure to report: the message and the exit code.
@@ -315,11 +341,12 @@ async fn run(cli: Cli, mut options: LoadOptions, launcher: Launcher) -> Result<i
         Cmd::Stop { timeout } => stop(options, timeout).await,
         Cmd::Status { json } => status(options, json).await,
         Cmd::Logs {
+            name,
             service,
             follow,
             tail,
             since,
-        } => logs(options, service, follow, tail.unwrap_or(0), since).await,
+        } => logs(options, name.or(service), follow, tail.unwrap_or(0), since).await,
         Cmd::Restart { service } => restart(options, service).await,
         Cmd::Config(c) => config(options, c),
         Cmd::Tasks(t) => tasks(options, t).await,

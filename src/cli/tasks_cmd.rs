@@ -45,21 +45,57 @@ pub(super) async fn tasks(options: LoadOptions, command: TasksCmd) -> Result<i32
                 timeout,
                 max_retries: a.retries,
             };
+            let wait_timeout = a
+                .wait_timeout
+                .as_deref()
+                .map(|t| crate::config::spec::parse_duration("--wait-timeout", t))
+                .transpose()?;
             let task_id = task.task_id.clone();
-            tasks
+            let task_type = task.task_type.clone();
+            let submitted = tasks
                 .submit(task)
                 .await
                 .map_err(|s| rpc_failure("submit", s))?;
+            if submitted.duplicate {
+                eprintln!(
+                    "note: task {task_id} was already submitted with the same content; this is that task"
+                );
+            }
             if !a.wait {
                 println!("{task_id}");
                 return Ok(EXIT_OK);
             }
-            let done = tasks
-                .wait(&task_id, None)
+            // A type nothing serves yet (declared, or served by a worker still to come) waits
+            // without a word otherwise.
+            let served = tasks
+                .metrics()
+                .await
+                .map(|m| m.task_types.contains(&task_type))
+                .unwrap_or(true);
+            if !served {
+                eprintln!(
+                    "pending: nothing serves {task_type:?} yet; the task runs once a handler or worker for it attaches (--wait-timeout gives up waiting)"
+                );
+            }
+            match tasks
+                .wait(&task_id, wait_timeout)
                 .await
                 .map_err(|s| rpc_failure("wait", s))?
-                .ok_or_else(|| fail("the orchestrator went away before the task finished"))?;
-            Ok(print_task(&done, false))
+            {
+                Some(done) => Ok(print_task(&done, false)),
+                // Only a wait with a timeout ends without the task.
+                None => {
+                    let state = tasks
+                        .get(&task_id)
+                        .await
+                        .map(|t| t.state.as_str().to_string())
+                        .unwrap_or_else(|_| "unknown".into());
+                    Err(fail(format!(
+                        "task {task_id} is still {state} after --wait-timeout {}; `dspy-agent tasks watch {task_id}` follows it",
+                        a.wait_timeout.unwrap_or_default()
+                    )))
+                }
+            }
         }
         TasksCmd::Status { task_id, json } => {
             let t = tasks

@@ -14,6 +14,7 @@ mod error;
 pub mod graph;
 pub mod host_access;
 pub mod spec;
+mod unknown_keys;
 
 pub use error::ConfigError;
 use spec::{Condition, HealthCheck, MountKind, Probe, Resources, RunOptions, ServiceSpec};
@@ -572,11 +573,34 @@ impl Config {
 
     /// Every problem of the configuration, not only the first: each service (enabled or not),
     /// the addresses, the task settings and the dependency graph are checked on their own.
+    /// A file's unknown keys are each one problem: the rest of the file is checked without
+    /// them.
     pub fn problems(options: &LoadOptions) -> Vec<ConfigError> {
-        match layered(options) {
-            Ok(l) => problems_of(l, &options.env),
-            Err(e) => vec![e],
+        let file = Config::file_for(options);
+        let text = match &file {
+            Some(path) => match std::fs::read_to_string(path) {
+                Ok(text) => Some((path.display().to_string(), text)),
+                Err(e) => {
+                    return vec![ConfigError::Read {
+                        path: path.clone(),
+                        message: e.to_string(),
+                    }]
+                }
+            },
+            None => None,
+        };
+        let (mut found, cleaned) = match &text {
+            Some((path, text)) => {
+                let (unknown, cleaned) = unknown_keys::without_unknown_keys(path, text);
+                (unknown, Some(cleaned))
+            }
+            None => (Vec::new(), None),
+        };
+        match layered_from(options, file, cleaned.as_deref()) {
+            Ok(l) => found.extend(problems_of(l, &options.env)),
+            Err(e) => found.push(e),
         }
+        found
     }
 
     /// Every problem of `layer` taken alone, as the only layer (the built-in services
@@ -698,14 +722,29 @@ fn problems_of(l: Layered, env: &BTreeMap<String, String>) -> Vec<ConfigError> {
 }
 
 fn layered(options: &LoadOptions) -> Result<Layered, ConfigError> {
-    let file = Config::file_for(options);
+    layered_from(options, Config::file_for(options), None)
+}
+
+/// The layers of `options` with the config `file`, read from disk unless its `text` is given.
+fn layered_from(
+    options: &LoadOptions,
+    file: Option<PathBuf>,
+    text: Option<&str>,
+) -> Result<Layered, ConfigError> {
     let file_layer = match &file {
         Some(path) => {
-            let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
-                path: path.clone(),
-                message: e.to_string(),
-            })?;
-            Some(ConfigLayer::from_toml(&path.display().to_string(), &text)?)
+            let read;
+            let text = match text {
+                Some(t) => t,
+                None => {
+                    read = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+                        path: path.clone(),
+                        message: e.to_string(),
+                    })?;
+                    &read
+                }
+            };
+            Some(ConfigLayer::from_toml(&path.display().to_string(), text)?)
         }
         None => None,
     };

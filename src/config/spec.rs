@@ -418,28 +418,47 @@ pub fn parse_mount(
     })
 }
 
-/// Parses "250ms", "2s", "1.5s", "3m", "1h", or a bare number of seconds.
+/// Parses a duration: a number with a unit (`ms`, `s`, `m`, `h`, `d`, `w`; none is seconds),
+/// or several in a row, largest first as Go and Compose write them: "250ms", "5s", "1.5m",
+/// "1m30s", "7d", "2w".
 pub fn parse_duration(field: &str, text: &str) -> Result<Duration, ConfigError> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let scale = match unit.trim() {
-        "ms" => 0.001,
-        "" | "s" => 1.0,
-        "m" => 60.0,
-        "h" => 3600.0,
-        _ => f64::NAN,
-    };
-    match number.parse::<f64>() {
-        Ok(n) if scale.is_finite() && n.is_finite() && n >= 0.0 && n * scale < 1e9 => {
-            Ok(Duration::from_secs_f64(n * scale))
-        }
-        _ => Err(ConfigError::invalid(
+    let bad = || {
+        ConfigError::invalid(
             field,
-            format!("{text:?} is not a duration; write for example \"250ms\", \"5s\" or \"2m\""),
-        )),
+            format!("{text:?} is not a duration; write for example \"250ms\", \"5s\", \"2m\", \"1h30m\" or \"7d\""),
+        )
+    };
+    let mut rest = text.trim();
+    if rest.is_empty() {
+        return Err(bad());
+    }
+    let mut seconds = 0.0;
+    while !rest.is_empty() {
+        let split = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
+        let (number, after) = rest.split_at(split);
+        let unit_len = after
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(after.len());
+        let (unit, next) = after.split_at(unit_len);
+        let scale = match unit.trim() {
+            "ms" => 0.001,
+            "" | "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            "d" => 86_400.0,
+            "w" => 604_800.0,
+            _ => return Err(bad()),
+        };
+        let n: f64 = number.parse().map_err(|_| bad())?;
+        seconds += n * scale;
+        rest = next.trim_start();
+    }
+    if seconds.is_finite() && (0.0..1e10).contains(&seconds) {
+        Ok(Duration::from_secs_f64(seconds))
+    } else {
+        Err(bad())
     }
 }
 
@@ -680,7 +699,32 @@ mod tests {
         );
         assert_eq!(parse_duration("f", "2m").unwrap(), Duration::from_secs(120));
         assert_eq!(parse_duration("f", "3").unwrap(), Duration::from_secs(3));
-        for bad in ["", "-1s", "5 parsecs", "1e999", "ms"] {
+        assert_eq!(
+            parse_duration("f", "7d").unwrap(),
+            Duration::from_secs(7 * 86_400)
+        );
+        assert_eq!(
+            parse_duration("f", "2w").unwrap(),
+            Duration::from_secs(14 * 86_400)
+        );
+        assert_eq!(
+            parse_duration("f", "1h30m").unwrap(),
+            Duration::from_secs(5400)
+        );
+        assert_eq!(
+            parse_duration("f", "1m 30s").unwrap(),
+            Duration::from_secs(90)
+        );
+        for bad in [
+            "",
+            "-1s",
+            "5 parsecs",
+            "1e999",
+            "ms",
+            "1x",
+            "3d-1h",
+            "99999w",
+        ] {
             assert!(parse_duration("f", bad).is_err(), "{bad}");
         }
         assert_eq!(parse_memory("f", "512m").unwrap(), 512 * 1024 * 1024);

@@ -330,9 +330,11 @@ impl pb::env_manager_service_server::EnvManagerService for EnvManager {
         }
         let (sup, _) = self.chosen(&r.services)?;
         let named: BTreeSet<&String> = r.services.iter().collect();
+        // Dependents first, as the stop goes (the snapshot is in start order).
         let stopped: Vec<String> = sup
             .snapshot()
             .into_iter()
+            .rev()
             .filter(|s| s.container_id.is_some() && (named.is_empty() || named.contains(&s.name)))
             .map(|s| s.name)
             .collect();

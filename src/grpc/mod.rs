@@ -46,7 +46,7 @@ pub const MAX_MESSAGE_BYTES: usize = MAX_PAYLOAD_BYTES + 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GrpcError {
-    #[error("cannot serve the {what} gRPC port on {addr}: {message}. Set {env_var} (or {config_key} in dspy-agent.toml) to another address; port 0 picks any free port")]
+    #[error("cannot serve the {what} gRPC port on {addr}: {message}. Set {env_var} (or {config_key} in dspy-agent.toml) to another address; port 0 picks any free port (a second stack on this machine needs all three ports of its own: ORCHESTRATOR_GRPC_ADDR, ENV_MANAGER_GRPC_ADDR and DSPY_AGENT_HTTP_ADDR)")]
     Bind {
         what: &'static str,
         addr: String,

@@ -51,7 +51,7 @@ pub struct Sources {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("cannot serve HTTP on {addr:?}: {message}. Set DSPY_AGENT_HTTP_ADDR (http_addr in dspy-agent.toml) to a free address, or port 0 for any free port")]
+#[error("cannot serve HTTP on {addr:?}: {message}. Set DSPY_AGENT_HTTP_ADDR (http_addr in dspy-agent.toml) to a free address, or port 0 for any free port (a second stack on this machine needs all three ports of its own: ORCHESTRATOR_GRPC_ADDR, ENV_MANAGER_GRPC_ADDR and DSPY_AGENT_HTTP_ADDR)")]
 pub struct BindError {
     pub addr: String,
     pub message: String,

@@ -25,7 +25,7 @@ const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AttachError {
-    #[error("an orchestrator of project {found:?} already listens on {addr}, not one of project {wanted:?}. Use project {found:?}, or set ORCHESTRATOR_GRPC_ADDR (orchestrator_addr) to another address")]
+    #[error("an orchestrator of project {found:?} already listens on {addr}, not one of project {wanted:?}. Use project {found:?}, or give project {wanted:?} ports of its own, all three: ORCHESTRATOR_GRPC_ADDR, ENV_MANAGER_GRPC_ADDR and DSPY_AGENT_HTTP_ADDR (orchestrator_addr, env_manager_addr and http_addr in dspy-agent.toml), \"127.0.0.1:0\" each for any free port")]
     OtherProject {
         addr: String,
         found: String,

@@ -88,8 +88,8 @@ impl Handler for Builtin {
 }
 
 /// The result of a command that ran to its end: `{"exit_code", "stdout", "stderr"}` when it
-/// exited 0; otherwise the attempt fails with the code and the output's last lines (stderr, or
-/// stdout when stderr is empty).
+/// exited 0; otherwise the attempt fails with the code and the last lines of both streams
+/// ("(no output)" when it printed nothing).
 fn command_result(
     what: &str,
     exit_code: i64,
@@ -97,17 +97,21 @@ fn command_result(
     stderr: &str,
 ) -> Result<Vec<u8>, String> {
     if exit_code != 0 {
-        let output = if stderr.trim().is_empty() {
-            stdout
-        } else {
-            stderr
+        let tail = |output: &str| {
+            let lines: Vec<&str> = output.trim_end().lines().collect();
+            lines[lines.len().saturating_sub(10)..].join("\n")
         };
-        let tail: Vec<&str> = output.lines().rev().take(10).collect();
-        let tail: Vec<&str> = tail.into_iter().rev().collect();
-        return Err(format!(
-            "{what} exited with code {exit_code}: {}",
-            tail.join("\n")
-        ));
+        let shown: Vec<String> = [("stdout", stdout), ("stderr", stderr)]
+            .into_iter()
+            .filter(|(_, output)| !output.trim().is_empty())
+            .map(|(name, output)| format!("--- {name} ---\n{}", tail(output)))
+            .collect();
+        let output = if shown.is_empty() {
+            "(no output)".to_string()
+        } else {
+            format!("\n{}", shown.join("\n"))
+        };
+        return Err(format!("{what} exited with code {exit_code}: {output}"));
     }
     Ok(serde_json::to_vec(&serde_json::json!({
         "exit_code": exit_code,
@@ -270,5 +274,28 @@ impl Handler for Http {
                 ))
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_command_shows_both_streams_or_says_it_printed_nothing() {
+        let both = command_result("the command", 3, "made 2 files\n", "disk full\n").unwrap_err();
+        assert_eq!(
+            both,
+            "the command exited with code 3: \n--- stdout ---\nmade 2 files\n--- stderr ---\ndisk full"
+        );
+        let quiet = command_result("container", 1, "", " \n").unwrap_err();
+        assert_eq!(quiet, "container exited with code 1: (no output)");
+        let long: String = (1..=30).map(|i| format!("line {i}\n")).collect();
+        let tail = command_result("the command", 2, &long, "").unwrap_err();
+        assert!(
+            tail.contains("line 21\n") && !tail.contains("line 20\n"),
+            "{tail}"
+        );
+        assert!(command_result("the command", 0, "ok", "").is_ok());
     }
 }

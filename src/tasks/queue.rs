@@ -158,6 +158,7 @@ impl TaskQueue {
         ));
         crate::util::write(&self.inner.handlers)
             .insert(task_type.to_string(), Registered { handler, slots });
+        self.inner.metrics.know_task_type(task_type);
         self.inner.wake.notify_one();
     }
 
@@ -351,6 +352,9 @@ impl TaskQueue {
     pub fn declare(&self, types: &BTreeMap<String, TaskType>) -> Result<(), TaskError> {
         for name in types.keys() {
             crate::tasks::model::validate_task_type(name)?;
+        }
+        for name in types.keys() {
+            self.inner.metrics.know_task_type(name);
         }
         crate::util::write(&self.inner.declared).extend(types.clone());
         Ok(())

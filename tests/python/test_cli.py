@@ -80,6 +80,9 @@ def state_dir() -> Path:
 
 
 def test_a_whole_session(workdir: Path, project: str) -> None:
+    # A type accepted before anything serves it.
+    with (workdir / "dspy-agent.toml").open("a") as config:
+        config.write("\n[tasks.types.later]\n")
     started = run("start")
     assert started.returncode == 0, started.stderr
     assert "all 3 services healthy" in started.stdout
@@ -141,6 +144,16 @@ def test_a_whole_session(workdir: Path, project: str) -> None:
     assert info["status"] == "completed" and info["result"] == {"x": 1}
     listed = run("tasks", "list", "--json", "--state", "completed")
     assert {t["task_id"] for t in json.loads(listed.stdout)} == {"cli-1", "cli-2"}
+    again = run("tasks", "submit", "echo", '{"x": 1}', "--id", "cli-1")
+    assert again.returncode == 0 and "already submitted with the same content" in again.stderr
+    # Nothing serves "later": the wait says so, and gives up when told.
+    pending = run("tasks", "submit", "later", "--id", "cli-3", "--wait", "--wait-timeout", "1s")
+    assert pending.returncode == 1, pending
+    assert 'nothing serves "later" yet' in pending.stderr
+    assert "still PENDING after --wait-timeout 1s" in pending.stderr, pending.stderr
+    # The service is named as users type it, too.
+    positional = run("logs", "redis", "--tail", "2")
+    assert positional.returncode == 0 and "Ready to accept connections" in positional.stdout
 
     restarted = run("restart", "reddb")
     assert restarted.returncode == 0 and "healthy" in restarted.stdout
@@ -153,6 +166,9 @@ def test_a_whole_session(workdir: Path, project: str) -> None:
     stopped = run("stop")
     assert stopped.returncode == 0, stopped.stderr
     assert containers(project) == []
+    # Listed in the order they stop: redis, which the others depend on, last.
+    order = [line.split()[1] for line in stopped.stdout.splitlines() if line.startswith("stopped ")]
+    assert sorted(order) == ["infermesh", "reddb", "redis"] and order[-1] == "redis", order
     assert not pid_alive(daemon_pid) and daemon_pids(project) == []
     assert not (state_dir() / "daemon.pid").exists()
 
@@ -317,6 +333,25 @@ def test_config_commands(workdir: Path) -> None:
     assert len(problems) == 4, checked.stderr
     assert where == {"1", "4", "7", "10"}
     assert "4 problems found" in checked.stderr
+
+    # Unknown keys and bad values together: every one in one run, each at its line.
+    (workdir / "dspy-agent.toml").write_text(
+        'projekt = "p"\n'
+        "[tasks]\n"
+        "max_retries = 2\n"
+        'retention = "soon"\n'
+        "[services.redis]\n"
+        'imag = "redis:7"\n'
+        'ports = ["lots"]\n'
+        "[services.reddb.resources]\n"
+        'memroy = "1g"\n'
+    )
+    several = run("config", "validate")
+    assert several.returncode == 2
+    assert "6 problems found" in several.stderr, several.stderr
+    for key, line in (("projekt", 1), ("max_retries", 3), ("imag", 6), ("memroy", 9)):
+        assert f"line {line}" in several.stderr and key in several.stderr, (key, several.stderr)
+    assert "tasks.retention" in several.stderr and "services.redis.ports" in several.stderr
 
     (workdir / "dspy-agent.toml").write_text("[services.redis\n")
     broken = run("config", "validate")

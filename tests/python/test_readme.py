@@ -29,9 +29,77 @@ def test_readme_examples_pass_mypy_strict(tmp_path: Path) -> None:
 
 
 def test_the_generated_references_are_current() -> None:
+    """docs/CLI.md holds every command of the command tree, each flag with a help line."""
     result = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "gen_docs.py"), "--check"],
         capture_output=True,
         text=True,
     )
     assert result.returncode == 0, result.stderr
+    cli = (ROOT / "docs" / "CLI.md").read_text()
+    for command in (
+        "import", "export kubernetes", "token", "dashboard", "version", "config init",
+        "config show", "config validate", "tasks prune", "tasks submit",
+    ):  # fmt: skip
+        assert f"## `dspy-agent {command}`" in cli, command
+
+
+# A duration as the docs write one: "250ms", "30s", "7d", "1h30m".
+DURATION = re.compile(
+    r"(?<![\w.$/-])\d+(?:\.\d+)?(?:ms|[smhdw])(?:\d+(?:\.\d+)?(?:ms|[smhdw]))*(?![\w.])"
+)
+
+
+def test_every_duration_the_docs_show_parses(tmp_path: Path) -> None:
+    """Durations of the docs, the `config init` template and every `--help` (docs/CLI.md, kept
+    current by the test above) are all accepted where a duration is read."""
+    from test_cli import DSPY_AGENT
+
+    from dspy_agent_infra import AgentInfra
+
+    init = subprocess.run(
+        [DSPY_AGENT, "config", "init"], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert init.returncode == 0, init.stderr
+    texts = [(tmp_path / "dspy-agent.toml").read_text(), (ROOT / "README.md").read_text()]
+    texts += [p.read_text() for p in sorted((ROOT / "docs").glob("*.md"))]
+    found = {d for text in texts for d in DURATION.findall(text)}
+    assert {"7d", "30s", "250ms", "10m"} <= found, found
+    for duration in sorted(found):
+        # A duration without limits of its own: how long a service has to stop.
+        AgentInfra.start(
+            services=["redis"], config={"services": {"redis": {"stop_timeout": duration}}}
+        )
+    # The template's commented lines are the defaults: uncommented, they still load (all but
+    # the token, whose "..." stands for one of the user's own).
+    template = (tmp_path / "dspy-agent.toml").read_text()
+    setting = re.compile(r"# (\[[a-z_.]+\]|(?!token )[a-z_]+ = )")
+    uncommented = "\n".join(
+        line[2:] if setting.match(line) else line for line in template.splitlines()
+    )
+    (tmp_path / "dspy-agent.toml").write_text(uncommented)
+    check = subprocess.run(
+        [DSPY_AGENT, "config", "validate"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_every_toml_block_of_the_docs_validates(tmp_path: Path) -> None:
+    """Each `toml` block of README.md and docs/ is a whole dspy-agent.toml that
+    `config validate` accepts as it is written."""
+    from test_cli import DSPY_AGENT
+
+    blocks = [
+        (doc.name, i, block)
+        for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+        for i, block in enumerate(re.findall(r"```toml\n(.*?)```", doc.read_text(), re.DOTALL))
+    ]
+    assert len(blocks) >= 4
+    for name, i, block in blocks:
+        folder = tmp_path / f"{name}-{i}"
+        folder.mkdir()
+        (folder / "dspy-agent.toml").write_text(block)
+        check = subprocess.run(
+            [DSPY_AGENT, "config", "validate"], cwd=folder, capture_output=True, text=True
+        )
+        assert check.returncode == 0, (name, i, check.stderr)

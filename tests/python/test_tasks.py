@@ -418,11 +418,17 @@ async def test_exec_container_and_http_handlers(project: str) -> None:
         assert json.loads(done.result_payload) == {"exit_code": 0, "stdout": "ok\n", "stderr": ""}
         # A command that fails fails the attempt, as a failed one-off container does.
         await infra.submit_task(
-            "x-fail", "exec", {"service": "web", "command": ["sh", "-c", "echo why >&2; exit 3"]}
+            "x-fail",
+            "exec",
+            {"service": "web", "command": ["sh", "-c", "echo did half; echo why >&2; exit 3"]},
         )
         failed = await infra.wait_for_task("x-fail", timeout=30)
         assert failed.status == TaskStatus.FAILED
         assert "exited with code 3" in failed.error and "why" in failed.error
+        assert "did half" in failed.error, "stdout is shown too"
+        await infra.submit_task("x-quiet", "exec", {"service": "web", "command": ["false"]})
+        quiet = await infra.wait_for_task("x-quiet", timeout=30)
+        assert quiet.error is not None and quiet.error.endswith("(no output)"), quiet.error
 
         await infra.submit_task(
             "c",

@@ -204,7 +204,13 @@ impl Infra {
                 servers,
                 http_addr,
             }) => {
-                if let Err(e) = owner.record(&servers[0].addr.to_string()) {
+                let ports = crate::owner::Owner {
+                    pid: 0,
+                    addr: servers[0].addr.to_string(),
+                    env_manager_addr: servers[1].addr.to_string(),
+                    http_addr: http_addr.to_string(),
+                };
+                if let Err(e) = owner.record(ports) {
                     tracing::warn!(error = %e, "cannot record this stack's address in its owner lock; a second start of the project will not find it to attach");
                 }
                 let listed = announce(&config, &required, &servers);

@@ -17,12 +17,17 @@ use serde::{Deserialize, Serialize};
 use crate::engine::labels as docker_labels;
 
 /// The live owner of a project's stack.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Owner {
     pub pid: u32,
     /// Its orchestrator's address, where a second start can attach; empty while unknown.
     #[serde(default)]
     pub addr: String,
+    /// Its env-manager's and HTTP port's addresses, for the command line; empty while unknown.
+    #[serde(default)]
+    pub env_manager_addr: String,
+    #[serde(default)]
+    pub http_addr: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -65,10 +70,7 @@ impl OwnerLock {
         match file.try_lock() {
             Ok(()) => {}
             Err(TryLockError::WouldBlock) => {
-                let owner = read_owner(&mut file).unwrap_or(Owner {
-                    pid: 0,
-                    addr: String::new(),
-                });
+                let owner = read_owner(&mut file).unwrap_or_default();
                 return Err(OwnerError::InUse {
                     project: project.to_string(),
                     owner,
@@ -77,15 +79,16 @@ impl OwnerLock {
             Err(TryLockError::Error(e)) => return Err(io(e)),
         }
         let mut lock = OwnerLock { file };
-        lock.record("").map_err(io)?;
+        lock.record(Owner::default()).map_err(io)?;
         Ok(lock)
     }
 
-    /// Writes this process's pid and orchestrator address for a second start to find.
-    pub fn record(&mut self, addr: &str) -> std::io::Result<()> {
+    /// Writes this process's pid and the addresses of `ports` for a second start, and the
+    /// command line, to find.
+    pub fn record(&mut self, ports: Owner) -> std::io::Result<()> {
         let owner = Owner {
             pid: std::process::id(),
-            addr: addr.to_string(),
+            ..ports
         };
         let text = serde_json::to_vec(&owner).map_err(std::io::Error::other)?;
         self.file.set_len(0)?;
@@ -101,10 +104,7 @@ pub fn holder(state_dir: &Path) -> Option<Owner> {
     let mut file = File::open(lock_path(state_dir)).ok()?;
     match file.try_lock_shared() {
         Ok(()) => None,
-        Err(TryLockError::WouldBlock) => Some(read_owner(&mut file).unwrap_or(Owner {
-            pid: 0,
-            addr: String::new(),
-        })),
+        Err(TryLockError::WouldBlock) => Some(read_owner(&mut file).unwrap_or_default()),
         Err(TryLockError::Error(_)) => None,
     }
 }
@@ -125,6 +125,7 @@ pub fn live_creator(labels: &BTreeMap<String, String>, docker_host: &str) -> Opt
             .get(docker_labels::OWNER_ADDR)
             .cloned()
             .unwrap_or_default(),
+        ..Owner::default()
     })
 }
 
@@ -143,7 +144,13 @@ mod tests {
     fn a_second_lock_names_the_first_owner() {
         let dir = tempfile::tempdir().unwrap();
         let mut first = OwnerLock::acquire(dir.path(), "p").unwrap();
-        first.record("127.0.0.1:50052").unwrap();
+        first
+            .record(Owner {
+                addr: "127.0.0.1:50052".into(),
+                env_manager_addr: "127.0.0.1:50051".into(),
+                ..Owner::default()
+            })
+            .unwrap();
         match OwnerLock::acquire(dir.path(), "p") {
             Err(OwnerError::InUse { owner, project }) => {
                 assert_eq!(project, "p");
@@ -152,7 +159,9 @@ mod tests {
             }
             other => panic!("expected InUse, got {other:?}"),
         }
-        assert_eq!(holder(dir.path()).map(|o| o.pid), Some(std::process::id()));
+        let held = holder(dir.path()).unwrap();
+        assert_eq!(held.pid, std::process::id());
+        assert_eq!(held.env_manager_addr, "127.0.0.1:50051");
         drop(first);
         assert_eq!(holder(dir.path()), None);
         OwnerLock::acquire(dir.path(), "p").expect("free again once the owner is gone");

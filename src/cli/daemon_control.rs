@@ -7,6 +7,7 @@ use crate::services::supervisor::Phase;
 pub(super) async fn start(options: LoadOptions, launcher: Launcher) -> Result<i32, Failure> {
     let config = Config::load(options.clone())?;
     let began = Instant::now();
+    let requested = options.services.as_deref();
     match daemon::find(&config.state_dir) {
         Ok(Found::Running(info)) => {
             println!(
@@ -16,7 +17,17 @@ pub(super) async fn start(options: LoadOptions, launcher: Launcher) -> Result<i3
                     .map(|i| format!(" (pid {})", i.pid))
                     .unwrap_or_default()
             );
-            return follow_start(&config, began, false).await;
+            return follow_start(&config, began, false, requested).await;
+        }
+        Ok(Found::Stale(_) | Found::None) if Runner::agent(&config).is_some() => {
+            // One stack per project: an agent's own stack is used as it is, as a second
+            // AgentInfra.start() uses it.
+            let agent = Runner::agent(&config).map(|r| r.who()).unwrap_or_default();
+            println!(
+                "project {:?} runs in {agent}; its stack is used as it is (status, logs, restart and tasks work on it; stopping it is the agent's)",
+                config.project
+            );
+            return follow_start(&config, began, false, requested).await;
         }
         Ok(Found::Stale(info)) => clean_stale(&config, info).await,
         Ok(Found::None) => {}
@@ -67,7 +78,7 @@ pub(super) async fn start(options: LoadOptions, launcher: Launcher) -> Result<i3
                 "another `dspy-agent start` is starting project {:?}; following it",
                 config.project
             );
-            return follow_start(&config, began, false).await;
+            return follow_start(&config, began, false, requested).await;
         }
         return Err(Failure(
             if code == Some(EXIT_USAGE) {
@@ -89,7 +100,7 @@ pub(super) async fn start(options: LoadOptions, launcher: Launcher) -> Result<i3
         "daemon started (pid {}); orchestrator on {}, env-manager on {}",
         info.pid, info.orchestrator_addr, info.env_manager_addr
     );
-    follow_start(&config, began, true).await
+    follow_start(&config, began, true, requested).await
 }
 
 /// Removes what a dead daemon left: its pid file and its containers.
@@ -134,10 +145,13 @@ pub(super) async fn sweep(config: &Config, owner: Option<u32>) -> usize {
 
 /// Follows the stack's health until every service is healthy (0) or one failed (1). When this
 /// command started the daemon (`owned`), a failure also stops it, so nothing is left behind.
+/// Follows the start of the stack until every service is healthy or one fails; `requested`
+/// services the stack does not run are named.
 pub(super) async fn follow_start(
     config: &Config,
     began: Instant,
     owned: bool,
+    requested: Option<&[String]>,
 ) -> Result<i32, Failure> {
     let info = wait_ready(config).await?;
     let client = env_client(config, &info).await?;
@@ -184,14 +198,27 @@ pub(super) async fn follow_start(
                 phases.len(),
                 began.elapsed().as_secs_f64()
             );
+            let missing: Vec<&String> = requested
+                .unwrap_or_default()
+                .iter()
+                .filter(|s| !names.contains(s))
+                .collect();
+            if !missing.is_empty() {
+                eprintln!(
+                    "note: the running stack has no {} (it runs {}): {} started it with other services; stop it and start again with them, or add them to the config it was started with",
+                    missing.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", "),
+                    names.join(", "),
+                    info.who()
+                );
+            }
             Ok(EXIT_OK)
         }
         Some((service, message)) => {
             drop(stream);
             eprintln!("error: {}", failure_text(&service, &message));
-            if owned {
+            if let (true, Some(daemon)) = (owned, &info.daemon) {
                 eprintln!("stopping the daemon, so nothing is left behind");
-                stop_daemon(config, &info, None).await;
+                stop_daemon(config, daemon, None).await;
             }
             Ok(EXIT_FAILURE)
         }
@@ -216,8 +243,9 @@ pub(super) fn first_line(text: &str) -> &str {
     text.lines().next().unwrap_or("")
 }
 
-/// The daemon's info once it has announced itself (it may still be opening its ports).
-pub(super) async fn wait_ready(config: &Config) -> Result<DaemonInfo, Failure> {
+/// Who runs the stack, once its daemon has announced itself (it may still be opening its
+/// ports).
+pub(super) async fn wait_ready(config: &Config) -> Result<Runner, Failure> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         match running(config) {
@@ -238,7 +266,7 @@ pub(super) async fn stop_daemon(
     timeout: Option<u32>,
 ) -> Vec<String> {
     let mut stopped = Vec::new();
-    if let Ok(client) = env_client(config, info).await {
+    if let Ok(client) = env_client(config, &Runner::of_daemon(info.clone())).await {
         if let Ok(names) = client.stop(timeout).await {
             stopped = names;
         }
@@ -276,8 +304,9 @@ pub(super) async fn stop(options: LoadOptions, timeout: Option<u32>) -> Result<i
         }
         Ok(Found::Running(None)) => {
             // Still opening its ports: wait for it, then stop it properly.
-            let info = wait_ready(&config).await?;
-            stop_daemon(&config, &info, timeout).await;
+            if let Some(daemon) = wait_ready(&config).await?.daemon {
+                stop_daemon(&config, &daemon, timeout).await;
+            }
             println!("dspy-agent stopped (project {:?})", config.project);
             Ok(EXIT_OK)
         }

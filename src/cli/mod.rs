@@ -77,7 +77,10 @@ enum Cmd {
     },
     /// Show each service's state, health, ports, container and uptime
     Status {
-        /// Print JSON instead of a table
+        /// Print JSON instead of a table: project, running, healthy, engine_reachable,
+        /// engine_error, owner (kind "daemon" or "agent", pid, orchestrator_addr,
+        /// env_manager_addr, http_addr), daemon (its pid, version and uptime_seconds; null for an
+        /// agent) and services
         #[arg(long)]
         json: bool,
     },
@@ -422,7 +425,53 @@ fn dashboard(options: LoadOptions, no_browser: bool) -> Result<i32, Failure> {
     Ok(EXIT_OK)
 }
 
-fn running(config: &Config) -> Result<DaemonInfo, Failure> {
+/// Who runs a project's stack, and where it serves: its daemon, or a process of this user (a
+/// Python agent's own stack) that holds the project's state folder.
+struct Runner {
+    pid: u32,
+    /// The daemon's own record; `None` when an agent runs the stack.
+    daemon: Option<DaemonInfo>,
+    orchestrator_addr: String,
+    env_manager_addr: String,
+    http_addr: String,
+}
+
+impl Runner {
+    fn of_daemon(info: DaemonInfo) -> Runner {
+        Runner {
+            pid: info.pid,
+            orchestrator_addr: info.orchestrator_addr.clone(),
+            env_manager_addr: info.env_manager_addr.clone(),
+            http_addr: info.http_addr.clone(),
+            daemon: Some(info),
+        }
+    }
+
+    /// The live agent process that runs the project's stack, once it serves its ports.
+    fn agent(config: &Config) -> Option<Runner> {
+        let owner = crate::owner::holder(&config.state_dir)?;
+        let serving = owner.pid != 0
+            && !crate::util::is_dead(owner.pid)
+            && !owner.env_manager_addr.is_empty();
+        serving.then_some(Runner {
+            pid: owner.pid,
+            daemon: None,
+            orchestrator_addr: owner.addr,
+            env_manager_addr: owner.env_manager_addr,
+            http_addr: owner.http_addr,
+        })
+    }
+
+    /// "the daemon (pid N)" or "process N (a Python agent's own stack)".
+    fn who(&self) -> String {
+        match self.daemon {
+            Some(_) => format!("the daemon (pid {})", self.pid),
+            None => format!("process {} (an agent that runs the stack itself)", self.pid),
+        }
+    }
+}
+
+fn running(config: &Config) -> Result<Runner, Failure> {
     let not_running = |extra: &str| {
         Failure(
             EXIT_NOT_RUNNING,
@@ -433,17 +482,19 @@ fn running(config: &Config) -> Result<DaemonInfo, Failure> {
         )
     };
     match daemon::find(&config.state_dir) {
-        Ok(Found::Running(Some(info))) => Ok(info),
+        Ok(Found::Running(Some(info))) => Ok(Runner::of_daemon(info)),
         Ok(Found::Running(None)) => Err(fail(format!(
             "the daemon of project {:?} is still starting; try again in a moment",
             config.project
         ))),
-        Ok(Found::None) => Err(not_running("")),
-        Ok(Found::Stale(info)) => Err(not_running(&format!(
-            " (its daemon{} died without cleaning up; `dspy-agent stop` removes what it left)",
-            info.map(|i| format!(", pid {},", i.pid))
-                .unwrap_or_default()
-        ))),
+        Ok(Found::None) => Runner::agent(config).ok_or_else(|| not_running("")),
+        Ok(Found::Stale(info)) => Runner::agent(config).ok_or_else(|| {
+            not_running(&format!(
+                " (its daemon{} died without cleaning up; `dspy-agent stop` removes what it left)",
+                info.map(|i| format!(", pid {},", i.pid))
+                    .unwrap_or_default()
+            ))
+        }),
         Err(e) => Err(fail(format!(
             "cannot read {}: {e}",
             daemon::pid_path(&config.state_dir).display()
@@ -472,7 +523,7 @@ async fn connect(
     Ok(bearer.channel(channel))
 }
 
-async fn env_client(config: &Config, info: &DaemonInfo) -> Result<ServiceClient, Failure> {
+async fn env_client(config: &Config, info: &Runner) -> Result<ServiceClient, Failure> {
     let addr = &info.env_manager_addr;
     let channel = connect(config, addr, |e| {
         fail(format!(
@@ -490,7 +541,10 @@ async fn orchestrator_client(config: &Config) -> Result<TaskClient, Failure> {
         Ok(Found::Running(Some(info))) => info.orchestrator_addr,
         // Still opening its ports, or its pid file was being read as it was written.
         Ok(Found::Running(None)) => wait_ready(config).await?.orchestrator_addr,
-        Ok(Found::None | Found::Stale(_)) => config.orchestrator_addr.clone(),
+        // An agent's own stack, else whatever serves the configured address.
+        Ok(Found::None | Found::Stale(_)) => Runner::agent(config)
+            .map(|r| r.orchestrator_addr)
+            .unwrap_or_else(|| config.orchestrator_addr.clone()),
         Err(e) => {
             return Err(fail(format!(
                 "cannot read {}: {e}",

@@ -168,28 +168,46 @@ pub(super) async fn status(options: LoadOptions, json: bool) -> Result<i32, Fail
             "healthy": all_healthy,
             "engine_reachable": r.engine_error.is_none(),
             "engine_error": r.engine_error.clone().unwrap_or_default(),
-            "daemon": {
+            // Who runs the stack: its daemon (also under "daemon", as before), or an agent.
+            "owner": {
+                "kind": if info.daemon.is_some() { "daemon" } else { "agent" },
                 "pid": info.pid,
-                "version": info.version,
                 "orchestrator_addr": info.orchestrator_addr,
                 "env_manager_addr": info.env_manager_addr,
                 "http_addr": info.http_addr,
-                "uptime_seconds": uptime(info.started_at_ms),
             },
+            "daemon": info.daemon.as_ref().map(|d| serde_json::json!({
+                "pid": d.pid,
+                "version": d.version,
+                "orchestrator_addr": d.orchestrator_addr,
+                "env_manager_addr": d.env_manager_addr,
+                "http_addr": d.http_addr,
+                "uptime_seconds": uptime(d.started_at_ms),
+            })),
             "services": services,
         });
         println!("{out:#}");
     } else {
+        let runs = match &info.daemon {
+            Some(d) => format!(
+                "daemon pid {}, up {}",
+                d.pid,
+                uptime(d.started_at_ms)
+                    .map(human_duration)
+                    .unwrap_or_default()
+            ),
+            None => format!("run by {}", info.who()),
+        };
         println!(
-            "project {:?}: daemon pid {}, up {}; orchestrator {}, env-manager {}, metrics {}://{}/metrics",
+            "project {:?}: {runs}; orchestrator {}, env-manager {}, metrics {}://{}/metrics",
             r.project,
-            info.pid,
-            uptime(info.started_at_ms)
-                .map(human_duration)
-                .unwrap_or_default(),
             info.orchestrator_addr,
             info.env_manager_addr,
-            if config.tls.is_some() { "https" } else { "http" },
+            if config.tls.is_some() {
+                "https"
+            } else {
+                "http"
+            },
             info.http_addr
         );
         if let Some(e) = &r.engine_error {

@@ -391,3 +391,58 @@ def test_the_engine_going_away_and_coming_back(
     assert back.returncode == 0, back.stdout
     assert json.loads(back.stdout)["services"][0]["healthy"]
     assert run("stop").returncode == 0
+
+
+async def test_every_command_works_on_an_agents_own_stack(
+    project: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One stack per project: the command line uses the stack a Python agent runs in its own
+    process as it uses a daemon's, and says who owns it where only the owner may act."""
+    import asyncio
+
+    from dspy_agent_infra import AgentInfra
+    from helpers import http_service
+
+    monkeypatch.setenv("DSPY_AGENT_PROJECT", project)
+    monkeypatch.setenv("ORCHESTRATOR_GRPC_ADDR", "127.0.0.1:0")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "dspy-agent.toml").write_text(catalog_on_free_ports())
+
+    async def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        # The agent's event loop goes on while the command runs.
+        return await asyncio.to_thread(run, *args)
+
+    config = {"services": {"web": http_service()}}
+    async with AgentInfra.start(project=project, services=["web"], config=config) as infra:
+        pid = os.getpid()
+        status = await cli("status", "--json")
+        assert status.returncode == 0, status.stderr
+        report = json.loads(status.stdout)
+        assert report["owner"]["kind"] == "agent" and report["owner"]["pid"] == pid
+        assert report["owner"]["orchestrator_addr"] == infra.orchestrator_addr
+        assert report["daemon"] is None
+        assert [s["name"] for s in report["services"]] == ["web"]
+        table = await cli("status")
+        assert f"run by process {pid}" in table.stdout, table.stdout
+
+        logs = await cli("logs", "web", "--tail", "5")
+        assert logs.returncode == 0 and "serve: listening" in logs.stdout, logs
+        restarted = await cli("restart", "web")
+        assert restarted.returncode == 0 and "restarted web" in restarted.stdout, restarted
+        dashboard = await cli("dashboard", "--no-browser")
+        assert dashboard.stdout.splitlines()[0] == f"http://{infra.http_addr}/", dashboard
+        ping = await cli("tasks", "submit", "ping", "--wait")
+        assert ping.returncode == 0 and "pong" in ping.stdout, ping
+
+        # `start` uses it as it is, and names what it asked for and the stack lacks.
+        started = await cli("start", "--services", "redis")
+        assert started.returncode == 0, started.stderr
+        assert f"runs in process {pid}" in started.stdout
+        assert "the running stack has no redis (it runs web)" in started.stderr, started.stderr
+        assert not (state_dir() / "daemon.pid").exists(), "no daemon was started beside it"
+        # Stopping it is the agent's.
+        stop = await cli("stop")
+        assert stop.returncode == 1 and f"run by process {pid}" in stop.stderr, stop
+        assert infra.service("web").status == "healthy"
+    gone = await cli("status")
+    assert gone.returncode == 3, gone

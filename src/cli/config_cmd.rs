@@ -115,38 +115,8 @@ pub(super) fn config(options: LoadOptions, command: ConfigCmd) -> Result<i32, Fa
             );
             Ok(EXIT_USAGE)
         }
-        ConfigCmd::Show => {
-            let config = Config::load(options)?;
-            let services: BTreeMap<&str, serde_json::Value> = config
-                .services
-                .iter()
-                .map(|s| {
-                    let mut value = serde_json::to_value(s).unwrap_or_default();
-                    for key in &s.secret_env {
-                        value["env"][key] = "(secret; not shown)".into();
-                    }
-                    (s.name.as_str(), value)
-                })
-                .collect();
-            let out = serde_json::json!({
-                "project": config.project,
-                "config_file": config.config_file,
-                "state_dir": config.state_dir,
-                "docker_host": config.docker_host,
-                "orchestrator_addr": config.orchestrator_addr,
-                "env_manager_addr": config.env_manager_addr,
-                "token": config.token.as_ref().map(|_| "(set; not shown)"),
-                "keep_running": config.keep_running,
-                "tasks": {
-                    "store": config.tasks.store.to_string(),
-                    "lease_ms": config.tasks.lease.as_millis() as u64,
-                    "concurrency": config.tasks.concurrency,
-                    "limits": config.tasks.limits,
-                    "durability": format!("{:?}", config.tasks.durability).to_lowercase(),
-                },
-                "services": services,
-            });
-            println!("{out:#}");
+        ConfigCmd::Show { origin } => {
+            print!("{}", crate::config::show::effective(&options, origin)?);
             Ok(EXIT_OK)
         }
     }

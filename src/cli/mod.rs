@@ -171,8 +171,14 @@ enum ConfigCmd {
         #[arg(long)]
         force: bool,
     },
-    /// Print the configuration in effect, every layer merged
-    Show,
+    /// Print the configuration in effect as dspy-agent.toml is written: every layer merged, the
+    /// defaults included, secrets hidden
+    Show {
+        /// Say after each setting where it came from: default, catalog, the file, environment
+        /// or arguments
+        #[arg(long)]
+        origin: bool,
+    },
     /// Check the configuration and report every problem
     Validate,
     /// Print which config file is in use

@@ -6,13 +6,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 pub mod catalog;
 pub mod compose;
 mod error;
 pub mod graph;
 pub mod host_access;
+pub mod show;
 pub mod spec;
 mod unknown_keys;
 
@@ -27,7 +28,7 @@ pub const DEFAULT_ENV_MANAGER_ADDR: &str = "127.0.0.1:50051";
 pub const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:9464";
 
 /// A number or a string, for values users write either way (`cpus = 2`, `cpus = "1.5"`).
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(untagged)]
 pub enum Scalar {
     Int(i64),
@@ -46,7 +47,7 @@ impl Scalar {
 }
 
 /// `depends_on = ["redis"]` (each must be healthy) or `depends_on = { redis = "started" }`.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(untagged)]
 pub enum DependsOn {
     List(Vec<String>),
@@ -62,7 +63,7 @@ impl DependsOn {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct HealthPatch {
     #[serde(rename = "type")]
@@ -77,7 +78,7 @@ pub struct HealthPatch {
     pub start_period: Option<Scalar>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ResourcesPatch {
     pub cpus: Option<Scalar>,
@@ -87,7 +88,7 @@ pub struct ResourcesPatch {
 }
 
 /// One layer's view of a service; absent fields leave the lower layer's value in place.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ServicePatch {
     pub enabled: Option<bool>,
@@ -125,7 +126,7 @@ pub struct ServicePatch {
 }
 
 /// `[services.NAME.swarm]`: replicas, placement and rollout of a Swarm service.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct SwarmPatch {
     pub replicas: Option<u32>,
@@ -142,7 +143,7 @@ pub struct SwarmPatch {
 }
 
 /// `[services.NAME.swarm.update]`: how a restart or a changed config rolls over the replicas.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct UpdatePatch {
     pub parallelism: Option<u32>,
@@ -244,7 +245,7 @@ impl ServicePatch {
 
 /// The `[tasks]` table: where the queue keeps tasks and how many run at once.
 /// `[tls]`: serve both gRPC ports over TLS (PEM files, relative to the config file).
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct TlsPatch {
     pub cert: Option<PathBuf>,
@@ -255,7 +256,7 @@ pub struct TlsPatch {
     pub server_name: Option<String>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct TasksPatch {
     /// SQLite file (relative to the state folder), ":memory:" for a throwaway queue, or a
@@ -277,7 +278,7 @@ pub struct TasksPatch {
 
 /// `[tasks.types.NAME]`: a task type this stack accepts whether or not a handler or worker
 /// serves it yet, with defaults for its tasks.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct TaskTypePatch {
     /// Tasks of this type running at once.
@@ -289,7 +290,7 @@ pub struct TaskTypePatch {
 }
 
 /// The shape of `dspy-agent.toml` and of the `config=` mapping given to `AgentInfra.start()`.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ConfigLayer {
     pub project: Option<String>,
@@ -748,32 +749,11 @@ fn layered_from(
         }
         None => None,
     };
-    let use_catalog = [options.overlay.as_ref(), file_layer.as_ref()]
-        .into_iter()
-        .flatten()
-        .find_map(|l| l.catalog)
-        .unwrap_or(true);
-    let mut layer = if use_catalog {
-        catalog::layer()
-    } else {
-        ConfigLayer::default()
-    };
-    if let Some(file_layer) = file_layer {
-        layer.apply(file_layer);
+    let layers = layers_of(options, file_layer);
+    let mut layer = ConfigLayer::default();
+    for (_, upper) in layers {
+        layer.apply(upper);
     }
-
-    layer.apply(env_layer(&options.env));
-    if let Some(overlay) = options.overlay.clone() {
-        layer.apply(overlay);
-    }
-    layer.apply(ConfigLayer {
-        project: options.project.clone(),
-        docker_host: options.docker_host.clone(),
-        backend: options.backend.clone(),
-        keep_running: options.keep_running,
-        state_dir: options.state_dir.clone(),
-        ..ConfigLayer::default()
-    });
 
     let selection = options.services.clone().or_else(|| {
         options.env.get("DSPY_AGENT_SERVICES").map(|v| {
@@ -795,6 +775,46 @@ fn layered_from(
         file,
         base_dir,
     })
+}
+
+/// Where a layer of the configuration comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Catalog,
+    File,
+    Environment,
+    /// The caller's own: `AgentInfra.start(config=..., project=...)`, or the command line's
+    /// `--project`.
+    Arguments,
+}
+
+/// The layers of `options`, lowest first: the catalog (unless a layer says `catalog = false`),
+/// the file, the environment, the caller's arguments.
+fn layers_of(options: &LoadOptions, file_layer: Option<ConfigLayer>) -> Vec<(Source, ConfigLayer)> {
+    let use_catalog = [options.overlay.as_ref(), file_layer.as_ref()]
+        .into_iter()
+        .flatten()
+        .find_map(|l| l.catalog)
+        .unwrap_or(true);
+    let mut layers = Vec::new();
+    if use_catalog {
+        layers.push((Source::Catalog, catalog::layer()));
+    }
+    if let Some(file_layer) = file_layer {
+        layers.push((Source::File, file_layer));
+    }
+    layers.push((Source::Environment, env_layer(&options.env)));
+    let mut arguments = options.overlay.clone().unwrap_or_default();
+    arguments.apply(ConfigLayer {
+        project: options.project.clone(),
+        docker_host: options.docker_host.clone(),
+        backend: options.backend.clone(),
+        keep_running: options.keep_running,
+        state_dir: options.state_dir.clone(),
+        ..ConfigLayer::default()
+    });
+    layers.push((Source::Arguments, arguments));
+    layers
 }
 
 fn env_layer(env: &BTreeMap<String, String>) -> ConfigLayer {

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import tomllib
 
 from helpers import EngineProxy, containers
 
@@ -300,8 +301,25 @@ def test_config_commands(workdir: Path) -> None:
     assert run("config", "init").returncode == 1  # never overwrites without --force
     assert run("config", "validate").returncode == 0
     assert run("config", "path").stdout.strip() == str(workdir / "dspy-agent.toml")
-    shown = json.loads(run("config", "show").stdout)
-    assert set(shown["services"]) == {"redis", "reddb", "infermesh"}
+    # The configuration in effect, as a dspy-agent.toml is written: every service (disabled
+    # ones too), the defaults, the task settings; it loads again as it is printed.
+    shown = run("config", "show")
+    assert shown.returncode == 0, shown.stderr
+    effective = tomllib.loads(shown.stdout)
+    assert {"redis", "reddb", "infermesh", "ollama", "model_server"} <= set(effective["services"])
+    assert effective["services"]["ollama"]["enabled"] is False
+    assert effective["http_addr"] and effective["tasks"]["retention"] == "7d"
+    assert effective["tasks"]["lease"] == "30s"
+    (workdir / "again.toml").write_text(shown.stdout)
+    assert run("--config", "again.toml", "config", "validate").returncode == 0
+    # Where each setting came from, on request.
+    (workdir / "dspy-agent.toml").write_text("[tasks]\nconcurrency = 8\n")
+    # (The tests run with DSPY_AGENT_HTTP_ADDR set: conftest.py.)
+    origins = run("config", "show", "--origin").stdout
+    assert f"concurrency = 8  # {workdir / 'dspy-agent.toml'}" in origins, origins
+    assert 'http_addr = "127.0.0.1:0"  # environment' in origins
+    assert 'lease = "30s"  # default' in origins
+    assert 'image = "redis:7-alpine"  # catalog' in origins
 
     # Values marked secret are never shown; a secret that env does not set is a mistake.
     (workdir / "dspy-agent.toml").write_text(
@@ -309,7 +327,8 @@ def test_config_commands(workdir: Path) -> None:
     )
     secret = run("config", "show")
     assert secret.returncode == 0 and "sk-very-secret-value" not in secret.stdout
-    assert json.loads(secret.stdout)["services"]["redis"]["env"]["API_KEY"].startswith("(secret")
+    shown_env = tomllib.loads(secret.stdout)["services"]["redis"]["env"]
+    assert shown_env["API_KEY"].startswith("(secret")
     (workdir / "dspy-agent.toml").write_text('[services.redis]\nsecret_env = ["NOPE"]\n')
     unknown = run("config", "validate")
     assert unknown.returncode == 2 and "services.redis.secret_env" in unknown.stderr

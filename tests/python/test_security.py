@@ -372,7 +372,7 @@ def test_the_command_line_sends_the_token_and_never_shows_it(
         shown = run("config", "show")
         outputs = [started, status, submitted, shown]
         assert all(TOKEN not in p.stdout + p.stderr for p in outputs)
-        assert '"token": "(set; not shown)"' in shown.stdout
+        assert 'token = "(secret; not shown)"' in shown.stdout
         # Without the token, the daemon refuses.
         env = {k: v for k, v in os.environ.items() if k != "DSPY_AGENT_TOKEN"}
         refused = subprocess.run(

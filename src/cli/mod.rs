@@ -77,10 +77,13 @@ enum Cmd {
     },
     /// Show each service's state, health, ports, container and uptime
     Status {
-        /// Print JSON instead of a table: project, running, healthy, engine_reachable,
-        /// engine_error, owner (kind "daemon" or "agent", pid, orchestrator_addr,
-        /// env_manager_addr, http_addr), daemon (its pid, version and uptime_seconds; null for an
-        /// agent) and services
+        /// Print JSON instead of a table, in one shape whoever runs the stack: project, running,
+        /// healthy, engine_reachable (null when not asked), engine_error, owner (kind "daemon"
+        /// or "agent", pid, orchestrator_addr, env_manager_addr, http_addr; null when no live
+        /// process owns the containers), daemon (pid, version, uptime_seconds; null unless a
+        /// daemon runs it), services (each: name, image, phase, state, healthy, container_id,
+        /// ports, url, uptime_seconds, restart_count, message, stand_in, kept, replicas) and
+        /// message
         #[arg(long)]
         json: bool,
     },

@@ -4,6 +4,69 @@
 use super::*;
 use crate::services::supervisor::ServiceState;
 
+/// `status --json`: one shape whoever runs the stack (its daemon, an agent's own process) and
+/// when nothing does; docs/CLI.md (`status --help`) lists the keys.
+#[derive(serde::Serialize)]
+struct StatusJson<'a> {
+    project: &'a str,
+    running: bool,
+    healthy: bool,
+    /// `null` where the Engine was not asked.
+    engine_reachable: Option<bool>,
+    engine_error: &'a str,
+    owner: serde_json::Value,
+    daemon: serde_json::Value,
+    services: Vec<serde_json::Value>,
+    message: &'a str,
+}
+
+impl StatusJson<'_> {
+    fn print(&self) {
+        println!("{}", serde_json::to_string_pretty(self).unwrap_or_default());
+    }
+}
+
+fn not_running_json(project: &str, message: &str) {
+    StatusJson {
+        project,
+        running: false,
+        healthy: false,
+        engine_reachable: None,
+        engine_error: "",
+        owner: serde_json::Value::Null,
+        daemon: serde_json::Value::Null,
+        services: Vec::new(),
+        message,
+    }
+    .print();
+}
+
+fn port_json(container_port: u16, host_ip: &str, host_port: u16) -> serde_json::Value {
+    serde_json::json!({"container_port": container_port, "host_ip": host_ip, "host_port": host_port})
+}
+
+/// A service as the Engine alone shows it, in the keys of a running stack's services.
+fn container_json(c: &ContainerInfo) -> serde_json::Value {
+    let label = |k: &str| c.labels.get(k).cloned().unwrap_or_default();
+    let running = c.state == RunState::Running;
+    serde_json::json!({
+        "name": label(labels::SERVICE),
+        "image": "",
+        "phase": "",
+        "state": c.state.as_str(),
+        "healthy": running && c.engine_health.as_deref().is_none_or(|h| h == "healthy"),
+        "container_id": c.id,
+        "ports": c.ports.iter().map(|((port, _), (ip, host))| port_json(*port, ip, *host)).collect::<Vec<_>>(),
+        "url": "",
+        "uptime_seconds": null,
+        "restart_count": c.restart_count,
+        "message": c.problem.clone().unwrap_or_default(),
+        "stand_in": label(labels::STAND_IN) == "true",
+        "kept": label(labels::KEEP) == "true",
+        "replicas": [],
+    })
+}
+
 /// `status` with no daemon: the project's containers as the Engine sees them (exit 3 when there
 /// are none).
 pub(super) async fn status_without_daemon(
@@ -14,10 +77,7 @@ pub(super) async fn status_without_daemon(
     let found = undaemoned(config).await;
     if found.is_empty() {
         if json {
-            println!(
-                "{}",
-                serde_json::json!({"project": config.project, "running": false, "message": message})
-            );
+            not_running_json(&config.project, &message);
             return Ok(EXIT_NOT_RUNNING);
         }
         return Err(Failure(EXIT_NOT_RUNNING, message));
@@ -32,27 +92,33 @@ pub(super) async fn status_without_daemon(
     };
     let name = |c: &ContainerInfo| c.labels.get(labels::SERVICE).cloned().unwrap_or_default();
     if json {
-        let services: Vec<serde_json::Value> = found
-            .iter()
-            .map(|c| {
-                serde_json::json!({
-                    "name": name(c),
-                    "state": c.state.as_str(),
-                    "container_id": c.id,
-                    "ports": ports(c),
-                    "kept": c.labels.get(labels::KEEP).is_some_and(|v| v == "true"),
-                })
+        let owner_json = owner.as_ref().map_or(serde_json::Value::Null, |o| {
+            serde_json::json!({
+                "kind": "agent",
+                "pid": o.pid,
+                "orchestrator_addr": o.addr,
+                "env_manager_addr": o.env_manager_addr,
+                "http_addr": o.http_addr,
             })
-            .collect();
-        let out = serde_json::json!({
-            "project": config.project,
-            "running": true,
-            "daemon": null,
-            "owner": owner.as_ref().map(|o| serde_json::json!({"pid": o.pid, "orchestrator_addr": o.addr})),
-            "healthy": all_running,
-            "services": services,
         });
-        println!("{out:#}");
+        let services = found.iter().map(container_json).collect();
+        let message = format!(
+            "project {:?}: {}",
+            config.project,
+            describe_owner(&owner, &found)
+        );
+        StatusJson {
+            project: &config.project,
+            running: true,
+            healthy: all_running,
+            engine_reachable: Some(true),
+            engine_error: "",
+            owner: owner_json,
+            daemon: serde_json::Value::Null,
+            services,
+            message: &message,
+        }
+        .print();
     } else {
         println!(
             "project {:?}: {}",
@@ -106,10 +172,7 @@ pub(super) async fn status(options: LoadOptions, json: bool) -> Result<i32, Fail
             return status_without_daemon(&config, json, message).await
         }
         Err(Failure(EXIT_NOT_RUNNING, message)) if json => {
-            println!(
-                "{}",
-                serde_json::json!({"project": config.project, "running": false, "message": message})
-            );
+            not_running_json(&config.project, &message);
             return Ok(EXIT_NOT_RUNNING);
         }
         Err(f) => return Err(f),
@@ -136,57 +199,56 @@ pub(super) async fn status(options: LoadOptions, json: bool) -> Result<i32, Fail
                     "state": s.engine_state.map(|e| e.as_str()).unwrap_or(""),
                     "healthy": s.healthy(),
                     "container_id": s.container_id.clone().unwrap_or_default(),
-                    "ports": s.ports.iter().map(|(c, (ip, h))| serde_json::json!({
-                        "container_port": c,
-                        "host_ip": ip,
-                        "host_port": h,
-                    })).collect::<Vec<_>>(),
+                    "ports": s.ports.iter().map(|(c, (ip, h))| port_json(*c, ip, *h)).collect::<Vec<_>>(),
                     "url": s.url().unwrap_or_default(),
                     "uptime_seconds": uptime(started(s)),
                     "restart_count": s.restart_count,
                     "message": s.message,
                     "stand_in": s.stand_in,
+                    "kept": false,
                     "replicas": s.replicas.iter().map(|r| serde_json::json!({
                         "slot": r.slot,
                         "node": r.node,
                         "node_addr": r.node_addr,
                         "state": r.state,
-                        "ports": r.ports.iter().map(|((c, _), (ip, h))| serde_json::json!({
-                            "container_port": c,
-                            "host_ip": ip,
-                            "host_port": h,
-                        })).collect::<Vec<_>>(),
+                        "ports": r.ports.iter().map(|((c, _), (ip, h))| port_json(*c, ip, *h)).collect::<Vec<_>>(),
                         "uptime_seconds": uptime(r.started_at_ms.unwrap_or(0)),
                         "error": r.error,
                     })).collect::<Vec<_>>(),
                 })
             })
             .collect();
-        let out = serde_json::json!({
-            "project": r.project,
-            "running": true,
-            "healthy": all_healthy,
-            "engine_reachable": r.engine_error.is_none(),
-            "engine_error": r.engine_error.clone().unwrap_or_default(),
-            // Who runs the stack: its daemon (also under "daemon", as before), or an agent.
-            "owner": {
-                "kind": if info.daemon.is_some() { "daemon" } else { "agent" },
-                "pid": info.pid,
-                "orchestrator_addr": info.orchestrator_addr,
-                "env_manager_addr": info.env_manager_addr,
-                "http_addr": info.http_addr,
-            },
-            "daemon": info.daemon.as_ref().map(|d| serde_json::json!({
+        // Who runs the stack: its daemon (also under "daemon", with its version and uptime), or
+        // an agent.
+        let owner = serde_json::json!({
+            "kind": if info.daemon.is_some() { "daemon" } else { "agent" },
+            "pid": info.pid,
+            "orchestrator_addr": info.orchestrator_addr,
+            "env_manager_addr": info.env_manager_addr,
+            "http_addr": info.http_addr,
+        });
+        let daemon = info.daemon.as_ref().map_or(serde_json::Value::Null, |d| {
+            serde_json::json!({
                 "pid": d.pid,
                 "version": d.version,
                 "orchestrator_addr": d.orchestrator_addr,
                 "env_manager_addr": d.env_manager_addr,
                 "http_addr": d.http_addr,
                 "uptime_seconds": uptime(d.started_at_ms),
-            })),
-            "services": services,
+            })
         });
-        println!("{out:#}");
+        StatusJson {
+            project: &r.project,
+            running: true,
+            healthy: all_healthy,
+            engine_reachable: Some(r.engine_error.is_none()),
+            engine_error: r.engine_error.as_deref().unwrap_or_default(),
+            owner,
+            daemon,
+            services,
+            message: "",
+        }
+        .print();
     } else {
         let runs = match &info.daemon {
             Some(d) => format!(

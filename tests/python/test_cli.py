@@ -25,6 +25,17 @@ from helpers import EngineProxy, containers
 DSPY_AGENT = str(Path(sys.executable).parent / "dspy-agent")
 
 
+# `status --json`, in every mode (docs/CLI.md).
+STATUS_KEYS = {
+    "project", "running", "healthy", "engine_reachable", "engine_error", "owner", "daemon",
+    "services", "message",
+}  # fmt: skip
+SERVICE_KEYS = {
+    "name", "image", "phase", "state", "healthy", "container_id", "ports", "url",
+    "uptime_seconds", "restart_count", "message", "stand_in", "kept", "replicas",
+}  # fmt: skip
+
+
 def catalog_on_free_ports() -> str:
     """The built-in stack (local stand-in images), published on free host ports."""
     return "\n".join(
@@ -94,6 +105,8 @@ def test_a_whole_session(workdir: Path, project: str) -> None:
     assert status.returncode == 0, status.stderr
     report: dict[str, Any] = json.loads(status.stdout)
     assert report["running"] and report["healthy"] and report["project"] == project
+    assert set(report) == STATUS_KEYS and report["owner"]["kind"] == "daemon"
+    assert all(set(s) == SERVICE_KEYS for s in report["services"])
     services = {s["name"]: s for s in report["services"]}
     assert set(services) == {"redis", "reddb", "infermesh"}
     assert all(s["healthy"] and s["state"] == "running" for s in services.values())
@@ -175,6 +188,8 @@ def test_a_whole_session(workdir: Path, project: str) -> None:
 
     gone = run("status")
     assert gone.returncode == 3 and "not running" in gone.stderr
+    gone_json = run("status", "--json")
+    assert gone_json.returncode == 3 and set(json.loads(gone_json.stdout)) == STATUS_KEYS
     assert json.loads(run("status", "--json").stdout)["running"] is False
     nothing = run("stop")
     assert nothing.returncode == 3 and "nothing to stop" in nothing.stderr
@@ -439,8 +454,9 @@ async def test_every_command_works_on_an_agents_own_stack(
         report = json.loads(status.stdout)
         assert report["owner"]["kind"] == "agent" and report["owner"]["pid"] == pid
         assert report["owner"]["orchestrator_addr"] == infra.orchestrator_addr
-        assert report["daemon"] is None
+        assert report["daemon"] is None and set(report) == STATUS_KEYS
         assert [s["name"] for s in report["services"]] == ["web"]
+        assert set(report["services"][0]) == SERVICE_KEYS
         table = await cli("status")
         assert f"run by process {pid}" in table.stdout, table.stdout
 

@@ -5,6 +5,7 @@ under its owner is created again, and stacks kept running are visible to the com
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_cli import run, workdir  # noqa: F401  (fixture)
+from test_cli import SERVICE_KEYS, STATUS_KEYS, run, workdir  # noqa: F401  (fixture)
 
 import grpc
 from dspy_agent_infra import AgentInfra, StackInUseError
@@ -195,6 +196,12 @@ async def test_a_kept_stack_is_seen_by_status_and_removed_by_stop(
     assert status.returncode == 0, status.stdout + status.stderr
     assert "kept running" in status.stdout and "cache" in status.stdout
     assert (kept or "")[:12] in status.stdout
+    # The same JSON shape as a running stack's.
+    report = json.loads((await asyncio.to_thread(run, "status", "--json")).stdout)
+    assert set(report) == STATUS_KEYS and report["owner"] is None
+    assert "kept running" in report["message"]
+    assert [set(s) for s in report["services"]] == [SERVICE_KEYS]
+    assert report["services"][0]["kept"] and report["services"][0]["container_id"] == kept
 
     stopped = await asyncio.to_thread(run, "stop")
     assert stopped.returncode == 0, stopped.stdout + stopped.stderr

@@ -27,6 +27,8 @@ from dspy_agent_infra import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
 def doc(obj: Any) -> str:
     text = inspect.getdoc(obj) or ""
     return text.strip()

@@ -5,7 +5,8 @@
 
 They are built when imported, from the descriptors compiled into the core (the same ones its
 server reflection serves), so they always match the running server. They need ``grpcio`` and
-``protobuf``: ``pip install 'dspy_agent_infra[grpc]'``.
+``protobuf``: ``pip install grpcio protobuf`` (the package's ``grpc`` extra: ``pip install
+'.[grpc]'`` in a checkout).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ __all__: list[str] = []
 
 _MISSING = (
     "dspy_agent_infra.pb needs grpcio and protobuf, which are not installed: "
-    "pip install 'dspy_agent_infra[grpc]'"
+    "pip install grpcio protobuf (the package's grpc extra: pip install '.[grpc]' in a checkout)"
 )
 
 

@@ -143,8 +143,16 @@ impl Remote {
             services: Mutex::new(Vec::new()),
             worker,
         };
-        remote.fetch_services().await?;
+        let running = remote.fetch_services().await?;
         tracing::info!(orchestrator = %remote.orchestrator_addr, env_manager = %remote.env_manager_addr, "attached to a running stack");
+        let missing = missing_services(config, &running);
+        if !missing.is_empty() {
+            tracing::warn!(
+                missing = %missing.join(", "),
+                running = %running.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", "),
+                "the running stack this start attached to has no such services: its owner started it with others; stop it and start again with them, or add them to the config its owner uses"
+            );
+        }
         Ok(Some(remote))
     }
 
@@ -176,6 +184,16 @@ impl Remote {
         let _ = self.fetch_services().await;
         Ok(s)
     }
+}
+
+/// The services `config` asks for that the running stack lacks.
+fn missing_services(config: &Config, running: &[ServiceState]) -> Vec<String> {
+    config
+        .services
+        .iter()
+        .map(|s| s.name.clone())
+        .filter(|name| !running.iter().any(|r| &r.name == name))
+        .collect()
 }
 
 fn rpc(what: &str, s: tonic::Status) -> AttachError {

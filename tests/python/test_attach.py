@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -159,6 +160,21 @@ async def test_attached_agent_sees_the_stack_and_leaves_it_running(
         statuses = [i.status async for i in _first_final(infra, "p1")]
         assert statuses[-1] == TaskStatus.COMPLETED
     assert containers(project) == before
+
+
+async def test_an_attached_agent_is_told_which_services_the_stack_lacks(
+    daemon: int, project: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="dspy_agent_infra")
+    async with AgentInfra.start(services=["redis", "infermesh"]) as infra:
+        assert infra.attached and set(infra.services) == {"redis"}
+        warned = [
+            r.getMessage() for r in caplog.records if "has no such services" in r.getMessage()
+        ]
+        assert len(warned) == 1 and "infermesh" in warned[0], caplog.text
+    caplog.clear()
+    async with AgentInfra.start(services=["redis"]) as infra:
+        assert not [r for r in caplog.records if "has no such services" in r.getMessage()]
 
 
 async def _first_final(infra: AgentInfra, task_id: str) -> AsyncIterator[TaskInfo]:

@@ -103,3 +103,28 @@ def test_every_toml_block_of_the_docs_validates(tmp_path: Path) -> None:
             [DSPY_AGENT, "config", "validate"], cwd=folder, capture_output=True, text=True
         )
         assert check.returncode == 0, (name, i, check.stderr)
+
+
+def test_every_command_line_of_the_docs_is_one_the_cli_takes() -> None:
+    """Each `dspy-agent ...` line of a shell block in README.md and docs/ is accepted as
+    written by the command line's parser (`--help` appended, so that nothing runs: clap still
+    refuses an unknown flag or a stray argument). The blocks' other lines set up machines
+    (`docker swarm`, `kubectl`, `podman`) and run in the Swarm, Podman and export tests."""
+    import shlex
+
+    from test_cli import DSPY_AGENT
+
+    lines = [
+        (doc.name, line)
+        for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+        for block in re.findall(r"```(?:bash|sh)\n(.*?)```", doc.read_text(), re.DOTALL)
+        for line in block.splitlines()
+        if line.strip().startswith("dspy-agent ")
+    ]
+    assert len(lines) >= 15, lines
+    for name, line in lines:
+        words = shlex.split(line, comments=True)
+        check = subprocess.run(
+            [DSPY_AGENT, *words[1:], "--help"], capture_output=True, text=True, timeout=30
+        )
+        assert check.returncode == 0, (name, line, check.stderr)

@@ -128,3 +128,22 @@ def test_every_command_line_of_the_docs_is_one_the_cli_takes() -> None:
             [DSPY_AGENT, *words[1:], "--help"], capture_output=True, text=True, timeout=30
         )
         assert check.returncode == 0, (name, line, check.stderr)
+
+
+def test_every_shell_block_of_the_docs_runs_somewhere_or_says_why_not() -> None:
+    """A shell block of README.md or docs/ is either only `dspy-agent` command lines (checked
+    above), or says right before it, in an HTML comment, which test runs it (`runs in ...`) or
+    what it needs that a test machine lacks (`needs ...`); the files it names exist."""
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        text = doc.read_text()
+        for match in re.finditer(r"(?:^|\n)([^\n]*)\n```(?:bash|sh)\n(.*?)```", text, re.DOTALL):
+            before, block = match.group(1), match.group(2)
+            commands = [
+                line for line in block.splitlines() if line.strip() and not line.startswith("#")
+            ]
+            if all(line.startswith("dspy-agent ") for line in commands):
+                continue
+            said = re.fullmatch(r"<!-- (runs in|needs) (.+) -->", before.strip())
+            assert said, f"{doc.name}: a shell block that no test runs says nothing:\n{block}"
+            for path in re.findall(r"(?:tests|scripts)/[\w/]+\.(?:py|sh)|\.ci/run", said[2]):
+                assert (ROOT / path).exists(), (doc.name, path)

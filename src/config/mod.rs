@@ -26,6 +26,8 @@ pub const DEFAULT_ORCHESTRATOR_ADDR: &str = "127.0.0.1:50052";
 pub const DEFAULT_ENV_MANAGER_ADDR: &str = "127.0.0.1:50051";
 /// Where `/metrics`, `/healthz` and the dashboard are served (Prometheus' port for exporters).
 pub const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:9464";
+/// Where ports are published when a mapping names no address.
+pub const DEFAULT_PUBLISH_HOST_IP: &str = "127.0.0.1";
 
 /// A number or a string, for values users write either way (`cpus = 2`, `cpus = "1.5"`).
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -579,14 +581,9 @@ impl Config {
     pub fn problems(options: &LoadOptions) -> Vec<ConfigError> {
         let file = Config::file_for(options);
         let text = match &file {
-            Some(path) => match std::fs::read_to_string(path) {
+            Some(path) => match read_config_file(path) {
                 Ok(text) => Some((path.display().to_string(), text)),
-                Err(e) => {
-                    return vec![ConfigError::Read {
-                        path: path.clone(),
-                        message: e.to_string(),
-                    }]
-                }
+                Err(e) => return vec![e],
             },
             None => None,
         };
@@ -660,7 +657,7 @@ fn problems_of(l: Layered, env: &BTreeMap<String, String>) -> Vec<ConfigError> {
     let publish_host_ip = layer
         .publish_host_ip
         .clone()
-        .unwrap_or_else(|| "127.0.0.1".to_string());
+        .unwrap_or_else(|| DEFAULT_PUBLISH_HOST_IP.to_string());
     if publish_host_ip.parse::<std::net::IpAddr>().is_err() {
         found.push(ConfigError::invalid(
             "publish_host_ip",
@@ -722,6 +719,13 @@ fn problems_of(l: Layered, env: &BTreeMap<String, String>) -> Vec<ConfigError> {
     found
 }
 
+fn read_config_file(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
 fn layered(options: &LoadOptions) -> Result<Layered, ConfigError> {
     layered_from(options, Config::file_for(options), None)
 }
@@ -738,10 +742,7 @@ fn layered_from(
             let text = match text {
                 Some(t) => t,
                 None => {
-                    read = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
-                        path: path.clone(),
-                        message: e.to_string(),
-                    })?;
+                    read = read_config_file(path)?;
                     &read
                 }
             };
@@ -1016,7 +1017,7 @@ fn resolve(
     let token = layer.token.clone().map(Secret);
     let publish_host_ip = layer
         .publish_host_ip
-        .unwrap_or_else(|| "127.0.0.1".to_string());
+        .unwrap_or_else(|| DEFAULT_PUBLISH_HOST_IP.to_string());
     if publish_host_ip.parse::<std::net::IpAddr>().is_err() {
         return Err(ConfigError::invalid(
             "publish_host_ip",

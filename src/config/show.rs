@@ -6,7 +6,10 @@ use std::time::Duration;
 
 use toml::Value;
 
-use super::{layers_of, Config, ConfigError, ConfigLayer, LoadOptions, Scalar, Source, TasksPatch};
+use super::{
+    layers_of, read_config_file, Config, ConfigError, ConfigLayer, LoadOptions, Scalar, Source,
+    TasksPatch,
+};
 
 const HIDDEN: &str = "(secret; not shown)";
 
@@ -19,13 +22,10 @@ pub fn effective(options: &LoadOptions, origins: bool) -> Result<String, ConfigE
     let config = Config::load(options.clone())?;
     let file = Config::file_for(options);
     let file_layer = match &file {
-        Some(path) => {
-            let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
-                path: path.clone(),
-                message: e.to_string(),
-            })?;
-            Some(ConfigLayer::from_toml(&path.display().to_string(), &text)?)
-        }
+        Some(path) => Some(ConfigLayer::from_toml(
+            &path.display().to_string(),
+            &read_config_file(path)?,
+        )?),
         None => None,
     };
     let layers = layers_of(options, file_layer);
@@ -80,7 +80,7 @@ fn defaults(config: &Config) -> ConfigLayer {
         env_manager_addr: Some(config.env_manager_addr.clone()),
         http_addr: Some(config.http_addr.clone()),
         keep_running: Some(config.keep_running),
-        publish_host_ip: Some("127.0.0.1".to_string()),
+        publish_host_ip: Some(super::DEFAULT_PUBLISH_HOST_IP.to_string()),
         allow_remote_without_token: Some(config.allow_without_token),
         tasks: Some(TasksPatch {
             store: Some(config.tasks.store.to_string()),
